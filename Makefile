@@ -1,0 +1,106 @@
+# product-gateway: everyday commands. `make help` lists them.
+#
+# Services (PostgreSQL, Redis, RabbitMQ) come from scripts/services.sh: the
+# ones already answering on their default local ports are used, missing ones
+# are started with Docker compose when a Docker engine answers, else locally.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO    ?= cargo
+SERVICES := scripts/services.sh
+
+# Port the service listens on; config/default.toml is overridden by the same
+# environment variable the service reads.
+GATEWAY__SERVER__PORT ?= 8080
+PORT := $(GATEWAY__SERVER__PORT)
+
+# Where the tests find the services; the environment or the command line
+# overrides each.
+export GATEWAY_TEST_PG         ?= postgres://postgres@127.0.0.1:5432
+export GATEWAY_TEST_AMQP       ?= amqp://guest:guest@127.0.0.1:5672
+export GATEWAY_TEST_RABBIT_API ?= http://guest:guest@127.0.0.1:15672
+export GATEWAY_TEST_REDIS      ?= redis://127.0.0.1:6379
+# Quiet tests; `make run` keeps the service's own log level.
+test: export RUST_LOG ?= warn
+
+# Tests that stop and restart the shared services: they run alone, after the
+# others. Integration test targets are tests/*.rs and tests/*/main.rs.
+RESTART_TEST  := service_restarts
+TEST_TARGETS  := $(sort $(basename $(notdir $(wildcard tests/*.rs))) \
+                        $(notdir $(patsubst %/,%,$(dir $(wildcard tests/*/main.rs)))))
+HAS_RESTART   := $(filter $(RESTART_TEST),$(TEST_TARGETS))
+OTHER_TESTS   := $(filter-out $(RESTART_TEST),$(TEST_TARGETS))
+
+# Evaluated only by the recipes that use it.
+HAVE_NEXTEST = $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+ifeq ($(HAS_RESTART),)
+NEXTEST_FILTER :=
+else
+NEXTEST_FILTER := -E 'not binary($(RESTART_TEST))'
+endif
+CARGO_TEST_SELECTION := --lib --bins $(foreach t,$(OTHER_TESTS),--test $(t))
+
+.PHONY: help services definitions build run test lint bench chaos fmt clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+services: ## start whatever of PostgreSQL, Redis, RabbitMQ is missing
+	$(SERVICES) ensure
+
+definitions: services ## load rabbit/definitions.json through the management API
+	$(SERVICES) definitions
+
+build: ## release build
+	$(CARGO) build --release
+
+run: services definitions ## services, seed, then serve (prints the URLs)
+	$(CARGO) run --release --bin product-gateway -- seed
+	@echo
+	@echo "  service         http://127.0.0.1:$(PORT)/   (REST /products, SSE /events, WebSocket /ws)"
+	@echo "  echo page       http://127.0.0.1:$(PORT)/"
+	@echo "  management UI   http://127.0.0.1:15672/   (login guest / guest)"
+	@echo
+	$(CARGO) run --release --bin product-gateway -- serve
+
+test: services ## every test; service-restart tests alone, afterwards
+	$(SERVICES) chromium
+	@rc=0; \
+	if [ "$(HAVE_NEXTEST)" = yes ]; then \
+		echo "+ $(CARGO) nextest run --workspace --no-fail-fast --profile ci $(NEXTEST_FILTER)"; \
+		$(CARGO) nextest run --workspace --no-fail-fast --profile ci $(NEXTEST_FILTER) || rc=$$?; \
+	else \
+		echo "+ $(CARGO) test --no-fail-fast $(CARGO_TEST_SELECTION)"; \
+		$(CARGO) test --no-fail-fast $(CARGO_TEST_SELECTION) || rc=$$?; \
+	fi; \
+	if [ -n "$(HAS_RESTART)" ]; then \
+		if [ "$(HAVE_NEXTEST)" = yes ]; then \
+			echo "+ $(CARGO) nextest run --profile ci --test $(RESTART_TEST) --test-threads 1"; \
+			$(CARGO) nextest run --profile ci --test $(RESTART_TEST) --test-threads 1 || rc=$$?; \
+		else \
+			echo "+ $(CARGO) test --test $(RESTART_TEST) -- --test-threads=1"; \
+			$(CARGO) test --test $(RESTART_TEST) -- --test-threads=1 || rc=$$?; \
+		fi; \
+	else \
+		echo "(no tests/$(RESTART_TEST).rs: skipping the service-restart tests)"; \
+	fi; \
+	exit $$rc
+
+lint: ## rustfmt check and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+bench: services ## load benchmark (src/bin/bench)
+	$(CARGO) run --release --bin bench
+
+chaos: services ## chaos run (src/bin/chaos)
+	$(CARGO) run --release --bin chaos
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+clean: ## remove build output
+	$(CARGO) clean

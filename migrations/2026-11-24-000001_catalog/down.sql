@@ -1,0 +1,2 @@
+DROP TABLE product_photos;
+DROP TABLE products;

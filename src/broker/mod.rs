@@ -1,0 +1,6 @@
+//! RabbitMQ: connections, topology, the event wire format, publishing with
+//! confirms, the apply consumer, dead letters and the update stream.
+
+pub mod link;
+pub mod message;
+pub mod topology;

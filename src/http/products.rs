@@ -1,0 +1,136 @@
+//! REST: the catalog and its photos.
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::{AppState, admin};
+use crate::domain::ProductId;
+use crate::photos::image;
+use crate::store::catalog::{self, Photo};
+
+const MAX_PAGE: i64 = 1000;
+const MAX_IDS: usize = 1000;
+
+pub fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
+    ProductId::parse(raw).ok_or_else(|| ApiError::BadRequest(format!("{raw:?} is not a product id (a positive integer)")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<String>,
+    after: Option<String>,
+    ids: Option<String>,
+}
+
+/// `GET /products?limit=100&after=ID&ids=1,2,3` — keyset pagination by id.
+pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+    let limit = match &query.limit {
+        None => 100,
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => return Err(ApiError::BadRequest(format!("limit must be between 1 and {MAX_PAGE}"))),
+        },
+    };
+    let after = match &query.after {
+        None => 0,
+        Some(raw) => parse_id(raw)?.get(),
+    };
+    let ids = match &query.ids {
+        None => None,
+        Some(raw) => {
+            let ids = raw
+                .split(',')
+                .map(|part| parse_id(part.trim()).map(ProductId::get))
+                .collect::<Result<Vec<_>, _>>()?;
+            if ids.len() > MAX_IDS {
+                return Err(ApiError::BadRequest(format!("at most {MAX_IDS} ids")));
+            }
+            Some(ids)
+        }
+    };
+    let products = catalog::list(&state.db, after, limit, ids.as_deref()).await?;
+    let next_after = (products.len() as i64 == limit).then(|| products.last().map(|p| p.id)).flatten();
+    Ok(HttpResponse::Ok().json(json!({ "products": products, "next_after": next_after })))
+}
+
+pub async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&path)?;
+    let product = catalog::get(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("product {id} does not exist")))?;
+    Ok(HttpResponse::Ok().json(product))
+}
+
+pub async fn photo(state: web::Data<AppState>, path: web::Path<String>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&path)?;
+    let photo = state
+        .photos
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("product {id} has no photo")))?;
+    let cache_control = format!("public, max-age={}", state.settings.photos.cache_ttl_secs.min(300));
+    let matches = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|tag| tag.trim() == photo.etag || tag.trim() == "*"));
+    if matches {
+        return Ok(HttpResponse::NotModified()
+            .insert_header((header::ETAG, photo.etag))
+            .insert_header((header::CACHE_CONTROL, cache_control))
+            .finish());
+    }
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, photo.content_type))
+        .insert_header((header::ETAG, photo.etag))
+        .insert_header((header::CACHE_CONTROL, cache_control))
+        .body(photo.bytes))
+}
+
+/// `PUT /products/{id}/photo` (admin): the body is the image.
+pub async fn put_photo(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    admin::authorize(&state, &req)?;
+    let id = parse_id(&path)?;
+    let max = state.settings.photos.max_upload_bytes;
+    if body.len() > max {
+        return Err(ApiError::PayloadTooLarge(format!("photos are limited to {max} bytes")));
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    let sniffed = image::sniff(&body);
+    let content_type = match (declared.as_deref(), sniffed) {
+        (Some(d), Some(s)) if d == s => s,
+        (Some(d), Some(s)) => {
+            return Err(ApiError::UnsupportedMediaType(format!("declared {d} but the body is {s}")));
+        }
+        _ => {
+            return Err(ApiError::UnsupportedMediaType(
+                "the body must be a PNG, JPEG, GIF or WebP image with a matching Content-Type".into(),
+            ));
+        }
+    };
+    let photo = Photo {
+        content_type: content_type.to_owned(),
+        etag: image::etag(&body),
+        bytes: body.to_vec(),
+    };
+    let etag = photo.etag.clone();
+    if !state.photos.put(id, photo).await? {
+        return Err(ApiError::NotFound(format!("product {id} does not exist")));
+    }
+    Ok(HttpResponse::Ok()
+        .insert_header((header::ETAG, etag.clone()))
+        .json(json!({ "product_id": id, "etag": etag, "content_type": content_type })))
+}

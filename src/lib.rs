@@ -1,0 +1,13 @@
+//! product-gateway: a product catalog whose every price and stock change
+//! flows through RabbitMQ into PostgreSQL and out to browsers in real time.
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod domain;
+pub mod http;
+pub mod metrics;
+pub mod photos;
+pub mod settings;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,63 @@
+//! Entry point: load settings, start logs, run a subcommand.
+//! `serve` (default) runs the service; `seed` fills the catalog; `migrate`
+//! only applies migrations.
+#![forbid(unsafe_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use product_gateway::settings::Settings;
+use product_gateway::startup::Application;
+use product_gateway::{store, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init();
+    let config_dir = std::env::var("GATEWAY_CONFIG_DIR").map(PathBuf::from).unwrap_or_else(|_| "config".into());
+    let settings = Settings::load(&config_dir)?;
+    let command = std::env::args().nth(1).unwrap_or_else(|| "serve".into());
+    match command.as_str() {
+        "serve" => serve(settings).await,
+        "migrate" => {
+            store::create_database(settings.database.url.expose()).await?;
+            store::migrate(settings.database.url.expose()).await
+        }
+        "seed" => {
+            store::create_database(settings.database.url.expose()).await?;
+            store::migrate(settings.database.url.expose()).await?;
+            let db = store::pool(&settings.database)?;
+            let n = store::seed::seed(&db, settings.seed.products).await?;
+            tracing::info!(inserted = n, "catalog seeded");
+            Ok(())
+        }
+        other => anyhow::bail!("unknown command {other:?}; use serve, seed or migrate"),
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))?;
+    let app = Application::build(settings, listener).await?;
+    tracing::info!(port = app.port(), "serving");
+    let token = app.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    app.run_until_stopped().await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Process metrics, exposed in Prometheus text format at `GET /metrics`.
+//! One struct so each stage increments a field, not a global by name.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Label = [(&'static str, &'static str); 1];
+type OwnedLabel = [(&'static str, String); 1];
+
+pub struct Metrics {
+    registry: Registry,
+    // Generator / publisher.
+    pub events_published: Counter,
+    pub events_confirmed: Counter,
+    pub events_nacked: Counter,
+    pub events_returned: Counter,
+    pub events_retried: Counter,
+    // Consumer / apply.
+    pub events_applied: Family<Label, Counter>,
+    pub events_duplicate: Family<Label, Counter>,
+    pub events_dead_lettered: Family<Label, Counter>,
+    pub transient_failures: Counter,
+    pub apply_batch_size: Histogram,
+    pub apply_latency: Histogram,
+    pub consumer_lag: Family<OwnedLabel, Gauge>,
+    pub updates_broadcast: Counter,
+    // Photos.
+    pub photo_cache_hits: Counter,
+    pub photo_cache_misses: Counter,
+    pub photo_origin_loads: Counter,
+    pub redis_errors: Counter,
+    // Hub and delivery.
+    pub stream_updates: Counter,
+    pub clients_connected: Family<Label, Gauge>,
+    pub subscriptions: Gauge,
+    pub updates_delivered: Family<Label, Counter>,
+    pub updates_conflated: Counter,
+    pub resumes: Family<Label, Counter>,
+    pub client_buffer_high_water: Gauge,
+    pub e2e_latency: Histogram,
+    pub clients_refused: Family<Label, Counter>,
+    pub client_errors: Family<Label, Counter>,
+    // Broker links.
+    pub broker_reconnects: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("gateway");
+        macro_rules! reg {
+            ($name:literal, $help:literal, $metric:expr) => {{
+                let m = $metric;
+                registry.register($name, $help, m.clone());
+                m
+            }};
+        }
+        let latency_buckets = || exponential_buckets(0.000_25, 2.0, 16);
+        let metrics = Metrics {
+            events_published: reg!("events_published", "Events published to product.events", Counter::default()),
+            events_confirmed: reg!("events_confirmed", "Events confirmed by the broker", Counter::default()),
+            events_nacked: reg!("events_nacked", "Events nacked by the broker", Counter::default()),
+            events_returned: reg!("events_returned", "Events returned as unroutable", Counter::default()),
+            events_retried: reg!("events_retried", "Event publishes retried", Counter::default()),
+            events_applied: reg!("events_applied", "Events applied to the catalog", Family::default()),
+            events_duplicate: reg!("events_duplicate", "Repeated or older events that changed nothing", Family::default()),
+            events_dead_lettered: reg!("events_dead_lettered", "Events dead-lettered, by reason", Family::default()),
+            transient_failures: reg!("apply_transient_failures", "Batches retried after a transient failure", Counter::default()),
+            apply_batch_size: reg!("apply_batch_size", "Events per applied batch", Histogram::new(exponential_buckets(1.0, 2.0, 12))),
+            apply_latency: reg!("apply_latency_seconds", "Time to apply and commit one batch", Histogram::new(latency_buckets())),
+            consumer_lag: reg!("consumer_lag_messages", "Messages ready in each apply queue", Family::default()),
+            updates_broadcast: reg!("updates_broadcast", "Applied updates published to product.updates", Counter::default()),
+            photo_cache_hits: reg!("photo_cache_hits", "Photos served from Redis", Counter::default()),
+            photo_cache_misses: reg!("photo_cache_misses", "Photo reads that missed the cache", Counter::default()),
+            photo_origin_loads: reg!("photo_origin_loads", "Photos loaded from PostgreSQL", Counter::default()),
+            redis_errors: reg!("redis_errors", "Redis operations that failed or timed out", Counter::default()),
+            stream_updates: reg!("stream_updates", "Updates read from the stream", Counter::default()),
+            clients_connected: reg!("clients_connected", "Connected clients by transport", Family::default()),
+            subscriptions: reg!("subscriptions", "Active topic subscriptions", Gauge::default()),
+            updates_delivered: reg!("updates_delivered", "Updates handed to clients, by transport", Family::default()),
+            updates_conflated: reg!("updates_conflated", "Client buffer overflows conflated", Counter::default()),
+            resumes: reg!("resumes", "Clients that resumed from an offset, by source", Family::default()),
+            client_buffer_high_water: reg!("client_buffer_high_water", "Largest client buffer seen", Gauge::default()),
+            e2e_latency: reg!("e2e_latency_seconds", "Generator publish to client hand-off", Histogram::new(latency_buckets())),
+            clients_refused: reg!("clients_refused", "Connections or frames refused, by reason", Family::default()),
+            client_errors: reg!("client_errors", "Error frames sent to clients, by code", Family::default()),
+            broker_reconnects: reg!("broker_reconnects", "Broker connections re-established", Counter::default()),
+            registry,
+        };
+        Arc::new(metrics)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Raises the high-water gauge if `len` is above it.
+    pub fn observe_buffer(&self, len: usize) {
+        let len = len as i64;
+        let g = &self.client_buffer_high_water;
+        if len > g.get() {
+            g.set(len);
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Photo cache: Redis in front of PostgreSQL (cache-aside). One origin load
+//! per key under concurrent misses; Redis trouble means slower, never failing.
+
+pub mod image;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_redis::redis::AsyncCommands;
+use tokio::sync::OnceCell;
+
+use crate::domain::ProductId;
+use crate::metrics::Metrics;
+use crate::settings::{PhotoSettings, RedisSettings};
+use crate::store::catalog::{self, Photo};
+use crate::store::{Db, StoreError};
+
+/// A photo ready to serve; `bytes` is shared, not copied, per response.
+#[derive(Debug, Clone)]
+pub struct CachedPhoto {
+    pub content_type: String,
+    pub etag: String,
+    pub bytes: Bytes,
+}
+
+type Flight = Arc<OnceCell<Option<CachedPhoto>>>;
+
+pub struct PhotoCache {
+    redis: deadpool_redis::Pool,
+    db: Db,
+    prefix: String,
+    ttl_secs: u64,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+    /// Loads in progress per product, with the invalidation generation they
+    /// started under, so a load that raced a replacement does not cache stale bytes.
+    flights: Mutex<HashMap<ProductId, (u64, Flight)>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl PhotoCache {
+    pub fn new(redis_settings: &RedisSettings, photos: &PhotoSettings, db: Db, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let mut cfg = deadpool_redis::Config::from_url(redis_settings.url.expose());
+        let timeout = Duration::from_millis(redis_settings.timeout_ms);
+        let mut pool_cfg = deadpool_redis::PoolConfig::new(redis_settings.pool_size);
+        pool_cfg.timeouts.wait = Some(timeout);
+        pool_cfg.timeouts.create = Some(timeout);
+        pool_cfg.timeouts.recycle = Some(timeout);
+        cfg.pool = Some(pool_cfg);
+        let redis = cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+        Ok(Self {
+            redis,
+            db,
+            prefix: redis_settings.key_prefix.clone(),
+            ttl_secs: photos.cache_ttl_secs,
+            timeout,
+            metrics,
+            flights: Mutex::new(HashMap::new()),
+            generation: Default::default(),
+        })
+    }
+
+    fn key(&self, id: ProductId) -> String {
+        format!("{}photo:{}", self.prefix, id)
+    }
+
+    /// The product's photo, from Redis when cached, else from PostgreSQL.
+    pub async fn get(&self, id: ProductId) -> Result<Option<CachedPhoto>, StoreError> {
+        if let Some(hit) = self.cache_get(id).await {
+            self.metrics.photo_cache_hits.inc();
+            return Ok(Some(hit));
+        }
+        self.metrics.photo_cache_misses.inc();
+        let (generation, flight) = {
+            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+            let current = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+            flights.entry(id).or_insert_with(|| (current, Flight::default())).clone()
+        };
+        let result = flight
+            .get_or_try_init(|| async {
+                self.metrics.photo_origin_loads.inc();
+                let photo = catalog::photo(&self.db, id).await?.map(into_cached);
+                if let Some(p) = &photo
+                    && self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation
+                {
+                    self.cache_put(id, p).await;
+                }
+                Ok::<_, StoreError>(photo)
+            })
+            .await
+            .cloned();
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if flights.get(&id).is_some_and(|(_, f)| Arc::ptr_eq(f, &flight)) {
+            flights.remove(&id);
+        }
+        result
+    }
+
+    /// Replaces the photo at the origin, then drops the cached copy.
+    pub async fn put(&self, id: ProductId, photo: Photo) -> Result<bool, StoreError> {
+        let stored = catalog::put_photo(&self.db, id, &photo).await?;
+        if stored {
+            self.invalidate(id).await;
+        }
+        Ok(stored)
+    }
+
+    pub async fn invalidate(&self, id: ProductId) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.flights.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let key = self.key(id);
+        let deleted = self
+            .with_redis(|mut conn| async move { conn.del::<_, ()>(key).await })
+            .await;
+        if deleted.is_none() {
+            tracing::warn!(product = %id, "photo cache invalidation failed; entry expires by TTL");
+        }
+    }
+
+    pub async fn ping(&self) -> bool {
+        self.with_redis(|mut conn| async move { deadpool_redis::redis::cmd("PING").query_async::<String>(&mut conn).await })
+            .await
+            .is_some()
+    }
+
+    async fn cache_get(&self, id: ProductId) -> Option<CachedPhoto> {
+        let key = self.key(id);
+        let raw: Option<Vec<u8>> = self
+            .with_redis(|mut conn| async move { conn.get::<_, Option<Vec<u8>>>(key).await })
+            .await
+            .flatten();
+        raw.and_then(|r| unpack(&r))
+    }
+
+    async fn cache_put(&self, id: ProductId, photo: &CachedPhoto) {
+        let key = self.key(id);
+        let packed = pack(photo);
+        let ttl = self.ttl_secs;
+        self.with_redis(|mut conn| async move { conn.set_ex::<_, _, ()>(key, packed, ttl).await })
+            .await;
+    }
+
+    /// Runs one Redis operation with a deadline; failures are logged and
+    /// counted, and the caller carries on without the cache.
+    async fn with_redis<T, F, Fut>(&self, op: F) -> Option<T>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, deadpool_redis::redis::RedisError>>,
+    {
+        let attempt = async {
+            let conn = self.redis.get().await.map_err(|e| e.to_string())?;
+            op(conn).await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.metrics.redis_errors.inc();
+                tracing::warn!(error = %e, "redis unavailable; serving from PostgreSQL");
+                None
+            }
+            Err(_) => {
+                self.metrics.redis_errors.inc();
+                tracing::warn!("redis timed out; serving from PostgreSQL");
+                None
+            }
+        }
+    }
+}
+
+fn into_cached(p: Photo) -> CachedPhoto {
+    CachedPhoto {
+        content_type: p.content_type,
+        etag: p.etag,
+        bytes: Bytes::from(p.bytes),
+    }
+}
+
+/// One Redis value per photo: `len(ct) ct len(etag) etag bytes`, so a hit is one GET.
+fn pack(p: &CachedPhoto) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + p.content_type.len() + p.etag.len() + p.bytes.len());
+    for field in [p.content_type.as_bytes(), p.etag.as_bytes()] {
+        out.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        out.extend_from_slice(field);
+    }
+    out.extend_from_slice(&p.bytes);
+    out
+}
+
+fn unpack(raw: &[u8]) -> Option<CachedPhoto> {
+    let mut rest = raw;
+    let mut field = || -> Option<String> {
+        let len = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+        let text = std::str::from_utf8(rest.get(2..2 + len)?).ok()?.to_owned();
+        rest = &rest[2 + len..];
+        Some(text)
+    };
+    let content_type = field()?;
+    let etag = field()?;
+    Some(CachedPhoto {
+        content_type,
+        etag,
+        bytes: Bytes::copy_from_slice(rest),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_photo_unpacks_to_itself_and_garbage_is_refused() {
+        let p = CachedPhoto {
+            content_type: "image/png".into(),
+            etag: "\"abc\"".into(),
+            bytes: Bytes::from_static(b"\x89PNG data"),
+        };
+        let back = unpack(&pack(&p)).unwrap();
+        assert_eq!((back.content_type, back.etag, back.bytes), (p.content_type, p.etag, p.bytes));
+        assert!(unpack(&[0, 200, 1]).is_none());
+    }
+}

@@ -1,0 +1,120 @@
+//! Builds the whole service from settings: the same code runs in `main` and
+//! in tests, which hand it a listener on port 0.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, middleware, web};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::link::{Connector, Link};
+use crate::broker::topology::Topology;
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::photos::PhotoCache;
+use crate::settings::Settings;
+use crate::store;
+
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+    state: web::Data<AppState>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Application {
+    /// Migrates, connects, starts the pipeline tasks and binds the server.
+    pub async fn build(settings: Settings, listener: TcpListener) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Metrics::new();
+
+        store::migrate(settings.database.url.expose()).await?;
+        let db = store::pool(&settings.database)?;
+        let photos = Arc::new(PhotoCache::new(&settings.redis, &settings.photos, db.clone(), metrics.clone())?);
+
+        let topology = Arc::new(Topology::new(&settings.rabbit.topology));
+        let instance = instance_name();
+        let connector = Connector::new(settings.rabbit.clone(), topology, metrics.clone(), instance);
+        let broker = Arc::new(Link::new(connector.clone(), "admin"));
+        // The topology must exist before anything publishes; fail start-up
+        // loudly when RabbitMQ cannot be reached at all.
+        broker.get().await?;
+
+        let state = web::Data::new(AppState {
+            settings: settings.clone(),
+            db,
+            photos,
+            metrics,
+            broker,
+        });
+
+        let port = listener.local_addr()?.port();
+        let server_state = state.clone();
+        let static_dir = settings.server.static_dir.clone();
+        let max_body = settings.server.max_body_bytes;
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(server_state.clone())
+                .app_data(web::PayloadConfig::new(max_body))
+                .wrap(http::error::json_errors())
+                .wrap(middleware::NormalizePath::trim())
+                .configure(http::routes)
+                .service(actix_files::Files::new("/", &static_dir).index_file("index.html"))
+        })
+        .listen(listener)?
+        .disable_signals()
+        .shutdown_timeout(5)
+        .run();
+
+        Ok(Self {
+            port,
+            server,
+            state,
+            shutdown,
+            tracker,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    /// Cancelling this token stops the whole service gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then stops accepting,
+    /// lets in-flight work finish and waits for every task.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let token = self.shutdown.clone();
+        let stopper = tokio::spawn(async move {
+            token.cancelled().await;
+            handle.stop(true).await;
+        });
+        let served = self.server.await;
+        self.shutdown.cancel();
+        let _ = stopper.await;
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
+            tracing::warn!("some tasks did not stop within 10 s");
+        }
+        served?;
+        Ok(())
+    }
+}
+
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    format!("gateway-{}-{}", host.trim(), std::process::id())
+}

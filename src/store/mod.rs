@@ -1,0 +1,110 @@
+//! PostgreSQL: the pool, embedded migrations, and the catalog's queries.
+
+pub mod apply;
+pub mod catalog;
+pub mod schema;
+pub mod seed;
+
+use std::time::Duration;
+
+use diesel::Connection;
+use diesel_async::AsyncPgConnection;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+use crate::settings::DatabaseSettings;
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Advisory lock key under which migrations run, so two instances starting
+/// at once do not race.
+const MIGRATION_LOCK: i64 = 0x7072_6f64_6d69_67;
+
+pub type Db = Pool<AsyncPgConnection>;
+pub type DbConn = Object<AsyncPgConnection>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Query(#[from] diesel::result::Error),
+}
+
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for StoreError {
+    fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Db> {
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(settings.url.expose());
+    let timeout = Some(Duration::from_millis(settings.acquire_timeout_ms));
+    let pool = Pool::builder(manager)
+        .max_size(settings.pool_size)
+        .runtime(deadpool::Runtime::Tokio1)
+        .wait_timeout(timeout)
+        .create_timeout(timeout)
+        .recycle_timeout(timeout)
+        .build()?;
+    Ok(pool)
+}
+
+/// Applies pending migrations under an advisory lock.
+pub async fn migrate(url: &str) -> anyhow::Result<()> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        use diesel::RunQueryDsl;
+        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)?;
+        diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK})")).execute(&mut conn)?;
+        let result = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("migration failed: {e}"));
+        diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})")).execute(&mut conn)?;
+        result
+    })
+    .await?
+}
+
+/// Creates the database named in `url` when it does not exist, by connecting
+/// to the server's `postgres` database. Used by `make run` and tests.
+pub async fn create_database(url: &str) -> anyhow::Result<()> {
+    use diesel_async::RunQueryDsl;
+    let (server, name) = url
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow::anyhow!("database url has no database name"))?;
+    let name = name.split('?').next().unwrap_or(name);
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        anyhow::bail!("database name {name:?} must be letters, digits and underscores");
+    }
+    let mut conn = <AsyncPgConnection as diesel_async::AsyncConnection>::establish(&format!("{server}/postgres")).await?;
+    #[derive(diesel::QueryableByName)]
+    struct Exists {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        exists: bool,
+    }
+    let found: Exists = diesel::sql_query("SELECT EXISTS(SELECT 1 FROM pg_database WHERE datname = $1) AS exists")
+        .bind::<diesel::sql_types::Text, _>(name)
+        .get_result(&mut conn)
+        .await?;
+    if !found.exists {
+        // Two processes may race here; "already exists" is success.
+        if let Err(e) = diesel::sql_query(format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await
+            && !e.to_string().contains("already exists")
+        {
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a connection can be had and answers, within the pool's timeout.
+pub async fn ping(db: &Db) -> Result<(), StoreError> {
+    use diesel_async::RunQueryDsl;
+    let mut conn = db.get().await?;
+    diesel::sql_query("SELECT 1").execute(&mut conn).await?;
+    Ok(())
+}
