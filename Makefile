@@ -20,7 +20,7 @@ PORT := $(GATEWAY__SERVER__PORT)
 # overrides each.
 export GATEWAY_TEST_PG         ?= postgres://postgres@127.0.0.1:5432
 export GATEWAY_TEST_AMQP       ?= amqp://guest:guest@127.0.0.1:5672
-export GATEWAY_TEST_RABBIT_API ?= http://guest:guest@127.0.0.1:15672
+export GATEWAY_TEST_RABBIT_API ?= http://127.0.0.1:15672
 export GATEWAY_TEST_REDIS      ?= redis://127.0.0.1:6379
 # Quiet tests; `make run` keeps the service's own log level.
 test: export RUST_LOG ?= warn

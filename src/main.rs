@@ -13,7 +13,9 @@ use product_gateway::{store, telemetry};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     telemetry::init();
-    let config_dir = std::env::var("GATEWAY_CONFIG_DIR").map(PathBuf::from).unwrap_or_else(|_| "config".into());
+    let config_dir = std::env::var("GATEWAY_CONFIG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| "config".into());
     let settings = Settings::load(&config_dir)?;
     let command = std::env::args().nth(1).unwrap_or_else(|| "serve".into());
     match command.as_str() {

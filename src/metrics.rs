@@ -62,34 +62,110 @@ impl Metrics {
         }
         let latency_buckets = || exponential_buckets(0.000_25, 2.0, 16);
         let metrics = Metrics {
-            events_published: reg!("events_published", "Events published to product.events", Counter::default()),
+            events_published: reg!(
+                "events_published",
+                "Events published to product.events",
+                Counter::default()
+            ),
             events_confirmed: reg!("events_confirmed", "Events confirmed by the broker", Counter::default()),
             events_nacked: reg!("events_nacked", "Events nacked by the broker", Counter::default()),
             events_returned: reg!("events_returned", "Events returned as unroutable", Counter::default()),
             events_retried: reg!("events_retried", "Event publishes retried", Counter::default()),
             events_applied: reg!("events_applied", "Events applied to the catalog", Family::default()),
-            events_duplicate: reg!("events_duplicate", "Repeated or older events that changed nothing", Family::default()),
-            events_dead_lettered: reg!("events_dead_lettered", "Events dead-lettered, by reason", Family::default()),
-            transient_failures: reg!("apply_transient_failures", "Batches retried after a transient failure", Counter::default()),
-            apply_batch_size: reg!("apply_batch_size", "Events per applied batch", Histogram::new(exponential_buckets(1.0, 2.0, 12))),
-            apply_latency: reg!("apply_latency_seconds", "Time to apply and commit one batch", Histogram::new(latency_buckets())),
-            consumer_lag: reg!("consumer_lag_messages", "Messages ready in each apply queue", Family::default()),
-            updates_broadcast: reg!("updates_broadcast", "Applied updates published to product.updates", Counter::default()),
+            events_duplicate: reg!(
+                "events_duplicate",
+                "Repeated or older events that changed nothing",
+                Family::default()
+            ),
+            events_dead_lettered: reg!(
+                "events_dead_lettered",
+                "Events dead-lettered, by reason",
+                Family::default()
+            ),
+            transient_failures: reg!(
+                "apply_transient_failures",
+                "Batches retried after a transient failure",
+                Counter::default()
+            ),
+            apply_batch_size: reg!(
+                "apply_batch_size",
+                "Events per applied batch",
+                Histogram::new(exponential_buckets(1.0, 2.0, 12))
+            ),
+            apply_latency: reg!(
+                "apply_latency_seconds",
+                "Time to apply and commit one batch",
+                Histogram::new(latency_buckets())
+            ),
+            consumer_lag: reg!(
+                "consumer_lag_messages",
+                "Messages ready in each apply queue",
+                Family::default()
+            ),
+            updates_broadcast: reg!(
+                "updates_broadcast",
+                "Applied updates published to product.updates",
+                Counter::default()
+            ),
             photo_cache_hits: reg!("photo_cache_hits", "Photos served from Redis", Counter::default()),
-            photo_cache_misses: reg!("photo_cache_misses", "Photo reads that missed the cache", Counter::default()),
-            photo_origin_loads: reg!("photo_origin_loads", "Photos loaded from PostgreSQL", Counter::default()),
-            redis_errors: reg!("redis_errors", "Redis operations that failed or timed out", Counter::default()),
+            photo_cache_misses: reg!(
+                "photo_cache_misses",
+                "Photo reads that missed the cache",
+                Counter::default()
+            ),
+            photo_origin_loads: reg!(
+                "photo_origin_loads",
+                "Photos loaded from PostgreSQL",
+                Counter::default()
+            ),
+            redis_errors: reg!(
+                "redis_errors",
+                "Redis operations that failed or timed out",
+                Counter::default()
+            ),
             stream_updates: reg!("stream_updates", "Updates read from the stream", Counter::default()),
             clients_connected: reg!("clients_connected", "Connected clients by transport", Family::default()),
             subscriptions: reg!("subscriptions", "Active topic subscriptions", Gauge::default()),
-            updates_delivered: reg!("updates_delivered", "Updates handed to clients, by transport", Family::default()),
-            updates_conflated: reg!("updates_conflated", "Client buffer overflows conflated", Counter::default()),
-            resumes: reg!("resumes", "Clients that resumed from an offset, by source", Family::default()),
-            client_buffer_high_water: reg!("client_buffer_high_water", "Largest client buffer seen", Gauge::default()),
-            e2e_latency: reg!("e2e_latency_seconds", "Generator publish to client hand-off", Histogram::new(latency_buckets())),
-            clients_refused: reg!("clients_refused", "Connections or frames refused, by reason", Family::default()),
-            client_errors: reg!("client_errors", "Error frames sent to clients, by code", Family::default()),
-            broker_reconnects: reg!("broker_reconnects", "Broker connections re-established", Counter::default()),
+            updates_delivered: reg!(
+                "updates_delivered",
+                "Updates handed to clients, by transport",
+                Family::default()
+            ),
+            updates_conflated: reg!(
+                "updates_conflated",
+                "Client buffer overflows conflated",
+                Counter::default()
+            ),
+            resumes: reg!(
+                "resumes",
+                "Clients that resumed from an offset, by source",
+                Family::default()
+            ),
+            client_buffer_high_water: reg!(
+                "client_buffer_high_water",
+                "Largest client buffer seen",
+                Gauge::default()
+            ),
+            e2e_latency: reg!(
+                "e2e_latency_seconds",
+                "Generator publish to client hand-off",
+                Histogram::new(latency_buckets())
+            ),
+            clients_refused: reg!(
+                "clients_refused",
+                "Connections or frames refused, by reason",
+                Family::default()
+            ),
+            client_errors: reg!(
+                "client_errors",
+                "Error frames sent to clients, by code",
+                Family::default()
+            ),
+            broker_reconnects: reg!(
+                "broker_reconnects",
+                "Broker connections re-established",
+                Counter::default()
+            ),
             registry,
         };
         Arc::new(metrics)

@@ -35,7 +35,12 @@ impl Application {
 
         store::migrate(settings.database.url.expose()).await?;
         let db = store::pool(&settings.database)?;
-        let photos = Arc::new(PhotoCache::new(&settings.redis, &settings.photos, db.clone(), metrics.clone())?);
+        let photos = Arc::new(PhotoCache::new(
+            &settings.redis,
+            &settings.photos,
+            db.clone(),
+            metrics.clone(),
+        )?);
 
         let topology = Arc::new(Topology::new(&settings.rabbit.topology));
         let instance = instance_name();
@@ -106,7 +111,10 @@ impl Application {
         self.shutdown.cancel();
         let _ = stopper.await;
         self.tracker.close();
-        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some tasks did not stop within 10 s");
         }
         served?;

@@ -138,8 +138,7 @@ pub fn decode_event(
         }
     }
     let text = std::str::from_utf8(body).map_err(|_| Reject::NotUtf8)?;
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| Reject::NotJson(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Reject::NotJson(e.to_string()))?;
     let wire: Wire = serde_json::from_value(value).map_err(|e| Reject::WrongSchema(e.to_string()))?;
     if let Some(schema) = wire.schema
         && schema != SCHEMA
@@ -218,6 +217,9 @@ mod tests {
             let err = decode_event(body, ct, rk, 4096).unwrap_err();
             assert_eq!(err.code(), code, "{:?}", String::from_utf8_lossy(body));
         }
-        assert_eq!(decode_event(&[b' '; 5000], None, rk, 4096).unwrap_err().code(), "oversize");
+        assert_eq!(
+            decode_event(&[b' '; 5000], None, rk, 4096).unwrap_err().code(),
+            "oversize"
+        );
     }
 }

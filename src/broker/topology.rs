@@ -85,7 +85,10 @@ impl Topology {
                         ("x-queue-type", s("stream")),
                         ("x-max-age", s(&t.stream_max_age)),
                         ("x-max-length-bytes", Arg::Int(t.stream_max_length_bytes)),
-                        ("x-stream-max-segment-size-bytes", Arg::Int(t.stream_max_segment_size_bytes)),
+                        (
+                            "x-stream-max-segment-size-bytes",
+                            Arg::Int(t.stream_max_segment_size_bytes),
+                        ),
                     ],
                 },
             ],
@@ -106,7 +109,12 @@ impl Topology {
         };
         for e in &self.exchanges {
             channel
-                .exchange_declare(e.name.as_str().into(), lapin::ExchangeKind::Topic, durable, FieldTable::default())
+                .exchange_declare(
+                    e.name.as_str().into(),
+                    lapin::ExchangeKind::Topic,
+                    durable,
+                    FieldTable::default(),
+                )
                 .await?;
         }
         for q in &self.queues {
@@ -114,7 +122,9 @@ impl Topology {
                 durable: true,
                 ..Default::default()
             };
-            channel.queue_declare(q.name.as_str().into(), options, field_table(&q.arguments)).await?;
+            channel
+                .queue_declare(q.name.as_str().into(), options, field_table(&q.arguments))
+                .await?;
         }
         for b in &self.bindings {
             channel

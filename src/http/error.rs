@@ -116,5 +116,7 @@ fn to_json<B: 'static>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandle
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let response = response.set_body(body).map_into_boxed_body();
-    Ok(ErrorHandlerResponse::Response(ServiceResponse::new(req, response).map_into_right_body()))
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, response).map_into_right_body(),
+    ))
 }

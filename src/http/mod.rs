@@ -26,10 +26,10 @@ pub struct AppState {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    let query_errors = web::QueryConfig::default()
-        .error_handler(|e, _| error::ApiError::BadRequest(format!("bad query: {e}")).into());
-    let path_errors = web::PathConfig::default()
-        .error_handler(|e, _| error::ApiError::BadRequest(format!("bad path: {e}")).into());
+    let query_errors =
+        web::QueryConfig::default().error_handler(|e, _| error::ApiError::BadRequest(format!("bad query: {e}")).into());
+    let path_errors =
+        web::PathConfig::default().error_handler(|e, _| error::ApiError::BadRequest(format!("bad path: {e}")).into());
     cfg.app_data(query_errors)
         .app_data(path_errors)
         .route("/healthz", web::get().to(health::healthz))

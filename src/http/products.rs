@@ -15,7 +15,8 @@ const MAX_PAGE: i64 = 1000;
 const MAX_IDS: usize = 1000;
 
 pub fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
-    ProductId::parse(raw).ok_or_else(|| ApiError::BadRequest(format!("{raw:?} is not a product id (a positive integer)")))
+    ProductId::parse(raw)
+        .ok_or_else(|| ApiError::BadRequest(format!("{raw:?} is not a product id (a positive integer)")))
 }
 
 #[derive(Deserialize)]
@@ -37,6 +38,8 @@ pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> R
     };
     let after = match &query.after {
         None => 0,
+        // 0 is allowed here: "after nothing", the first page.
+        Some(raw) if raw == "0" => 0,
         Some(raw) => parse_id(raw)?.get(),
     };
     let ids = match &query.ids {
@@ -53,7 +56,9 @@ pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> R
         }
     };
     let products = catalog::list(&state.db, after, limit, ids.as_deref()).await?;
-    let next_after = (products.len() as i64 == limit).then(|| products.last().map(|p| p.id)).flatten();
+    let next_after = (products.len() as i64 == limit)
+        .then(|| products.last().map(|p| p.id))
+        .flatten();
     Ok(HttpResponse::Ok().json(json!({ "products": products, "next_after": next_after })))
 }
 
@@ -65,7 +70,11 @@ pub async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<
     Ok(HttpResponse::Ok().json(product))
 }
 
-pub async fn photo(state: web::Data<AppState>, path: web::Path<String>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn photo(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
     let photo = state
         .photos
@@ -113,7 +122,9 @@ pub async fn put_photo(
     let content_type = match (declared.as_deref(), sniffed) {
         (Some(d), Some(s)) if d == s => s,
         (Some(d), Some(s)) => {
-            return Err(ApiError::UnsupportedMediaType(format!("declared {d} but the body is {s}")));
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "declared {d} but the body is {s}"
+            )));
         }
         _ => {
             return Err(ApiError::UnsupportedMediaType(

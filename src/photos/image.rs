@@ -37,7 +37,11 @@ pub fn product_png(id: u64) -> Vec<u8> {
         seed ^= seed << 17;
         seed
     };
-    let base = [(next() % 200) as u8 + 30, (next() % 200) as u8 + 30, (next() % 200) as u8 + 30];
+    let base = [
+        (next() % 200) as u8 + 30,
+        (next() % 200) as u8 + 30,
+        (next() % 200) as u8 + 30,
+    ];
     let accent = [255 - base[0], 255 - base[1], 255 - base[2]];
     let cx = (next() % SIZE as u64) as i64;
     let cy = (next() % SIZE as u64) as i64;

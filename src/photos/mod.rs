@@ -41,7 +41,12 @@ pub struct PhotoCache {
 }
 
 impl PhotoCache {
-    pub fn new(redis_settings: &RedisSettings, photos: &PhotoSettings, db: Db, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn new(
+        redis_settings: &RedisSettings,
+        photos: &PhotoSettings,
+        db: Db,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let mut cfg = deadpool_redis::Config::from_url(redis_settings.url.expose());
         let timeout = Duration::from_millis(redis_settings.timeout_ms);
         let mut pool_cfg = deadpool_redis::PoolConfig::new(redis_settings.pool_size);
@@ -76,10 +81,18 @@ impl PhotoCache {
         let (generation, flight) = {
             let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
             let current = self.generation.load(std::sync::atomic::Ordering::SeqCst);
-            flights.entry(id).or_insert_with(|| (current, Flight::default())).clone()
+            flights
+                .entry(id)
+                .or_insert_with(|| (current, Flight::default()))
+                .clone()
         };
         let result = flight
             .get_or_try_init(|| async {
+                // A flight that ended between our miss and this one has
+                // filled the cache: look again before going to the origin.
+                if let Some(hit) = self.cache_get(id).await {
+                    return Ok(Some(hit));
+                }
                 self.metrics.photo_origin_loads.inc();
                 let photo = catalog::photo(&self.db, id).await?.map(into_cached);
                 if let Some(p) = &photo
@@ -120,9 +133,13 @@ impl PhotoCache {
     }
 
     pub async fn ping(&self) -> bool {
-        self.with_redis(|mut conn| async move { deadpool_redis::redis::cmd("PING").query_async::<String>(&mut conn).await })
-            .await
-            .is_some()
+        self.with_redis(|mut conn| async move {
+            deadpool_redis::redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+        })
+        .await
+        .is_some()
     }
 
     async fn cache_get(&self, id: ProductId) -> Option<CachedPhoto> {
@@ -217,7 +234,10 @@ mod tests {
             bytes: Bytes::from_static(b"\x89PNG data"),
         };
         let back = unpack(&pack(&p)).unwrap();
-        assert_eq!((back.content_type, back.etag, back.bytes), (p.content_type, p.etag, p.bytes));
+        assert_eq!(
+            (back.content_type, back.etag, back.bytes),
+            (p.content_type, p.etag, p.bytes)
+        );
         assert!(unpack(&[0, 200, 1]).is_none());
     }
 }

@@ -70,12 +70,20 @@ pub async fn all(db: &Db) -> Result<Vec<Product>, StoreError> {
 pub async fn photo(db: &Db, id: ProductId) -> Result<Option<Photo>, StoreError> {
     let mut conn = db.get().await?;
     let row: Option<(String, String, Vec<u8>)> = product_photos::table
-        .select((product_photos::content_type, product_photos::etag, product_photos::bytes))
+        .select((
+            product_photos::content_type,
+            product_photos::etag,
+            product_photos::bytes,
+        ))
         .find(id.get())
         .first(&mut conn)
         .await
         .optional()?;
-    Ok(row.map(|(content_type, etag, bytes)| Photo { content_type, etag, bytes }))
+    Ok(row.map(|(content_type, etag, bytes)| Photo {
+        content_type,
+        etag,
+        bytes,
+    }))
 }
 
 /// Stores a photo; returns false when the product does not exist.
@@ -100,7 +108,9 @@ pub async fn put_photo(db: &Db, id: ProductId, photo: &Photo) -> Result<bool, St
         .await;
     match inserted {
         Ok(_) => Ok(true),
-        Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, _)) => Ok(false),
+        Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, _)) => {
+            Ok(false)
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -20,7 +20,7 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 /// Advisory lock key under which migrations run, so two instances starting
 /// at once do not race.
-const MIGRATION_LOCK: i64 = 0x7072_6f64_6d69_67;
+const MIGRATION_LOCK: i64 = 0x0070_726f_646d_6967;
 
 pub type Db = Pool<AsyncPgConnection>;
 pub type DbConn = Object<AsyncPgConnection>;
@@ -80,7 +80,8 @@ pub async fn create_database(url: &str) -> anyhow::Result<()> {
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         anyhow::bail!("database name {name:?} must be letters, digits and underscores");
     }
-    let mut conn = <AsyncPgConnection as diesel_async::AsyncConnection>::establish(&format!("{server}/postgres")).await?;
+    let mut conn =
+        <AsyncPgConnection as diesel_async::AsyncConnection>::establish(&format!("{server}/postgres")).await?;
     #[derive(diesel::QueryableByName)]
     struct Exists {
         #[diesel(sql_type = diesel::sql_types::Bool)]
@@ -92,7 +93,9 @@ pub async fn create_database(url: &str) -> anyhow::Result<()> {
         .await?;
     if !found.exists {
         // Two processes may race here; "already exists" is success.
-        if let Err(e) = diesel::sql_query(format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await
+        if let Err(e) = diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
             && !e.to_string().contains("already exists")
         {
             return Err(e.into());

@@ -9,10 +9,22 @@ use super::{Db, StoreError};
 use crate::photos::image;
 
 const ADJECTIVES: [&str; 12] = [
-    "Compact", "Ultra", "Classic", "Smart", "Rugged", "Silent", "Pocket", "Studio", "Travel", "Solar", "Modular", "Wireless",
+    "Compact", "Ultra", "Classic", "Smart", "Rugged", "Silent", "Pocket", "Studio", "Travel", "Solar", "Modular",
+    "Wireless",
 ];
 const NOUNS: [&str; 12] = [
-    "Kettle", "Headphones", "Backpack", "Lamp", "Keyboard", "Speaker", "Camera", "Blender", "Drone", "Watch", "Router", "Bicycle",
+    "Kettle",
+    "Headphones",
+    "Backpack",
+    "Lamp",
+    "Keyboard",
+    "Speaker",
+    "Camera",
+    "Blender",
+    "Drone",
+    "Watch",
+    "Router",
+    "Bicycle",
 ];
 
 /// Inserts products 1..=n with photos unless the catalog already has
