@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod domain;
+pub mod generator;
 pub mod http;
 pub mod metrics;
 pub mod photos;

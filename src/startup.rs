@@ -9,8 +9,10 @@ use actix_web::{App, HttpServer, middleware, web};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::consumer;
 use crate::broker::link::{Connector, Link};
 use crate::broker::topology::Topology;
+use crate::generator;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::photos::PhotoCache;
@@ -50,12 +52,38 @@ impl Application {
         // loudly when RabbitMQ cannot be reached at all.
         broker.get().await?;
 
+        consumer::spawn(
+            &settings.consumer,
+            &settings.rabbit.topology,
+            db.clone(),
+            connector.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            &tracker,
+        );
+        consumer::spawn_lag_monitor(
+            broker.clone(),
+            &settings.rabbit.topology,
+            metrics.clone(),
+            shutdown.clone(),
+            &tracker,
+        );
+        let generator = generator::spawn(
+            &settings,
+            db.clone(),
+            connector.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            &tracker,
+        );
+
         let state = web::Data::new(AppState {
             settings: settings.clone(),
             db,
             photos,
             metrics,
             broker,
+            generator,
         });
 
         let port = listener.local_addr()?.port();

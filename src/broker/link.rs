@@ -20,6 +20,8 @@ pub struct Connector {
     metrics: Arc<Metrics>,
     /// Prefix of connection names in the management UI, per instance.
     instance: String,
+    /// Stages that have connected before, so a later connection counts as a reconnect.
+    connected: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Connector {
@@ -29,6 +31,7 @@ impl Connector {
             topology,
             metrics,
             instance,
+            connected: Default::default(),
         }
     }
 
@@ -51,12 +54,16 @@ impl Connector {
     pub async fn connect_retry(&self, stage: &str, shutdown: &CancellationToken) -> Option<Connection> {
         let mut delay = Duration::from_millis(self.settings.reconnect_min_ms);
         let max = Duration::from_millis(self.settings.reconnect_max_ms);
-        let mut first = true;
         loop {
             let attempt = tokio::time::timeout(Duration::from_secs(10), self.connect(stage));
             match tokio::select! { r = attempt => r, _ = shutdown.cancelled() => return None } {
                 Ok(Ok(conn)) => {
-                    if !first {
+                    let fresh = self
+                        .connected
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(stage.to_owned());
+                    if !fresh {
                         self.metrics.broker_reconnects.inc();
                         tracing::info!(stage, "reconnected to RabbitMQ");
                     }
@@ -65,7 +72,6 @@ impl Connector {
                 Ok(Err(e)) => tracing::warn!(stage, error = %e, retry_in = ?delay, "RabbitMQ connection failed"),
                 Err(_) => tracing::warn!(stage, retry_in = ?delay, "RabbitMQ connection timed out"),
             }
-            first = false;
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => return None,

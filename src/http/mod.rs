@@ -10,6 +10,7 @@ use std::sync::Arc;
 use actix_web::web;
 
 use crate::broker::link::Link;
+use crate::generator::GeneratorHandle;
 use crate::metrics::Metrics;
 use crate::photos::PhotoCache;
 use crate::settings::Settings;
@@ -23,6 +24,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Connection for admin calls and readiness.
     pub broker: Arc<Link>,
+    pub generator: GeneratorHandle,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -30,7 +32,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::QueryConfig::default().error_handler(|e, _| error::ApiError::BadRequest(format!("bad query: {e}")).into());
     let path_errors =
         web::PathConfig::default().error_handler(|e, _| error::ApiError::BadRequest(format!("bad path: {e}")).into());
+    let json_errors = web::JsonConfig::default()
+        .limit(64 * 1024)
+        .error_handler(|e, _| error::ApiError::BadRequest(format!("bad JSON body: {e}")).into());
     cfg.app_data(query_errors)
+        .app_data(json_errors)
         .app_data(path_errors)
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
@@ -41,5 +47,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::resource("/products/{id}/photo")
                 .route(web::get().to(products::photo))
                 .route(web::put().to(products::put_photo)),
-        );
+        )
+        .service(
+            web::resource("/admin/generator")
+                .route(web::get().to(admin::get_generator))
+                .route(web::post().to(admin::set_generator)),
+        )
+        .service(
+            web::resource("/admin/dead-letters")
+                .route(web::get().to(admin::list_dead_letters))
+                .route(web::delete().to(admin::purge_dead_letters)),
+        )
+        .route("/admin/dead-letters/replay", web::post().to(admin::replay_dead_letters));
 }

@@ -1,1 +1,167 @@
+//! Applying events to the catalog: idempotent and monotonic per product and
+//! kind, one transaction per batch. Also issues versions to generators.
 
+use std::collections::HashMap;
+
+use diesel::sql_types::{Array, BigInt, Bool};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+use super::{Db, StoreError};
+use crate::domain::{Event, Kind, ProductId};
+
+/// What applying one event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The event's value is now the product's.
+    Applied,
+    /// An equal or newer version was already there (or came later in the same
+    /// batch); `current` is the version the product holds for this kind.
+    Duplicate { current: i64 },
+    /// No such product: the event can never apply.
+    UnknownProduct,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Row {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Bool)]
+    applied: bool,
+    #[diesel(sql_type = Bool)]
+    known: bool,
+    #[diesel(sql_type = BigInt)]
+    current: i64,
+}
+
+/// Applies a batch in one transaction; the outcome of each event, in order.
+/// Within a batch only the newest version per product and kind is written;
+/// the older ones count as duplicates, as they would one by one.
+pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, StoreError> {
+    let mut outcomes = vec![Outcome::Duplicate { current: 0 }; events.len()];
+    let mut newest: HashMap<(ProductId, Kind), usize> = HashMap::new();
+    for (i, e) in events.iter().enumerate() {
+        let slot = newest.entry((e.product_id, e.kind())).or_insert(i);
+        if events[*slot].version < e.version {
+            *slot = i;
+        }
+    }
+    let mut by_kind: HashMap<Kind, Vec<usize>> = HashMap::new();
+    for &i in newest.values() {
+        by_kind.entry(events[i].kind()).or_default().push(i);
+    }
+    let mut pooled = db.get().await?;
+    let conn: &mut AsyncPgConnection = &mut pooled;
+    let rows: Vec<(Kind, Vec<Row>)> = conn
+        .transaction(async |conn| {
+            let mut all = Vec::new();
+            for (kind, idx) in &by_kind {
+                let ids: Vec<i64> = idx.iter().map(|&i| events[i].product_id.get()).collect();
+                let values: Vec<i64> = idx.iter().map(|&i| events[i].change.value()).collect();
+                let versions: Vec<i64> = idx.iter().map(|&i| events[i].version).collect();
+                let rows: Vec<Row> = diesel::sql_query(apply_sql(*kind))
+                    .bind::<Array<BigInt>, _>(ids)
+                    .bind::<Array<BigInt>, _>(values)
+                    .bind::<Array<BigInt>, _>(versions)
+                    .load(conn)
+                    .await?;
+                all.push((*kind, rows));
+            }
+            Ok::<_, diesel::result::Error>(all)
+        })
+        .await?;
+    let mut by_key: HashMap<(i64, Kind), &Row> = HashMap::new();
+    for (kind, rs) in &rows {
+        for r in rs {
+            by_key.insert((r.id, *kind), r);
+        }
+    }
+    for (i, e) in events.iter().enumerate() {
+        let Some(row) = by_key.get(&(e.product_id.get(), e.kind())) else {
+            continue;
+        };
+        outcomes[i] = if !row.known {
+            Outcome::UnknownProduct
+        } else if row.applied && newest.get(&(e.product_id, e.kind())) == Some(&i) {
+            Outcome::Applied
+        } else if row.applied {
+            // Superseded by a newer version in the same batch.
+            Outcome::Duplicate { current: i64::MAX }
+        } else {
+            Outcome::Duplicate { current: row.current }
+        };
+    }
+    Ok(outcomes)
+}
+
+/// One statement per kind: update the rows whose version is older, and
+/// report for every input whether it applied and whether the product exists.
+fn apply_sql(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Price => {
+            "WITH input(id, value, version) AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[])), \
+             upd AS (UPDATE products p SET price_cents = i.value, price_version = i.version, updated_at = now() \
+                     FROM input i WHERE p.id = i.id AND p.price_version < i.version RETURNING p.id) \
+             SELECT i.id, (u.id IS NOT NULL) AS applied, (p.id IS NOT NULL) AS known, \
+                    COALESCE(p.price_version, 0) AS current \
+             FROM input i LEFT JOIN upd u ON u.id = i.id LEFT JOIN products p ON p.id = i.id"
+        }
+        Kind::Stock => {
+            "WITH input(id, value, version) AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[])), \
+             upd AS (UPDATE products p SET stock = i.value, stock_version = i.version, updated_at = now() \
+                     FROM input i WHERE p.id = i.id AND p.stock_version < i.version RETURNING p.id) \
+             SELECT i.id, (u.id IS NOT NULL) AS applied, (p.id IS NOT NULL) AS known, \
+                    COALESCE(p.stock_version, 0) AS current \
+             FROM input i LEFT JOIN upd u ON u.id = i.id LEFT JOIN products p ON p.id = i.id"
+        }
+    }
+}
+
+/// The state a generator starts a change from, with freshly issued versions.
+#[derive(Debug, diesel::QueryableByName)]
+pub struct Issued {
+    #[diesel(sql_type = BigInt)]
+    pub price_cents: i64,
+    #[diesel(sql_type = BigInt)]
+    pub stock: i64,
+    #[diesel(sql_type = BigInt)]
+    pub price_issued: i64,
+    #[diesel(sql_type = BigInt)]
+    pub stock_issued: i64,
+}
+
+/// Issues the next version of the given kinds of one product. Versions come
+/// from the row itself, so no two generators can hand out the same one.
+pub async fn issue(db: &Db, id: ProductId, price: bool, stock: bool) -> Result<Option<Issued>, StoreError> {
+    let mut conn = db.get().await?;
+    let issued = diesel::sql_query(
+        "UPDATE products SET \
+           price_issued = GREATEST(price_issued, price_version) + CASE WHEN $2 THEN 1 ELSE 0 END, \
+           stock_issued = GREATEST(stock_issued, stock_version) + CASE WHEN $3 THEN 1 ELSE 0 END \
+         WHERE id = $1 RETURNING price_cents, stock, price_issued, stock_issued",
+    )
+    .bind::<BigInt, _>(id.get())
+    .bind::<Bool, _>(price)
+    .bind::<Bool, _>(stock)
+    .get_result::<Issued>(&mut conn)
+    .await
+    .map(Some)
+    .or_else(|e| match e {
+        diesel::result::Error::NotFound => Ok(None),
+        e => Err(e),
+    })?;
+    Ok(issued)
+}
+
+/// Largest product id, for picking random products.
+pub async fn max_product_id(db: &Db) -> Result<i64, StoreError> {
+    #[derive(diesel::QueryableByName)]
+    struct Max {
+        #[diesel(sql_type = BigInt)]
+        max: i64,
+    }
+    let mut conn = db.get().await?;
+    let m: Max = diesel::sql_query("SELECT COALESCE(MAX(id), 0) AS max FROM products")
+        .get_result(&mut conn)
+        .await?;
+    Ok(m.max)
+}

@@ -212,3 +212,154 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+pub mod proxy;
+
+/// A test-side publisher on the isolation's vhost.
+pub struct TestPublisher {
+    _conn: lapin::Connection,
+    channel: lapin::Channel,
+}
+
+impl TestPublisher {
+    pub async fn connect(iso: &Isolation) -> Self {
+        let conn = lapin::Connection::connect(&iso.amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("test publisher connects");
+        let channel = product_gateway::broker::publisher::confirm_channel(&conn)
+            .await
+            .unwrap();
+        TestPublisher { _conn: conn, channel }
+    }
+
+    /// Publishes raw bytes to `product.events` and waits for the confirm.
+    pub async fn raw(&self, routing_key: &str, body: &[u8], content_type: Option<&str>) {
+        let mut props = lapin::BasicProperties::default().with_delivery_mode(2);
+        if let Some(ct) = content_type {
+            props = props.with_content_type(ct.into());
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                "product.events".into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "test publish confirmed");
+    }
+
+    pub async fn event(&self, id: i64, kind: &str, value: i64, version: i64) {
+        let field = if kind == "price" { "price_cents" } else { "stock" };
+        let body = serde_json::json!({
+            "schema": 1, "product_id": id, "kind": kind, field: value, "version": version,
+            "occurred_at": chrono::Utc::now(), "ts_us": chrono::Utc::now().timestamp_micros(),
+        });
+        self.raw(
+            &format!("product.{kind}.{id}"),
+            body.to_string().as_bytes(),
+            Some("application/json"),
+        )
+        .await;
+    }
+}
+
+impl TestApp {
+    pub async fn admin(
+        &self,
+        method: awc::http::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let req = self
+            .client()
+            .request(method, self.url(path))
+            .insert_header(("Authorization", format!("Bearer {ADMIN_TOKEN}")));
+        let mut res = match body {
+            Some(b) => req.send_json(&b).await,
+            None => req.send().await,
+        }
+        .expect("admin request");
+        let status = res.status().as_u16();
+        let json = res.json().limit(64 << 20).await.unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+
+    pub async fn product(&self, id: i64) -> serde_json::Value {
+        let (status, p) = self.get_json(&format!("/products/{id}")).await;
+        assert_eq!(status, 200, "{p}");
+        p
+    }
+
+    pub async fn dead_letters(&self) -> Vec<serde_json::Value> {
+        let (status, body) = self
+            .admin(awc::http::Method::GET, "/admin/dead-letters?limit=1000", None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["dead_letters"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// Closes every client connection of a vhost, as an operator or a broker
+/// failover would: `rabbitmqctl` when it is here, else the management API.
+pub async fn close_vhost_connections(vhost: &str) -> usize {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "close_all_connections",
+            "-p",
+            vhost,
+            "--limit",
+            "1000",
+            "closed by test",
+        ])
+        .output()
+        .await;
+    if let Ok(out) = out
+        && out.status.success()
+    {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        return text.matches("Closing connection").count().max(1);
+    }
+    let (status, body) = rabbit_api_call(
+        awc::http::Method::GET,
+        &format!("/api/vhosts/{vhost}/connections"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let conns: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let mut closed = 0;
+    for c in conns {
+        let name = c["name"].as_str().unwrap_or_default();
+        let encoded: String = name
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, _) =
+            rabbit_api_call(awc::http::Method::DELETE, &format!("/api/connections/{encoded}"), None).await;
+        if status < 300 {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// Ready + unacked messages of a queue in a vhost (management statistics,
+/// which lag by a few seconds).
+pub async fn queue_depth(vhost: &str, queue: &str) -> (u64, u64) {
+    let (status, body) = rabbit_api_call(awc::http::Method::GET, &format!("/api/queues/{vhost}/{queue}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let q: serde_json::Value = serde_json::from_str(&body).unwrap();
+    (
+        q["messages_ready"].as_u64().unwrap_or(0),
+        q["messages_unacknowledged"].as_u64().unwrap_or(0),
+    )
+}

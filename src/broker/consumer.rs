@@ -1,0 +1,289 @@
+//! The apply consumer: reads a batch from a quorum queue (manual acks, QoS
+//! prefetch), dead-letters what can never apply (with its reason), applies
+//! the rest to PostgreSQL in one transaction, publishes the applied updates
+//! to `product.updates`, and only then acks the batch with one multiple-ack.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::link::{Connector, Link};
+use super::message::{DETAIL_HEADER, REASON_HEADER, Reject, decode_event, encode_update};
+use super::publisher::{Outgoing, confirm_channel, publish_all};
+use crate::domain::Event;
+use crate::metrics::Metrics;
+use crate::settings::{ConsumerSettings, TopologySettings};
+use crate::store::apply::{Outcome, apply_batch};
+use crate::store::{Db, StoreError};
+
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+struct Ctx {
+    settings: ConsumerSettings,
+    topology: TopologySettings,
+    db: Db,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+/// Starts one consumer per apply queue.
+pub fn spawn(
+    settings: &ConsumerSettings,
+    topology: &TopologySettings,
+    db: Db,
+    connector: Connector,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let ctx = Ctx {
+        settings: settings.clone(),
+        topology: topology.clone(),
+        db,
+        metrics,
+        shutdown,
+    };
+    for (queue, stage) in [
+        (&topology.price_queue, "apply-price"),
+        (&topology.stock_queue, "apply-stock"),
+    ] {
+        tracker.spawn(run(ctx.clone(), connector.clone(), queue.clone(), stage));
+    }
+}
+
+async fn run(ctx: Ctx, connector: Connector, queue: String, stage: &'static str) {
+    loop {
+        let Some(conn) = connector.connect_retry(stage, &ctx.shutdown).await else {
+            return;
+        };
+        match consume(&ctx, &conn, &queue).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(stage, error = %e, "consumer interrupted; reconnecting"),
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// Consumes until shutdown (Ok) or a broker failure (Err).
+async fn consume(ctx: &Ctx, conn: &Connection, queue: &str) -> anyhow::Result<()> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(ctx.settings.prefetch, BasicQosOptions::default())
+        .await?;
+    let publisher = confirm_channel(conn).await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let max_wait = Duration::from_millis(ctx.settings.batch_max_wait_ms);
+    loop {
+        let first = tokio::select! {
+            d = consumer.next() => d,
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+        };
+        let mut batch = vec![next_delivery(first)?];
+        let deadline = tokio::time::Instant::now() + max_wait;
+        while batch.len() < ctx.settings.batch_size {
+            tokio::select! {
+                d = consumer.next() => batch.push(next_delivery(d)?),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        process(ctx, &channel, &publisher, batch).await?;
+    }
+}
+
+fn next_delivery(d: Option<lapin::Result<Delivery>>) -> anyhow::Result<Delivery> {
+    match d {
+        Some(Ok(d)) => Ok(d),
+        Some(Err(e)) => Err(e.into()),
+        None => Err(anyhow::anyhow!("consumer was cancelled by the broker")),
+    }
+}
+
+async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<Delivery>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let last_tag = batch.last().map(|d| d.delivery_tag).unwrap_or_default();
+    ctx.metrics.apply_batch_size.observe(batch.len() as f64);
+
+    let mut valid: Vec<(Delivery, Event)> = Vec::with_capacity(batch.len());
+    let mut rejected: Vec<(Delivery, Reject)> = Vec::new();
+    for d in batch {
+        let ct = d.properties.content_type().as_ref().map(|c| c.as_str());
+        match decode_event(&d.data, ct, d.routing_key.as_str(), ctx.settings.max_body_bytes) {
+            Ok(event) => valid.push((d, event)),
+            Err(reason) => rejected.push((d, reason)),
+        }
+    }
+    dead_letter(ctx, channel, publisher, &rejected).await?;
+
+    let events: Vec<Event> = valid.iter().map(|(_, e)| e.clone()).collect();
+    let Some(outcomes) = apply_with_retry(ctx, &events).await else {
+        // Still failing: hand the batch back to the broker, which counts the
+        // delivery toward the limit and dead-letters it past that.
+        channel
+            .basic_nack(
+                last_tag,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            )
+            .await?;
+        return Ok(());
+    };
+    ctx.metrics.apply_latency.observe(started.elapsed().as_secs_f64());
+
+    let mut updates = Vec::new();
+    let mut unknown = Vec::new();
+    for ((delivery, event), outcome) in valid.into_iter().zip(outcomes) {
+        let kind = event.kind().as_str();
+        match outcome {
+            Outcome::Applied => {
+                ctx.metrics.events_applied.get_or_create(&[("kind", kind)]).inc();
+                updates.push(update_message(ctx, &event));
+            }
+            Outcome::Duplicate { current } => {
+                ctx.metrics.events_duplicate.get_or_create(&[("kind", kind)]).inc();
+                // A redelivery of the version the row holds may be one whose
+                // broadcast was lost with the connection: send it again
+                // rather than risk clients never seeing it.
+                if delivery.redelivered && current == event.version {
+                    updates.push(update_message(ctx, &event));
+                }
+            }
+            Outcome::UnknownProduct => unknown.push((delivery, Reject::UnknownProduct(event.product_id.get()))),
+        }
+    }
+    dead_letter(ctx, channel, publisher, &unknown).await?;
+    publish_all(publisher, &updates, CONFIRM_TIMEOUT).await?;
+    ctx.metrics.updates_broadcast.inc_by(updates.len() as u64);
+    channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
+    Ok(())
+}
+
+fn update_message(ctx: &Ctx, event: &Event) -> Outgoing {
+    let topic = event.topic();
+    let id = format!("{topic}:{}", event.version);
+    Outgoing::json(&ctx.topology.updates_exchange, topic, encode_update(event), id, None)
+}
+
+/// Applies with in-process retries and back-off; None when every attempt
+/// failed (or shutdown came first).
+async fn apply_with_retry(ctx: &Ctx, events: &[Event]) -> Option<Vec<Outcome>> {
+    if events.is_empty() {
+        return Some(vec![]);
+    }
+    let mut delay = Duration::from_millis(ctx.settings.retry_min_ms);
+    for attempt in 0..=ctx.settings.transient_retries {
+        match apply_batch(&ctx.db, events).await {
+            Ok(outcomes) => return Some(outcomes),
+            Err(e) => {
+                ctx.metrics.transient_failures.inc();
+                let permanent = matches!(e, StoreError::Query(_));
+                tracing::warn!(error = %e, attempt, permanent, retry_in = ?delay, "apply failed");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = ctx.shutdown.cancelled() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_millis(ctx.settings.retry_max_ms));
+    }
+    None
+}
+
+/// Republishes each rejected message to the dead-letter exchange with its
+/// reason, waits for the confirms, then acks the originals one by one.
+async fn dead_letter(
+    ctx: &Ctx,
+    channel: &Channel,
+    publisher: &Channel,
+    rejected: &[(Delivery, Reject)],
+) -> anyhow::Result<()> {
+    if rejected.is_empty() {
+        return Ok(());
+    }
+    let messages: Vec<Outgoing> = rejected
+        .iter()
+        .map(|(d, reason)| {
+            tracing::info!(reason = reason.code(), routing_key = %d.routing_key, "dead-lettering event");
+            let mut headers = d.properties.headers().clone().unwrap_or_default();
+            let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+            headers.insert(REASON_HEADER.into(), s(reason.code()));
+            headers.insert(DETAIL_HEADER.into(), s(&reason.detail()));
+            headers.insert("x-original-exchange".into(), s(d.exchange.as_str()));
+            headers.insert("x-original-routing-key".into(), s(d.routing_key.as_str()));
+            headers.insert("x-rejected-at".into(), s(&chrono::Utc::now().to_rfc3339()));
+            Outgoing {
+                exchange: ctx.topology.dlx.clone(),
+                routing_key: d.routing_key.to_string(),
+                body: d.data.clone(),
+                properties: d.properties.clone().with_headers(headers).with_delivery_mode(2),
+            }
+        })
+        .collect();
+    publish_all(publisher, &messages, CONFIRM_TIMEOUT).await?;
+    for (d, reason) in rejected {
+        ctx.metrics
+            .events_dead_lettered
+            .get_or_create(&[("reason", reason.code())])
+            .inc();
+        channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
+    }
+    Ok(())
+}
+
+/// Publishes the number of ready messages of each apply queue as a gauge.
+pub fn spawn_lag_monitor(
+    link: Arc<Link>,
+    topology: &TopologySettings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let queues = [topology.price_queue.clone(), topology.stock_queue.clone()];
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+            let Ok(conn) = link.get().await else { continue };
+            let Ok(channel) = conn.create_channel().await else {
+                continue;
+            };
+            for q in &queues {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                if let Ok(info) = channel
+                    .queue_declare(q.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    metrics
+                        .consumer_lag
+                        .get_or_create(&[("queue", q.clone())])
+                        .set(info.message_count() as i64);
+                }
+            }
+            let _ = channel.close(200, "lag sampled".into()).await;
+        }
+    });
+}

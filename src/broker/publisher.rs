@@ -1,0 +1,107 @@
+//! Publishing with publisher confirms: a batch goes out pipelined (all
+//! publishes first, then all confirms), and anything short of an ack for
+//! every message is an error the caller retries.
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+
+use super::message::CONTENT_TYPE;
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+impl Outgoing {
+    /// A persistent JSON message with a unique id.
+    pub fn json(
+        exchange: &str,
+        routing_key: String,
+        body: Vec<u8>,
+        message_id: String,
+        headers: Option<FieldTable>,
+    ) -> Self {
+        let mut properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_delivery_mode(2)
+            .with_message_id(message_id.into())
+            .with_timestamp(chrono::Utc::now().timestamp() as u64);
+        if let Some(h) = headers {
+            properties = properties.with_headers(h);
+        }
+        Outgoing {
+            exchange: exchange.to_owned(),
+            routing_key,
+            body,
+            properties,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("{0} message(s) nacked by the broker")]
+    Nacked(usize),
+    #[error("{0} message(s) returned as unroutable")]
+    Returned(usize),
+    #[error("confirm not received within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A channel in confirm mode.
+pub async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
+}
+
+/// Publishes every message (mandatory) and waits for all confirms.
+pub async fn publish_all(channel: &Channel, messages: &[Outgoing], timeout: Duration) -> Result<(), PublishError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let mut confirms = Vec::with_capacity(messages.len());
+    for m in messages {
+        let confirm = channel
+            .basic_publish(
+                m.exchange.as_str().into(),
+                m.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &m.body,
+                m.properties.clone(),
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    let all = futures_util::future::join_all(confirms);
+    let results = tokio::time::timeout(timeout, all)
+        .await
+        .map_err(|_| PublishError::Timeout(timeout))?;
+    let (mut nacked, mut returned) = (0, 0);
+    for r in results {
+        match r? {
+            lapin::Confirmation::Ack(None) => {}
+            lapin::Confirmation::Ack(Some(_)) => returned += 1,
+            _ => nacked += 1,
+        }
+    }
+    if nacked > 0 {
+        return Err(PublishError::Nacked(nacked));
+    }
+    if returned > 0 {
+        return Err(PublishError::Returned(returned));
+    }
+    Ok(())
+}

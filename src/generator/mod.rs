@@ -1,0 +1,356 @@
+//! The built-in upstream: on a timer, picks a random product, changes its
+//! price, its stock or both, and publishes one event per changed attribute
+//! with pipelined publisher confirms. Nothing is dropped: a nack, a return,
+//! a confirm time-out or a lost connection puts the event back to be retried.
+//!
+//! With several instances on one database, only the holder of a PostgreSQL
+//! advisory lock generates; when it dies, its session ends, the lock is
+//! released and another instance takes over.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::BasicPublishOptions;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::link::Connector;
+use crate::broker::message::encode_event;
+use crate::broker::publisher::{Outgoing, confirm_channel};
+use crate::domain::{Change, Event, PriceCents, ProductId, Stock, now_us};
+use crate::metrics::Metrics;
+use crate::settings::{GeneratorSettings, Settings};
+use crate::store::{self, Db};
+
+/// Advisory lock key of the active generator (per database).
+const LEADER_LOCK: i64 = 0x0067_656e_6c65_6164;
+
+/// What the admin API can change at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Control {
+    pub running: bool,
+    /// Events per second.
+    pub rate: f64,
+}
+
+/// Handle the HTTP layer uses to read and change the generator.
+#[derive(Clone)]
+pub struct GeneratorHandle {
+    control: watch::Sender<Control>,
+    leader: watch::Receiver<bool>,
+}
+
+impl GeneratorHandle {
+    pub fn control(&self) -> Control {
+        *self.control.borrow()
+    }
+    pub fn set(&self, control: Control) {
+        self.control.send_replace(control);
+    }
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+}
+
+/// One event on its way to a confirm.
+struct Pending {
+    event: Event,
+    message_id: String,
+    attempts: u32,
+}
+
+pub fn spawn(
+    settings: &Settings,
+    db: Db,
+    connector: Connector,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> GeneratorHandle {
+    let g = settings.generator.clone();
+    let (control_tx, control_rx) = watch::channel(Control {
+        running: g.enabled,
+        rate: g.rate,
+    });
+    let (leader_tx, leader_rx) = watch::channel(false);
+    tracker.spawn(lead(
+        settings.database.url.expose().to_owned(),
+        leader_tx,
+        shutdown.clone(),
+    ));
+    let exchange = settings.rabbit.topology.events_exchange.clone();
+    tracker.spawn(publish_loop(
+        g,
+        exchange,
+        db,
+        connector,
+        metrics,
+        control_rx,
+        leader_rx.clone(),
+        shutdown,
+    ));
+    GeneratorHandle {
+        control: control_tx,
+        leader: leader_rx,
+    }
+}
+
+/// Holds the advisory lock on a dedicated session while it can.
+async fn lead(url: String, leader: watch::Sender<bool>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let attempt = async {
+            let mut conn = AsyncPgConnection::establish(&url).await.ok()?;
+            #[derive(diesel::QueryableByName)]
+            struct Locked {
+                #[diesel(sql_type = diesel::sql_types::Bool)]
+                locked: bool,
+            }
+            let got: Locked = diesel::sql_query(format!("SELECT pg_try_advisory_lock({LEADER_LOCK}) AS locked"))
+                .get_result(&mut conn)
+                .await
+                .ok()?;
+            got.locked.then_some(conn)
+        };
+        if let Some(mut conn) = attempt.await {
+            tracing::info!("this instance now runs the generator");
+            leader.send_replace(true);
+            // Hold the session; check it is alive so a lost session (and so
+            // a lost lock) stops generation here.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                let alive =
+                    tokio::time::timeout(Duration::from_secs(2), diesel::sql_query("SELECT 1").execute(&mut conn))
+                        .await;
+                if !matches!(alive, Ok(Ok(_))) {
+                    tracing::warn!("generator lock session lost");
+                    break;
+                }
+            }
+            leader.send_replace(false);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publish_loop(
+    g: GeneratorSettings,
+    exchange: String,
+    db: Db,
+    connector: Connector,
+    metrics: Arc<Metrics>,
+    mut control: watch::Receiver<Control>,
+    leader: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    let confirm_timeout = Duration::from_millis(g.confirm_timeout_ms);
+    let mut retry: VecDeque<Pending> = VecDeque::new();
+    let mut budget = 0.0_f64;
+    let mut max_id = 0_i64;
+    'connection: loop {
+        let Some(conn) = connector.connect_retry("generator", &shutdown).await else {
+            break;
+        };
+        let channel = match confirm_channel(&conn).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "generator channel failed");
+                continue;
+            }
+        };
+        let mut in_flight = FuturesUnordered::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = tokio::time::Instant::now();
+        loop {
+            // Retries first, then fresh events, within the in-flight window.
+            while in_flight.len() < g.max_in_flight
+                && let Some(p) = retry.pop_front()
+            {
+                match publish(&channel, &exchange, &p).await {
+                    Ok(confirm) => in_flight.push(wait_confirm(p, confirm, confirm_timeout)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "generator publish failed; reconnecting");
+                        retry.push_front(p);
+                        break;
+                    }
+                }
+            }
+            if !channel.status().connected() {
+                // Unconfirmed events come back through `in_flight` as errors.
+                drain(&mut in_flight, &mut retry, &metrics).await;
+                continue 'connection;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Give what is in flight a chance to be confirmed.
+                    let _ = tokio::time::timeout(confirm_timeout, drain(&mut in_flight, &mut retry, &metrics)).await;
+                    if !retry.is_empty() {
+                        tracing::warn!(unconfirmed = retry.len(), "generator stopped with unconfirmed events");
+                    }
+                    break 'connection;
+                }
+                Some((p, outcome)) = in_flight.next() => settle(p, outcome, &mut retry, &metrics),
+                _ = control.changed() => { budget = 0.0; }
+                _ = tick.tick() => {
+                    let now = tokio::time::Instant::now();
+                    let c = *control.borrow();
+                    let elapsed = now.duration_since(last).as_secs_f64();
+                    last = now;
+                    if !c.running || c.rate <= 0.0 || !*leader.borrow() || !retry.is_empty() {
+                        budget = 0.0;
+                        continue;
+                    }
+                    budget = (budget + c.rate * elapsed).min(c.rate.max(1.0));
+                    let room = g.max_in_flight.saturating_sub(in_flight.len());
+                    let n = (budget.floor() as usize).min(room);
+                    budget -= n as f64;
+                    if max_id == 0 {
+                        max_id = store::apply::max_product_id(&db).await.unwrap_or(0);
+                    }
+                    for _ in 0..n {
+                        if max_id == 0 {
+                            break;
+                        }
+                        match make_events(&db, max_id).await {
+                            Ok(events) => retry.extend(events.into_iter().map(|event| Pending {
+                                message_id: uuid::Uuid::new_v4().to_string(),
+                                event,
+                                attempts: 0,
+                            })),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "generator paused: database unavailable");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+type ConfirmOutcome = Result<lapin::Confirmation, String>;
+
+async fn publish(channel: &lapin::Channel, exchange: &str, p: &Pending) -> lapin::Result<lapin::PublisherConfirm> {
+    let mut event = p.event.clone();
+    // ts_us is the publish time: set at each attempt so latency is measured
+    // from the publish that reached the broker.
+    event.ts_us = now_us();
+    let out = Outgoing::json(
+        exchange,
+        event.topic(),
+        encode_event(&event),
+        p.message_id.clone(),
+        None,
+    );
+    channel
+        .basic_publish(
+            out.exchange.as_str().into(),
+            out.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &out.body,
+            out.properties,
+        )
+        .await
+}
+
+async fn wait_confirm(p: Pending, confirm: lapin::PublisherConfirm, timeout: Duration) -> (Pending, ConfirmOutcome) {
+    let outcome = match tokio::time::timeout(timeout, confirm).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("confirm timed out".to_owned()),
+    };
+    (p, outcome)
+}
+
+fn settle(mut p: Pending, outcome: ConfirmOutcome, retry: &mut VecDeque<Pending>, metrics: &Metrics) {
+    match outcome {
+        Ok(lapin::Confirmation::Ack(None)) => {
+            metrics.events_published.inc();
+            metrics.events_confirmed.inc();
+            return;
+        }
+        Ok(lapin::Confirmation::Ack(Some(_))) => {
+            metrics.events_returned.inc();
+            tracing::warn!(topic = %p.event.topic(), "event returned as unroutable; retrying");
+        }
+        Ok(_) => {
+            metrics.events_nacked.inc();
+            tracing::warn!(topic = %p.event.topic(), "event nacked; retrying");
+        }
+        Err(e) => tracing::debug!(error = %e, "event unconfirmed; retrying"),
+    }
+    metrics.events_retried.inc();
+    p.attempts += 1;
+    retry.push_back(p);
+}
+
+async fn drain<F>(in_flight: &mut FuturesUnordered<F>, retry: &mut VecDeque<Pending>, metrics: &Metrics)
+where
+    F: std::future::Future<Output = (Pending, ConfirmOutcome)>,
+{
+    while let Some((p, outcome)) = in_flight.next().await {
+        settle(p, outcome, retry, metrics);
+    }
+}
+
+/// Picks a product and makes one or two events with freshly issued versions.
+async fn make_events(db: &Db, max_id: i64) -> Result<Vec<Event>, store::StoreError> {
+    let (id, what) = {
+        let mut rng = rand::rng();
+        (rng.random_range(1..=max_id), rng.random_range(0..3u8))
+    };
+    let Some(id) = ProductId::new(id) else {
+        return Ok(vec![]);
+    };
+    let (price, stock) = (what != 1, what != 0);
+    let Some(issued) = store::apply::issue(db, id, price, stock).await? else {
+        return Ok(vec![]);
+    };
+    let mut rng = rand::rng();
+    let now = chrono::Utc::now();
+    let mut events = Vec::with_capacity(2);
+    if price {
+        // A move of up to ±5%, kept within sane bounds.
+        let factor = 1.0 + rng.random_range(-0.05..=0.05);
+        let cents = ((issued.price_cents as f64 * factor).round() as i64).clamp(99, 10_000_000);
+        if let Ok(p) = PriceCents::try_from(cents) {
+            events.push(Event {
+                product_id: id,
+                change: Change::Price(p),
+                version: issued.price_issued,
+                occurred_at: now,
+                ts_us: now_us(),
+            });
+        }
+    }
+    if stock {
+        let delta = rng.random_range(-20..=25);
+        if let Ok(s) = Stock::try_from((issued.stock + delta).clamp(0, 100_000)) {
+            events.push(Event {
+                product_id: id,
+                change: Change::Stock(s),
+                version: issued.stock_issued,
+                occurred_at: now,
+                ts_us: now_us(),
+            });
+        }
+    }
+    Ok(events)
+}

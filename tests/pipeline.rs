@@ -1,0 +1,308 @@
+//! The event pipeline against the real broker and database: generator →
+//! exchange → quorum queues → idempotent apply, dead letters and recovery.
+
+mod common;
+
+use std::time::Duration;
+
+use awc::http::Method;
+use common::{Isolation, TestApp, TestPublisher, eventually, spawn_app, spawn_with};
+
+/// Stops the generator and waits until every issued version was confirmed
+/// and applied: then the catalog holds the newest version of everything.
+async fn drain_generator(app: &TestApp) -> (i64, f64) {
+    let (status, _) = app
+        .admin(
+            Method::POST,
+            "/admin/generator",
+            Some(serde_json::json!({"running": false})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually(
+        Duration::from_secs(60),
+        "every issued event confirmed and applied",
+        || async {
+            let issued = issued_versions(app).await;
+            let confirmed = app.metric("gateway_events_confirmed_total", "").await;
+            let pending = pending_versions(app).await;
+            (issued > 0 && confirmed as i64 == issued && pending == 0).then_some((issued, confirmed))
+        },
+    )
+    .await
+}
+
+async fn sql_i64(app: &TestApp, sql: &str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct V {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        v: i64,
+    }
+    let mut conn = app.state.db.get().await.unwrap();
+    let v: V = diesel_async::RunQueryDsl::get_result(diesel::sql_query(sql), &mut conn)
+        .await
+        .unwrap();
+    v.v
+}
+
+async fn issued_versions(app: &TestApp) -> i64 {
+    sql_i64(
+        app,
+        "SELECT COALESCE(SUM(price_issued + stock_issued), 0)::int8 AS v FROM products",
+    )
+    .await
+}
+
+/// Products whose applied version lags the last issued one.
+async fn pending_versions(app: &TestApp) -> i64 {
+    sql_i64(
+        app,
+        "SELECT COUNT(*)::int8 AS v FROM products WHERE price_version <> price_issued OR stock_version <> stock_issued",
+    )
+    .await
+}
+
+#[actix_rt::test]
+async fn generated_events_are_confirmed_and_applied() {
+    let app = spawn_app().await;
+    let (status, body) = app
+        .admin(
+            Method::POST,
+            "/admin/generator",
+            Some(serde_json::json!({"running": true, "rate": 200})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(30), "some events applied", || async {
+        (app.metric("gateway_events_applied_total", "").await >= 50.0).then_some(())
+    })
+    .await;
+    let (issued, confirmed) = drain_generator(&app).await;
+    assert!(issued >= 50);
+    assert_eq!(confirmed as i64, issued);
+    assert!(app.dead_letters().await.is_empty());
+    let changed = sql_i64(
+        &app,
+        "SELECT COUNT(*)::int8 AS v FROM products WHERE price_version > 0 OR stock_version > 0",
+    )
+    .await;
+    assert!(changed > 10, "many products changed: {changed}");
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn duplicate_delivery_does_not_double_apply() {
+    let app = spawn_app().await;
+    let publisher = TestPublisher::connect(&app.iso).await;
+    publisher.event(4, "price", 4242, 1).await;
+    publisher.event(4, "price", 4242, 1).await;
+    eventually(Duration::from_secs(20), "both deliveries handled", || async {
+        let applied = app.metric("gateway_events_applied_total", "price").await;
+        let dup = app.metric("gateway_events_duplicate_total", "price").await;
+        (applied + dup >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(app.metric("gateway_events_applied_total", "price").await, 1.0);
+    assert_eq!(app.metric("gateway_events_duplicate_total", "price").await, 1.0);
+    let p = app.product(4).await;
+    assert_eq!(
+        (p["price_cents"].as_i64(), p["price_version"].as_i64()),
+        (Some(4242), Some(1))
+    );
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn stale_event_does_not_overwrite_newer_stock() {
+    let app = spawn_app().await;
+    let publisher = TestPublisher::connect(&app.iso).await;
+    publisher.event(6, "stock", 500, 5).await;
+    eventually(Duration::from_secs(20), "v5 applied", || async {
+        (app.product(6).await["stock_version"] == 5).then_some(())
+    })
+    .await;
+    publisher.event(6, "stock", 300, 3).await;
+    publisher.event(6, "stock", 700, 7).await;
+    eventually(Duration::from_secs(20), "v7 applied", || async {
+        (app.product(6).await["stock_version"] == 7).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "stale v3 counted", || async {
+        (app.metric("gateway_events_duplicate_total", "stock").await >= 1.0).then_some(())
+    })
+    .await;
+    let p = app.product(6).await;
+    assert_eq!(p["stock"], 700);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn poison_messages_are_dead_lettered_with_their_reason_and_consumer_goes_on() {
+    let app = spawn_app().await;
+    let p = TestPublisher::connect(&app.iso).await;
+    let ok = |id: i64| {
+        serde_json::json!({"product_id": id, "kind": "price", "price_cents": 777, "version": 1,
+            "occurred_at": "2026-11-24T00:00:00Z", "ts_us": 1})
+        .to_string()
+    };
+    let json = Some("application/json");
+    p.raw("product.price.1", b"\xff\xfe\xfd", json).await;
+    p.raw("product.price.1", b"{not json", json).await;
+    p.raw("product.price.1", br#"{"hello":"world"}"#, json).await;
+    p.raw("product.price.1", br#"{"product_id":1,"kind":"price","price_cents":-10,"version":1,"occurred_at":"2026-11-24T00:00:00Z","ts_us":1}"#, json).await;
+    p.raw("product.price.999", ok(999).as_bytes(), json).await;
+    p.raw("product.price.1", ok(1).as_bytes(), Some("text/plain")).await;
+    p.raw("product.price.1", &vec![b' '; 10 << 20], json).await;
+    p.raw("product.price.2", ok(1).as_bytes(), json).await;
+    // A valid event after all of them is still applied.
+    p.raw("product.price.3", ok(3).as_bytes(), json).await;
+
+    eventually(Duration::from_secs(30), "valid event applied", || async {
+        (app.product(3).await["price_cents"] == 777).then_some(())
+    })
+    .await;
+    let letters = eventually(Duration::from_secs(30), "eight dead letters", || async {
+        let l = app.dead_letters().await;
+        (l.len() >= 8).then_some(l)
+    })
+    .await;
+    let mut reasons: Vec<&str> = letters.iter().map(|l| l["reason"].as_str().unwrap()).collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        vec![
+            "invalid_value",
+            "not_json",
+            "not_utf8",
+            "oversize",
+            "routing_key_mismatch",
+            "unknown_product",
+            "wrong_content_type",
+            "wrong_schema"
+        ]
+    );
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["detail"].as_str().is_some_and(|d| !d.is_empty()))
+    );
+    // Listing does not consume.
+    assert_eq!(app.dead_letters().await.len(), 8);
+    let dead = app.metric("gateway_events_dead_lettered_total", "").await;
+    assert_eq!(dead, 8.0);
+    let (status, body) = app.admin(Method::DELETE, "/admin/dead-letters", None).await;
+    assert_eq!((status, body["purged"].as_u64()), (200, Some(8)));
+    assert!(app.dead_letters().await.is_empty());
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn replayed_dead_letter_that_is_now_valid_is_applied() {
+    let app = spawn_app().await;
+    let p = TestPublisher::connect(&app.iso).await;
+    p.event(77, "price", 1234, 1).await;
+    let letters = eventually(Duration::from_secs(20), "dead letter", || async {
+        let l = app.dead_letters().await;
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(letters[0]["reason"], "unknown_product");
+    assert_eq!(letters[0]["routing_key"], "product.price.77");
+    // The product now exists, so the event can apply.
+    let mut conn = app.state.db.get().await.unwrap();
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query("INSERT INTO products (id, name, price_cents, stock) VALUES (77, 'Late Lamp', 100, 1)"),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    let (status, report) = app.admin(Method::POST, "/admin/dead-letters/replay", None).await;
+    assert_eq!((status, report["replayed"].as_u64()), (200, Some(1)), "{report}");
+    eventually(Duration::from_secs(20), "replayed event applied", || async {
+        let p = app.product(77).await;
+        (p["price_cents"] == 1234 && p["price_version"] == 1).then_some(())
+    })
+    .await;
+    assert!(app.dead_letters().await.is_empty());
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn broker_closing_connections_mid_stream_loses_nothing() {
+    let app = spawn_app().await;
+    app.admin(
+        Method::POST,
+        "/admin/generator",
+        Some(serde_json::json!({"running": true, "rate": 300})),
+    )
+    .await;
+    let mut closed = 0;
+    for _ in 0..3 {
+        eventually(Duration::from_secs(30), "events flowing", || async {
+            (app.metric("gateway_events_confirmed_total", "").await > 0.0).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        closed += common::close_vhost_connections(&app.iso.vhost).await;
+    }
+    assert!(closed >= 3, "connections were closed: {closed}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (issued, confirmed) = drain_generator(&app).await;
+    assert_eq!(confirmed as i64, issued, "every issued event confirmed");
+    assert!(app.dead_letters().await.is_empty(), "nothing dead-lettered");
+    let applied = app.metric("gateway_events_applied_total", "").await;
+    let dup = app.metric("gateway_events_duplicate_total", "").await;
+    assert!(
+        applied + dup >= confirmed,
+        "applied {applied} + duplicate {dup} covers confirmed {confirmed}"
+    );
+    assert!(app.metric("gateway_broker_reconnects_total", "").await >= 1.0);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
+    let iso = Isolation::new().await;
+    let proxy = common::proxy::Proxy::start("127.0.0.1:5432").await;
+    let mut settings = iso.settings();
+    let db_name = iso.database_url.rsplit('/').next().unwrap().to_owned();
+    let url = format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port);
+    settings.database.url = product_gateway::settings::Secret::new(url);
+    settings.database.acquire_timeout_ms = 500;
+    let app = spawn_with(iso, settings).await;
+    let p = TestPublisher::connect(&app.iso).await;
+
+    proxy.cut();
+    for id in 1..=5 {
+        p.event(id, "stock", 4000 + id, 1).await;
+    }
+    eventually(Duration::from_secs(10), "apply attempted", || async {
+        (app.metric("gateway_apply_transient_failures_total", "").await >= 1.0).then_some(())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "the events still in the queue, unacked",
+        || async {
+            let (ready, unacked) = common::queue_depth(&app.iso.vhost, "product.stock.apply").await;
+            (ready + unacked == 5).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(app.metric("gateway_events_applied_total", "").await, 0.0);
+
+    proxy.restore();
+    eventually(Duration::from_secs(60), "applied after PostgreSQL returns", || async {
+        (app.metric("gateway_events_applied_total", "stock").await == 5.0).then_some(())
+    })
+    .await;
+    for id in 1..=5 {
+        assert_eq!(app.product(id).await["stock"], 4000 + id);
+    }
+    eventually(Duration::from_secs(20), "the queue drained", || async {
+        (common::queue_depth(&app.iso.vhost, "product.stock.apply").await == (0, 0)).then_some(())
+    })
+    .await;
+    assert!(app.dead_letters().await.is_empty());
+    app.stop().await;
+}
