@@ -6,6 +6,7 @@ pub mod broker;
 pub mod domain;
 pub mod generator;
 pub mod http;
+pub mod hub;
 pub mod metrics;
 pub mod photos;
 pub mod settings;

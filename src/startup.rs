@@ -9,11 +9,12 @@ use actix_web::{App, HttpServer, middleware, web};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::consumer;
 use crate::broker::link::{Connector, Link};
 use crate::broker::topology::Topology;
+use crate::broker::{consumer, stream};
 use crate::generator;
 use crate::http::{self, AppState};
+use crate::hub;
 use crate::metrics::Metrics;
 use crate::photos::PhotoCache;
 use crate::settings::Settings;
@@ -68,6 +69,15 @@ impl Application {
             shutdown.clone(),
             &tracker,
         );
+        let hub = hub::spawn(&settings.hub, metrics.clone(), shutdown.clone(), &tracker);
+        stream::spawn_live(
+            connector.clone(),
+            settings.rabbit.topology.updates_stream.clone(),
+            settings.hub.stream_prefetch,
+            hub.clone(),
+            shutdown.clone(),
+            &tracker,
+        );
         let generator = generator::spawn(
             &settings,
             db.clone(),
@@ -84,6 +94,9 @@ impl Application {
             metrics,
             broker,
             generator,
+            hub,
+            connector,
+            shutdown: shutdown.clone(),
         });
 
         let port = listener.local_addr()?.port();

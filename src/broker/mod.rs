@@ -6,4 +6,5 @@ pub mod dead_letters;
 pub mod link;
 pub mod message;
 pub mod publisher;
+pub mod stream;
 pub mod topology;

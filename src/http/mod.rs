@@ -4,13 +4,17 @@ pub mod admin;
 pub mod error;
 pub mod health;
 pub mod products;
+pub mod realtime;
+pub mod sse;
+pub mod ws;
 
 use std::sync::Arc;
 
 use actix_web::web;
 
-use crate::broker::link::Link;
+use crate::broker::link::{Connector, Link};
 use crate::generator::GeneratorHandle;
+use crate::hub::HubHandle;
 use crate::metrics::Metrics;
 use crate::photos::PhotoCache;
 use crate::settings::Settings;
@@ -25,6 +29,10 @@ pub struct AppState {
     /// Connection for admin calls and readiness.
     pub broker: Arc<Link>,
     pub generator: GeneratorHandle,
+    pub hub: HubHandle,
+    /// For per-client stream readers (resume from old offsets).
+    pub connector: Connector,
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -41,6 +49,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(health::metrics))
+        .route("/ws", web::get().to(ws::ws))
+        .route("/events", web::get().to(sse::events))
         .route("/products", web::get().to(products::list))
         .route("/products/{id}", web::get().to(products::get))
         .service(

@@ -1,0 +1,197 @@
+//! What WebSocket and SSE connections share: subscribing with patterns,
+//! resume from an offset, snapshots, and the limits that protect the hub.
+
+use serde_json::json;
+
+use super::AppState;
+use crate::broker::link::Connector;
+use crate::broker::stream;
+use crate::domain::Kind;
+use crate::hub::feed::{Feed, FeedItem};
+use crate::hub::pattern::Pattern;
+use crate::hub::{ConnectionSlot, HubHandle};
+use crate::store::{Db, catalog};
+
+/// An error a client caused; it gets a frame or event with this code.
+#[derive(Debug, Clone)]
+pub struct ClientError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ClientError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        json!({ "type": "error", "code": self.code, "message": self.message }).to_string()
+    }
+}
+
+/// One client connection's subscription state.
+pub struct Session {
+    id: u64,
+    hub: HubHandle,
+    db: Db,
+    connector: Connector,
+    stream_name: String,
+    feed: Feed,
+    patterns: Vec<String>,
+    transport: &'static str,
+    _slot: ConnectionSlot,
+}
+
+impl Session {
+    /// None when this instance is at its connection limit.
+    pub fn open(state: &AppState, transport: &'static str) -> Option<Session> {
+        let slot = state.hub.connect()?;
+        let (id, queue) = state.hub.new_client();
+        state
+            .metrics
+            .clients_connected
+            .get_or_create(&[("transport", transport)])
+            .inc();
+        Some(Session {
+            id,
+            hub: state.hub.clone(),
+            db: state.db.clone(),
+            connector: state.connector.clone(),
+            stream_name: state.settings.rabbit.topology.updates_stream.clone(),
+            feed: Feed::new(queue),
+            patterns: Vec::new(),
+            transport,
+            _slot: slot,
+        })
+    }
+
+    pub fn transport(&self) -> &'static str {
+        self.transport
+    }
+
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
+    fn parse(&self, topics: &[String]) -> Result<Vec<Pattern>, ClientError> {
+        let settings = self.hub.settings();
+        if topics.is_empty() {
+            return Err(ClientError::new("bad_pattern", "topics must name at least one pattern"));
+        }
+        let mut new: Vec<Pattern> = Vec::new();
+        for t in topics {
+            let p = Pattern::parse(t, settings.max_pattern_words)
+                .map_err(|e| ClientError::new("bad_pattern", format!("{:.80}: {e}", t)))?;
+            if !self.patterns.iter().any(|q| q == p.as_str()) && !new.contains(&p) {
+                new.push(p);
+            }
+        }
+        if self.patterns.len() + new.len() > settings.max_subscriptions {
+            return Err(ClientError::new(
+                "too_many_subscriptions",
+                format!("at most {} patterns per connection", settings.max_subscriptions),
+            ));
+        }
+        Ok(new)
+    }
+
+    /// Subscribes; returns the snapshot frame's JSON when one was asked for.
+    /// A snapshot makes `since` unnecessary: it is the state, and only newer
+    /// updates follow.
+    pub async fn subscribe(
+        &mut self,
+        topics: &[String],
+        since: Option<u64>,
+        snapshot: bool,
+    ) -> Result<Option<serde_json::Value>, ClientError> {
+        let patterns = self.parse(topics)?;
+        let since = if snapshot { None } else { since };
+        let subscribed = self
+            .hub
+            .subscribe(self.id, self.feed.queue(), patterns.clone(), since)
+            .await
+            .ok_or_else(|| ClientError::new("unavailable", "the service is shutting down"))?;
+        self.patterns.extend(patterns.iter().map(|p| p.as_str().to_owned()));
+        if let Some(c) = subscribed.catch_up {
+            let rx = stream::catch_up(
+                self.connector.clone(),
+                self.stream_name.clone(),
+                self.hub.settings().stream_prefetch,
+                c.from,
+                c.until,
+                patterns.clone(),
+            );
+            self.feed.start_catch_up(rx);
+        }
+        if !snapshot {
+            return Ok(None);
+        }
+        // Registered first, read second: anything committed after the read
+        // is queued, anything before it is in the snapshot and skipped.
+        let products = catalog::all(&self.db)
+            .await
+            .map_err(|e| ClientError::new("unavailable", format!("snapshot failed: {e}")))?;
+        let mut rows = Vec::new();
+        for p in products {
+            let mut matched = false;
+            for kind in Kind::ALL {
+                let topic = format!("product.{}.{}", kind.as_str(), p.id);
+                if patterns.iter().any(|pat| pat.matches(&topic)) {
+                    let version = match kind {
+                        Kind::Price => p.price_version,
+                        Kind::Stock => p.stock_version,
+                    };
+                    self.feed.snapshot_has(p.id, kind, version);
+                    matched = true;
+                }
+            }
+            if matched {
+                rows.push(p);
+            }
+        }
+        Ok(Some(
+            json!({ "type": "snapshot", "products": rows, "offset": subscribed.last_offset }),
+        ))
+    }
+
+    pub async fn unsubscribe(&mut self, topics: &[String]) {
+        self.patterns.retain(|p| !topics.contains(p));
+        self.hub.unsubscribe(self.id, topics.to_vec()).await;
+    }
+
+    /// Next items to send; false when the hub has let go (shutdown).
+    pub async fn next(&mut self, out: &mut Vec<FeedItem>) -> bool {
+        self.feed.next(out).await
+    }
+
+    /// Counts a hand-off and its end-to-end latency.
+    pub fn delivered(&self, ts_us: i64) {
+        let m = self.hub.metrics();
+        m.updates_delivered
+            .get_or_create(&[("transport", self.transport)])
+            .inc();
+        if ts_us > 0 {
+            let latency = (crate::domain::now_us() - ts_us).max(0) as f64 / 1e6;
+            m.e2e_latency.observe(latency);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.hub.leave(self.id);
+        self.hub
+            .metrics()
+            .clients_connected
+            .get_or_create(&[("transport", self.transport)])
+            .dec();
+    }
+}
+
+pub fn reset_json(offset: u64) -> serde_json::Value {
+    json!({ "type": "reset", "offset": offset, "reason": "offset_expired",
+            "message": "the requested offset is older than the stream keeps; updates resume from `offset`" })
+}

@@ -1,0 +1,141 @@
+//! Server-Sent Events at `/events?topics=…[&since=N][&snapshot=true]`:
+//! `id:` is the stream offset, `event:` the kind, `data:` the JSON update.
+//! `Last-Event-ID` resumes; comments keep proxies from timing out.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::AppState;
+use super::error::ApiError;
+use super::realtime::{Session, reset_json};
+use crate::hub::feed::FeedItem;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    topics: Option<String>,
+    since: Option<String>,
+    snapshot: Option<String>,
+}
+
+fn parse_offset(raw: &str, what: &str) -> Result<u64, ApiError> {
+    raw.trim()
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{what} must be a stream offset (a non-negative integer)")))
+}
+
+pub async fn events(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<EventsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let topics: Vec<String> = query
+        .topics
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let last_event_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok());
+    let since = match (last_event_id, query.since.as_deref()) {
+        (Some(id), _) if !id.trim().is_empty() => Some(parse_offset(id, "Last-Event-ID")?),
+        (_, Some(s)) => Some(parse_offset(s, "since")?),
+        _ => None,
+    };
+    let snapshot = match query.snapshot.as_deref() {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(_) => return Err(ApiError::BadRequest("snapshot must be true or false".into())),
+    };
+    let Some(mut sub) = Session::open(&state, "sse") else {
+        state
+            .metrics
+            .clients_refused
+            .get_or_create(&[("reason", "connection_limit")])
+            .inc();
+        return Err(ApiError::Unavailable(
+            "connection limit reached, try again later".into(),
+        ));
+    };
+    let snap = sub
+        .subscribe(&topics, since, snapshot)
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("{}: {}", e.code, e.message)))?;
+
+    let settings = state.hub.settings();
+    let mut first = format!(": product-gateway\nretry: {}\n\n", settings.sse_retry_ms);
+    if let Some(s) = snap {
+        if let Some(offset) = s["offset"].as_u64() {
+            first.push_str(&format!("id: {offset}\n"));
+        }
+        first.push_str(&format!("event: snapshot\ndata: {s}\n\n"));
+    }
+    let mut pending = VecDeque::new();
+    pending.push_back(Bytes::from(first));
+    let keepalive = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_millis(settings.sse_keepalive_ms),
+        Duration::from_millis(settings.sse_keepalive_ms),
+    );
+    let body = futures_util::stream::unfold(
+        Stream {
+            sub,
+            pending,
+            out: Vec::new(),
+            keepalive,
+            shutdown: state.shutdown.clone(),
+            done: false,
+        },
+        next_chunk,
+    );
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
+}
+
+struct Stream {
+    sub: Session,
+    pending: VecDeque<Bytes>,
+    out: Vec<FeedItem>,
+    keepalive: tokio::time::Interval,
+    shutdown: CancellationToken,
+    done: bool,
+}
+
+async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infallible>, Stream)> {
+    loop {
+        if let Some(chunk) = s.pending.pop_front() {
+            return Some((Ok(chunk), s));
+        }
+        if s.done {
+            return None;
+        }
+        tokio::select! {
+            _ = s.shutdown.cancelled() => s.done = true,
+            _ = s.keepalive.tick() => s.pending.push_back(Bytes::from_static(b": keep-alive\n\n")),
+            open = s.sub.next(&mut s.out) => {
+                for item in s.out.drain(..) {
+                    match item {
+                        FeedItem::Update(u) => {
+                            s.sub.delivered(u.ts_us);
+                            s.pending.push_back(u.sse_event.clone());
+                        }
+                        FeedItem::Reset { offset } => {
+                            s.pending.push_back(Bytes::from(format!("event: reset\ndata: {}\n\n", reset_json(offset))));
+                        }
+                    }
+                }
+                if !open { s.done = true; }
+            }
+        }
+    }
+}

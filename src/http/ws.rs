@@ -1,0 +1,211 @@
+//! WebSocket delivery at `/ws` (actix-ws): JSON text frames in both
+//! directions, server pings, and limits answered with error frames or
+//! close codes (1008 policy, 1009 too big, 1013 try again later).
+
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::AppState;
+use super::realtime::{ClientError, Session, reset_json};
+use crate::hub::feed::FeedItem;
+
+/// Frames a client may send.
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+enum ClientFrame {
+    Subscribe {
+        topics: Vec<String>,
+        #[serde(default)]
+        since: Option<u64>,
+        #[serde(default)]
+        snapshot: bool,
+    },
+    Unsubscribe {
+        topics: Vec<String>,
+    },
+}
+
+/// Frames per second a client may send (burst of twice that); past it
+/// frames are refused, and a client that keeps on is disconnected.
+const FRAMES_PER_SEC: f64 = 20.0;
+const MAX_STRIKES: u32 = 50;
+
+pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> actix_web::Result<HttpResponse> {
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let settings = state.hub.settings().clone();
+    let Some(sub) = Session::open(&state, "ws") else {
+        state
+            .metrics
+            .clients_refused
+            .get_or_create(&[("reason", "connection_limit")])
+            .inc();
+        actix_web::rt::spawn(async move {
+            let _ = session
+                .close(Some(CloseReason {
+                    code: CloseCode::Again,
+                    description: Some("connection limit reached, try again later".into()),
+                }))
+                .await;
+        });
+        return Ok(response);
+    };
+    let stream = stream
+        .max_frame_size(settings.max_frame_bytes)
+        .aggregate_continuations()
+        .max_continuation_size(settings.max_frame_bytes);
+    let shutdown = state.shutdown.clone();
+    actix_web::rt::spawn(run(sub, session, stream, state, shutdown));
+    Ok(response)
+}
+
+async fn run(
+    mut sub: Session,
+    mut session: actix_ws::Session,
+    mut stream: AggregatedMessageStream,
+    state: web::Data<AppState>,
+    shutdown: CancellationToken,
+) {
+    let settings = state.hub.settings().clone();
+    let metrics = state.metrics.clone();
+    let refuse = |reason: &'static str| metrics.clients_refused.get_or_create(&[("reason", reason)]).inc();
+    let mut ping = tokio::time::interval(Duration::from_millis(settings.ping_interval_ms));
+    let timeout = Duration::from_millis(settings.client_timeout_ms);
+    let mut last_seen = Instant::now();
+    let mut tokens = 2.0 * FRAMES_PER_SEC;
+    let mut last_frame = Instant::now();
+    let mut strikes = 0u32;
+    let mut out = Vec::with_capacity(64);
+    let close = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),
+            msg = stream.recv() => {
+                let text = match msg {
+                    None | Some(Ok(AggregatedMessage::Close(_))) => break None,
+                    Some(Err(ProtocolError::Overflow)) => {
+                        refuse("frame_too_large");
+                        break Some(reason(CloseCode::Size, "frame too large"));
+                    }
+                    Some(Err(_)) => {
+                        refuse("protocol_error");
+                        break Some(reason(CloseCode::Protocol, "protocol error"));
+                    }
+                    Some(Ok(AggregatedMessage::Ping(b))) => {
+                        last_seen = Instant::now();
+                        if session.pong(&b).await.is_err() { break None; }
+                        continue;
+                    }
+                    Some(Ok(AggregatedMessage::Pong(_))) => { last_seen = Instant::now(); continue; }
+                    Some(Ok(AggregatedMessage::Binary(_))) => None,
+                    Some(Ok(AggregatedMessage::Text(t))) => Some(t),
+                };
+                last_seen = Instant::now();
+                // Token bucket against floods.
+                tokens = (tokens + last_frame.elapsed().as_secs_f64() * FRAMES_PER_SEC).min(2.0 * FRAMES_PER_SEC);
+                last_frame = Instant::now();
+                let result = if tokens < 1.0 {
+                    Err(ClientError::new("rate_limited", "too many frames; slow down"))
+                } else {
+                    tokens -= 1.0;
+                    match text {
+                        None => Err(ClientError::new("binary_not_supported", "send JSON text frames")),
+                        Some(t) => handle(&mut sub, &mut session, &t).await,
+                    }
+                };
+                match result {
+                    Ok(true) => {}
+                    Ok(false) => break None,
+                    Err(e) => {
+                        metrics.client_errors.get_or_create(&[("code", e.code)]).inc();
+                        if session.text(e.to_json()).await.is_err() { break None; }
+                        strikes += 1;
+                        if strikes >= MAX_STRIKES {
+                            refuse("too_many_errors");
+                            break Some(reason(CloseCode::Policy, "too many bad frames"));
+                        }
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() > timeout {
+                    refuse("heartbeat_timeout");
+                    break Some(reason(CloseCode::Policy, "no answer to pings"));
+                }
+                if session.ping(b"").await.is_err() { break None; }
+            }
+            open = sub.next(&mut out) => {
+                if !send(&sub, &mut session, &mut out).await { break None; }
+                if !open { break Some(reason(CloseCode::Away, "server shutting down")); }
+            }
+        }
+    };
+    let _ = session.close(close).await;
+}
+
+fn reason(code: CloseCode, text: &str) -> CloseReason {
+    CloseReason {
+        code,
+        description: Some(text.to_owned()),
+    }
+}
+
+async fn send(sub: &Session, session: &mut actix_ws::Session, out: &mut Vec<FeedItem>) -> bool {
+    for item in out.drain(..) {
+        let sent = match item {
+            FeedItem::Update(u) => {
+                sub.delivered(u.ts_us);
+                session.text(u.ws_frame.clone()).await
+            }
+            FeedItem::Reset { offset } => session.text(reset_json(offset).to_string()).await,
+        };
+        if sent.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Handles one client frame; Ok(false) when the socket has gone.
+async fn handle(sub: &mut Session, session: &mut actix_ws::Session, text: &str) -> Result<bool, ClientError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ClientError::new("bad_json", format!("not JSON: {e}")))?;
+    let op = value.get("op").and_then(|o| o.as_str()).unwrap_or("");
+    if !matches!(op, "subscribe" | "unsubscribe") {
+        return Err(ClientError::new(
+            "unknown_op",
+            format!("op must be \"subscribe\" or \"unsubscribe\", not {:.40?}", op),
+        ));
+    }
+    let frame: ClientFrame =
+        serde_json::from_value(value).map_err(|e| ClientError::new("bad_frame", format!("{e}")))?;
+    match frame {
+        ClientFrame::Subscribe {
+            topics,
+            since,
+            snapshot,
+        } => {
+            let snap = sub.subscribe(&topics, since, snapshot).await?;
+            let ack = json!({ "type": "subscribed", "topics": sub.patterns() });
+            if session.text(ack.to_string()).await.is_err() {
+                return Ok(false);
+            }
+            if let Some(s) = snap
+                && session.text(s.to_string()).await.is_err()
+            {
+                return Ok(false);
+            }
+        }
+        ClientFrame::Unsubscribe { topics } => {
+            sub.unsubscribe(&topics).await;
+            let ack = json!({ "type": "unsubscribed", "topics": topics, "remaining": sub.patterns() });
+            if session.text(ack.to_string()).await.is_err() {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}

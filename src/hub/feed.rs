@@ -1,0 +1,144 @@
+//! What one connection reads: its hub buffer, preceded while resuming by
+//! the updates read back from the stream, and filtered against its
+//! snapshot, so the client sees every change once and in order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::client::ClientQueue;
+use super::update::Update;
+use crate::domain::Kind;
+
+/// What the stream catch-up reader sends.
+#[derive(Debug)]
+pub enum CatchUpItem {
+    Update(Arc<Update>),
+    /// The requested offset is older than the stream keeps; reading goes on
+    /// from `first_available`.
+    Reset {
+        first_available: u64,
+    },
+}
+
+#[derive(Debug)]
+pub enum FeedItem {
+    Update(Arc<Update>),
+    Reset { offset: u64 },
+}
+
+pub struct Feed {
+    queue: Arc<ClientQueue>,
+    catch_up: Option<mpsc::Receiver<CatchUpItem>>,
+    /// Offset of the last update handed out from the stream catch-up.
+    last_caught_up: Option<u64>,
+    /// Version per product and kind that the client's snapshot already has.
+    snapshot: HashMap<(i64, Kind), i64>,
+    buf: Vec<Arc<Update>>,
+}
+
+impl Feed {
+    pub fn new(queue: Arc<ClientQueue>) -> Self {
+        Self {
+            queue,
+            catch_up: None,
+            last_caught_up: None,
+            snapshot: HashMap::new(),
+            buf: Vec::with_capacity(64),
+        }
+    }
+
+    pub fn queue(&self) -> &Arc<ClientQueue> {
+        &self.queue
+    }
+
+    pub fn start_catch_up(&mut self, rx: mpsc::Receiver<CatchUpItem>) {
+        self.catch_up = Some(rx);
+    }
+
+    pub fn is_catching_up(&self) -> bool {
+        self.catch_up.is_some()
+    }
+
+    /// Records what a snapshot delivered so older updates are skipped.
+    pub fn snapshot_has(&mut self, product_id: i64, kind: Kind, version: i64) {
+        let v = self.snapshot.entry((product_id, kind)).or_insert(version);
+        *v = (*v).max(version);
+    }
+
+    /// Waits for the next items and appends them to `out`, in order.
+    /// False once the hub has let go of this client (shutdown).
+    pub async fn next(&mut self, out: &mut Vec<FeedItem>) -> bool {
+        loop {
+            if let Some(rx) = self.catch_up.as_mut() {
+                // Live updates queued from the hub take over once the stream
+                // reader reaches the first of them.
+                let front = self.queue.front_offset();
+                let caught_up = matches!((front, self.last_caught_up), (Some(f), Some(l)) if l + 1 >= f);
+                if !caught_up {
+                    let item = tokio::select! {
+                        item = rx.recv() => item,
+                        // Something arrived live: re-check whether we are caught up.
+                        _ = queue_grew(&self.queue, front) => continue,
+                    };
+                    match item {
+                        Some(CatchUpItem::Update(u)) => {
+                            if front.is_some_and(|f| u.offset >= f) {
+                                self.catch_up = None;
+                                continue;
+                            }
+                            if self.last_caught_up.is_some_and(|l| u.offset <= l) {
+                                continue;
+                            }
+                            self.last_caught_up = Some(u.offset);
+                            if self.wanted(&u) {
+                                out.push(FeedItem::Update(u));
+                                return true;
+                            }
+                            continue;
+                        }
+                        Some(CatchUpItem::Reset { first_available }) => {
+                            out.push(FeedItem::Reset {
+                                offset: first_available,
+                            });
+                            return true;
+                        }
+                        None => {}
+                    }
+                }
+                self.catch_up = None;
+            }
+            self.buf.clear();
+            let open = self.queue.drain_into(&mut self.buf).await;
+            let before = out.len();
+            for u in self.buf.drain(..) {
+                let old = self.last_caught_up.is_some_and(|l| u.offset <= l);
+                if !old && self.wanted(&u) {
+                    out.push(FeedItem::Update(u));
+                }
+            }
+            if out.len() > before {
+                return true;
+            }
+            if !open {
+                return false;
+            }
+        }
+    }
+
+    fn wanted(&self, u: &Update) -> bool {
+        self.snapshot.get(&u.key()).is_none_or(|v| *v < u.version)
+    }
+}
+
+/// Resolves when the queue's front changes from `front` (polled: the
+/// queue's notify belongs to `drain_into`).
+async fn queue_grew(queue: &ClientQueue, front: Option<u64>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if queue.front_offset() != front {
+            return;
+        }
+    }
+}

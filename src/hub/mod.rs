@@ -1,0 +1,256 @@
+//! The hub: one task owns the registry of connected clients and the recent
+//! history. Each update from the stream is matched against every client's
+//! topic patterns and its shared frame pushed to their buffers, which never
+//! waits on a socket.
+
+pub mod client;
+pub mod feed;
+pub mod pattern;
+pub mod update;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::client::ClientQueue;
+use self::pattern::Pattern;
+use self::update::Update;
+use crate::metrics::Metrics;
+use crate::settings::HubSettings;
+
+/// Where a resuming client's missed updates come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatchUp {
+    /// First offset to read from the stream.
+    pub from: u64,
+    /// Offset from which the hub's own history (already queued) takes over;
+    /// None when the hub has no history yet.
+    pub until: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct Subscribed {
+    /// Offset of the newest update the hub had seen when subscribing.
+    pub last_offset: Option<u64>,
+    pub catch_up: Option<CatchUp>,
+}
+
+enum Command {
+    Update(Arc<Update>),
+    Subscribe {
+        id: u64,
+        queue: Arc<ClientQueue>,
+        patterns: Vec<Pattern>,
+        since: Option<u64>,
+        reply: oneshot::Sender<Subscribed>,
+    },
+    Unsubscribe {
+        id: u64,
+        patterns: Vec<String>,
+    },
+    Leave {
+        id: u64,
+    },
+}
+
+/// Cheap to clone; the way every other part reaches the hub.
+#[derive(Clone)]
+pub struct HubHandle {
+    tx: mpsc::Sender<Command>,
+    next_id: Arc<AtomicU64>,
+    connections: Arc<AtomicUsize>,
+    settings: Arc<HubSettings>,
+    metrics: Arc<Metrics>,
+}
+
+/// Counts a connection for as long as it lives.
+pub struct ConnectionSlot {
+    connections: Arc<AtomicUsize>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl HubHandle {
+    pub fn settings(&self) -> &HubSettings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A slot for one more connection, or None at the per-instance limit.
+    pub fn connect(&self) -> Option<ConnectionSlot> {
+        let max = self.settings.max_connections;
+        self.connections
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| ConnectionSlot {
+                connections: self.connections.clone(),
+            })
+    }
+
+    pub fn new_client(&self) -> (u64, Arc<ClientQueue>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        (id, ClientQueue::new(self.settings.client_buffer, self.metrics.clone()))
+    }
+
+    /// Hands an update from the stream to the hub (waits only if the hub
+    /// itself is behind, which slows the stream reader, not clients).
+    pub async fn publish(&self, update: Update) -> bool {
+        self.tx.send(Command::Update(Arc::new(update))).await.is_ok()
+    }
+
+    pub async fn subscribe(
+        &self,
+        id: u64,
+        queue: &Arc<ClientQueue>,
+        patterns: Vec<Pattern>,
+        since: Option<u64>,
+    ) -> Option<Subscribed> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Subscribe {
+            id,
+            queue: queue.clone(),
+            patterns,
+            since,
+            reply,
+        };
+        self.tx.send(cmd).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn unsubscribe(&self, id: u64, patterns: Vec<String>) {
+        let _ = self.tx.send(Command::Unsubscribe { id, patterns }).await;
+    }
+
+    /// Non-async so it can run from a `Drop`.
+    pub fn leave(&self, id: u64) {
+        let tx = self.tx.clone();
+        if tx.try_send(Command::Leave { id }).is_err() {
+            tokio::spawn(async move {
+                let _ = tx.send(Command::Leave { id }).await;
+            });
+        }
+    }
+}
+
+struct Client {
+    queue: Arc<ClientQueue>,
+    patterns: Vec<Pattern>,
+}
+
+pub fn spawn(
+    settings: &HubSettings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> HubHandle {
+    let (tx, rx) = mpsc::channel(8192);
+    tracker.spawn(run(rx, settings.history.max(1), metrics.clone(), shutdown));
+    HubHandle {
+        tx,
+        next_id: Arc::new(AtomicU64::new(1)),
+        connections: Arc::new(AtomicUsize::new(0)),
+        settings: Arc::new(settings.clone()),
+        metrics,
+    }
+}
+
+async fn run(mut rx: mpsc::Receiver<Command>, history_cap: usize, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut clients: HashMap<u64, Client> = HashMap::new();
+    let mut history: VecDeque<Arc<Update>> = VecDeque::with_capacity(history_cap.min(1 << 16));
+    loop {
+        let cmd = tokio::select! {
+            c = rx.recv() => match c { Some(c) => c, None => break },
+            _ = shutdown.cancelled() => break,
+        };
+        match cmd {
+            Command::Update(u) => {
+                metrics.stream_updates.inc();
+                // The topic is split once; each pattern matches the words.
+                let words: Vec<&str> = u.topic.split('.').collect();
+                for client in clients.values() {
+                    if client.patterns.iter().any(|p| p.matches_words(&words)) {
+                        client.queue.push(u.clone());
+                    }
+                }
+                if history.len() == history_cap {
+                    history.pop_front();
+                }
+                history.push_back(u);
+            }
+            Command::Subscribe {
+                id,
+                queue,
+                patterns,
+                since,
+                reply,
+            } => {
+                let client = clients.entry(id).or_insert_with(|| Client {
+                    queue,
+                    patterns: Vec::new(),
+                });
+                let fresh: Vec<Pattern> = patterns
+                    .into_iter()
+                    .filter(|p| !client.patterns.iter().any(|q| q == p))
+                    .collect();
+                let mut catch_up = None;
+                if let Some(since) = since {
+                    let front = history.front().map(|u| u.offset);
+                    // Replay from memory what matches the new patterns only:
+                    // the old ones already delivered their updates.
+                    let wanted = |u: &Update| {
+                        let w: Vec<&str> = u.topic.split('.').collect();
+                        fresh.iter().any(|p| p.matches_words(&w))
+                            && !client.patterns.iter().any(|p| p.matches_words(&w))
+                    };
+                    for u in history.iter().filter(|u| u.offset > since) {
+                        if wanted(u) {
+                            client.queue.push(u.clone());
+                        }
+                    }
+                    let from = since.saturating_add(1);
+                    let source = match front {
+                        Some(f) if from >= f => "memory",
+                        _ => {
+                            catch_up = Some(CatchUp { from, until: front });
+                            "stream"
+                        }
+                    };
+                    metrics.resumes.get_or_create(&[("source", source)]).inc();
+                }
+                metrics.subscriptions.inc_by(fresh.len() as i64);
+                client.patterns.extend(fresh);
+                let _ = reply.send(Subscribed {
+                    last_offset: history.back().map(|u| u.offset),
+                    catch_up,
+                });
+            }
+            Command::Unsubscribe { id, patterns } => {
+                if let Some(client) = clients.get_mut(&id) {
+                    let before = client.patterns.len();
+                    client.patterns.retain(|p| !patterns.iter().any(|t| t == p.as_str()));
+                    metrics.subscriptions.dec_by((before - client.patterns.len()) as i64);
+                }
+            }
+            Command::Leave { id } => {
+                if let Some(client) = clients.remove(&id) {
+                    metrics.subscriptions.dec_by(client.patterns.len() as i64);
+                    client.queue.close();
+                }
+            }
+        }
+    }
+    for client in clients.values() {
+        client.queue.close();
+    }
+}
