@@ -112,12 +112,14 @@ impl Feed {
             self.buf.clear();
             let open = self.queue.drain_into(&mut self.buf).await;
             let before = out.len();
-            for u in self.buf.drain(..) {
+            let mut buf = std::mem::take(&mut self.buf);
+            for u in buf.drain(..) {
                 let old = self.last_caught_up.is_some_and(|l| u.offset <= l);
                 if !old && self.wanted(&u) {
                     out.push(FeedItem::Update(u));
                 }
             }
+            self.buf = buf;
             if out.len() > before {
                 return true;
             }
