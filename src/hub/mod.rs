@@ -52,15 +52,14 @@ enum Command {
         id: u64,
         patterns: Vec<String>,
     },
-    Leave {
-        id: u64,
-    },
 }
 
 /// Cheap to clone; the way every other part reaches the hub.
 #[derive(Clone)]
 pub struct HubHandle {
     tx: mpsc::Sender<Command>,
+    /// Unbounded so that leaving never waits and works from any `Drop`.
+    leave_tx: mpsc::UnboundedSender<u64>,
     next_id: Arc<AtomicU64>,
     connections: Arc<AtomicUsize>,
     settings: Arc<HubSettings>,
@@ -134,12 +133,7 @@ impl HubHandle {
 
     /// Non-async so it can run from a `Drop`.
     pub fn leave(&self, id: u64) {
-        let tx = self.tx.clone();
-        if tx.try_send(Command::Leave { id }).is_err() {
-            tokio::spawn(async move {
-                let _ = tx.send(Command::Leave { id }).await;
-            });
-        }
+        let _ = self.leave_tx.send(id);
     }
 }
 
@@ -155,9 +149,11 @@ pub fn spawn(
     tracker: &TaskTracker,
 ) -> HubHandle {
     let (tx, rx) = mpsc::channel(8192);
-    tracker.spawn(run(rx, settings.history.max(1), metrics.clone(), shutdown));
+    let (leave_tx, leave_rx) = mpsc::unbounded_channel();
+    tracker.spawn(run(rx, leave_rx, settings.history.max(1), metrics.clone(), shutdown));
     HubHandle {
         tx,
+        leave_tx,
         next_id: Arc::new(AtomicU64::new(1)),
         connections: Arc::new(AtomicUsize::new(0)),
         settings: Arc::new(settings.clone()),
@@ -165,13 +161,27 @@ pub fn spawn(
     }
 }
 
-async fn run(mut rx: mpsc::Receiver<Command>, history_cap: usize, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+async fn run(
+    mut rx: mpsc::Receiver<Command>,
+    mut leave_rx: mpsc::UnboundedReceiver<u64>,
+    history_cap: usize,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut clients: HashMap<u64, Client> = HashMap::new();
     let mut history: VecDeque<Arc<Update>> = VecDeque::with_capacity(history_cap.min(1 << 16));
     loop {
         let cmd = tokio::select! {
-            c = rx.recv() => match c { Some(c) => c, None => break },
+            biased;
             _ = shutdown.cancelled() => break,
+            Some(id) = leave_rx.recv() => {
+                if let Some(client) = clients.remove(&id) {
+                    metrics.subscriptions.dec_by(client.patterns.len() as i64);
+                    client.queue.close();
+                }
+                continue;
+            }
+            c = rx.recv() => match c { Some(c) => c, None => break },
         };
         match cmd {
             Command::Update(u) => {
@@ -240,12 +250,6 @@ async fn run(mut rx: mpsc::Receiver<Command>, history_cap: usize, metrics: Arc<M
                     let before = client.patterns.len();
                     client.patterns.retain(|p| !patterns.iter().any(|t| t == p.as_str()));
                     metrics.subscriptions.dec_by((before - client.patterns.len()) as i64);
-                }
-            }
-            Command::Leave { id } => {
-                if let Some(client) = clients.remove(&id) {
-                    metrics.subscriptions.dec_by(client.patterns.len() as i64);
-                    client.queue.close();
                 }
             }
         }

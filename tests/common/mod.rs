@@ -254,6 +254,36 @@ impl TestPublisher {
         assert!(confirm.is_ack(), "test publish confirmed");
     }
 
+    /// Publishes many events pipelined, then waits for every confirm.
+    pub async fn burst(&self, events: &[(i64, &str, i64, i64)]) {
+        let mut confirms = Vec::with_capacity(events.len());
+        for (id, kind, value, version) in events {
+            let field = if *kind == "price" { "price_cents" } else { "stock" };
+            let body = serde_json::json!({
+                "schema": 1, "product_id": id, "kind": kind, field: value, "version": version,
+                "occurred_at": chrono::Utc::now(), "ts_us": chrono::Utc::now().timestamp_micros(),
+            });
+            let props = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into());
+            let c = self
+                .channel
+                .basic_publish(
+                    "product.events".into(),
+                    format!("product.{kind}.{id}").into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    body.to_string().as_bytes(),
+                    props,
+                )
+                .await
+                .unwrap();
+            confirms.push(c);
+        }
+        for c in confirms {
+            assert!(c.await.unwrap().is_ack());
+        }
+    }
+
     pub async fn event(&self, id: i64, kind: &str, value: i64, version: i64) {
         let field = if kind == "price" { "price_cents" } else { "stock" };
         let body = serde_json::json!({

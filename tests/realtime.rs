@@ -1,0 +1,281 @@
+//! Realtime delivery over WebSocket and SSE: topic filtering, resume by
+//! offset (from memory, from the stream, across instances and restarts)
+//! and snapshots.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use awc::http::Method;
+use common::clients::{SseClient, WsClient};
+use common::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(20);
+
+fn topics(updates: &[Value]) -> Vec<String> {
+    updates
+        .iter()
+        .map(|u| u["topic"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn offsets(updates: &[Value]) -> Vec<u64> {
+    updates.iter().map(|u| u["offset"].as_u64().unwrap()).collect()
+}
+
+#[actix_rt::test]
+async fn clients_receive_only_updates_matching_their_patterns() {
+    let app = spawn_app().await;
+    let mut price_star = WsClient::connect(&app.address).await;
+    price_star.subscribe(&["product.price.*"], None, false).await;
+    let mut any_of_7 = WsClient::connect(&app.address).await;
+    any_of_7.subscribe(&["product.*.7"], None, false).await;
+    let mut hash = WsClient::connect(&app.address).await;
+    hash.subscribe(&["#"], None, false).await;
+    let mut stock_hash = SseClient::connect(&app.address, "topics=product.stock.%23", None)
+        .await
+        .unwrap();
+    let mut two_ids = SseClient::connect(&app.address, "topics=product.price.8,product.%23.9", None)
+        .await
+        .unwrap();
+
+    let p = TestPublisher::connect(&app.iso).await;
+    for (id, kind, v) in [(7, "price", 700), (7, "stock", 70), (8, "price", 800), (9, "stock", 90)] {
+        p.event(id, kind, v, 1).await;
+    }
+    // Apply batches keep only the newest version of a product; wait so the
+    // sentinels below are not merged with the first events.
+    eventually(T, "first events broadcast", || async {
+        (app.metric("gateway_updates_broadcast_total", "").await >= 4.0).then_some(())
+    })
+    .await;
+    // The last events match every subscription, so each client's list ends there.
+    p.event(7, "price", 701, 2).await;
+    p.event(7, "stock", 71, 2).await;
+
+    let got = topics(&price_star.updates(3, T).await);
+    assert_eq!(got, ["product.price.7", "product.price.8", "product.price.7"]);
+    // Price and stock are applied by separate consumers: their relative
+    // order is not defined, so each phase is compared as a set.
+    let got = topics(&any_of_7.updates(4, T).await);
+    let (mut before, mut after) = (got[..2].to_vec(), got[2..].to_vec());
+    before.sort();
+    after.sort();
+    assert_eq!(before, ["product.price.7", "product.stock.7"]);
+    assert_eq!(after, ["product.price.7", "product.stock.7"]);
+    let all = hash.updates(6, T).await;
+    let o = offsets(&all);
+    assert!(o.windows(2).all(|w| w[1] == w[0] + 1), "consecutive offsets: {o:?}");
+    assert_eq!(all[0]["data"]["price_cents"], 700);
+    assert_eq!(all[0]["data"]["version"], 1);
+    assert!(all[0]["data"]["ts_us"].as_i64().unwrap() > 0);
+
+    let sse: Vec<_> = stock_hash.updates(3, T).await;
+    let ids: Vec<i64> = sse.iter().map(|e| e.data["product_id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [7, 9, 7]);
+    assert!(sse.iter().all(|e| e.event == "stock"));
+    let stock7 = all.iter().find(|u| u["topic"] == "product.stock.7").unwrap();
+    assert_eq!(sse[0].id, stock7["offset"].as_u64(), "SSE id is the stream offset");
+    let sse2 = two_ids.updates(2, T).await;
+    let mut got: Vec<(String, i64)> = sse2
+        .iter()
+        .map(|e| (e.event.clone(), e.data["product_id"].as_i64().unwrap()))
+        .collect();
+    got.sort();
+    assert_eq!(got, [("price".to_owned(), 8), ("stock".to_owned(), 9)]);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn reconnecting_with_last_offset_gets_exactly_the_missed_updates() {
+    let app = spawn_app().await;
+    let p = TestPublisher::connect(&app.iso).await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.price.*"], None, false).await;
+    let mut sse = SseClient::connect(&app.address, "topics=product.price.*", None)
+        .await
+        .unwrap();
+    p.event(1, "price", 100, 1).await;
+    p.event(2, "price", 200, 1).await;
+    let seen = ws.updates(2, T).await;
+    let last = seen[1]["offset"].as_u64().unwrap();
+    let sse_seen = sse.updates(2, T).await;
+    assert_eq!(sse_seen[1].id, Some(last));
+    drop(ws);
+    drop(sse);
+
+    // Missed: five price updates, with stock noise the clients did not ask for.
+    for i in 0..5 {
+        p.event(10 + i, "price", 1000 + i, 1).await;
+        p.event(10 + i, "stock", 5, 1).await;
+    }
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.price.*"], Some(last), false).await;
+    let missed = ws.updates(5, T).await;
+    let ids: Vec<i64> = missed
+        .iter()
+        .map(|u| u["data"]["product_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [10, 11, 12, 13, 14]);
+    let o = offsets(&missed);
+    assert!(o.windows(2).all(|w| w[0] < w[1]) && o[0] > last);
+
+    let mut sse = SseClient::connect(&app.address, "topics=product.price.*", Some(last))
+        .await
+        .unwrap();
+    let sse_missed = sse.updates(5, T).await;
+    let sse_ids: Vec<u64> = sse_missed.iter().map(|e| e.id.unwrap()).collect();
+    assert_eq!(sse_ids, o, "SSE resumes with Last-Event-ID to the same updates");
+
+    // Then live, once each.
+    p.event(3, "price", 300, 1).await;
+    let live = ws.updates(1, T).await;
+    assert_eq!(live[0]["data"]["product_id"], 3);
+    assert_eq!(sse.updates(1, T).await[0].data["product_id"], 3);
+    assert!(app.metric("gateway_resumes_total", "memory").await >= 2.0);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn resume_after_a_gateway_restart_reads_the_stream() {
+    let iso = Isolation::new().await;
+    let app = spawn_with(iso.clone(), iso.settings()).await;
+    let p = TestPublisher::connect(&iso).await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.#"], None, false).await;
+    p.event(1, "stock", 11, 1).await;
+    let last = ws.updates(1, T).await[0]["offset"].as_u64().unwrap();
+    drop(ws);
+    p.event(2, "stock", 22, 1).await;
+    p.event(3, "stock", 33, 1).await;
+    eventually(T, "applied before restart", || async {
+        (app.metric("gateway_updates_broadcast_total", "").await >= 3.0).then_some(())
+    })
+    .await;
+    app.stop().await;
+
+    let app = spawn_with(iso.clone(), iso.settings()).await;
+    p.event(4, "stock", 44, 1).await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.#"], Some(last), false).await;
+    let got = ws.updates(3, T).await;
+    let ids: Vec<i64> = got.iter().map(|u| u["data"]["product_id"].as_i64().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [2, 3, 4],
+        "missed before and after the restart, once each, in order"
+    );
+    let o = offsets(&got);
+    assert_eq!(o, [last + 1, last + 2, last + 3]);
+    p.event(5, "stock", 55, 1).await;
+    assert_eq!(ws.updates(1, T).await[0]["data"]["product_id"], 5);
+    assert!(app.metric("gateway_resumes_total", "stream").await >= 1.0);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn two_instances_serve_every_update_and_clients_can_move_between_them() {
+    let iso = Isolation::new().await;
+    let a = spawn_with(iso.clone(), iso.settings()).await;
+    let b = spawn_with(iso.clone(), iso.settings()).await;
+    let mut on_a = WsClient::connect(&a.address).await;
+    on_a.subscribe(&["product.#"], None, false).await;
+    let mut on_b = WsClient::connect(&b.address).await;
+    on_b.subscribe(&["product.#"], None, false).await;
+    let mut mover = SseClient::connect(&a.address, "topics=product.%23", None)
+        .await
+        .unwrap();
+
+    let p = TestPublisher::connect(&iso).await;
+    let events: Vec<(i64, &str, i64, i64)> = (1..=10).map(|i| (i, "price", 100 * i, 1)).collect();
+    p.burst(&events).await;
+    let from_a = offsets(&on_a.updates(10, T).await);
+    let from_b = offsets(&on_b.updates(10, T).await);
+    assert_eq!(from_a, from_b, "both instances deliver the same updates");
+
+    let first = mover.updates(4, T).await;
+    let last = first[3].id.unwrap();
+    drop(mover);
+    let mut moved = SseClient::connect(&b.address, "topics=product.%23", Some(last))
+        .await
+        .unwrap();
+    let rest: Vec<u64> = moved.updates(6, T).await.iter().map(|e| e.id.unwrap()).collect();
+    let mut all: Vec<u64> = first.iter().map(|e| e.id.unwrap()).collect();
+    all.extend(rest);
+    assert_eq!(all, from_a, "moving to the other instance misses nothing");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[actix_rt::test]
+async fn snapshot_then_updates_under_a_running_generator_equals_the_database() {
+    let app = spawn_app().await;
+    app.admin(
+        Method::POST,
+        "/admin/generator",
+        Some(serde_json::json!({"running": true, "rate": 150})),
+    )
+    .await;
+    eventually(T, "generator running", || async {
+        (app.metric("gateway_updates_broadcast_total", "").await >= 20.0).then_some(())
+    })
+    .await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.#"], "snapshot": true}))
+        .await;
+    let snap = ws.next_of("snapshot", T).await;
+    // product id → (price, price_version, stock, stock_version)
+    let mut view: HashMap<i64, [i64; 4]> = HashMap::new();
+    for p in snap["products"].as_array().unwrap() {
+        let g = |k: &str| p[k].as_i64().unwrap();
+        view.insert(
+            g("product_id"),
+            [g("price_cents"), g("price_version"), g("stock"), g("stock_version")],
+        );
+    }
+    assert_eq!(view.len(), 50);
+    let mut applied = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut stopped = false;
+    loop {
+        if !stopped && tokio::time::Instant::now() > deadline {
+            app.admin(
+                Method::POST,
+                "/admin/generator",
+                Some(serde_json::json!({"running": false})),
+            )
+            .await;
+            stopped = true;
+        }
+        let Some(common::clients::WsEvent::Json(u)) = ws.next(Duration::from_secs(3)).await else {
+            assert!(stopped, "updates stopped before the generator did");
+            break;
+        };
+        if u["type"] != "update" {
+            continue;
+        }
+        let d = &u["data"];
+        let entry = view.get_mut(&d["product_id"].as_i64().unwrap()).unwrap();
+        let (value, version) = if d["kind"] == "price" { (0, 1) } else { (2, 3) };
+        let v = d["version"].as_i64().unwrap();
+        assert!(
+            v > entry[version],
+            "no duplicate or stale update after the snapshot: {u}"
+        );
+        entry[version] = v;
+        entry[value] = d[if d["kind"] == "price" { "price_cents" } else { "stock" }]
+            .as_i64()
+            .unwrap();
+        applied += 1;
+    }
+    assert!(applied > 50, "updates flowed after the snapshot: {applied}");
+    let (_, page) = app.get_json("/products?limit=1000").await;
+    for p in page["products"].as_array().unwrap() {
+        let g = |k: &str| p[k].as_i64().unwrap();
+        let want = [g("price_cents"), g("price_version"), g("stock"), g("stock_version")];
+        assert_eq!(view[&g("product_id")], want, "product {}", g("product_id"));
+    }
+    app.stop().await;
+}
