@@ -27,6 +27,12 @@ pub struct ServerSettings {
     /// Folder holding the echo page.
     pub static_dir: String,
     pub max_body_bytes: usize,
+    /// Kernel send buffer per client socket in bytes (0: the kernel's
+    /// autotuning). A small one bounds kernel memory per connection and lets
+    /// a stalled client reach its conflating buffer sooner.
+    pub socket_send_buffer: usize,
+    /// HTTP worker threads (0: one per core).
+    pub workers: usize,
 }
 
 #[derive(Clone, Deserialize)]

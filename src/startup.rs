@@ -103,7 +103,8 @@ impl Application {
         let server_state = state.clone();
         let static_dir = settings.server.static_dir.clone();
         let max_body = settings.server.max_body_bytes;
-        let server = HttpServer::new(move || {
+        let send_buffer = settings.server.socket_send_buffer;
+        let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(server_state.clone())
                 .app_data(web::PayloadConfig::new(max_body))
@@ -112,10 +113,20 @@ impl Application {
                 .configure(http::routes)
                 .service(actix_files::Files::new("/", &static_dir).index_file("index.html"))
         })
-        .listen(listener)?
+        .on_connect(move |conn, _| {
+            if send_buffer > 0
+                && let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>()
+                && let Err(e) = socket2::SockRef::from(tcp).set_send_buffer_size(send_buffer)
+            {
+                tracing::debug!(error = %e, "could not set the socket send buffer");
+            }
+        })
         .disable_signals()
-        .shutdown_timeout(5)
-        .run();
+        .shutdown_timeout(5);
+        if settings.server.workers > 0 {
+            server = server.workers(settings.server.workers);
+        }
+        let server = server.listen(listener)?.run();
 
         Ok(Self {
             port,

@@ -20,9 +20,6 @@ pub struct ClientQueue {
 #[derive(Default)]
 struct Inner {
     queue: VecDeque<Arc<Update>>,
-    /// Set once conflated: from then on a newer update for a key already
-    /// waiting replaces it in place instead of growing the buffer.
-    conflating: bool,
     closed: bool,
 }
 
@@ -47,21 +44,19 @@ impl ClientQueue {
                 return;
             }
             if inner.queue.len() >= self.capacity {
-                if !inner.conflating {
-                    conflate(&mut inner.queue);
-                    inner.conflating = true;
-                    self.metrics.updates_conflated.inc();
-                }
+                // Keep one update per product and kind, the newest, in offset
+                // order; the buffer then grows only with the number of keys.
+                let before = inner.queue.len();
+                conflate(&mut inner.queue);
                 let key = update.key();
-                if let Some(slot) = inner.queue.iter_mut().find(|u| u.key() == key) {
-                    *slot = update;
-                    self.metrics.updates_conflated.inc();
-                } else {
-                    inner.queue.push_back(update);
+                if let Some(i) = inner.queue.iter().position(|u| u.key() == key) {
+                    inner.queue.remove(i);
                 }
-            } else {
-                inner.queue.push_back(update);
+                self.metrics
+                    .updates_conflated
+                    .inc_by((before - inner.queue.len()) as u64);
             }
+            inner.queue.push_back(update);
             inner.queue.len()
         };
         self.metrics.observe_buffer(len);
@@ -77,7 +72,6 @@ impl ClientQueue {
                 let mut inner = self.lock();
                 if !inner.queue.is_empty() || inner.closed {
                     out.extend(inner.queue.drain(..));
-                    inner.conflating = false;
                     return !inner.closed;
                 }
             }
@@ -112,4 +106,33 @@ fn conflate(queue: &mut VecDeque<Arc<Update>>) {
         newest.insert(u.key(), u.offset);
     }
     queue.retain(|u| newest.get(&u.key()) == Some(&u.offset));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(offset: u64, product: i64, version: i64) -> Arc<Update> {
+        let body =
+            format!(r#"{{"product_id":{product},"kind":"price","price_cents":1,"version":{version},"ts_us":1}}"#);
+        Arc::new(Update::from_stream(offset, &format!("product.price.{product}"), body.as_bytes()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn overflow_keeps_the_newest_update_per_key_in_offset_order() {
+        let q = ClientQueue::new(4, Metrics::new());
+        for i in 0..30u64 {
+            q.push(update(i, (i % 3) as i64 + 1, i as i64));
+        }
+        let mut out = Vec::new();
+        assert!(q.drain_into(&mut out).await);
+        let offsets: Vec<u64> = out.iter().map(|u| u.offset).collect();
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+        let mut newest = std::collections::HashMap::new();
+        for u in &out {
+            newest.insert(u.product_id, u.version);
+        }
+        assert_eq!(newest, [(1, 27), (2, 28), (3, 29)].into_iter().collect());
+        assert!(out.len() <= 4);
+    }
 }

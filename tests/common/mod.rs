@@ -394,3 +394,4 @@ pub async fn queue_depth(vhost: &str, queue: &str) -> (u64, u64) {
     )
 }
 pub mod clients;
+pub mod rawws;
