@@ -279,3 +279,37 @@ async fn snapshot_then_updates_under_a_running_generator_equals_the_database() {
     }
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn an_offset_older_than_retention_gets_an_explicit_reset() {
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    // A tiny stream: a few small segments, the oldest dropped quickly.
+    settings.rabbit.topology.stream_max_length_bytes = 4_000;
+    settings.rabbit.topology.stream_max_segment_size_bytes = 1_000;
+    let app = spawn_with(iso.clone(), settings.clone()).await;
+    let p = TestPublisher::connect(&iso).await;
+    let events: Vec<(i64, &str, i64, i64)> = (1..=50)
+        .flat_map(|id| [(id, "price", 100 + id, 1), (id, "stock", id, 1)])
+        .collect();
+    p.burst(&events).await;
+    eventually(T, "all broadcast", || async {
+        (app.metric("gateway_updates_broadcast_total", "").await >= 100.0).then_some(())
+    })
+    .await;
+    app.stop().await;
+    // A fresh instance has nothing in memory: old offsets come from the stream.
+    let app = spawn_with(iso.clone(), settings).await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.#"], Some(0), false).await;
+    let reset = ws.next_of("reset", T).await;
+    let first = reset["offset"].as_u64().unwrap();
+    assert!(first > 1, "the stream no longer starts at offset 1: {reset}");
+    let next = ws.updates(1, T).await;
+    assert_eq!(
+        next[0]["offset"].as_u64(),
+        Some(first),
+        "updates go on from the first kept offset"
+    );
+    app.stop().await;
+}
