@@ -297,6 +297,18 @@ async fn an_offset_older_than_retention_gets_an_explicit_reset() {
         (app.metric("gateway_updates_broadcast_total", "").await >= 100.0).then_some(())
     })
     .await;
+    // Retention runs when a segment rolls over: publish until the stream's
+    // first offset has moved on.
+    let mut version = 1;
+    eventually(T, "retention dropped old segments", || {
+        version += 1;
+        let (p, iso, v) = (&p, &iso, version);
+        async move {
+            p.event(1, "price", 500 + v, v).await;
+            (first_stream_offset(iso).await > 1).then_some(())
+        }
+    })
+    .await;
     app.stop().await;
     // A fresh instance has nothing in memory: old offsets come from the stream.
     let app = spawn_with(iso.clone(), settings).await;
@@ -312,4 +324,35 @@ async fn an_offset_older_than_retention_gets_an_explicit_reset() {
         "updates go on from the first kept offset"
     );
     app.stop().await;
+}
+
+/// Offset of the oldest message the stream still keeps.
+async fn first_stream_offset(iso: &Isolation) -> u64 {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let conn = lapin::Connection::connect(&iso.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString(LongString::from("first")),
+    );
+    let mut consumer = channel
+        .basic_consume(
+            "product.updates.stream".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+    let d = consumer.next().await.unwrap().unwrap();
+    match d.properties.headers().as_ref().unwrap().inner().get("x-stream-offset") {
+        Some(AMQPValue::LongLongInt(n)) => *n as u64,
+        other => panic!("no offset: {other:?}"),
+    }
 }
