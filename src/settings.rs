@@ -126,6 +126,11 @@ pub struct HubSettings {
     pub max_subscriptions: usize,
     pub max_pattern_words: usize,
     pub max_connections: usize,
+    /// Connections one client address may hold at once.
+    pub max_connections_per_ip: usize,
+    /// Origins allowed to open a WebSocket besides the service's own; a
+    /// request without `Origin` (not a browser) is always allowed.
+    pub allowed_origins: Vec<String>,
     pub max_frame_bytes: usize,
     pub ping_interval_ms: u64,
     pub client_timeout_ms: u64,
@@ -178,5 +183,39 @@ impl Settings {
             return Err(SettingsError::WeakAdminToken);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Settings {
+        Settings::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config")).unwrap()
+    }
+
+    #[test]
+    fn weak_or_default_admin_token_is_refused_outside_dev_mode() {
+        let mut s = defaults();
+        s.admin.dev_mode = false;
+        assert!(
+            matches!(s.check(), Err(SettingsError::WeakAdminToken)),
+            "the shipped default token"
+        );
+        s.admin.token = Secret::new("short");
+        assert!(matches!(s.check(), Err(SettingsError::WeakAdminToken)));
+        s.admin.token = Secret::new("a-long-random-production-token-42");
+        assert!(s.check().is_ok());
+        s.admin.token = Secret::new("short");
+        s.admin.dev_mode = true;
+        assert!(s.check().is_ok(), "dev mode allows it");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = defaults();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains(s.admin.token.expose()));
+        assert!(!printed.contains("guest:guest"));
     }
 }

@@ -42,7 +42,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::PathConfig::default().error_handler(|e, _| error::ApiError::BadRequest(format!("bad path: {e}")).into());
     let json_errors = web::JsonConfig::default()
         .limit(64 * 1024)
-        .error_handler(|e, _| error::ApiError::BadRequest(format!("bad JSON body: {e}")).into());
+        .error_handler(|e, _| match e {
+            actix_web::error::JsonPayloadError::Overflow { .. }
+            | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => {
+                error::ApiError::PayloadTooLarge(format!("{e}")).into()
+            }
+            actix_web::error::JsonPayloadError::ContentType => {
+                error::ApiError::UnsupportedMediaType("send application/json".into()).into()
+            }
+            e => error::ApiError::BadRequest(format!("bad JSON body: {e}")).into(),
+        });
     cfg.app_data(query_errors)
         .app_data(json_errors)
         .app_data(path_errors)

@@ -1,6 +1,8 @@
 //! What WebSocket and SSE connections share: subscribing with patterns,
 //! resume from an offset, snapshots, and the limits that protect the hub.
 
+use std::net::IpAddr;
+
 use serde_json::json;
 
 use super::AppState;
@@ -9,7 +11,7 @@ use crate::broker::stream;
 use crate::domain::Kind;
 use crate::hub::feed::{Feed, FeedItem};
 use crate::hub::pattern::Pattern;
-use crate::hub::{ConnectionSlot, HubHandle};
+use crate::hub::{ConnectionSlot, HubHandle, Refused};
 use crate::store::{Db, catalog};
 
 /// An error a client caused; it gets a frame or event with this code.
@@ -46,16 +48,23 @@ pub struct Session {
 }
 
 impl Session {
-    /// None when this instance is at its connection limit.
-    pub fn open(state: &AppState, transport: &'static str) -> Option<Session> {
-        let slot = state.hub.connect()?;
+    /// Refused when this instance or this client address is at its limit
+    /// (counted).
+    pub fn open(state: &AppState, transport: &'static str, ip: Option<IpAddr>) -> Result<Session, Refused> {
+        let slot = state.hub.connect(ip).inspect_err(|r| {
+            state
+                .metrics
+                .clients_refused
+                .get_or_create(&[("reason", r.reason())])
+                .inc();
+        })?;
         let (id, queue) = state.hub.new_client();
         state
             .metrics
             .clients_connected
             .get_or_create(&[("transport", transport)])
             .inc();
-        Some(Session {
+        Ok(Session {
             id,
             hub: state.hub.clone(),
             db: state.db.clone(),

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::AppState;
 use super::error::ApiError;
 use super::realtime::{Session, reset_json};
+use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
 
 #[derive(Deserialize)]
@@ -55,15 +56,19 @@ pub async fn events(
         Some("true") | Some("1") | Some("") => true,
         Some(_) => return Err(ApiError::BadRequest("snapshot must be true or false".into())),
     };
-    let Some(mut sub) = Session::open(&state, "sse") else {
-        state
-            .metrics
-            .clients_refused
-            .get_or_create(&[("reason", "connection_limit")])
-            .inc();
-        return Err(ApiError::Unavailable(
-            "connection limit reached, try again later".into(),
-        ));
+    let ip = req.peer_addr().map(|a| a.ip());
+    let mut sub = match Session::open(&state, "sse", ip) {
+        Ok(sub) => sub,
+        Err(Refused::Instance) => {
+            return Err(ApiError::Unavailable(
+                "connection limit reached, try again later".into(),
+            ));
+        }
+        Err(Refused::PerIp) => {
+            return Err(ApiError::TooManyRequests(
+                "too many connections from this address".into(),
+            ));
+        }
     };
     let snap = sub
         .subscribe(&topics, since, snapshot)

@@ -11,13 +11,15 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
+use super::error::ApiError;
 use super::realtime::{ClientError, Session, reset_json};
+use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
 
 /// Frames a client may send.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-enum ClientFrame {
+pub enum ClientFrame {
     Subscribe {
         topics: Vec<String>,
         #[serde(default)]
@@ -36,23 +38,29 @@ const FRAMES_PER_SEC: f64 = 20.0;
 const MAX_STRIKES: u32 = 50;
 
 pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> actix_web::Result<HttpResponse> {
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
     let settings = state.hub.settings().clone();
-    let Some(sub) = Session::open(&state, "ws") else {
+    if !origin_allowed(&req, &settings.allowed_origins) {
         state
             .metrics
             .clients_refused
-            .get_or_create(&[("reason", "connection_limit")])
+            .get_or_create(&[("reason", "origin")])
             .inc();
-        actix_web::rt::spawn(async move {
-            let _ = session
-                .close(Some(CloseReason {
-                    code: CloseCode::Again,
-                    description: Some("connection limit reached, try again later".into()),
-                }))
-                .await;
-        });
-        return Ok(response);
+        return Err(ApiError::Forbidden("this Origin may not open a WebSocket here".into()).into());
+    }
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let ip = req.peer_addr().map(|a| a.ip());
+    let sub = match Session::open(&state, "ws", ip) {
+        Ok(sub) => sub,
+        Err(refused) => {
+            let text = match refused {
+                Refused::Instance => "connection limit reached, try again later",
+                Refused::PerIp => "too many connections from this address",
+            };
+            actix_web::rt::spawn(async move {
+                let _ = session.close(Some(reason(CloseCode::Again, text))).await;
+            });
+            return Ok(response);
+        }
     };
     let stream = stream
         .max_frame_size(settings.max_frame_bytes)
@@ -146,6 +154,24 @@ async fn run(
     let _ = session.close(close).await;
 }
 
+/// Browsers send `Origin`; a page from elsewhere must be on the allow-list.
+/// Same-origin pages (the echo page) and non-browser clients always pass.
+fn origin_allowed(req: &HttpRequest, allowed: &[String]) -> bool {
+    let Some(origin) = req.headers().get(actix_web::http::header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else { return false };
+    if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
+    let own = req
+        .headers()
+        .get(actix_web::http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    own.is_some_and(|own| own.eq_ignore_ascii_case(host))
+}
+
 fn reason(code: CloseCode, text: &str) -> CloseReason {
     CloseReason {
         code,
@@ -169,8 +195,8 @@ async fn send(sub: &Session, session: &mut actix_ws::Session, out: &mut Vec<Feed
     true
 }
 
-/// Handles one client frame; Ok(false) when the socket has gone.
-async fn handle(sub: &mut Session, session: &mut actix_ws::Session, text: &str) -> Result<bool, ClientError> {
+/// Decodes one client text frame into a frame or the error to answer with.
+pub fn parse_frame(text: &str) -> Result<ClientFrame, ClientError> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| ClientError::new("bad_json", format!("not JSON: {e}")))?;
     let op = value.get("op").and_then(|o| o.as_str()).unwrap_or("");
@@ -180,9 +206,12 @@ async fn handle(sub: &mut Session, session: &mut actix_ws::Session, text: &str) 
             format!("op must be \"subscribe\" or \"unsubscribe\", not {:.40?}", op),
         ));
     }
-    let frame: ClientFrame =
-        serde_json::from_value(value).map_err(|e| ClientError::new("bad_frame", format!("{e}")))?;
-    match frame {
+    serde_json::from_value(value).map_err(|e| ClientError::new("bad_frame", format!("{e}")))
+}
+
+/// Handles one client frame; Ok(false) when the socket has gone.
+async fn handle(sub: &mut Session, session: &mut actix_ws::Session, text: &str) -> Result<bool, ClientError> {
+    match parse_frame(text)? {
         ClientFrame::Subscribe {
             topics,
             since,

@@ -9,8 +9,9 @@ pub mod pattern;
 pub mod update;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -62,6 +63,7 @@ pub struct HubHandle {
     leave_tx: mpsc::UnboundedSender<u64>,
     next_id: Arc<AtomicU64>,
     connections: Arc<AtomicUsize>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     settings: Arc<HubSettings>,
     metrics: Arc<Metrics>,
 }
@@ -69,11 +71,40 @@ pub struct HubHandle {
 /// Counts a connection for as long as it lives.
 pub struct ConnectionSlot {
     connections: Arc<AtomicUsize>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: Option<IpAddr>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.connections.fetch_sub(1, Ordering::SeqCst);
+        if let Some(ip) = self.ip {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// This instance is at `max_connections`.
+    Instance,
+    /// The client address is at `max_connections_per_ip`.
+    PerIp,
+}
+
+impl Refused {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refused::Instance => "connection_limit",
+            Refused::PerIp => "per_ip_limit",
+        }
     }
 }
 
@@ -86,15 +117,26 @@ impl HubHandle {
         &self.metrics
     }
 
-    /// A slot for one more connection, or None at the per-instance limit.
-    pub fn connect(&self) -> Option<ConnectionSlot> {
+    /// A slot for one more connection from `ip`, unless a limit is reached.
+    pub fn connect(&self, ip: Option<IpAddr>) -> Result<ConnectionSlot, Refused> {
         let max = self.settings.max_connections;
         self.connections
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
-            .ok()
-            .map(|_| ConnectionSlot {
-                connections: self.connections.clone(),
-            })
+            .map_err(|_| Refused::Instance)?;
+        let mut slot = ConnectionSlot {
+            connections: self.connections.clone(),
+            per_ip: self.per_ip.clone(),
+            ip: None,
+        };
+        let Some(ip) = ip else { return Ok(slot) };
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= self.settings.max_connections_per_ip {
+            return Err(Refused::PerIp);
+        }
+        *n += 1;
+        slot.ip = Some(ip);
+        Ok(slot)
     }
 
     pub fn new_client(&self) -> (u64, Arc<ClientQueue>) {
@@ -156,6 +198,7 @@ pub fn spawn(
         leave_tx,
         next_id: Arc::new(AtomicU64::new(1)),
         connections: Arc::new(AtomicUsize::new(0)),
+        per_ip: Arc::new(Mutex::new(HashMap::new())),
         settings: Arc::new(settings.clone()),
         metrics,
     }

@@ -39,13 +39,46 @@ pub fn redis_url() -> String {
     env_or("GATEWAY_TEST_REDIS", "redis://127.0.0.1:6379")
 }
 
-/// Names shared by one test's resources.
+/// Names shared by one test's resources. When the last clone goes, the
+/// database and the vhost go too, so repeated runs do not pile them up.
 #[derive(Clone, Debug)]
 pub struct Isolation {
     pub id: String,
     pub database_url: String,
     pub vhost: String,
     pub redis_prefix: String,
+    _cleanup: std::sync::Arc<Cleanup>,
+}
+
+#[derive(Debug)]
+struct Cleanup {
+    database: String,
+    vhost: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (database, vhost) = (self.database.clone(), self.vhost.clone());
+        // Drop cannot await: clean up on a thread with its own runtime.
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let _ = rabbit_api_call(awc::http::Method::DELETE, &format!("/api/vhosts/{vhost}"), None).await;
+                let admin_url = format!("{}/postgres", pg_server());
+                if let Ok(mut conn) =
+                    <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&admin_url).await
+                {
+                    let drop = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"));
+                    let _ = diesel_async::RunQueryDsl::execute(drop, &mut conn).await;
+                }
+            });
+        });
+        let _ = done.join();
+    }
 }
 
 impl Isolation {
@@ -55,6 +88,10 @@ impl Isolation {
             database_url: format!("{}/gw_test_{id}", pg_server()),
             vhost: format!("gw-test-{id}"),
             redis_prefix: format!("gw-test:{id}:"),
+            _cleanup: std::sync::Arc::new(Cleanup {
+                database: format!("gw_test_{id}"),
+                vhost: format!("gw-test-{id}"),
+            }),
             id,
         };
         store::create_database(&iso.database_url)
@@ -91,7 +128,7 @@ impl Isolation {
 }
 
 pub async fn rabbit_api_call(method: awc::http::Method, path: &str, body: Option<serde_json::Value>) -> (u16, String) {
-    let client = awc::Client::builder().timeout(Duration::from_secs(20)).finish();
+    let client = awc::Client::builder().timeout(Duration::from_secs(60)).finish();
     let req = client
         .request(method, format!("{}{}", rabbit_api(), path))
         .basic_auth("guest", "guest");

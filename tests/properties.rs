@@ -1,0 +1,92 @@
+//! Property tests (bounded, run in CI) of everything that decodes input
+//! from outside: broker messages, topic patterns and client frames. None
+//! may panic, whatever the bytes; the pattern matcher agrees with a plain
+//! recursive definition of AMQP topic matching.
+
+use product_gateway::broker::message::decode_event;
+use product_gateway::http::ws::parse_frame;
+use product_gateway::hub::pattern::Pattern;
+use proptest::prelude::*;
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 3000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// AMQP topic matching, written the obvious (exponential) way.
+fn reference(pattern: &[&str], topic: &[&str]) -> bool {
+    match (pattern.first(), topic.first()) {
+        (None, None) => true,
+        (Some(&"#"), _) => reference(&pattern[1..], topic) || (!topic.is_empty() && reference(pattern, &topic[1..])),
+        (Some(_), None) | (None, Some(_)) => false,
+        (Some(&"*"), Some(_)) => reference(&pattern[1..], &topic[1..]),
+        (Some(p), Some(t)) => p == t && reference(&pattern[1..], &topic[1..]),
+    }
+}
+
+fn word() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("a".to_owned()),
+        Just("b".to_owned()),
+        Just("*".to_owned()),
+        Just("#".to_owned())
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn decoder_never_panics_on_any_bytes(body in proptest::collection::vec(any::<u8>(), 0..600), rk in "[a-z.0-9]{0,30}") {
+        let _ = decode_event(&body, Some("application/json"), &rk, 512);
+        let _ = decode_event(&body, None, &rk, 512);
+    }
+
+    #[test]
+    fn decoder_never_panics_on_json_like_text(
+        id in any::<i64>(), v in any::<i64>(), price in any::<i64>(), kind in "(price|stock|x)", ts in any::<i64>(),
+        extra in "[a-z\"{}:,0-9 ]{0,20}",
+    ) {
+        let body = format!(r#"{{"product_id":{id},"kind":"{kind}","price_cents":{price},"version":{v},"occurred_at":"2026-11-24T00:00:00Z","ts_us":{ts}{extra}}}"#);
+        match decode_event(body.as_bytes(), None, &format!("product.{kind}.{id}"), 4096) {
+            Ok(e) => {
+                prop_assert!(e.version > 0 && e.product_id.get() > 0 && e.change.value() > 0);
+            }
+            Err(reason) => prop_assert!(!reason.code().is_empty()),
+        }
+    }
+
+    #[test]
+    fn pattern_parser_never_panics(text in ".{0,300}") {
+        if let Ok(p) = Pattern::parse(&text, 32) {
+            let _ = p.matches("product.price.42");
+        }
+    }
+
+    #[test]
+    fn matcher_agrees_with_the_reference(
+        pattern in proptest::collection::vec(word(), 1..7),
+        topic in proptest::collection::vec(prop_oneof![Just("a"), Just("b")], 1..8),
+    ) {
+        let text = pattern.join(".");
+        let p = Pattern::parse(&text, 32).unwrap();
+        let pw: Vec<&str> = pattern.iter().map(String::as_str).collect();
+        prop_assert_eq!(p.matches_words(&topic), reference(&pw, &topic), "{} vs {:?}", text, topic);
+    }
+
+    #[test]
+    fn client_frame_decoder_never_panics(text in ".{0,300}") {
+        if let Err(e) = parse_frame(&text) {
+            prop_assert!(["bad_json", "unknown_op", "bad_frame"].contains(&e.code));
+        }
+    }
+
+    #[test]
+    fn client_frames_of_the_right_shape_decode(topics in proptest::collection::vec("[a-z#*.]{1,20}", 1..5), since in any::<Option<u64>>()) {
+        let frame = serde_json::json!({"op": "subscribe", "topics": topics, "since": since, "snapshot": true});
+        prop_assert!(parse_frame(&frame.to_string()).is_ok());
+    }
+}
