@@ -356,6 +356,32 @@ status() {
     return "$rc"
 }
 
+# --- Faults, for the chaos run (local services only) ------------------------
+
+restart_postgres() {
+    local v
+    v=$(pg_cluster_version)
+    log "restarting PostgreSQL ${v}"
+    pg_ctlcluster --skip-systemctl-redirect "$v" main restart >&2
+    wait_for PostgreSQL pg_up
+}
+
+stop_redis() {
+    log "stopping Redis"
+    redis-cli -h "$HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+}
+
+start_redis() {
+    redis_up || redis_start_local
+}
+
+restart_rabbitmq() {
+    log "restarting the RabbitMQ application (stop_app, start_app)"
+    rabbitmqctl -q stop_app >&2
+    rabbitmqctl -q start_app >&2
+    wait_for RabbitMQ rabbit_up
+}
+
 usage() {
     cat >&2 <<EOF
 usage: $0 <command>
@@ -365,6 +391,8 @@ usage: $0 <command>
   definitions  load ${DEFINITIONS} into vhost '${RABBIT_VHOST}' via the management API
   chromium     install chromium and tests/browser's npm packages if missing
   status       report which services answer (exit 1 if any does not)
+  restart-postgres, stop-redis, start-redis, restart-rabbitmq
+               faults for the chaos run; each leaves the service as it says
 EOF
 }
 
@@ -373,6 +401,10 @@ ensure) ensure ;;
 definitions) definitions ;;
 chromium) chromium ;;
 status) status ;;
+restart-postgres) restart_postgres ;;
+stop-redis) stop_redis ;;
+start-redis) start_redis ;;
+restart-rabbitmq) restart_rabbitmq ;;
 -h | --help | help) usage ;;
 *)
     usage

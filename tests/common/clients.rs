@@ -21,14 +21,14 @@ pub enum WsEvent {
 
 impl WsClient {
     pub async fn connect(base: &str) -> WsClient {
+        Self::try_connect(base).await.expect("websocket connects")
+    }
+
+    pub async fn try_connect(base: &str) -> Option<WsClient> {
         let url = format!("{}/ws", base.replace("http://", "ws://"));
-        let (_, framed) = awc::Client::new()
-            .ws(url)
-            .max_frame_size(16 << 20)
-            .connect()
-            .await
-            .expect("websocket connects");
-        WsClient { framed }
+        let connect = awc::Client::new().ws(url).max_frame_size(16 << 20).connect();
+        let (_, framed) = tokio::time::timeout(Duration::from_secs(5), connect).await.ok()?.ok()?;
+        Some(WsClient { framed })
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -123,6 +123,8 @@ pub struct SseEvent {
 pub struct SseClient {
     body: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, awc::error::PayloadError>>>>,
     buf: String,
+    /// Set once the server ended the stream (as opposed to a read timing out).
+    pub ended: bool,
 }
 
 impl SseClient {
@@ -134,7 +136,9 @@ impl SseClient {
         if let Some(id) = last_event_id {
             req = req.insert_header(("Last-Event-ID", id.to_string()));
         }
-        let mut res = req.send().await.expect("SSE request");
+        let Ok(Ok(mut res)) = tokio::time::timeout(Duration::from_secs(5), req.send()).await else {
+            return Err((0, Value::Null));
+        };
         if res.status().as_u16() != 200 {
             let status = res.status().as_u16();
             let body: Value = res.json().await.unwrap_or(Value::Null);
@@ -144,6 +148,7 @@ impl SseClient {
         Ok(SseClient {
             body: Box::pin(res),
             buf: String::new(),
+            ended: false,
         })
     }
 
@@ -172,7 +177,13 @@ impl SseClient {
                     data: serde_json::from_str(&data).expect("JSON data"),
                 });
             }
-            let chunk = tokio::time::timeout_at(deadline, self.body.next()).await.ok()??.ok()?;
+            let chunk = match tokio::time::timeout_at(deadline, self.body.next()).await.ok()? {
+                Some(Ok(chunk)) => chunk,
+                _ => {
+                    self.ended = true;
+                    return None;
+                }
+            };
             self.buf.push_str(std::str::from_utf8(&chunk).expect("UTF-8 SSE"));
         }
     }

@@ -1,0 +1,707 @@
+//! The chaos run: two gateway processes with the generator on, clients on
+//! both, and faults in sequence (broker connections closed, RabbitMQ
+//! restarted, one gateway SIGKILLed and restarted, PostgreSQL restarted,
+//! Redis stopped). Afterwards it proves that nothing was lost or applied
+//! twice and that every client saw a gap-free, duplicate-free sequence.
+//!
+//! Every event the broker accepted is copied to an audit queue bound to
+//! `product.events`: that is the set of confirmed events the final
+//! catalog must account for.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use product_gateway::broker::message::decode_event;
+use product_gateway::broker::topology::Topology;
+use product_gateway::hub::pattern::Pattern;
+use product_gateway::store;
+use tokio_util::sync::CancellationToken;
+
+use super::clients::{SseClient, WsClient, WsEvent};
+use super::{ADMIN_TOKEN, Isolation, redis_url};
+
+const AUDIT: &str = "chaos.audit";
+
+pub struct Plan {
+    /// Time under load between faults.
+    pub settle: Duration,
+    pub redis_down: Duration,
+    pub rate: f64,
+    pub products: u32,
+}
+
+impl Plan {
+    /// About a minute: the variant inside `make test`.
+    pub fn short() -> Self {
+        Plan {
+            settle: Duration::from_secs(5),
+            redis_down: Duration::from_secs(8),
+            rate: 500.0,
+            products: 200,
+        }
+    }
+
+    /// About five minutes: `make chaos`.
+    pub fn full() -> Self {
+        Plan {
+            settle: Duration::from_secs(40),
+            redis_down: Duration::from_secs(30),
+            rate: 500.0,
+            products: 1000,
+        }
+    }
+}
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+async fn services(cmd: &str) {
+    let out = tokio::process::Command::new("bash")
+        .arg(root().join("scripts/services.sh"))
+        .arg(cmd)
+        .output()
+        .await
+        .expect("scripts/services.sh runs");
+    assert!(
+        out.status.success(),
+        "services.sh {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Instance {
+    name: &'static str,
+    port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Instance {
+    async fn start(iso: &Isolation, name: &'static str, port: u16, rate: f64) -> Instance {
+        let logs = root().join("target/chaos-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join(format!("{name}.log")))
+            .unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_product-gateway"))
+            .arg("serve")
+            .env("GATEWAY_CONFIG_DIR", root().join("config"))
+            .env("GATEWAY__SERVER__PORT", port.to_string())
+            .env("GATEWAY__SERVER__STATIC_DIR", root().join("static"))
+            .env("GATEWAY__ADMIN__TOKEN", ADMIN_TOKEN)
+            .env("GATEWAY__ADMIN__DEV_MODE", "false")
+            .env("GATEWAY__DATABASE__URL", &iso.database_url)
+            .env("GATEWAY__DATABASE__ACQUIRE_TIMEOUT_MS", "1000")
+            .env("GATEWAY__REDIS__URL", redis_url())
+            .env("GATEWAY__REDIS__KEY_PREFIX", &iso.redis_prefix)
+            .env("GATEWAY__RABBIT__URL", iso.amqp_url())
+            .env("GATEWAY__GENERATOR__ENABLED", "true")
+            .env("GATEWAY__GENERATOR__RATE", rate.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("gateway process starts");
+        let i = Instance {
+            name,
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while readyz(port).await.map(|r| r.0) != Some(200) {
+            assert!(Instant::now() < deadline, "{name} did not become ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        i
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill(); // SIGKILL
+            let _ = c.wait().await;
+        }
+    }
+}
+
+/// Status and body of `/readyz`, None when nothing answers.
+async fn readyz(port: u16) -> Option<(u16, serde_json::Value)> {
+    let client = awc::Client::builder().timeout(Duration::from_secs(3)).finish();
+    let mut res = client
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .ok()?;
+    let body = res.json().await.unwrap_or(serde_json::Value::Null);
+    Some((res.status().as_u16(), body))
+}
+
+async fn admin(port: u16, body: serde_json::Value) {
+    let client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
+    let _ = client
+        .post(format!("http://127.0.0.1:{port}/admin/generator"))
+        .insert_header(("Authorization", format!("Bearer {ADMIN_TOKEN}")))
+        .send_json(&body)
+        .await;
+}
+
+/// One update as a client saw it, or as the stream holds it.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    offset: u64,
+    topic: String,
+    product: i64,
+    kind: String,
+    version: i64,
+    value: i64,
+}
+
+impl Seen {
+    fn from_data(offset: u64, topic: &str, d: &serde_json::Value) -> Option<Seen> {
+        let kind = d["kind"].as_str()?.to_owned();
+        let value = if kind == "price" {
+            d["price_cents"].as_i64()?
+        } else {
+            d["stock"].as_i64()?
+        };
+        Some(Seen {
+            offset,
+            topic: topic.to_owned(),
+            product: d["product_id"].as_i64()?,
+            kind,
+            version: d["version"].as_i64()?,
+            value,
+        })
+    }
+}
+
+#[derive(Default)]
+struct ClientLog {
+    seen: Vec<Seen>,
+    reconnects: u32,
+}
+
+struct Client {
+    name: String,
+    pattern: String,
+    log: Arc<Mutex<ClientLog>>,
+}
+
+/// A client that stays subscribed: on any disconnect it reconnects (to its
+/// own instance, else the other) with the last offset it saw.
+fn spawn_client(name: String, sse: bool, pattern: &str, ports: [u16; 2], stop: CancellationToken) -> Client {
+    let log = Arc::new(Mutex::new(ClientLog::default()));
+    let (l, p) = (log.clone(), pattern.to_owned());
+    tokio::task::spawn_local(async move {
+        let mut attempt = 0usize;
+        while !stop.is_cancelled() {
+            let base = format!("http://127.0.0.1:{}", ports[attempt % 2]);
+            attempt += 1;
+            let since = l.lock().unwrap().seen.last().map(|s| s.offset);
+            if sse {
+                let mut q = format!("topics={}", p.replace('#', "%23"));
+                if let Some(s) = since {
+                    q.push_str(&format!("&since={s}"));
+                }
+                let Ok(mut c) = SseClient::connect(&base, &q, None).await else {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                };
+                attempt = 0;
+                while !stop.is_cancelled() {
+                    match c.next(Duration::from_millis(500)).await {
+                        Some(e) if e.event == "price" || e.event == "stock" => {
+                            let topic = format!("product.{}.{}", e.event, e.data["product_id"]);
+                            if let Some(s) = Seen::from_data(e.id.unwrap_or(0), &topic, &e.data) {
+                                l.lock().unwrap().seen.push(s);
+                            }
+                        }
+                        Some(_) => {}
+                        None if c.ended => break,
+                        None => {}
+                    }
+                }
+            } else {
+                let Some(mut c) = WsClient::try_connect(&base).await else {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                };
+                let mut frame = serde_json::json!({"op": "subscribe", "topics": [p]});
+                if let Some(s) = since {
+                    frame["since"] = s.into();
+                }
+                c.send(frame).await;
+                attempt = 0;
+                while !stop.is_cancelled() {
+                    match c.next(Duration::from_millis(500)).await {
+                        Some(WsEvent::Json(v)) if v["type"] == "update" => {
+                            let offset = v["offset"].as_u64().unwrap_or(0);
+                            if let Some(s) = Seen::from_data(offset, v["topic"].as_str().unwrap_or(""), &v["data"]) {
+                                l.lock().unwrap().seen.push(s);
+                            }
+                        }
+                        Some(WsEvent::Closed(_)) => break,
+                        _ => {}
+                    }
+                }
+            }
+            if !stop.is_cancelled() {
+                l.lock().unwrap().reconnects += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    Client {
+        name,
+        pattern: pattern.to_owned(),
+        log,
+    }
+}
+
+/// `/readyz` answers seen during each phase, per instance.
+type Observations = Arc<Mutex<Vec<(String, u16, serde_json::Value)>>>;
+
+fn spawn_poller(
+    ports: Vec<(&'static str, u16)>,
+    phase: Arc<Mutex<String>>,
+    seen: Observations,
+    stop: CancellationToken,
+) {
+    tokio::task::spawn_local(async move {
+        while !stop.is_cancelled() {
+            for (name, port) in &ports {
+                if let Some((status, body)) = readyz(*port).await {
+                    let p = phase.lock().unwrap().clone();
+                    seen.lock().unwrap().push((format!("{p}/{name}"), status, body));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+async fn applied_sum(db: &store::Db) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct V {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        v: i64,
+    }
+    let Ok(mut conn) = db.get().await else { return -1 };
+    let q = diesel::sql_query("SELECT COALESCE(SUM(price_version + stock_version), 0)::int8 AS v FROM products");
+    match diesel_async::RunQueryDsl::get_result::<V>(q, &mut conn).await {
+        Ok(v) => v.v,
+        Err(_) => -1,
+    }
+}
+
+/// Until every instance is ready again and events are being applied.
+async fn recovery(ports: &[u16], db: &store::Db, since: Instant) -> Duration {
+    let before = applied_sum(db).await;
+    loop {
+        let mut ready = true;
+        for p in ports {
+            ready &= matches!(readyz(*p).await, Some((200, ref b)) if b["status"] == "ready");
+        }
+        let now = applied_sum(db).await;
+        if ready && now > before.max(0) {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < Duration::from_secs(120), "no recovery within 120 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads a whole queue or stream (every message, in order) until it is idle.
+async fn read_all(conn: &lapin::Connection, queue: &str, stream: bool) -> Vec<lapin::message::Delivery> {
+    let channel = conn.create_channel().await.unwrap();
+    channel.basic_qos(2000, BasicQosOptions::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    if stream {
+        args.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString(LongString::from("first")),
+        );
+    }
+    let mut consumer = channel
+        .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), args)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await {
+        channel
+            .basic_ack(d.delivery_tag, BasicAckOptions::default())
+            .await
+            .unwrap();
+        out.push(d);
+    }
+    out
+}
+
+fn stream_offset(d: &lapin::message::Delivery) -> u64 {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-stream-offset").cloned())
+    {
+        Some(AMQPValue::LongLongInt(n)) => n as u64,
+        other => panic!("stream message without offset: {other:?}"),
+    }
+}
+
+pub struct Report {
+    pub lost: usize,
+    pub confirmed: usize,
+    pub lines: Vec<String>,
+}
+
+pub async fn run(plan: Plan) -> Report {
+    let started = Instant::now();
+    let iso = Isolation::new().await;
+    let settings = iso.settings();
+    let db = store::pool(&settings.database).unwrap();
+    store::migrate(&iso.database_url).await.unwrap();
+    store::seed::seed(&db, plan.products).await.unwrap();
+
+    // The topology, plus the audit copy of everything the broker accepts.
+    let conn = lapin::Connection::connect(&iso.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    Topology::new(&settings.rabbit.topology).declare(&ch).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(AUDIT.into(), durable, args).await.unwrap();
+    ch.queue_bind(
+        AUDIT.into(),
+        "product.events".into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    drop(ch);
+    drop(conn);
+
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = Instance::start(&iso, "a", pa, plan.rate).await;
+    let mut b = Instance::start(&iso, "b", pb, plan.rate).await;
+    let stop = CancellationToken::new();
+    let clients = vec![
+        spawn_client("ws@a product.#".into(), false, "product.#", [pa, pb], stop.clone()),
+        spawn_client(
+            "sse@a product.price.*".into(),
+            true,
+            "product.price.*",
+            [pa, pb],
+            stop.clone(),
+        ),
+        spawn_client(
+            "ws@b product.stock.*".into(),
+            false,
+            "product.stock.*",
+            [pb, pa],
+            stop.clone(),
+        ),
+        spawn_client("sse@b product.*.1".into(), true, "product.*.1", [pb, pa], stop.clone()),
+        spawn_client("ws@b #".into(), false, "#", [pb, pa], stop.clone()),
+    ];
+    let phase = Arc::new(Mutex::new("warm-up".to_owned()));
+    let observed: Observations = Arc::default();
+    spawn_poller(
+        vec![("a", pa), ("b", pb)],
+        phase.clone(),
+        observed.clone(),
+        stop.clone(),
+    );
+    tokio::time::sleep(plan.settle).await;
+
+    let mut lines = Vec::new();
+    let mut faults: Vec<(&str, Duration, Duration)> = Vec::new();
+    let set_phase = |p: &str| *phase.lock().unwrap() = p.to_owned();
+
+    // 1. The broker closes every connection of the service.
+    set_phase("close-connections");
+    let t = Instant::now();
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["close_all_connections", "-p", &iso.vhost, "--limit", "1000", "chaos"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let took = t.elapsed();
+    faults.push((
+        "close broker connections",
+        took,
+        recovery(&[pa, pb], &db, Instant::now()).await,
+    ));
+    tokio::time::sleep(plan.settle).await;
+
+    // 2. RabbitMQ restarts.
+    set_phase("restart-rabbitmq");
+    let t = Instant::now();
+    services("restart-rabbitmq").await;
+    let took = t.elapsed();
+    set_phase("after-rabbitmq");
+    faults.push(("restart RabbitMQ", took, recovery(&[pa, pb], &db, Instant::now()).await));
+    tokio::time::sleep(plan.settle).await;
+
+    // 3. One gateway dies without warning and comes back.
+    set_phase("kill-b");
+    let t = Instant::now();
+    b.kill().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b = Instance::start(&iso, "b", pb, plan.rate).await;
+    let took = t.elapsed();
+    faults.push((
+        "SIGKILL gateway b, restart",
+        took,
+        recovery(&[pa, pb], &db, Instant::now()).await,
+    ));
+    tokio::time::sleep(plan.settle).await;
+
+    // 4. PostgreSQL restarts.
+    set_phase("restart-postgres");
+    let t = Instant::now();
+    services("restart-postgres").await;
+    let took = t.elapsed();
+    set_phase("after-postgres");
+    faults.push((
+        "restart PostgreSQL",
+        took,
+        recovery(&[pa, pb], &db, Instant::now()).await,
+    ));
+    tokio::time::sleep(plan.settle).await;
+
+    // 5. Redis is away for a while; photos must still be served.
+    set_phase("redis-down");
+    let t = Instant::now();
+    services("stop-redis").await;
+    let photo_client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
+    let mut photos_ok = 0;
+    let until = Instant::now() + plan.redis_down;
+    while Instant::now() < until {
+        for port in [pa, pb] {
+            if let Ok(res) = photo_client
+                .get(format!("http://127.0.0.1:{port}/products/1/photo"))
+                .send()
+                .await
+                && res.status().as_u16() == 200
+            {
+                photos_ok += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    services("start-redis").await;
+    let took = t.elapsed();
+    set_phase("after-redis");
+    faults.push(("stop Redis", took, recovery(&[pa, pb], &db, Instant::now()).await));
+    tokio::time::sleep(plan.settle.min(Duration::from_secs(5))).await;
+
+    // Stop generating and let everything drain.
+    set_phase("drain");
+    for port in [pa, pb] {
+        admin(port, serde_json::json!({"running": false})).await;
+    }
+    let mut last = -2;
+    let mut stable = 0;
+    while stable < 6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = applied_sum(&db).await;
+        stable = if now == last { stable + 1 } else { 0 };
+        last = now;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // The evidence: the audit copy, the update stream, the catalog, the dead letters.
+    let conn = lapin::Connection::connect(&iso.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let audit = read_all(&conn, AUDIT, false).await;
+    let stream = read_all(&conn, "product.updates.stream", true).await;
+    let dead = read_all(&conn, "product.dead-letters", false).await;
+    let (status, body) = readyz(pa).await.unwrap_or((0, serde_json::Value::Null));
+    assert_eq!(status, 200, "a is ready at the end: {body}");
+
+    let products = store::catalog::all(&db).await.unwrap();
+    let catalog: HashMap<(i64, String), (i64, i64)> = products
+        .iter()
+        .flat_map(|p| {
+            [
+                ((p.id, "price".to_owned()), (p.price_cents, p.price_version)),
+                ((p.id, "stock".to_owned()), (p.stock, p.stock_version)),
+            ]
+        })
+        .collect();
+    let mut newest: HashMap<(i64, String), (i64, i64)> = HashMap::new();
+    let mut lost = 0;
+    let mut undecodable = 0;
+    for d in &audit {
+        let Ok(e) = decode_event(&d.data, Some("application/json"), d.routing_key.as_str(), 4096) else {
+            undecodable += 1;
+            continue;
+        };
+        let key = (e.product_id.get(), e.kind().as_str().to_owned());
+        let (_, have) = catalog.get(&key).copied().unwrap_or((0, 0));
+        if e.version > have {
+            lost += 1;
+        }
+        let n = newest.entry(key).or_insert((0, 0));
+        if e.version > n.1 {
+            *n = (e.change.value(), e.version);
+        }
+    }
+    let wrong_final = newest.iter().filter(|(k, v)| catalog.get(*k) != Some(*v)).count();
+
+    // The stream: versions never go back for a product and kind.
+    let mut stream_seen: Vec<Seen> = Vec::new();
+    let mut last_version: HashMap<(i64, String), i64> = HashMap::new();
+    let (mut regressions, mut rebroadcasts) = (0, 0);
+    for d in &stream {
+        let data: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        let s = Seen::from_data(stream_offset(d), d.routing_key.as_str(), &data).unwrap();
+        let v = last_version.entry((s.product, s.kind.clone())).or_insert(0);
+        if s.version < *v {
+            regressions += 1;
+        } else if s.version == *v {
+            rebroadcasts += 1;
+        }
+        *v = s.version;
+        stream_seen.push(s);
+    }
+
+    lines.push(format!(
+        "run: {:.0} s, generator {} events/s, {} products, 2 gateway processes",
+        started.elapsed().as_secs_f64(),
+        plan.rate,
+        plan.products
+    ));
+    lines.push(format!("confirmed events (audit copy): {}", audit.len()));
+    lines.push(format!("dead letters: {}", dead.len()));
+    lines.push(format!("lost = {lost}"));
+    lines.push(format!(
+        "final catalog differs from newest confirmed version: {wrong_final} of {} keys",
+        newest.len()
+    ));
+    lines.push(format!(
+        "stream: {} updates, version regressions {regressions}, same version re-broadcast {rebroadcasts}",
+        stream.len()
+    ));
+    lines.push(format!("photos served while Redis was down: {photos_ok}"));
+    lines.push("fault | took | recovered (ready + applying) after".to_owned());
+    for (name, took, rec) in &faults {
+        lines.push(format!(
+            "{name} | {:.1} s | {:.2} s",
+            took.as_secs_f64(),
+            rec.as_secs_f64()
+        ));
+    }
+
+    // Clients: offsets strictly increase, equal the stream's matching
+    // updates over the span they covered, and end on the catalog's state.
+    let mut client_failures = 0;
+    for c in &clients {
+        let log = c.log.lock().unwrap();
+        let pattern = Pattern::parse(&c.pattern, 32).unwrap();
+        let got: Vec<u64> = log.seen.iter().map(|s| s.offset).collect();
+        let increasing = got.windows(2).all(|w| w[0] < w[1]);
+        let (first, last) = (got.first().copied().unwrap_or(0), got.last().copied().unwrap_or(0));
+        let want: Vec<u64> = stream_seen
+            .iter()
+            .filter(|s| s.offset >= first && s.offset <= last && pattern.matches(&s.topic))
+            .map(|s| s.offset)
+            .collect();
+        let mut view: HashMap<(i64, String), (i64, i64)> = HashMap::new();
+        for s in &log.seen {
+            view.insert((s.product, s.kind.clone()), (s.value, s.version));
+        }
+        let stale = view.iter().filter(|(k, v)| catalog.get(*k) != Some(*v)).count();
+        let ok = increasing && got == want && stale == 0 && !got.is_empty();
+        if !ok {
+            client_failures += 1;
+        }
+        lines.push(format!(
+            "client {}: {} updates, {} reconnects, gap-free {}, duplicate-free {}, final view = catalog {}",
+            c.name,
+            got.len(),
+            log.reconnects,
+            got == want,
+            increasing,
+            stale == 0
+        ));
+    }
+
+    // Readiness answers during the faults.
+    let obs = observed.lock().unwrap().clone();
+    let saw = |phase: &str, f: &dyn Fn(u16, &serde_json::Value) -> bool| {
+        obs.iter().any(|(p, s, b)| p.starts_with(phase) && f(*s, b))
+    };
+    let rabbit_down_seen = saw("restart-rabbitmq", &|s, b| {
+        s == 503 && b["checks"]["rabbitmq"] == "down"
+    });
+    let redis_degraded_seen = saw("redis-down", &|s, b| s == 200 && b["status"] == "degraded");
+    let redis_wrongly_unready = saw("redis-down", &|s, b| {
+        s == 503 && b["checks"]["postgres"] == "up" && b["checks"]["rabbitmq"] == "up"
+    });
+    let pg_down_seen = saw("restart-postgres", &|s, b| {
+        s == 503 && b["checks"]["postgres"] == "down"
+    });
+    lines.push(format!(
+        "readyz: 503 with rabbitmq down during its restart {rabbit_down_seen}; 503 with postgres down during its restart {pg_down_seen}; \
+         degraded (200) while Redis was down {redis_degraded_seen}; 503 because of Redis {redis_wrongly_unready}"
+    ));
+
+    a.kill().await;
+    b.kill().await;
+    assert_eq!(undecodable, 0, "the audit copy holds only valid events");
+    assert_eq!(regressions, 0, "no older version broadcast after a newer one");
+    assert_eq!(
+        wrong_final, 0,
+        "catalog = newest confirmed version of every product and kind"
+    );
+    assert_eq!(
+        client_failures,
+        0,
+        "every client gap-free, duplicate-free and converged:\n{}",
+        lines.join("\n")
+    );
+    assert!(rabbit_down_seen, "readiness reported RabbitMQ down during its restart");
+    assert!(
+        redis_degraded_seen && !redis_wrongly_unready,
+        "Redis down is degraded, not unready"
+    );
+    assert!(photos_ok > 0, "photos were served without Redis");
+    Report {
+        lost,
+        confirmed: audit.len(),
+        lines,
+    }
+}

@@ -1,0 +1,31 @@
+//! Tests that restart the shared services (RabbitMQ, PostgreSQL, Redis).
+//! `make test` runs this file alone, after every other test; each fault
+//! leaves the service running again.
+
+mod common;
+
+use common::chaos::{Plan, run};
+
+fn print(report: &common::chaos::Report) {
+    println!("\n== chaos run ==");
+    for line in &report.lines {
+        println!("{line}");
+    }
+}
+
+#[actix_rt::test]
+async fn short_chaos_run_loses_nothing() {
+    let report = run(Plan::short()).await;
+    print(&report);
+    assert!(report.confirmed > 1000, "the run carried load: {}", report.confirmed);
+    assert_eq!(report.lost, 0);
+}
+
+/// `make chaos`: the five-minute run.
+#[actix_rt::test]
+#[ignore = "five minutes; run by `make chaos`"]
+async fn full_chaos_run_loses_nothing() {
+    let report = run(Plan::full()).await;
+    print(&report);
+    assert_eq!(report.lost, 0);
+}
