@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::link::{Connector, Link};
-use super::message::{DETAIL_HEADER, REASON_HEADER, Reject, decode_event, encode_update};
+use super::message::{DETAIL_HEADER, REASON_HEADER, Reject, decode_delivery, encode_update};
 use super::publisher::{Outgoing, confirm_channel, publish_all};
 use crate::domain::Event;
 use crate::metrics::Metrics;
@@ -125,7 +125,8 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
     let mut rejected: Vec<(Delivery, Reject)> = Vec::new();
     for d in batch {
         let ct = d.properties.content_type().as_ref().map(|c| c.as_str());
-        match decode_event(&d.data, ct, d.routing_key.as_str(), ctx.settings.max_body_bytes) {
+        let enc = d.properties.content_encoding().as_ref().map(|c| c.as_str());
+        match decode_delivery(&d.data, ct, enc, d.routing_key.as_str(), ctx.settings.max_body_bytes) {
             Ok(event) => valid.push((d, event)),
             Err(reason) => rejected.push((d, reason)),
         }

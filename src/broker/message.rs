@@ -66,6 +66,7 @@ pub fn encode_update(event: &Event) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reject {
     WrongContentType(String),
+    WrongContentEncoding(String),
     Oversize(usize),
     NotUtf8,
     NotJson(String),
@@ -80,6 +81,7 @@ impl Reject {
     pub fn code(&self) -> &'static str {
         match self {
             Reject::WrongContentType(_) => "wrong_content_type",
+            Reject::WrongContentEncoding(_) => "wrong_content_encoding",
             Reject::Oversize(_) => "oversize",
             Reject::NotUtf8 => "not_utf8",
             Reject::NotJson(_) => "not_json",
@@ -94,6 +96,7 @@ impl Reject {
     pub fn detail(&self) -> String {
         match self {
             Reject::WrongContentType(ct) => format!("content type {ct:?}, expected {CONTENT_TYPE}"),
+            Reject::WrongContentEncoding(e) => format!("content encoding {e:?}; events are sent as plain JSON"),
             Reject::Oversize(n) => format!("body of {n} bytes is over the limit"),
             Reject::NotUtf8 => "body is not UTF-8".into(),
             Reject::NotJson(e) | Reject::WrongSchema(e) | Reject::InvalidValue(e) => e.clone(),
@@ -106,8 +109,9 @@ impl Reject {
     }
 
     /// All codes, for pre-registering metrics labels and for tests.
-    pub const CODES: [&'static str; 10] = [
+    pub const CODES: [&'static str; 11] = [
         "wrong_content_type",
+        "wrong_content_encoding",
         "oversize",
         "not_utf8",
         "not_json",
@@ -120,7 +124,26 @@ impl Reject {
     ];
 }
 
-/// Decodes one delivery. `content_type` is the AMQP property; a missing one
+/// Decodes one delivery with its AMQP properties: a compressed or
+/// otherwise encoded body is refused before anything reads it.
+pub fn decode_delivery(
+    body: &[u8],
+    content_type: Option<&str>,
+    content_encoding: Option<&str>,
+    routing_key: &str,
+    max_body: usize,
+) -> Result<Event, Reject> {
+    if let Some(enc) = content_encoding
+        && !enc.is_empty()
+        && !enc.eq_ignore_ascii_case("identity")
+        && !enc.eq_ignore_ascii_case("utf-8")
+    {
+        return Err(Reject::WrongContentEncoding(enc.chars().take(64).collect()));
+    }
+    decode_event(body, content_type, routing_key, max_body)
+}
+
+/// Decodes one body. `content_type` is the AMQP property; a missing one
 /// is accepted when the body is JSON, since many publishers leave it out.
 pub fn decode_event(
     body: &[u8],

@@ -291,6 +291,24 @@ impl TestPublisher {
         assert!(confirm.is_ack(), "test publish confirmed");
     }
 
+    /// Publishes raw bytes with the given properties and waits for the confirm.
+    pub async fn with_properties(&self, routing_key: &str, body: &[u8], props: lapin::BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "product.events".into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "test publish confirmed");
+    }
+
     /// Publishes many events pipelined, then waits for every confirm.
     pub async fn burst(&self, events: &[(i64, &str, i64, i64)]) {
         let mut confirms = Vec::with_capacity(events.len());
