@@ -43,7 +43,7 @@ NEXTEST_FILTER := -E 'not binary($(RESTART_TEST))'
 endif
 CARGO_TEST_SELECTION := --lib --bins $(foreach t,$(OTHER_TESTS),--test $(t))
 
-.PHONY: help services definitions build run test lint bench chaos fmt clean
+.PHONY: help services definitions build run test lint deny bench chaos fmt clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -98,6 +98,10 @@ bench: services ## load benchmark (src/bin/bench)
 
 chaos: services ## five-minute fault run (tests/common/chaos.rs); prints lost = 0 and recovery times
 	$(CARGO) test --release --test service_restarts -- --ignored --nocapture full_chaos_run_loses_nothing
+
+deny: ## licences, bans and sources of every dependency (cargo-deny, installed when missing)
+	@command -v cargo-deny >/dev/null 2>&1 || $(CARGO) install cargo-deny --locked
+	$(CARGO) deny check licenses bans sources
 
 fmt: ## format the code
 	$(CARGO) fmt --all

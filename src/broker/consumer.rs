@@ -21,7 +21,7 @@ use crate::domain::Event;
 use crate::metrics::Metrics;
 use crate::settings::{ConsumerSettings, TopologySettings};
 use crate::store::apply::{Outcome, apply_batch};
-use crate::store::{Db, StoreError};
+use crate::store::Db;
 
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -196,8 +196,7 @@ async fn apply_with_retry(ctx: &Ctx, events: &[Event]) -> Option<Vec<Outcome>> {
             Ok(outcomes) => return Some(outcomes),
             Err(e) => {
                 ctx.metrics.transient_failures.inc();
-                let permanent = matches!(e, StoreError::Query(_));
-                tracing::warn!(error = %e, attempt, permanent, retry_in = ?delay, "apply failed");
+                tracing::warn!(error = %e, attempt, retry_in = ?delay, "apply failed; retrying");
             }
         }
         tokio::select! {

@@ -53,6 +53,16 @@ pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, Stor
     let conn: &mut AsyncPgConnection = &mut pooled;
     let rows: Vec<(Kind, Vec<Row>)> = conn
         .transaction(async |conn| {
+            // Lock the rows in id order first: the price and stock consumers
+            // (and generators) touch the same rows, and a common order keeps
+            // their transactions from deadlocking.
+            let mut ids: Vec<i64> = newest.keys().map(|(id, _)| id.get()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            diesel::sql_query("SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind::<Array<BigInt>, _>(ids)
+                .execute(conn)
+                .await?;
             let mut all = Vec::new();
             for (kind, idx) in &by_kind {
                 let ids: Vec<i64> = idx.iter().map(|&i| events[i].product_id.get()).collect();
