@@ -70,7 +70,7 @@ impl Application {
             &tracker,
         );
         let hub = hub::spawn(&settings.hub, metrics.clone(), shutdown.clone(), &tracker);
-        stream::spawn_live(
+        let mut attached = stream::spawn_live(
             connector.clone(),
             settings.rabbit.topology.updates_stream.clone(),
             settings.hub.stream_prefetch,
@@ -78,6 +78,11 @@ impl Application {
             shutdown.clone(),
             &tracker,
         );
+        // Serve only once the stream is read: a client subscribing earlier
+        // would miss the updates broadcast in between.
+        tokio::time::timeout(Duration::from_secs(30), attached.wait_for(|a| *a))
+            .await
+            .map_err(|_| anyhow::anyhow!("the update stream could not be attached within 30 s"))??;
         let generator = generator::spawn(
             &settings,
             db.clone(),

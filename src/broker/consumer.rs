@@ -20,8 +20,8 @@ use super::publisher::{Outgoing, confirm_channel, publish_all};
 use crate::domain::Event;
 use crate::metrics::Metrics;
 use crate::settings::{ConsumerSettings, TopologySettings};
-use crate::store::apply::{Outcome, apply_batch};
 use crate::store::Db;
+use crate::store::apply::{Outcome, apply_batch};
 
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 

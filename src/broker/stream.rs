@@ -94,7 +94,9 @@ impl Acker {
 }
 
 /// The live reader feeding this instance's hub; resumes after the last
-/// offset it saw when the connection drops, so the hub has no gap.
+/// offset it saw when the connection drops, so the hub has no gap. The
+/// returned receiver says when it is first attached: until then, updates
+/// would pass this instance by.
 pub fn spawn_live(
     connector: Connector,
     stream: String,
@@ -102,7 +104,8 @@ pub fn spawn_live(
     hub: HubHandle,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
-) {
+) -> tokio::sync::watch::Receiver<bool> {
+    let (attached_tx, attached) = tokio::sync::watch::channel(false);
     tracker.spawn(async move {
         let mut start = Start::Next;
         loop {
@@ -117,6 +120,7 @@ pub fn spawn_live(
                     continue;
                 }
             };
+            attached_tx.send_replace(true);
             let mut acker = Acker::new(prefetch);
             loop {
                 let next = tokio::select! {
@@ -148,6 +152,7 @@ pub fn spawn_live(
             }
         }
     });
+    attached
 }
 
 /// Reads the stream from `from` for one resuming client, sending the

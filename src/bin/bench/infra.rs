@@ -91,7 +91,6 @@ pub fn repo_root() -> PathBuf {
 
 pub struct HttpResponse {
     pub status: u16,
-    pub head: String,
     pub body: Vec<u8>,
 }
 
@@ -130,7 +129,7 @@ pub async fn http(
         } else {
             rest.to_vec()
         };
-        Ok::<_, anyhow::Error>(HttpResponse { status, head, body })
+        Ok::<_, anyhow::Error>(HttpResponse { status, body })
     };
     tokio::time::timeout(Duration::from_secs(30), run)
         .await
@@ -159,7 +158,8 @@ fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for c in input.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -306,7 +306,10 @@ async fn drop_database(server: &str, name: &str) -> Result<()> {
 async fn redis_delete_prefix(url: &str, prefix: &str) -> Result<()> {
     let client = redis::Client::open(url)?;
     let mut con = client.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut con).await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut con)
+        .await?;
     if !keys.is_empty() {
         redis::cmd("DEL").arg(keys).query_async::<()>(&mut con).await?;
     }
@@ -365,6 +368,9 @@ pub fn settings(iso: &Isolation, products: u32) -> Result<Settings> {
     s.seed.products = products;
     // 10,000 clients at once in the connection scenario.
     s.hub.max_connections = s.hub.max_connections.max(10_500);
+    // Every bench client comes from 127.0.0.1 and stands for a different
+    // browser: the per-address limit would otherwise cap them all at once.
+    s.hub.max_connections_per_ip = s.hub.max_connections_per_ip.max(s.hub.max_connections);
     Ok(s)
 }
 
@@ -411,6 +417,11 @@ impl Instance {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(inst)
+    }
+
+    /// Cancelling it stops the instance (used when a scenario fails).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.token.clone()
     }
 
     pub fn host(&self) -> String {
@@ -481,42 +492,108 @@ pub fn cpu_sample() -> CpuSample {
     }
 }
 
-/// CPU used between two samples, by program, in % of one core, largest
-/// first. The bench's own process (the service and the in-process
-/// publisher and clients) is "gateway (bench process)"; its children are
-/// "bench clients".
-pub fn cpu_shares(a: &CpuSample, b: &CpuSample) -> Vec<(String, f64)> {
+/// CPU used between two samples by one program, in % of one core.
+pub struct Share {
+    pub name: String,
+    pub pct: f64,
+    /// Part of the benchmark (the service, its services, the load);
+    /// false for anything else running on the machine at the time.
+    pub ours: bool,
+}
+
+/// CPU used between two samples, by program, largest first. The bench's
+/// own process (the service and the in-process publisher and tracking
+/// client) is "gateway (bench process)"; its children are "bench clients".
+pub fn cpu_shares(a: &CpuSample, b: &CpuSample) -> Vec<Share> {
     // SAFETY: sysconf only reads a constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-3);
     let me = std::process::id();
-    let mut by: HashMap<String, f64> = HashMap::new();
+    let mut by: HashMap<String, (f64, bool)> = HashMap::new();
     for (pid, (comm, t1)) in &b.ticks {
         let t0 = a.ticks.get(pid).map(|(_, t)| *t).unwrap_or(0);
         let used = t1.saturating_sub(t0) as f64 / hz / secs * 100.0;
         if used <= 0.0 {
             continue;
         }
-        let name = match comm.as_str() {
-            _ if *pid == me => "gateway (bench process)".to_owned(),
-            "bench" => "bench clients".to_owned(),
-            "beam.smp" => "rabbitmq (beam.smp)".to_owned(),
-            "postgres" => "postgresql".to_owned(),
-            c if c.starts_with("redis") => "redis".to_owned(),
-            c if c.starts_with("nginx") => "nginx".to_owned(),
-            c => c.to_owned(),
+        let (name, ours) = match comm.as_str() {
+            _ if *pid == me => ("gateway (bench process)".to_owned(), true),
+            "bench" => ("bench clients".to_owned(), true),
+            "beam.smp" | "erl_child_setup" | "inet_gethost" | "epmd" => ("rabbitmq (beam.smp)".to_owned(), true),
+            "postgres" => ("postgresql".to_owned(), true),
+            c if c.starts_with("redis") => ("redis".to_owned(), true),
+            c if c.starts_with("nginx") => ("nginx".to_owned(), true),
+            "wrk" | "perf" => (comm.clone(), true),
+            c => (c.to_owned(), false),
         };
-        *by.entry(name).or_default() += used;
+        let e = by.entry(name).or_insert((0.0, ours));
+        e.0 += used;
     }
-    let mut v: Vec<(String, f64)> = by.into_iter().filter(|(_, u)| *u >= 1.0).collect();
-    v.sort_by(|x, y| y.1.total_cmp(&x.1));
+    let mut v: Vec<Share> = by
+        .into_iter()
+        .filter(|(_, (u, _))| *u >= 1.0)
+        .map(|(name, (pct, ours))| Share { name, pct, ours })
+        .collect();
+    v.sort_by(|x, y| y.pct.total_cmp(&x.pct));
     v
 }
 
-pub fn format_shares(v: &[(String, f64)]) -> String {
-    let total: f64 = v.iter().map(|(_, u)| u).sum();
-    let parts: Vec<String> = v.iter().take(7).map(|(n, u)| format!("{n} {u:.0}%")).collect();
-    format!("{} (total {total:.0}% of 200%)", parts.join(", "))
+/// CPU of programs that are not part of the benchmark.
+pub fn foreign_pct(v: &[Share]) -> f64 {
+    v.iter().filter(|s| !s.ours).map(|s| s.pct).sum()
+}
+
+pub fn format_shares(v: &[Share]) -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) * 100;
+    let ours: Vec<String> = v
+        .iter()
+        .filter(|s| s.ours)
+        .take(7)
+        .map(|s| format!("{} {:.0}%", s.name, s.pct))
+        .collect();
+    let total: f64 = v.iter().map(|s| s.pct).sum();
+    let mut text = format!("{} (all programs {total:.0}% of {cores}%)", ours.join(", "));
+    let foreign: Vec<String> = v
+        .iter()
+        .filter(|s| !s.ours)
+        .take(4)
+        .map(|s| format!("{} {:.0}%", s.name, s.pct))
+        .collect();
+    if !foreign.is_empty() {
+        text.push_str(&format!("; **not part of the bench**: {}", foreign.join(", ")));
+    }
+    text
+}
+
+/// Waits (at most what is left of `budget`) until programs that are not
+/// part of the benchmark use under 15% of a core, so they do not skew a
+/// measurement; returns their share at the end.
+pub async fn wait_quiet(budget: &mut Duration) -> f64 {
+    let mut said = false;
+    loop {
+        let a = cpu_sample();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let shares = cpu_shares(&a, &cpu_sample());
+        let foreign = foreign_pct(&shares);
+        if foreign < 15.0 || budget.is_zero() {
+            return foreign;
+        }
+        if !said {
+            let who: Vec<String> = shares
+                .iter()
+                .filter(|s| !s.ours)
+                .take(3)
+                .map(|s| format!("{} {:.0}%", s.name, s.pct))
+                .collect();
+            eprintln!(
+                "bench: waiting (up to {} s in all) for other programs to go quiet: {}",
+                budget.as_secs(),
+                who.join(", ")
+            );
+            said = true;
+        }
+        *budget = budget.saturating_sub(Duration::from_secs(1));
+    }
 }
 
 /// System-wide `perf record` for a while; None when perf does not work here.
@@ -554,31 +631,58 @@ impl Perf {
         Some(Perf { child, file })
     }
 
-    /// Waits for the recording and returns the hottest symbols.
+    /// Waits for the recording; returns where the machine's CPU went (by
+    /// thread name and object), and inside the bench process (the service)
+    /// by thread and by symbol.
     pub async fn report(mut self, top: usize) -> Option<String> {
         let _ = tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await;
-        let out = tokio::process::Command::new("perf")
-            .args(["report", "--stdio", "--no-children", "--sort", "comm,dso,sym", "-i"])
-            .arg(&self.file)
-            .output()
-            .await
-            .ok()?;
+        let me = std::process::id().to_string();
+        let mut sections = Vec::new();
+        for (title, args, n) in [
+            (
+                "machine-wide, by thread name and object",
+                vec!["--sort", "comm,dso"],
+                top,
+            ),
+            (
+                "the bench process (the service, and the bench's tracking client thread), by thread",
+                vec!["--pid", me.as_str(), "--sort", "comm"],
+                8,
+            ),
+            (
+                "the bench process, by object and symbol",
+                vec!["--pid", me.as_str(), "--sort", "dso,sym"],
+                top,
+            ),
+        ] {
+            let out = tokio::process::Command::new("perf")
+                .args(["report", "--stdio", "--no-children"])
+                .args(&args)
+                .arg("-i")
+                .arg(&self.file)
+                .output()
+                .await
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.trim_start().chars().next().is_some_and(|c| c.is_ascii_digit()))
+                .take(n)
+                .map(|l| {
+                    let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+                    if l.chars().count() > 140 {
+                        format!("{}…", l.chars().take(140).collect::<String>())
+                    } else {
+                        l
+                    }
+                })
+                .collect();
+            if !lines.is_empty() {
+                sections.push(format!("{title}:\n{}", lines.join("\n")));
+            }
+        }
         let _ = std::fs::remove_file(&self.file);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<String> = text
-            .lines()
-            .filter(|l| l.trim_start().chars().next().is_some_and(|c| c.is_ascii_digit()))
-            .take(top)
-            .map(|l| {
-                let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
-                if l.chars().count() > 150 {
-                    format!("{}…", l.chars().take(150).collect::<String>())
-                } else {
-                    l
-                }
-            })
-            .collect();
-        (!lines.is_empty()).then(|| lines.join("\n"))
+        (!sections.is_empty()).then(|| sections.join("\n\n"))
     }
 }
 

@@ -231,7 +231,9 @@ pub async fn consume_acking(
                     d = consumer.next() => d,
                     _ = stop.cancelled() => return Ok(()),
                 };
-                let Some(first) = first else { bail!("consumer cancelled by the broker") };
+                let Some(first) = first else {
+                    bail!("consumer cancelled by the broker")
+                };
                 let mut last = first?.delivery_tag;
                 let mut n = 1u64;
                 let deadline = tokio::time::Instant::now() + wait;

@@ -199,7 +199,7 @@ impl Ws {
         }
         let op = b[0] & 0x0f;
         let masked = b[1] & 0x80 != 0;
-        let (len, mut start) = match b[1] & 0x7f {
+        let (len, mut start): (usize, usize) = match b[1] & 0x7f {
             126 => (u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize, 4),
             127 => (u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize, 10),
             n => (n as usize, 2),
@@ -380,9 +380,8 @@ impl Sse {
 /// subscribes to `destination`, waiting for the broker's receipt.
 pub async fn stomp_subscribe(addr: SocketAddr, vhost: &str, destination: &str) -> Result<Ws> {
     let mut ws = Ws::connect(addr, "/ws", Some("v12.stomp")).await?;
-    let connect = format!(
-        "CONNECT\naccept-version:1.2\nhost:{vhost}\nlogin:guest\npasscode:guest\nheart-beat:0,0\n\n\0"
-    );
+    let connect =
+        format!("CONNECT\naccept-version:1.2\nhost:{vhost}\nlogin:guest\npasscode:guest\nheart-beat:0,0\n\n\0");
     ws.send_text(connect.as_bytes()).await?;
     let first = ws
         .next_message(Duration::from_secs(30))
