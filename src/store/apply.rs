@@ -105,25 +105,20 @@ pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, Stor
 
 /// One statement per kind: update the rows whose version is older, and
 /// report for every input whether it applied and whether the product exists.
-fn apply_sql(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Price => {
-            "WITH input(id, value, version) AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[])), \
-             upd AS (UPDATE products p SET price_cents = i.value, price_version = i.version, updated_at = now() \
-                     FROM input i WHERE p.id = i.id AND p.price_version < i.version RETURNING p.id) \
-             SELECT i.id, (u.id IS NOT NULL) AS applied, (p.id IS NOT NULL) AS known, \
-                    COALESCE(p.price_version, 0) AS current \
-             FROM input i LEFT JOIN upd u ON u.id = i.id LEFT JOIN products p ON p.id = i.id"
-        }
-        Kind::Stock => {
-            "WITH input(id, value, version) AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[])), \
-             upd AS (UPDATE products p SET stock = i.value, stock_version = i.version, updated_at = now() \
-                     FROM input i WHERE p.id = i.id AND p.stock_version < i.version RETURNING p.id) \
-             SELECT i.id, (u.id IS NOT NULL) AS applied, (p.id IS NOT NULL) AS known, \
-                    COALESCE(p.stock_version, 0) AS current \
-             FROM input i LEFT JOIN upd u ON u.id = i.id LEFT JOIN products p ON p.id = i.id"
-        }
-    }
+fn apply_sql(kind: Kind) -> String {
+    // Column names come from this fixed match, never from input.
+    let (value, version) = match kind {
+        Kind::Price => ("price_cents", "price_version"),
+        Kind::Stock => ("stock", "stock_version"),
+    };
+    format!(
+        "WITH input(id, value, version) AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[])), \
+         upd AS (UPDATE products p SET {value} = i.value, {version} = i.version, updated_at = now() \
+                 FROM input i WHERE p.id = i.id AND p.{version} < i.version RETURNING p.id) \
+         SELECT i.id, (u.id IS NOT NULL) AS applied, (p.id IS NOT NULL) AS known, \
+                COALESCE(p.{version}, 0) AS current \
+         FROM input i LEFT JOIN upd u ON u.id = i.id LEFT JOIN products p ON p.id = i.id"
+    )
 }
 
 /// The state a generator starts a change from, with freshly issued versions.

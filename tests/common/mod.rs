@@ -275,20 +275,7 @@ impl TestPublisher {
         if let Some(ct) = content_type {
             props = props.with_content_type(ct.into());
         }
-        let confirm = self
-            .channel
-            .basic_publish(
-                "product.events".into(),
-                routing_key.into(),
-                lapin::options::BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack(), "test publish confirmed");
+        self.with_properties(routing_key, body, props).await;
     }
 
     /// Publishes raw bytes with the given properties and waits for the confirm.
