@@ -31,7 +31,7 @@ pub struct Metrics {
     pub consumer_lag: Family<OwnedLabel, Gauge>,
     pub updates_broadcast: Counter,
     // Photos.
-    pub photo_cache_hits: Counter,
+    pub photo_cache_hits: Family<Label, Counter>,
     pub photo_cache_misses: Counter,
     pub photo_origin_loads: Counter,
     pub redis_errors: Counter,
@@ -107,7 +107,11 @@ impl Metrics {
                 "Applied updates published to product.updates",
                 Counter::default()
             ),
-            photo_cache_hits: reg!("photo_cache_hits", "Photos served from Redis", Counter::default()),
+            photo_cache_hits: reg!(
+                "photo_cache_hits",
+                "Photos served from a cache, by layer (local, redis)",
+                Family::default()
+            ),
             photo_cache_misses: reg!(
                 "photo_cache_misses",
                 "Photo reads that missed the cache",

@@ -142,6 +142,8 @@ pub struct HubSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct PhotoSettings {
     pub cache_ttl_secs: u64,
+    /// Lifetime of the in-process copy in front of Redis (0: none).
+    pub local_ttl_ms: u64,
     pub max_upload_bytes: usize,
 }
 

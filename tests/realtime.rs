@@ -67,7 +67,7 @@ async fn clients_receive_only_updates_matching_their_patterns() {
     assert_eq!(after, ["product.price.7", "product.stock.7"]);
     let all = hash.updates(6, T).await;
     let o = offsets(&all);
-    assert!(o.windows(2).all(|w| w[1] == w[0] + 1), "consecutive offsets: {o:?}");
+    assert!(o.windows(2).all(|w| w[1] > w[0]), "increasing ids: {o:?}");
     assert_eq!(all[0]["data"]["price_cents"], 700);
     assert_eq!(all[0]["data"]["version"], 1);
     assert!(all[0]["data"]["ts_us"].as_i64().unwrap() > 0);
@@ -168,7 +168,7 @@ async fn resume_after_a_gateway_restart_reads_the_stream() {
         "missed before and after the restart, once each, in order"
     );
     let o = offsets(&got);
-    assert_eq!(o, [last + 1, last + 2, last + 3]);
+    assert!(o[0] > last && o.windows(2).all(|w| w[1] > w[0]), "{o:?} after {last}");
     p.event(5, "stock", 55, 1).await;
     assert_eq!(ws.updates(1, T).await[0]["data"]["product_id"], 5);
     assert!(app.metric("gateway_resumes_total", "stream").await >= 1.0);

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::link::{Connector, Link};
-use super::message::{DETAIL_HEADER, REASON_HEADER, Reject, decode_delivery, encode_update};
+use super::message::{
+    BATCH_ROUTING_KEY, DETAIL_HEADER, MAX_UPDATES_PER_MESSAGE, REASON_HEADER, Reject, decode_delivery, encode_update,
+};
 use super::publisher::{Outgoing, confirm_channel, publish_all};
 use crate::domain::Event;
 use crate::metrics::Metrics;
@@ -157,7 +159,7 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
         match outcome {
             Outcome::Applied => {
                 ctx.metrics.events_applied.get_or_create(&[("kind", kind)]).inc();
-                updates.push(update_message(ctx, &event));
+                updates.push(event);
             }
             Outcome::Duplicate { current } => {
                 ctx.metrics.events_duplicate.get_or_create(&[("kind", kind)]).inc();
@@ -165,23 +167,47 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
                 // broadcast was lost with the connection: send it again
                 // rather than risk clients never seeing it.
                 if delivery.redelivered && current == event.version {
-                    updates.push(update_message(ctx, &event));
+                    updates.push(event);
                 }
             }
             Outcome::UnknownProduct => unknown.push((delivery, Reject::UnknownProduct(event.product_id.get()))),
         }
     }
     dead_letter(ctx, channel, publisher, &unknown).await?;
-    publish_all(publisher, &updates, CONFIRM_TIMEOUT).await?;
+    let messages: Vec<Outgoing> = updates
+        .chunks(MAX_UPDATES_PER_MESSAGE)
+        .map(|c| batch_message(ctx, c))
+        .collect();
+    publish_all(publisher, &messages, CONFIRM_TIMEOUT).await?;
     ctx.metrics.updates_broadcast.inc_by(updates.len() as u64);
     channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
     Ok(())
 }
 
-fn update_message(ctx: &Ctx, event: &Event) -> Outgoing {
-    let topic = event.topic();
-    let id = format!("{topic}:{}", event.version);
-    Outgoing::json(&ctx.topology.updates_exchange, topic, encode_update(event), id, None)
+/// One stream message carries a committed batch's updates, in commit order:
+/// the broker's second hop then costs one message per batch, not per update.
+/// An update's id is derived from the message's stream offset and its index.
+fn batch_message(ctx: &Ctx, updates: &[Event]) -> Outgoing {
+    let mut body = Vec::with_capacity(updates.len() * 160 + 2);
+    body.push(b'[');
+    for (i, e) in updates.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&encode_update(e));
+    }
+    body.push(b']');
+    let first = updates
+        .first()
+        .map(|e| format!("{}:{}", e.topic(), e.version))
+        .unwrap_or_default();
+    Outgoing::json(
+        &ctx.topology.updates_exchange,
+        BATCH_ROUTING_KEY.to_owned(),
+        body,
+        first,
+        None,
+    )
 }
 
 /// Applies with in-process retries and back-off; None when every attempt

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::link::Connector;
+use super::message::{stream_offset_of, update_id};
 use crate::hub::HubHandle;
 use crate::hub::feed::CatchUpItem;
 use crate::hub::pattern::Pattern;
@@ -137,13 +138,14 @@ pub fn spawn_live(
                 };
                 if let Some(offset) = offset_of(&d) {
                     start = Start::Offset(offset + 1);
-                    match Update::from_stream(offset, d.routing_key.as_str(), &d.data) {
-                        Some(u) => {
-                            if !hub.publish(u).await {
-                                return;
-                            }
+                    let updates = Update::from_message(offset, &d.data);
+                    if updates.is_empty() {
+                        tracing::warn!(offset, "unreadable message in the update stream skipped");
+                    }
+                    for u in updates {
+                        if !hub.publish(u).await {
+                            return;
                         }
-                        None => tracing::warn!(offset, "unreadable message in the update stream skipped"),
                     }
                 }
                 if acker.delivered(&channel, d.delivery_tag, false).await.is_err() {
@@ -155,9 +157,9 @@ pub fn spawn_live(
     attached
 }
 
-/// Reads the stream from `from` for one resuming client, sending the
-/// updates that match its patterns, until `until` (exclusive) or until the
-/// receiver goes away.
+/// Reads the stream from update id `from` for one resuming client, sending
+/// the updates that match its patterns, until id `until` (exclusive) or
+/// until the receiver goes away.
 pub fn catch_up(
     connector: Connector,
     stream: String,
@@ -173,7 +175,8 @@ pub fn catch_up(
             return;
         };
         let conn = Arc::new(conn);
-        let Ok((channel, mut consumer)) = open(&conn, &stream, Start::Offset(from), prefetch).await else {
+        let from_offset = stream_offset_of(from);
+        let Ok((channel, mut consumer)) = open(&conn, &stream, Start::Offset(from_offset), prefetch).await else {
             return;
         };
         let mut acker = Acker::new(prefetch);
@@ -185,29 +188,34 @@ pub fn catch_up(
             };
             let Some(Ok(d)) = d else { break };
             let Some(offset) = offset_of(&d) else { continue };
-            if until.is_some_and(|u| offset >= u) {
-                break;
-            }
-            if first && offset > from {
+            let updates = Update::from_message(offset, &d.data);
+            if first && offset > from_offset {
                 // Retention removed what was asked for: say so, never a silent gap.
-                if tx
-                    .send(CatchUpItem::Reset {
-                        first_available: offset,
-                    })
-                    .await
-                    .is_err()
-                {
+                let first_available = updates.first().map(|u| u.offset).unwrap_or(update_id(offset, 0));
+                if tx.send(CatchUpItem::Reset { first_available }).await.is_err() {
                     break;
                 }
             }
             first = false;
-            if let Some(u) = Update::from_stream(offset, d.routing_key.as_str(), &d.data) {
+            let mut done = false;
+            for u in updates {
+                if u.offset < from {
+                    continue;
+                }
+                if until.is_some_and(|until| u.offset >= until) {
+                    done = true;
+                    break;
+                }
                 let words: Vec<&str> = u.topic.split('.').collect();
                 if patterns.iter().any(|p| p.matches_words(&words))
                     && tx.send(CatchUpItem::Update(Arc::new(u))).await.is_err()
                 {
+                    done = true;
                     break;
                 }
+            }
+            if done {
+                break;
             }
             if acker.delivered(&channel, d.delivery_tag, false).await.is_err() {
                 break;

@@ -87,7 +87,7 @@ async fn run(
     let mut tokens = 2.0 * FRAMES_PER_SEC;
     let mut last_frame = Instant::now();
     let mut strikes = 0u32;
-    let mut out = Vec::with_capacity(64);
+    let mut out = Vec::new();
     let close = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),

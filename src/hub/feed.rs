@@ -45,7 +45,7 @@ impl Feed {
             catch_up: None,
             last_caught_up: None,
             snapshot: HashMap::new(),
-            buf: Vec::with_capacity(64),
+            buf: Vec::new(),
         }
     }
 
@@ -73,10 +73,9 @@ impl Feed {
         loop {
             if let Some(rx) = self.catch_up.as_mut() {
                 // Live updates queued from the hub take over once the stream
-                // reader reaches the first of them.
+                // reader reaches the first of them (or ends at the hub's history).
                 let front = self.queue.front_offset();
-                let caught_up = matches!((front, self.last_caught_up), (Some(f), Some(l)) if l + 1 >= f);
-                if !caught_up {
+                {
                     let item = tokio::select! {
                         item = rx.recv() => item,
                         // Something arrived live: re-check whether we are caught up.

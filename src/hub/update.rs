@@ -5,6 +5,7 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use serde::Deserialize;
 
+use crate::broker::message::{MAX_UPDATES_PER_MESSAGE, update_id};
 use crate::domain::Kind;
 
 #[derive(Debug)]
@@ -32,8 +33,27 @@ struct Head {
 }
 
 impl Update {
-    /// Builds an update from a stream message body; None when the body is
-    /// not an update (nothing else is published there, but never trust it).
+    /// The updates of one stream message: a JSON array of updates (a
+    /// committed batch) or a single update. Entries that are not updates are
+    /// skipped (nothing else is published there, but never trust it).
+    pub fn from_message(offset: u64, body: &[u8]) -> Vec<Self> {
+        if body.first() == Some(&b'[') {
+            let Ok(items) = serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(body) else {
+                return Vec::new();
+            };
+            items
+                .iter()
+                .enumerate()
+                .take(MAX_UPDATES_PER_MESSAGE)
+                .filter_map(|(i, raw)| Self::from_stream(update_id(offset, i), "", raw.get().as_bytes()))
+                .collect()
+        } else {
+            Self::from_stream(update_id(offset, 0), "", body).into_iter().collect()
+        }
+    }
+
+    /// Builds one update with id `offset` from its JSON; None when the body
+    /// is not an update.
     pub fn from_stream(offset: u64, routing_key: &str, body: &[u8]) -> Option<Self> {
         let head: Head = serde_json::from_slice(body).ok()?;
         let data = std::str::from_utf8(body).ok()?;

@@ -5,7 +5,7 @@ pub mod image;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deadpool_redis::redis::AsyncCommands;
@@ -38,7 +38,15 @@ pub struct PhotoCache {
     /// started under, so a load that raced a replacement does not cache stale bytes.
     flights: Mutex<HashMap<ProductId, (u64, Flight)>>,
     generation: std::sync::atomic::AtomicU64,
+    /// A short-lived copy in this process in front of Redis, so a hot photo
+    /// costs no network round trip. Another instance's replacement shows
+    /// here after at most `near_ttl`; this instance's own, at once.
+    near: Mutex<HashMap<ProductId, (Instant, CachedPhoto)>>,
+    near_ttl: Duration,
 }
+
+/// Photos kept in the near cache at most; past that it starts afresh.
+const NEAR_ENTRIES: usize = 4096;
 
 impl PhotoCache {
     pub fn new(
@@ -64,6 +72,8 @@ impl PhotoCache {
             metrics,
             flights: Mutex::new(HashMap::new()),
             generation: Default::default(),
+            near: Mutex::new(HashMap::new()),
+            near_ttl: Duration::from_millis(photos.local_ttl_ms),
         })
     }
 
@@ -73,8 +83,13 @@ impl PhotoCache {
 
     /// The product's photo, from Redis when cached, else from PostgreSQL.
     pub async fn get(&self, id: ProductId) -> Result<Option<CachedPhoto>, StoreError> {
+        if let Some(hit) = self.near_get(id) {
+            self.metrics.photo_cache_hits.get_or_create(&[("layer", "local")]).inc();
+            return Ok(Some(hit));
+        }
         if let Some(hit) = self.cache_get(id).await {
-            self.metrics.photo_cache_hits.inc();
+            self.metrics.photo_cache_hits.get_or_create(&[("layer", "redis")]).inc();
+            self.near_put(id, &hit);
             return Ok(Some(hit));
         }
         self.metrics.photo_cache_misses.inc();
@@ -99,6 +114,7 @@ impl PhotoCache {
                     && self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation
                 {
                     self.cache_put(id, p).await;
+                    self.near_put(id, p);
                 }
                 Ok::<_, StoreError>(photo)
             })
@@ -122,6 +138,7 @@ impl PhotoCache {
 
     pub async fn invalidate(&self, id: ProductId) {
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.near.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         self.flights.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         let key = self.key(id);
         let deleted = self
@@ -140,6 +157,27 @@ impl PhotoCache {
         })
         .await
         .is_some()
+    }
+
+    fn near_get(&self, id: ProductId) -> Option<CachedPhoto> {
+        if self.near_ttl.is_zero() {
+            return None;
+        }
+        let near = self.near.lock().unwrap_or_else(|p| p.into_inner());
+        near.get(&id)
+            .filter(|(at, _)| at.elapsed() < self.near_ttl)
+            .map(|(_, p)| p.clone())
+    }
+
+    fn near_put(&self, id: ProductId, photo: &CachedPhoto) {
+        if self.near_ttl.is_zero() {
+            return;
+        }
+        let mut near = self.near.lock().unwrap_or_else(|p| p.into_inner());
+        if near.len() >= NEAR_ENTRIES {
+            near.clear();
+        }
+        near.insert(id, (Instant::now(), photo.clone()));
     }
 
     async fn cache_get(&self, id: ProductId) -> Option<CachedPhoto> {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use product_gateway::broker::message::decode_event;
+use product_gateway::broker::message::{decode_event, update_id};
 use product_gateway::broker::topology::Topology;
 use product_gateway::hub::pattern::Pattern;
 use product_gateway::store;
@@ -586,16 +586,21 @@ pub async fn run(plan: Plan) -> Report {
     let mut last_version: HashMap<(i64, String), i64> = HashMap::new();
     let (mut regressions, mut rebroadcasts) = (0, 0);
     for d in &stream {
+        // A stream message is a committed batch: an array of updates.
         let data: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
-        let s = Seen::from_data(stream_offset(d), d.routing_key.as_str(), &data).unwrap();
-        let v = last_version.entry((s.product, s.kind.clone())).or_insert(0);
-        if s.version < *v {
-            regressions += 1;
-        } else if s.version == *v {
-            rebroadcasts += 1;
+        let items = data.as_array().cloned().unwrap_or_else(|| vec![data.clone()]);
+        for (i, item) in items.iter().enumerate() {
+            let topic = format!("product.{}.{}", item["kind"].as_str().unwrap(), item["product_id"]);
+            let s = Seen::from_data(update_id(stream_offset(d), i), &topic, item).unwrap();
+            let v = last_version.entry((s.product, s.kind.clone())).or_insert(0);
+            if s.version < *v {
+                regressions += 1;
+            } else if s.version == *v {
+                rebroadcasts += 1;
+            }
+            *v = s.version;
+            stream_seen.push(s);
         }
-        *v = s.version;
-        stream_seen.push(s);
     }
 
     lines.push(format!(
@@ -612,7 +617,8 @@ pub async fn run(plan: Plan) -> Report {
         newest.len()
     ));
     lines.push(format!(
-        "stream: {} updates, version regressions {regressions}, same version re-broadcast {rebroadcasts}",
+        "stream: {} updates in {} messages, version regressions {regressions}, same version re-broadcast {rebroadcasts}",
+        stream_seen.len(),
         stream.len()
     ));
     lines.push(format!("photos served while Redis was down: {photos_ok}"));

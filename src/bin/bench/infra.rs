@@ -39,6 +39,8 @@ pub fn raise_nofile() -> Result<u64> {
             }
         }
     }
+    // rlim_t is u64 here but not on every platform.
+    #[allow(clippy::unnecessary_cast)]
     Ok(r.rlim_cur as u64)
 }
 

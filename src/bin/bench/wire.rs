@@ -53,6 +53,13 @@ pub fn num_after(hay: &[u8], key: &[u8]) -> Option<i64> {
     (i > start).then_some(n)
 }
 
+/// Like [`num_after`] for the last `key`, searched from the end: the field
+/// the fan-out clients read (`ts_us`) closes each message.
+pub fn num_after_last(hay: &[u8], key: &[u8]) -> Option<i64> {
+    let i = hay.windows(key.len()).rposition(|w| w == key)?;
+    num_after(&hay[i..], key)
+}
+
 /// The fields of an update the bench uses, read from its JSON text.
 #[derive(Debug, Clone, Copy)]
 pub struct UpdateInfo {
