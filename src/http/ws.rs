@@ -121,7 +121,9 @@ async fn run(
                     tokens -= 1.0;
                     match text {
                         None => Err(ClientError::new("binary_not_supported", "send JSON text frames")),
-                        Some(t) => handle(&mut sub, &mut session, &t).await,
+                        // Boxed: a subscribe (snapshot query, stream catch-up) has a
+                        // large state that every idle connection would otherwise carry.
+                        Some(t) => Box::pin(handle(&mut sub, &mut session, &t)).await,
                     }
                 };
                 match result {
