@@ -93,8 +93,14 @@ lint: ## rustfmt check and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-bench: services ## load benchmark (src/bin/bench)
-	$(CARGO) run --release --bin bench
+# scripts/bench-tools.sh installs wrk and nginx (and perf) from Debian when
+# missing; the bench starts nginx on a free loopback port, and may restart an
+# idle local RabbitMQ to raise its open-files limit (scripts/bench-rabbit.sh).
+# BENCH_ONLY=2,5 runs some scenarios only (BENCHMARKS.md is then left alone).
+bench: services ## load benchmark, every scenario of issue 5 (< 10 min); table into BENCHMARKS.md
+	scripts/bench-tools.sh
+	$(CARGO) build --release --bin bench
+	BENCH_COMMAND="make bench" target/release/bench
 
 chaos: services ## five-minute fault run (tests/common/chaos.rs); prints lost = 0 and recovery times
 	$(CARGO) test --release --test service_restarts -- --ignored --nocapture full_chaos_run_loses_nothing

@@ -93,7 +93,14 @@ async fn open(proto: Proto, addr: SocketAddr, vhost: &str) -> Result<Client> {
     Ok(match proto {
         Proto::Ws => Client::Ws(wire::gateway_ws(addr, &["product.#"], None).await?),
         Proto::Sse => Client::Sse(Sse::connect(addr, "/events?topics=product.%23").await?),
-        Proto::Stomp => Client::Ws(wire::stomp_subscribe(addr, vhost, "/exchange/product.updates/product.#").await?),
+        Proto::Stomp => Client::Ws(
+            wire::stomp_subscribe(
+                addr,
+                vhost,
+                &format!("/exchange/{}/product.#", crate::load::STOMP_EXCHANGE),
+            )
+            .await?,
+        ),
     })
 }
 
@@ -141,11 +148,16 @@ async fn receive(proto: Proto, client: Client, w: Arc<Window>, done: Cancellatio
                 match proto {
                     Proto::Stomp => {
                         // One or more STOMP frames, each ending in NUL.
+                        // Every update in it counts (one per message here).
                         for frame in p.split(|&b| b == 0) {
-                            if frame.starts_with(b"MESSAGE")
-                                && let Some(ts) = wire::num_after_last(frame, b"\"ts_us\":")
-                            {
-                                t.see(ts, &w);
+                            if frame.starts_with(b"MESSAGE") {
+                                let mut rest = frame;
+                                while let Some(i) = wire::find(rest, b"\"ts_us\":") {
+                                    if let Some(ts) = wire::num_after(&rest[i..], b"\"ts_us\":") {
+                                        t.see(ts, &w);
+                                    }
+                                    rest = &rest[i + 8..];
+                                }
                             }
                         }
                     }
@@ -473,6 +485,7 @@ pub fn publish_proc(args: Args) -> Result<()> {
         _ => bail!("--rate or --window is needed"),
     };
     let duration = args.num::<f64>("secs").ok().map(Duration::from_secs_f64);
+    let mirror = args.get("mirror").ok();
     let count = args.num::<u64>("count").ok();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = rt.block_on(async move {
@@ -488,6 +501,7 @@ pub fn publish_proc(args: Args) -> Result<()> {
             count,
             stop: stop.clone(),
             sent: sent.clone(),
+            mirror,
         };
         {
             let (seen, stop) = (seen.clone(), stop.clone());
@@ -537,6 +551,7 @@ pub struct PubProc {
 impl PubProc {
     /// Starts a publisher process; `seq` is the run's event counter, moved
     /// past the events this one publishes when it is done.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         url: &str,
         exchange: &str,
@@ -545,6 +560,7 @@ impl PubProc {
         pace: crate::load::Pace,
         duration: Option<Duration>,
         count: Option<u64>,
+        mirror: Option<&str>,
     ) -> Result<PubProc> {
         use crate::load::Pace;
         use tokio::io::AsyncWriteExt;
@@ -574,6 +590,9 @@ impl PubProc {
         }
         if let Some(c) = count {
             args.extend(["--count".into(), c.to_string()]);
+        }
+        if let Some(m) = mirror {
+            args.extend(["--mirror".into(), m.to_owned()]);
         }
         let exe = std::env::current_exe().context("path of the bench binary")?;
         let mut child = tokio::process::Command::new(exe)

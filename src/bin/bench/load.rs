@@ -41,7 +41,12 @@ pub fn key_of(seq: u64, products: i64) -> (i64, bool) {
 
 /// Event `seq` as the generator would publish it (same body, same
 /// properties), stamped now.
-pub fn event_message(seq: u64, products: i64, exchange: &str) -> Outgoing {
+/// The topic exchange the Web-STOMP comparison reads: each event published
+/// there as the update a client receives, routed by its topic.
+pub const STOMP_EXCHANGE: &str = "bench.stomp.updates";
+
+/// Event `seq` as the generator would make it, stamped now.
+pub fn event(seq: u64, products: i64) -> Event {
     let (product, price) = key_of(seq, products);
     let version = version_of(seq);
     let change = if price {
@@ -49,13 +54,19 @@ pub fn event_message(seq: u64, products: i64, exchange: &str) -> Outgoing {
     } else {
         Change::Stock(Stock::try_from(version % 1000).unwrap_or_else(|_| unreachable!()))
     };
-    let event = Event {
+    Event {
         product_id: ProductId::new(product).unwrap_or_else(|| unreachable!()),
         change,
         version,
         occurred_at: chrono::Utc::now(),
         ts_us: now_us(),
-    };
+    }
+}
+
+/// Event `seq` as the generator would publish it (same body, same
+/// properties), stamped now.
+pub fn event_message(seq: u64, products: i64, exchange: &str) -> Outgoing {
+    let event = event(seq, products);
     Outgoing::json(
         exchange,
         event.topic(),
@@ -99,6 +110,9 @@ pub struct PublishJob {
     pub stop: CancellationToken,
     /// Events published so far in this run, for progress sampling.
     pub sent: Arc<AtomicU64>,
+    /// Also publish each event, as the update clients receive, to this
+    /// topic exchange (the Web-STOMP comparison's source).
+    pub mirror: Option<String>,
 }
 
 /// Publishes with pipelined confirms until the duration, the count or the
@@ -147,6 +161,20 @@ pub async fn publish(job: PublishJob) -> Result<PublishRun> {
         for _ in 0..n {
             let s = job.seq.fetch_add(1, Ordering::SeqCst);
             let m = event_message(s, job.products, &job.exchange);
+            if let Some(mirror) = &job.mirror {
+                let e = event(s, job.products);
+                let confirm = channel
+                    .basic_publish(
+                        mirror.as_str().into(),
+                        e.topic().as_str().into(),
+                        BasicPublishOptions::default(),
+                        &product_gateway::broker::message::encode_update(&e),
+                        m.properties.clone(),
+                    )
+                    .await
+                    .context("publish to the Web-STOMP exchange")?;
+                inflight.push(confirm);
+            }
             let confirm = channel
                 .basic_publish(
                     m.exchange.as_str().into(),

@@ -59,7 +59,8 @@ fn main() {
         Some("-h" | "--help" | "help") => {
             println!(
                 "usage: bench            run every scenario, print the table, write BENCHMARKS.md\n       \
-                 (bench fanout-clients / idle-clients are started by it)"
+                 BENCH_ONLY=2,5 bench  run some scenarios (BENCHMARKS.md left alone)\n       \
+                 (bench fanout-clients / idle-clients / publish are child processes it starts)"
             );
             0
         }
@@ -371,8 +372,16 @@ async fn versions(iso: &Isolation) -> Vec<(String, String)> {
             .await
             .unwrap_or_else(|e| format!("? ({e})")),
     ));
-    v.push(("nginx".to_owned(), infra::command_version("nginx", &["-v"])));
-    v.push(("wrk".to_owned(), infra::command_version("wrk", &["-v"])));
+    let nginx = infra::command_version("nginx", &["-v"]);
+    v.push((
+        "nginx".to_owned(),
+        nginx.rsplit('/').next().unwrap_or(&nginx).to_owned(),
+    ));
+    let wrk = infra::command_version("wrk", &["-v"]);
+    v.push((
+        "wrk".to_owned(),
+        wrk.split_whitespace().nth(1).unwrap_or(&wrk).to_owned(),
+    ));
     v
 }
 
@@ -513,9 +522,13 @@ const METHOD: &str = r#"### How each figure is measured
   target counts as met when at least 99% of every event to every client arrived in the window (the
   window's edges move a few events). *Web-STOMP*: the same number of clients connect to RabbitMQ's
   Web-STOMP plugin (port 15674, the bench's vhost) and subscribe to
-  `/exchange/product.updates/product.#`, so RabbitMQ delivers the very updates the gateway's consumer
-  publishes after applying each event: their path is one hop shorter than the gateway's (no stream,
-  no hub), latency measured the same way.
+  `/exchange/bench.stomp.updates/product.#`; during that run the publisher also sends each event, as
+  the very update JSON the gateway's clients get, to that topic exchange with the event's routing key
+  (`product.<kind>.<id>`), the way RabbitMQ alone would serve browsers: one message per update, routed
+  by topic. (The gateway's own `product.updates` now carries one message per committed batch, which a
+  STOMP client could not filter by topic.) Their path is shorter than the gateway's (no apply, no
+  database, no stream, no hub); latency is measured the same way, and every update inside a message
+  is counted.
 - **3. Connections.** The child process opens 5,000 WebSocket connections (each subscribed to one
   product's price) and 5,000 SSE streams (one product's stock), 200 connection attempts at a time;
   connect rate = connections ÷ time until all were subscribed. Memory is the bench process's `VmRSS`

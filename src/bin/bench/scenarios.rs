@@ -59,6 +59,18 @@ impl Ctx {
         count: Option<u64>,
         url: Option<&str>,
     ) -> Result<PubProc> {
+        self.publish_to(pace, duration, count, url, None).await
+    }
+
+    /// `publish`, also sending each event as an update to `mirror`.
+    async fn publish_to(
+        &self,
+        pace: Pace,
+        duration: Option<Duration>,
+        count: Option<u64>,
+        url: Option<&str>,
+        mirror: Option<&str>,
+    ) -> Result<PubProc> {
         let default = self.iso.amqp_url(&self.iso.vhost);
         PubProc::start(
             url.unwrap_or(&default),
@@ -68,6 +80,7 @@ impl Ctx {
             pace,
             duration,
             count,
+            mirror,
         )
         .await
     }
@@ -310,6 +323,10 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         ctx.quiet().await;
         let applied0 = inst.metric("gateway_events_applied", "");
         let dup0 = inst.metric("gateway_events_duplicate", "");
+        let (bsum0, bcount0) = (
+            inst.metric("gateway_apply_batch_size_sum", ""),
+            inst.metric("gateway_apply_batch_size_count", ""),
+        );
         let d_start = tracker.distinct.load(Ordering::SeqCst);
         let publish = ctx
             .publish(Pace::Rate(rate), Some(Duration::from_secs(30)), None, None)
@@ -344,6 +361,8 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         let achieved = run.count() as f64 / run.secs;
         let applied = inst.metric("gateway_events_applied", "") - applied0;
         let dups = inst.metric("gateway_events_duplicate", "") - dup0;
+        let batches = inst.metric("gateway_apply_batch_size_count", "") - bcount0;
+        let mean_batch = (inst.metric("gateway_apply_batch_size_sum", "") - bsum0) / batches;
         let lat = tracker.latencies(run.first_seq, run.end_seq);
         let db_mismatch = check_db(inst, ctx.products, run.first_seq, run.end_seq).await?;
         // Held: nothing lost, the publisher kept the rate, and the client
@@ -362,7 +381,8 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
             "Pipeline attempt {}: {} events/s asked, {:.0}/s published for {:.1} s, {} confirmed; \
              delivered {} (loss {loss}); applied +{applied}, duplicates +{dups}; DB rows not at their \
              last version: {db_mismatch}; backlog at the end {end_backlog} (max {max_backlog} after 5 s); \
-             drained in {}; e2e latency p50 {} p99 {}; held: {}.",
+             drained in {}; e2e latency p50 {} p99 {}; {batches} apply batches of {mean_batch:.1} events \
+             on average; held: {}.",
             attempt + 1,
             thousands(rate),
             achieved,
@@ -546,6 +566,23 @@ pub async fn fanout(
     const S: &str = "2. fan-out";
     const RATE: f64 = 100.0;
     let (warmup, window) = (Duration::from_secs(3), Duration::from_secs(15));
+    if proto == "stomp" {
+        let conn = lapin::Connection::connect(
+            &ctx.iso.amqp_url(&ctx.iso.vhost),
+            lapin::ConnectionProperties::default(),
+        )
+        .await?;
+        let ch = conn.create_channel().await?;
+        ch.exchange_declare(
+            load::STOMP_EXCHANGE.into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .context("declare the Web-STOMP exchange")?;
+        let _ = conn.close(200, "declared".into()).await;
+    }
     let mut attempt = 0;
     let (result, ready) = loop {
         attempt += 1;
@@ -569,8 +606,12 @@ pub async fn fanout(
             .expect("READY", Duration::from_secs(150))
             .await
             .with_context(|| format!("{n} {label} clients"))?;
+        // Web-STOMP clients get each event from a topic exchange of its own
+        // as the update the gateway's clients receive, routed by its topic:
+        // how RabbitMQ alone would serve these browsers.
+        let mirror = (proto == "stomp").then_some(load::STOMP_EXCHANGE);
         let publish = ctx
-            .publish(Pace::Rate(RATE), Some(Duration::from_secs(90)), None, None)
+            .publish_to(Pace::Rate(RATE), Some(Duration::from_secs(90)), None, None, mirror)
             .await?;
         // CPU over the clients' whole measuring window.
         tokio::time::sleep(warmup).await;
