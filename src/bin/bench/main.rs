@@ -1,4 +1,4 @@
-//! `make bench`: the load benchmark of issue 5. Runs the service in this
+//! `make bench`: the load benchmark. Runs the service in this
 //! process against the real PostgreSQL, RabbitMQ and Redis on loopback, in
 //! a database, vhosts and Redis prefix of its own, runs each scenario, prints
 //! one table and writes it to BENCHMARKS.md. Bounded: the whole run stops

@@ -1,4 +1,4 @@
-//! The five scenarios of issue 5. Each adds its rows to the report; an
+//! The five benchmark scenarios. Each adds its rows to the report; an
 //! infrastructure failure (a service that does not answer, a client that
 //! cannot connect, a time-out waiting for anything at all) is an error that
 //! stops the run; a missed target is a figure.
