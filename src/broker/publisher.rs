@@ -64,6 +64,23 @@ pub async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
     Ok(channel)
 }
 
+/// Publishes one message, mandatory so that an unroutable one comes back;
+/// the returned future resolves to the broker's confirm.
+pub async fn publish_one(channel: &Channel, m: &Outgoing) -> lapin::Result<lapin::PublisherConfirm> {
+    channel
+        .basic_publish(
+            m.exchange.as_str().into(),
+            m.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &m.body,
+            m.properties.clone(),
+        )
+        .await
+}
+
 /// Publishes every message (mandatory) and waits for all confirms.
 pub async fn publish_all(channel: &Channel, messages: &[Outgoing], timeout: Duration) -> Result<(), PublishError> {
     if messages.is_empty() {
@@ -71,19 +88,7 @@ pub async fn publish_all(channel: &Channel, messages: &[Outgoing], timeout: Dura
     }
     let mut confirms = Vec::with_capacity(messages.len());
     for m in messages {
-        let confirm = channel
-            .basic_publish(
-                m.exchange.as_str().into(),
-                m.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &m.body,
-                m.properties.clone(),
-            )
-            .await?;
-        confirms.push(confirm);
+        confirms.push(publish_one(channel, m).await?);
     }
     let all = futures_util::future::join_all(confirms);
     let results = tokio::time::timeout(timeout, all)

@@ -14,7 +14,6 @@ use std::time::Duration;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use lapin::options::BasicPublishOptions;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -22,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::link::Connector;
 use crate::broker::message::encode_event;
-use crate::broker::publisher::{Outgoing, confirm_channel};
+use crate::broker::publisher::{Outgoing, confirm_channel, publish_one};
 use crate::domain::{Change, Event, PriceCents, ProductId, Stock, now_us};
 use crate::metrics::Metrics;
 use crate::settings::{GeneratorSettings, Settings};
@@ -256,18 +255,7 @@ async fn publish(channel: &lapin::Channel, exchange: &str, p: &Pending) -> lapin
         p.message_id.clone(),
         None,
     );
-    channel
-        .basic_publish(
-            out.exchange.as_str().into(),
-            out.routing_key.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &out.body,
-            out.properties,
-        )
-        .await
+    publish_one(channel, &out).await
 }
 
 async fn wait_confirm(p: Pending, confirm: lapin::PublisherConfirm, timeout: Duration) -> (Pending, ConfirmOutcome) {
