@@ -175,17 +175,7 @@ pub async fn publish(job: PublishJob) -> Result<PublishRun> {
                     .context("publish to the Web-STOMP exchange")?;
                 inflight.push(confirm);
             }
-            let confirm = channel
-                .basic_publish(
-                    m.exchange.as_str().into(),
-                    m.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &m.body,
-                    m.properties,
-                )
+            let confirm = product_gateway::broker::publisher::publish_one(&channel, &m)
                 .await
                 .context("publish")?;
             inflight.push(confirm);
