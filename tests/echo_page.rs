@@ -55,6 +55,13 @@ async fn echo_page_shows_updates_over_both_transports() {
     assert!(summary["console_sse"].as_u64().unwrap() >= 1, "{summary}");
     let png = std::fs::read(&shot).expect("screenshot saved");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
-    assert!(app.metric("gateway_clients_connected", "ws").await >= 0.0);
+    assert!(
+        app.metric("gateway_updates_delivered_total", "sse").await >= 3.0,
+        "the page's SSE stream was served"
+    );
+    assert!(
+        app.metric("gateway_updates_delivered_total", "ws").await >= 3.0,
+        "the page's WebSocket was served"
+    );
     app.stop().await;
 }
