@@ -91,7 +91,7 @@ test: services ## every test; service-restart tests alone, afterwards
 
 lint: ## rustfmt check and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # scripts/bench-tools.sh installs wrk and nginx (and perf) from Debian when
 # missing; the bench starts nginx on a free loopback port, and may restart an
@@ -99,7 +99,7 @@ lint: ## rustfmt check and clippy, warnings are errors
 # BENCH_ONLY=2,5 runs some scenarios only (BENCHMARKS.md is then left alone).
 bench: services ## load benchmark, five scenarios (< 10 min); table into BENCHMARKS.md
 	scripts/bench-tools.sh
-	$(CARGO) build --release --bin bench
+	$(CARGO) build --release -p bench
 	BENCH_COMMAND="make bench" target/release/bench
 
 chaos: services ## five-minute fault run (tests/common/chaos.rs); prints lost = 0 and recovery times

@@ -85,7 +85,8 @@ pub fn repo_root() -> PathBuf {
     if cwd.join("scripts/bench-rabbit.sh").exists() {
         cwd
     } else {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        // The bench crate sits one folder below the repository root.
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
     }
 }
 
