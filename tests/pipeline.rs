@@ -306,3 +306,30 @@ async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
     assert!(app.dead_letters().await.is_empty());
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn version_issuing_refuses_a_product_at_the_version_bound_instead_of_overflowing() {
+    let app = spawn_app().await;
+    // A row written before versions were bounded.
+    let mut conn = app.state.db.get().await.unwrap();
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query("UPDATE products SET price_version = 9223372036854775807 WHERE id = 7"),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let id = product_gateway::domain::ProductId::new(7).unwrap();
+    let issued = product_gateway::store::apply::issue(&app.state.db, id, true, false).await;
+    assert!(
+        matches!(issued, Ok(None)),
+        "no version issued past the bound: {issued:?}"
+    );
+    // Its other kind is still issued normally.
+    let stock = product_gateway::store::apply::issue(&app.state.db, id, false, true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stock.stock_issued, 1);
+    app.stop().await;
+}

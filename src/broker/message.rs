@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Change, Event, Kind, PriceCents, ProductId, Stock};
+use crate::domain::{Change, Event, Kind, PriceCents, ProductId, Stock, Version};
 
 /// Current schema of events on `product.events`.
 pub const SCHEMA: u32 = 1;
@@ -199,9 +199,7 @@ pub fn decode_event(
 fn validate(wire: Wire) -> Result<Event, Reject> {
     let invalid = |m: &str| Reject::InvalidValue(m.to_owned());
     let product_id = ProductId::new(wire.product_id).ok_or_else(|| invalid("product_id must be positive"))?;
-    if wire.version <= 0 {
-        return Err(invalid("version must be positive"));
-    }
+    let version = Version::try_from(wire.version).map_err(invalid)?;
     let change = match (wire.kind, wire.price_cents, wire.stock) {
         (Kind::Price, Some(p), None) => Change::Price(PriceCents::try_from(p).map_err(invalid)?),
         (Kind::Stock, None, Some(s)) => Change::Stock(Stock::try_from(s).map_err(invalid)?),
@@ -211,7 +209,7 @@ fn validate(wire: Wire) -> Result<Event, Reject> {
     Ok(Event {
         product_id,
         change,
-        version: wire.version,
+        version: version.get(),
         occurred_at: wire.occurred_at,
         ts_us: wire.ts_us,
     })
@@ -252,6 +250,8 @@ mod tests {
             (br#"{"schema":9,"product_id":42,"kind":"price","price_cents":5,"version":1,"occurred_at":"2026-01-01T00:00:00Z","ts_us":1}"#, None, "unsupported_schema_version"),
             (br#"{"product_id":43,"kind":"price","price_cents":5,"version":1,"occurred_at":"2026-01-01T00:00:00Z","ts_us":1}"#, None, "routing_key_mismatch"),
             (b"{}", Some("text/plain"), "wrong_content_type"),
+            (br#"{"product_id":42,"kind":"price","price_cents":5,"version":9007199254740992,"occurred_at":"2026-01-01T00:00:00Z","ts_us":1}"#, None, "invalid_value"),
+            (br#"{"product_id":42,"kind":"price","price_cents":5,"version":-1,"occurred_at":"2026-01-01T00:00:00Z","ts_us":1}"#, None, "invalid_value"),
         ];
         for (body, ct, code) in cases {
             let err = decode_event(body, ct, rk, 4096).unwrap_err();
