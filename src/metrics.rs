@@ -48,6 +48,7 @@ pub struct Metrics {
     pub client_errors: Family<Label, Counter>,
     // Broker links.
     pub broker_reconnects: Counter,
+    pub broker_max_message_bytes: Gauge,
 }
 
 impl Metrics {
@@ -169,6 +170,11 @@ impl Metrics {
                 "broker_reconnects",
                 "Broker connections re-established",
                 Counter::default()
+            ),
+            broker_max_message_bytes: reg!(
+                "broker_max_message_bytes",
+                "Largest body the broker accepts, read from its refusal of a probe one byte over rabbit.topology.max_message_bytes at start (0: it accepted the probe)",
+                Gauge::default()
             ),
             registry,
         };

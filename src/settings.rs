@@ -98,6 +98,10 @@ pub struct TopologySettings {
     pub stream_max_age: String,
     pub stream_max_length_bytes: i64,
     pub stream_max_segment_size_bytes: i64,
+    /// Largest message body the broker should accept (its `max_message_size`,
+    /// node-wide, set in the broker config this project ships); checked
+    /// against the broker at start.
+    pub max_message_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -16,6 +16,10 @@ pub const BATCH_ROUTING_KEY: &str = "product.updates.batch";
 /// stream and a client can resume from any of them.
 pub const MAX_UPDATES_PER_MESSAGE: usize = 1024;
 
+/// Largest encoded update (`encode_update`) of any valid event: the bound
+/// of a stream message is this times its updates.
+pub const MAX_UPDATE_BYTES: usize = 256;
+
 /// The id of the update at `index` in the stream message at `offset`.
 pub fn update_id(offset: u64, index: usize) -> u64 {
     offset * MAX_UPDATES_PER_MESSAGE as u64 + index as u64
@@ -235,6 +239,19 @@ mod tests {
         let body = encode_event(&e);
         let back = decode_event(&body, Some("application/json"), "product.price.42", 4096).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn largest_update_fits_max_update_bytes() {
+        let e = Event {
+            product_id: ProductId::new(i64::MAX).unwrap(),
+            change: Change::Price(PriceCents::try_from(crate::domain::MAX_PRICE_CENTS).unwrap()),
+            version: crate::domain::MAX_VERSION,
+            occurred_at: DateTime::<Utc>::MAX_UTC,
+            ts_us: i64::MIN,
+        };
+        let n = encode_update(&e).len();
+        assert!(n <= MAX_UPDATE_BYTES, "{n}");
     }
 
     #[test]
