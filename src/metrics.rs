@@ -21,6 +21,7 @@ pub struct Metrics {
     pub events_nacked: Counter,
     pub events_returned: Counter,
     pub events_retried: Counter,
+    pub generator_retries: Family<Label, Counter>,
     // Consumer / apply.
     pub events_applied: Family<Label, Counter>,
     pub events_duplicate: Family<Label, Counter>,
@@ -72,6 +73,11 @@ impl Metrics {
             events_nacked: reg!("events_nacked", "Events nacked by the broker", Counter::default()),
             events_returned: reg!("events_returned", "Events returned as unroutable", Counter::default()),
             events_retried: reg!("events_retried", "Event publishes retried", Counter::default()),
+            generator_retries: reg!(
+                "generator_retries",
+                "Generator events published again after a back-off, by reason (unroutable, nacked, unconfirmed)",
+                Family::default()
+            ),
             events_applied: reg!("events_applied", "Events applied to the catalog", Family::default()),
             events_duplicate: reg!(
                 "events_duplicate",

@@ -110,6 +110,10 @@ pub struct GeneratorSettings {
     pub rate: f64,
     pub max_in_flight: usize,
     pub confirm_timeout_ms: u64,
+    /// Back-off before an event refused by the broker (nacked, unroutable,
+    /// unconfirmed) is published again: doubles from min up to max.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -210,10 +210,14 @@ async fn absurd_version_is_dead_lettered_and_the_product_stays_updatable() {
         p.with_properties(rk, event(2, "price_cents", "500", v).as_bytes(), json())
             .await;
     }
-    let letters = eventually(Duration::from_secs(30), "every absurd version dead-lettered", || async {
-        let l = app.dead_letters().await;
-        (l.len() >= absurd.len()).then_some(l)
-    })
+    let letters = eventually(
+        Duration::from_secs(30),
+        "every absurd version dead-lettered",
+        || async {
+            let l = app.dead_letters().await;
+            (l.len() >= absurd.len()).then_some(l)
+        },
+    )
     .await;
     let reasons: Vec<&str> = letters.iter().map(|l| l["reason"].as_str().unwrap()).collect();
     assert_eq!(reasons, vec!["invalid_value"; absurd.len()], "{letters:?}");
@@ -232,10 +236,14 @@ async fn absurd_version_is_dead_lettered_and_the_product_stays_updatable() {
         json(),
     )
     .await;
-    eventually(Duration::from_secs(30), "the largest allowed version applies", || async {
-        let p2 = app.product(2).await;
-        (p2["price_version"] == 9_007_199_254_740_991_i64 && p2["price_cents"] == 800).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the largest allowed version applies",
+        || async {
+            let p2 = app.product(2).await;
+            (p2["price_version"] == 9_007_199_254_740_991_i64 && p2["price_cents"] == 800).then_some(())
+        },
+    )
     .await;
     assert_eq!(app.dead_letters().await.len(), absurd.len());
     app.stop().await;
