@@ -185,7 +185,41 @@ redis_start_local() {
 
 # --- RabbitMQ --------------------------------------------------------------
 
+# max_message_size the gateway expects of its broker (docker/rabbitmq.conf,
+# equal to rabbit.topology.max_message_bytes; a test keeps them equal).
+rabbit_max_message_size() {
+    sed -n 's/^max_message_size *= *\([0-9]*\).*/\1/p' docker/rabbitmq.conf
+}
+
+# Only for a broker this script starts: its conf.d gets the gateway's message
+# size limit, so oversize events are refused at publish (node-wide setting).
+rabbit_install_limits() {
+    local dir=/etc/rabbitmq/conf.d file limit
+    limit=$(rabbit_max_message_size)
+    file="$dir/20-gateway-limits.conf"
+    [[ -n "$limit" ]] || return 0
+    if [[ -d "$dir" && -w "$dir" ]] || { [[ ! -e "$dir" && -w /etc/rabbitmq ]] && mkdir -p "$dir"; }; then
+        log "writing max_message_size = ${limit} to ${file}"
+        printf '# written by scripts/services.sh: the gateway'"'"'s message size limit\nmax_message_size = %s\n' "$limit" >"$file"
+    else
+        log "WARNING: cannot write ${file}: the broker keeps its default message size limit (128 MiB)"
+    fi
+}
+
+# Read-only: says when a running broker's limit differs from the gateway's.
+rabbit_check_limits() {
+    local want have_limit
+    want=$(rabbit_max_message_size)
+    have rabbitmqctl || return 0
+    have_limit=$(rabbitmqctl -q eval 'application:get_env(rabbit, max_message_size).' 2>/dev/null |
+        sed -n 's/^{ok,\([0-9]*\)}$/\1/p') || true
+    if [[ -n "$want" && -n "$have_limit" && "$have_limit" != "$want" ]]; then
+        log "WARNING: the broker accepts messages up to ${have_limit} bytes, the gateway expects ${want} (max_message_size in docker/rabbitmq.conf); oversize events are then refused only after delivery"
+    fi
+}
+
 rabbit_start_local() {
+    rabbit_install_limits
     log "starting rabbitmq-server -detached (open-files limit raised to 65536, or to the hard limit)"
     (
         # Best effort: containers often cap the hard limit below 65536.
@@ -292,6 +326,7 @@ ensure() {
     fi
 
     rabbit_enable_plugins
+    rabbit_check_limits
     if mgmt_up; then
         log "RabbitMQ management API answers at ${MGMT_URL}/"
     else

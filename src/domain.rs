@@ -107,6 +107,35 @@ impl Stock {
     }
 }
 
+/// Largest version accepted: 2^53 - 1. Versions reach browsers as JSON
+/// numbers, and JavaScript holds integers exactly only up to this
+/// (`Number.MAX_SAFE_INTEGER`): above it two versions can compare equal. It
+/// also leaves 2^10 times the room below `i64::MAX`, so issuing the next
+/// version (one more each time) cannot overflow: at a million events a second
+/// on one product, reaching the bound takes some 285 years.
+pub const MAX_VERSION: i64 = (1 << 53) - 1;
+
+/// A version of one product's attribute: positive and at most [`MAX_VERSION`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(i64);
+
+impl TryFrom<i64> for Version {
+    type Error = &'static str;
+    fn try_from(value: i64) -> Result<Self, Self::Error> {
+        match value {
+            v if v <= 0 => Err("version must be positive"),
+            v if v > MAX_VERSION => Err("version is above 2^53 - 1"),
+            v => Ok(Self(v)),
+        }
+    }
+}
+
+impl Version {
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
 /// The new value an event carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {

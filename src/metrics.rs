@@ -21,6 +21,7 @@ pub struct Metrics {
     pub events_nacked: Counter,
     pub events_returned: Counter,
     pub events_retried: Counter,
+    pub generator_retries: Family<Label, Counter>,
     // Consumer / apply.
     pub events_applied: Family<Label, Counter>,
     pub events_duplicate: Family<Label, Counter>,
@@ -48,6 +49,7 @@ pub struct Metrics {
     pub client_errors: Family<Label, Counter>,
     // Broker links.
     pub broker_reconnects: Counter,
+    pub broker_max_message_bytes: Gauge,
 }
 
 impl Metrics {
@@ -71,6 +73,11 @@ impl Metrics {
             events_nacked: reg!("events_nacked", "Events nacked by the broker", Counter::default()),
             events_returned: reg!("events_returned", "Events returned as unroutable", Counter::default()),
             events_retried: reg!("events_retried", "Event publishes retried", Counter::default()),
+            generator_retries: reg!(
+                "generator_retries",
+                "Generator events published again after a back-off, by reason (unroutable, nacked, unconfirmed)",
+                Family::default()
+            ),
             events_applied: reg!("events_applied", "Events applied to the catalog", Family::default()),
             events_duplicate: reg!(
                 "events_duplicate",
@@ -169,6 +176,11 @@ impl Metrics {
                 "broker_reconnects",
                 "Broker connections re-established",
                 Counter::default()
+            ),
+            broker_max_message_bytes: reg!(
+                "broker_max_message_bytes",
+                "Largest body the broker accepts, read from its refusal of a probe one byte over rabbit.topology.max_message_bytes at start (0: it accepted the probe)",
+                Gauge::default()
             ),
             registry,
         };

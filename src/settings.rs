@@ -98,6 +98,10 @@ pub struct TopologySettings {
     pub stream_max_age: String,
     pub stream_max_length_bytes: i64,
     pub stream_max_segment_size_bytes: i64,
+    /// Largest message body the broker should accept (its `max_message_size`,
+    /// node-wide, set in the broker config this project ships); checked
+    /// against the broker at start.
+    pub max_message_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +110,10 @@ pub struct GeneratorSettings {
     pub rate: f64,
     pub max_in_flight: usize,
     pub confirm_timeout_ms: u64,
+    /// Back-off before an event refused by the broker (nacked, unroutable,
+    /// unconfirmed) is published again: doubles from min up to max.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

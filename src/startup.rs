@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::link::{Connector, Link};
-use crate::broker::topology::Topology;
+use crate::broker::topology::{Topology, check_message_limit, report_message_limit};
 use crate::broker::{consumer, stream};
 use crate::generator;
 use crate::http::{self, AppState};
@@ -45,13 +45,15 @@ impl Application {
             metrics.clone(),
         )?);
 
+        check_message_limit(&settings.rabbit.topology, &settings.consumer).map_err(anyhow::Error::msg)?;
         let topology = Arc::new(Topology::new(&settings.rabbit.topology));
         let instance = instance_name();
         let connector = Connector::new(settings.rabbit.clone(), topology, metrics.clone(), instance);
         let broker = Arc::new(Link::new(connector.clone(), "admin"));
         // The topology must exist before anything publishes; fail start-up
         // loudly when RabbitMQ cannot be reached at all.
-        broker.get().await?;
+        let conn = broker.get().await?;
+        report_message_limit(&conn, settings.rabbit.topology.max_message_bytes, &metrics).await;
 
         consumer::spawn(
             &settings.consumer,

@@ -197,3 +197,54 @@ async fn a_silent_websocket_peer_is_closed_by_the_heartbeat() {
     drop(silent);
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn absurd_version_is_dead_lettered_and_the_product_stays_updatable() {
+    let app = spawn_app().await;
+    let p = TestPublisher::connect(&app.iso).await;
+    let rk = "product.price.2";
+    // i64::MAX would freeze the product (nothing newer exists); 2^53 is the
+    // first integer a JavaScript client cannot hold exactly.
+    let absurd = ["9223372036854775807", "9007199254740992", "-1", "0"];
+    for v in absurd {
+        p.with_properties(rk, event(2, "price_cents", "500", v).as_bytes(), json())
+            .await;
+    }
+    let letters = eventually(
+        Duration::from_secs(30),
+        "every absurd version dead-lettered",
+        || async {
+            let l = app.dead_letters().await;
+            (l.len() >= absurd.len()).then_some(l)
+        },
+    )
+    .await;
+    let reasons: Vec<&str> = letters.iter().map(|l| l["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, vec!["invalid_value"; absurd.len()], "{letters:?}");
+    // A normal event after them still applies, and so does the largest
+    // version the bound allows.
+    p.with_properties(rk, event(2, "price_cents", "700", "1").as_bytes(), json())
+        .await;
+    eventually(Duration::from_secs(30), "the next normal event applies", || async {
+        let p2 = app.product(2).await;
+        (p2["price_version"] == 1 && p2["price_cents"] == 700).then_some(())
+    })
+    .await;
+    p.with_properties(
+        rk,
+        event(2, "price_cents", "800", "9007199254740991").as_bytes(),
+        json(),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the largest allowed version applies",
+        || async {
+            let p2 = app.product(2).await;
+            (p2["price_version"] == 9_007_199_254_740_991_i64 && p2["price_cents"] == 800).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(app.dead_letters().await.len(), absurd.len());
+    app.stop().await;
+}

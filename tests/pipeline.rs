@@ -306,3 +306,116 @@ async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
     assert!(app.dead_letters().await.is_empty());
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn version_issuing_refuses_a_product_at_the_version_bound_instead_of_overflowing() {
+    let app = spawn_app().await;
+    // A row written before versions were bounded.
+    let mut conn = app.state.db.get().await.unwrap();
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query("UPDATE products SET price_version = 9223372036854775807 WHERE id = 7"),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let id = product_gateway::domain::ProductId::new(7).unwrap();
+    let issued = product_gateway::store::apply::issue(&app.state.db, id, true, false).await;
+    assert!(
+        matches!(issued, Ok(None)),
+        "no version issued past the bound: {issued:?}"
+    );
+    // Its other kind is still issued normally.
+    let stock = product_gateway::store::apply::issue(&app.state.db, id, false, true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stock.stock_issued, 1);
+    app.stop().await;
+}
+
+/// The bindings of the apply queues on `product.events` in the test's vhost.
+async fn event_bindings(app: &TestApp) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for queue in ["product.price.apply", "product.stock.apply"] {
+        let path = format!("/api/bindings/{}/e/product.events/q/{queue}", app.iso.vhost);
+        let (status, body) = common::rabbit_api_call(Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{body}");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        for b in list {
+            out.push((queue.to_owned(), b["properties_key"].as_str().unwrap().to_owned()));
+        }
+    }
+    out
+}
+
+#[actix_rt::test]
+async fn unroutable_events_are_retried_with_backoff_and_all_apply_once_routing_returns() {
+    let app = spawn_app().await;
+    app.admin(
+        Method::POST,
+        "/admin/generator",
+        Some(serde_json::json!({"running": true, "rate": 50})),
+    )
+    .await;
+    eventually(Duration::from_secs(30), "events flowing", || async {
+        (app.metric("gateway_events_applied_total", "").await >= 10.0).then_some(())
+    })
+    .await;
+    // Nothing routes any more: every publish comes back as unroutable.
+    let bindings = event_bindings(&app).await;
+    assert_eq!(bindings.len(), 2, "{bindings:?}");
+    for (queue, key) in &bindings {
+        let key: String = key.replace('%', "%25").replace('*', "%2A").replace('#', "%23");
+        let path = format!("/api/bindings/{}/e/product.events/q/{queue}/{key}", app.iso.vhost);
+        let (status, body) = common::rabbit_api_call(Method::DELETE, &path, None).await;
+        assert!(status < 300, "unbind {queue}: {status} {body}");
+    }
+    eventually(Duration::from_secs(30), "events returned", || async {
+        (app.metric("gateway_events_returned_total", "").await >= 1.0).then_some(())
+    })
+    .await;
+    // Past the first quick attempts, then a window of steady refusal.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let window = Duration::from_secs(4);
+    let pending_before = issued_versions(&app).await - app.metric("gateway_events_confirmed_total", "").await as i64;
+    let retried_before = app.metric("gateway_events_retried_total", "").await;
+    tokio::time::sleep(window).await;
+    let retried = app.metric("gateway_events_retried_total", "").await - retried_before;
+    let confirmed = app.metric("gateway_events_confirmed_total", "").await;
+    let pending = issued_versions(&app).await - confirmed as i64;
+    let counted = app
+        .metric("gateway_generator_retries_total", "reason=\"unroutable\"")
+        .await;
+    println!(
+        "unroutable for {window:?}: {pending_before} then {pending} pending events, {retried} retries, \
+         {counted} counted as unroutable"
+    );
+    assert!(pending >= 1, "some events wait for routing");
+    // No fresh events pile up while the broker refuses the ones it has.
+    assert_eq!(pending, pending_before, "events made while others were refused");
+    // Back-off doubling from 100 ms (jittered to between half and all of
+    // it): an event refused for a second or more waits at least 0.8 s, then
+    // 1.6 s, 2.5 s, so at most 3 attempts in the window. Retrying at once
+    // makes as many as the broker answers.
+    assert!(
+        retried <= 4.0 * pending as f64,
+        "{retried} retries of {pending} pending events in {window:?}"
+    );
+    assert!(counted >= 1.0, "retries counted by reason");
+    // Routing restored: every issued event is confirmed and applied.
+    for queue in ["price", "stock"] {
+        let path = format!(
+            "/api/bindings/{}/e/product.events/q/product.{queue}.apply",
+            app.iso.vhost
+        );
+        let body = serde_json::json!({"routing_key": format!("product.{queue}.*")});
+        let (status, body) = common::rabbit_api_call(Method::POST, &path, Some(body)).await;
+        assert!(status < 300, "rebind {queue}: {status} {body}");
+    }
+    let (issued, confirmed) = drain_generator(&app).await;
+    println!("after routing returned: {issued} issued, {confirmed} confirmed, all applied");
+    assert_eq!(confirmed as i64, issued);
+    assert!(app.dead_letters().await.is_empty());
+    app.stop().await;
+}

@@ -16,6 +16,10 @@ fn config() -> ProptestConfig {
     }
 }
 
+/// The documented version bound: 2^53 - 1, the largest integer a JavaScript
+/// client holds exactly.
+const JS_SAFE: i64 = (1 << 53) - 1;
+
 /// AMQP topic matching, written the obvious (exponential) way.
 fn reference(pattern: &[&str], topic: &[&str]) -> bool {
     match (pattern.first(), topic.first()) {
@@ -56,6 +60,20 @@ proptest! {
                 prop_assert!(e.version > 0 && e.product_id.get() > 0 && e.change.value() > 0);
             }
             Err(reason) => prop_assert!(!reason.code().is_empty()),
+        }
+    }
+
+    #[test]
+    fn decoder_accepts_exactly_the_versions_within_the_bound(
+        v in prop_oneof![any::<i64>(), (JS_SAFE - 3)..=(JS_SAFE + 3), -3i64..=3, Just(i64::MAX), Just(i64::MIN)],
+    ) {
+        let body = format!(r#"{{"product_id":42,"kind":"price","price_cents":5,"version":{v},"occurred_at":"2026-11-24T00:00:00Z","ts_us":1}}"#);
+        match decode_event(body.as_bytes(), None, "product.price.42", 4096) {
+            Ok(e) => prop_assert!((1..=JS_SAFE).contains(&v) && e.version == v, "version {} accepted", v),
+            Err(reason) => {
+                prop_assert!(!(1..=JS_SAFE).contains(&v), "version {} refused: {:?}", v, reason);
+                prop_assert_eq!(reason.code(), "invalid_value");
+            }
         }
     }
 

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::{rabbit_api_call, spawn_app};
+use common::{Isolation, rabbit_api_call, spawn_app, spawn_with};
 use product_gateway::broker::topology::Topology;
 use serde_json::Value;
 
@@ -55,5 +55,60 @@ async fn broker_holds_exactly_the_definitions_after_start() {
     assert_eq!(status, 200, "{body}");
     let on_broker: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(normalise(&on_broker), normalise(&definitions_file()));
+    app.stop().await;
+}
+
+/// `max_message_size` of a rabbitmq.conf file, if it sets one.
+fn conf_max_message_size(path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap();
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == "max_message_size")
+        .and_then(|(_, v)| v.trim().parse().ok())
+}
+
+#[test]
+fn shipped_broker_config_refuses_bodies_above_max_message_bytes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let settings = product_gateway::settings::Settings::load(&dir).unwrap();
+    let limit = settings.rabbit.topology.max_message_bytes as u64;
+    assert_eq!(
+        conf_max_message_size("docker/rabbitmq.conf"),
+        Some(limit),
+        "docker/rabbitmq.conf (compose, and what scripts/services.sh installs for a broker it starts)"
+    );
+    // Far below RabbitMQ's default of 128 MiB, so prefetched oversize bodies
+    // cannot take much memory, and above every event the decoder accepts.
+    assert!(limit <= 1 << 20, "{limit}");
+    assert!(limit >= settings.consumer.max_body_bytes as u64);
+}
+
+#[actix_rt::test]
+async fn service_reports_a_broker_that_accepts_bodies_above_max_message_bytes() {
+    // The shared test broker runs with RabbitMQ's default limit (128 MiB),
+    // far above the setting: the service says so instead of assuming.
+    let app = spawn_app().await;
+    let text = app.metrics_text().await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("gateway_broker_max_message_bytes "))
+        .unwrap_or_else(|| panic!("no gateway_broker_max_message_bytes in /metrics"));
+    println!("{line}");
+    assert_eq!(line, "gateway_broker_max_message_bytes 0");
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn broker_refuses_a_body_above_max_message_bytes_at_publish_time() {
+    // The shared broker's own limit is RabbitMQ's default, 128 MiB: with the
+    // setting at that value the broker refuses the start-up probe one byte
+    // over it, and the service reads the broker's limit from the refusal.
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    settings.rabbit.topology.max_message_bytes = 128 << 20;
+    let app = spawn_with(iso, settings).await;
+    let seen = app.metric("gateway_broker_max_message_bytes", "").await;
+    println!("broker limit read from its refusal: {seen}");
+    assert_eq!(seen, (128u64 << 20) as f64);
     app.stop().await;
 }

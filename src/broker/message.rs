@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Change, Event, Kind, PriceCents, ProductId, Stock};
+use crate::domain::{Change, Event, Kind, PriceCents, ProductId, Stock, Version};
 
 /// Current schema of events on `product.events`.
 pub const SCHEMA: u32 = 1;
@@ -15,6 +15,10 @@ pub const BATCH_ROUTING_KEY: &str = "product.updates.batch";
 /// `stream offset × MAX_UPDATES_PER_MESSAGE + index`, so ids grow with the
 /// stream and a client can resume from any of them.
 pub const MAX_UPDATES_PER_MESSAGE: usize = 1024;
+
+/// Largest encoded update (`encode_update`) of any valid event: the bound
+/// of a stream message is this times its updates.
+pub const MAX_UPDATE_BYTES: usize = 256;
 
 /// The id of the update at `index` in the stream message at `offset`.
 pub fn update_id(offset: u64, index: usize) -> u64 {
@@ -199,9 +203,7 @@ pub fn decode_event(
 fn validate(wire: Wire) -> Result<Event, Reject> {
     let invalid = |m: &str| Reject::InvalidValue(m.to_owned());
     let product_id = ProductId::new(wire.product_id).ok_or_else(|| invalid("product_id must be positive"))?;
-    if wire.version <= 0 {
-        return Err(invalid("version must be positive"));
-    }
+    let version = Version::try_from(wire.version).map_err(invalid)?;
     let change = match (wire.kind, wire.price_cents, wire.stock) {
         (Kind::Price, Some(p), None) => Change::Price(PriceCents::try_from(p).map_err(invalid)?),
         (Kind::Stock, None, Some(s)) => Change::Stock(Stock::try_from(s).map_err(invalid)?),
@@ -211,7 +213,7 @@ fn validate(wire: Wire) -> Result<Event, Reject> {
     Ok(Event {
         product_id,
         change,
-        version: wire.version,
+        version: version.get(),
         occurred_at: wire.occurred_at,
         ts_us: wire.ts_us,
     })
@@ -240,6 +242,19 @@ mod tests {
     }
 
     #[test]
+    fn largest_update_fits_max_update_bytes() {
+        let e = Event {
+            product_id: ProductId::new(i64::MAX).unwrap(),
+            change: Change::Price(PriceCents::try_from(crate::domain::MAX_PRICE_CENTS).unwrap()),
+            version: crate::domain::MAX_VERSION,
+            occurred_at: DateTime::<Utc>::MAX_UTC,
+            ts_us: i64::MIN,
+        };
+        let n = encode_update(&e).len();
+        assert!(n <= MAX_UPDATE_BYTES, "{n}");
+    }
+
+    #[test]
     fn each_malformed_body_has_its_reason() {
         let rk = "product.price.42";
         let cases: Vec<(&[u8], Option<&str>, &str)> = vec![
@@ -252,6 +267,8 @@ mod tests {
             (br#"{"schema":9,"product_id":42,"kind":"price","price_cents":5,"version":1,"occurred_at":"2026-01-01T00:00:00Z","ts_us":1}"#, None, "unsupported_schema_version"),
             (br#"{"product_id":43,"kind":"price","price_cents":5,"version":1,"occurred_at":"2026-01-01T00:00:00Z","ts_us":1}"#, None, "routing_key_mismatch"),
             (b"{}", Some("text/plain"), "wrong_content_type"),
+            (br#"{"product_id":42,"kind":"price","price_cents":5,"version":9007199254740992,"occurred_at":"2026-01-01T00:00:00Z","ts_us":1}"#, None, "invalid_value"),
+            (br#"{"product_id":42,"kind":"price","price_cents":5,"version":-1,"occurred_at":"2026-01-01T00:00:00Z","ts_us":1}"#, None, "invalid_value"),
         ];
         for (body, ct, code) in cases {
             let err = decode_event(body, ct, rk, 4096).unwrap_err();

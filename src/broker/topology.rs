@@ -1,12 +1,112 @@
 //! The RabbitMQ topology of DESIGN.md, as data: declared by the service at
 //! every (re)connection and kept identical to `rabbit/definitions.json`.
 
-use lapin::Channel;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
 
-use crate::settings::TopologySettings;
+use super::message::{MAX_UPDATE_BYTES, MAX_UPDATES_PER_MESSAGE};
+use super::publisher::confirm_channel;
+use crate::settings::{ConsumerSettings, TopologySettings};
+
+/// Refuses a `max_message_bytes` that is below what the service itself must
+/// publish (a stream message of a whole batch) or accept (an event).
+pub fn check_message_limit(t: &TopologySettings, c: &ConsumerSettings) -> Result<(), String> {
+    let batch = c.batch_size.clamp(1, MAX_UPDATES_PER_MESSAGE) * MAX_UPDATE_BYTES + 2;
+    let needed = batch.max(c.max_body_bytes);
+    if t.max_message_bytes < needed {
+        return Err(format!(
+            "rabbit.topology.max_message_bytes = {} is below {needed}, the largest message the service \
+             publishes or accepts (consumer.batch_size, consumer.max_body_bytes)",
+            t.max_message_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// What the broker does with a body one byte over `max_message_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerLimit {
+    /// Refused at publish: the broker's limit, as its refusal states it.
+    Enforced(u64),
+    /// Accepted: the broker's limit is above the setting.
+    Above,
+}
+
+/// Routing key of the probe on the default exchange: `amq.` names are
+/// reserved, so no queue can receive it.
+const PROBE_KEY: &str = "amq.gateway.size-probe";
+
+/// Publishes one body of `limit + 1` bytes on a channel of its own and
+/// reports whether the broker refused it. The broker's `max_message_size` is
+/// node configuration that neither AMQP nor the management API shows; its
+/// refusal (`PRECONDITION_FAILED - message size N is larger than configured
+/// max size M`) is the one answer every broker gives.
+pub async fn probe_message_limit(conn: &Connection, limit: usize) -> lapin::Result<BrokerLimit> {
+    let channel = confirm_channel(conn).await?;
+    let body = vec![b' '; limit.saturating_add(1)];
+    let outcome = async {
+        channel
+            .basic_publish(
+                "".into(),
+                PROBE_KEY.into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default(),
+            )
+            .await?
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(60), outcome).await {
+        Ok(Ok(confirmation)) if confirmation.is_ack() => {
+            let _ = channel.close(200, "size probe done".into()).await;
+            Ok(BrokerLimit::Above)
+        }
+        Ok(Ok(_)) => Err(lapin::Error::from(std::io::Error::other("size probe nacked"))),
+        Ok(Err(e)) => refused_limit(&e.to_string()).map(BrokerLimit::Enforced).ok_or(e),
+        Err(_) => Err(lapin::Error::from(std::io::Error::other("size probe unconfirmed"))),
+    }
+}
+
+/// Probes the broker at start and says what it found: a broker that accepts
+/// bodies above the setting leaves oversize events to the decoder, after
+/// they were prefetched, so that is a warning. Never fatal.
+pub async fn report_message_limit(conn: &Connection, limit: usize, metrics: &crate::metrics::Metrics) {
+    match probe_message_limit(conn, limit).await {
+        Ok(BrokerLimit::Enforced(n)) => {
+            metrics
+                .broker_max_message_bytes
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            if n < limit as u64 {
+                tracing::warn!(
+                    broker = n,
+                    setting = limit,
+                    "the broker refuses messages smaller than rabbit.topology.max_message_bytes"
+                );
+            } else {
+                tracing::info!(bytes = n, "the broker refuses larger messages at publish");
+            }
+        }
+        Ok(BrokerLimit::Above) => {
+            metrics.broker_max_message_bytes.set(0);
+            tracing::warn!(
+                setting = limit,
+                "the broker accepts messages above rabbit.topology.max_message_bytes; oversize events are refused \
+                 only after delivery. Set max_message_size = {limit} in its rabbitmq.conf (docker/rabbitmq.conf)"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "could not probe the broker's message size limit"),
+    }
+}
+
+/// The configured maximum named in RabbitMQ's refusal of a large message.
+fn refused_limit(text: &str) -> Option<u64> {
+    let at = text.find("max size ")? + "max size ".len();
+    text[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Arg {
@@ -184,4 +284,16 @@ pub fn field_table(args: &[(&'static str, Arg)]) -> FieldTable {
         table.insert((*k).into(), value);
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_refusal_names_its_limit() {
+        let text = "protocol error: AMQP soft error: PRECONDITION_FAILED - message size 262145 is larger than configured max size 262144";
+        assert_eq!(refused_limit(text), Some(262_144));
+        assert_eq!(refused_limit("connection reset"), None);
+    }
 }

@@ -1,7 +1,9 @@
 //! The built-in upstream: on a timer, picks a random product, changes its
 //! price, its stock or both, and publishes one event per changed attribute
 //! with pipelined publisher confirms. Nothing is dropped: a nack, a return,
-//! a confirm time-out or a lost connection puts the event back to be retried.
+//! a confirm time-out or a lost connection puts the event back to be retried,
+//! after an exponential back-off with jitter (capped), so a broker that keeps
+//! refusing is not hammered; no fresh events are made while any wait.
 //!
 //! With several instances on one database, only the holder of a PostgreSQL
 //! advisory lock generates; when it dies, its session ends, the lock is
@@ -17,6 +19,7 @@ use futures_util::stream::FuturesUnordered;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::link::Connector;
@@ -62,6 +65,51 @@ struct Pending {
     event: Event,
     message_id: String,
     attempts: u32,
+    /// Not published again before this: the back-off after a failed attempt.
+    due: Instant,
+}
+
+/// Why an event is published again; the label of the retries metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RetryReason {
+    Unroutable,
+    Nacked,
+    Unconfirmed,
+}
+
+impl RetryReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::Unroutable => "unroutable",
+            RetryReason::Nacked => "nacked",
+            RetryReason::Unconfirmed => "unconfirmed",
+        }
+    }
+}
+
+/// Exponential back-off between attempts of one event, capped, with jitter
+/// so events refused together do not come back together.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// The wait before attempt `attempts + 1`: between half and all of
+    /// `min × 2^(attempts - 1)`, at most `max`.
+    fn delay(&self, attempts: u32) -> Duration {
+        let doublings = attempts.saturating_sub(1).min(20);
+        let full = self.min.saturating_mul(1 << doublings).min(self.max);
+        let half = full / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+/// Queues `p` in order of `due`, so the front is always the next one due.
+fn schedule(retry: &mut VecDeque<Pending>, p: Pending) {
+    let at = retry.partition_point(|q| q.due <= p.due);
+    retry.insert(at, p);
 }
 
 pub fn spawn(
@@ -155,7 +203,14 @@ async fn publish_loop(
     shutdown: CancellationToken,
 ) {
     let confirm_timeout = Duration::from_millis(g.confirm_timeout_ms);
+    let backoff = Backoff {
+        min: Duration::from_millis(g.retry_min_ms.max(1)),
+        max: Duration::from_millis(g.retry_max_ms.max(g.retry_min_ms).max(1)),
+    };
     let mut retry: VecDeque<Pending> = VecDeque::new();
+    // Events refused at least once and not yet confirmed, waiting or in
+    // flight: while there are any, no fresh events are made.
+    let mut refused = 0_usize;
     let mut budget = 0.0_f64;
     let mut max_id = 0_i64;
     'connection: loop {
@@ -174,8 +229,11 @@ async fn publish_loop(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = tokio::time::Instant::now();
         loop {
-            // Retries first, then fresh events, within the in-flight window.
+            // Retries that are due first, then fresh events, within the
+            // in-flight window.
+            let now = Instant::now();
             while in_flight.len() < g.max_in_flight
+                && retry.front().is_some_and(|p| p.due <= now)
                 && let Some(p) = retry.pop_front()
             {
                 match publish(&channel, &exchange, &p).await {
@@ -189,26 +247,26 @@ async fn publish_loop(
             }
             if !channel.status().connected() {
                 // Unconfirmed events come back through `in_flight` as errors.
-                drain(&mut in_flight, &mut retry, &metrics).await;
+                drain(&mut in_flight, &mut retry, &mut refused, &metrics, backoff).await;
                 continue 'connection;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Give what is in flight a chance to be confirmed.
-                    let _ = tokio::time::timeout(confirm_timeout, drain(&mut in_flight, &mut retry, &metrics)).await;
+                    let _ = tokio::time::timeout(confirm_timeout, drain(&mut in_flight, &mut retry, &mut refused, &metrics, backoff)).await;
                     if !retry.is_empty() {
                         tracing::warn!(unconfirmed = retry.len(), "generator stopped with unconfirmed events");
                     }
                     break 'connection;
                 }
-                Some((p, outcome)) = in_flight.next() => settle(p, outcome, &mut retry, &metrics),
+                Some((p, outcome)) = in_flight.next() => settle(p, outcome, &mut retry, &mut refused, &metrics, backoff),
                 _ = control.changed() => { budget = 0.0; }
                 _ = tick.tick() => {
                     let now = tokio::time::Instant::now();
                     let c = *control.borrow();
                     let elapsed = now.duration_since(last).as_secs_f64();
                     last = now;
-                    if !c.running || c.rate <= 0.0 || !*leader.borrow() || !retry.is_empty() {
+                    if !c.running || c.rate <= 0.0 || !*leader.borrow() || !retry.is_empty() || refused > 0 {
                         budget = 0.0;
                         continue;
                     }
@@ -224,11 +282,17 @@ async fn publish_loop(
                             break;
                         }
                         match make_events(&db, max_id).await {
-                            Ok(events) => retry.extend(events.into_iter().map(|event| Pending {
-                                message_id: uuid::Uuid::new_v4().to_string(),
-                                event,
-                                attempts: 0,
-                            })),
+                            Ok(events) => {
+                                for event in events {
+                                    let p = Pending {
+                                        message_id: uuid::Uuid::new_v4().to_string(),
+                                        event,
+                                        attempts: 0,
+                                        due: now,
+                                    };
+                                    schedule(&mut retry, p);
+                                }
+                            }
                             Err(e) => {
                                 tracing::warn!(error = %e, "generator paused: database unavailable");
                                 break;
@@ -267,34 +331,65 @@ async fn wait_confirm(p: Pending, confirm: lapin::PublisherConfirm, timeout: Dur
     (p, outcome)
 }
 
-fn settle(mut p: Pending, outcome: ConfirmOutcome, retry: &mut VecDeque<Pending>, metrics: &Metrics) {
-    match outcome {
+fn settle(
+    mut p: Pending,
+    outcome: ConfirmOutcome,
+    retry: &mut VecDeque<Pending>,
+    refused: &mut usize,
+    metrics: &Metrics,
+    backoff: Backoff,
+) {
+    let reason = match outcome {
         Ok(lapin::Confirmation::Ack(None)) => {
+            if p.attempts > 0 {
+                *refused = refused.saturating_sub(1);
+            }
             metrics.events_published.inc();
             metrics.events_confirmed.inc();
             return;
         }
         Ok(lapin::Confirmation::Ack(Some(_))) => {
             metrics.events_returned.inc();
-            tracing::warn!(topic = %p.event.topic(), "event returned as unroutable; retrying");
+            RetryReason::Unroutable
         }
         Ok(_) => {
             metrics.events_nacked.inc();
-            tracing::warn!(topic = %p.event.topic(), "event nacked; retrying");
+            RetryReason::Nacked
         }
-        Err(e) => tracing::debug!(error = %e, "event unconfirmed; retrying"),
-    }
+        Err(e) => {
+            tracing::debug!(error = %e, "event unconfirmed");
+            RetryReason::Unconfirmed
+        }
+    };
     metrics.events_retried.inc();
+    metrics
+        .generator_retries
+        .get_or_create(&[("reason", reason.as_str())])
+        .inc();
+    if p.attempts == 0 {
+        *refused += 1;
+    }
     p.attempts += 1;
-    retry.push_back(p);
+    let wait = backoff.delay(p.attempts);
+    // The first of a run of failures is worth a line; the rest are counted.
+    if p.attempts == 1 && reason != RetryReason::Unconfirmed {
+        tracing::warn!(topic = %p.event.topic(), reason = reason.as_str(), "event refused; retrying with back-off");
+    }
+    p.due = Instant::now() + wait;
+    schedule(retry, p);
 }
 
-async fn drain<F>(in_flight: &mut FuturesUnordered<F>, retry: &mut VecDeque<Pending>, metrics: &Metrics)
-where
+async fn drain<F>(
+    in_flight: &mut FuturesUnordered<F>,
+    retry: &mut VecDeque<Pending>,
+    refused: &mut usize,
+    metrics: &Metrics,
+    backoff: Backoff,
+) where
     F: std::future::Future<Output = (Pending, ConfirmOutcome)>,
 {
     while let Some((p, outcome)) = in_flight.next().await {
-        settle(p, outcome, retry, metrics);
+        settle(p, outcome, retry, refused, metrics, backoff);
     }
 }
 
@@ -341,4 +436,34 @@ async fn make_events(db: &Db, max_id: i64) -> Result<Vec<Event>, store::StoreErr
         }
     }
     Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_its_cap() {
+        let b = Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        };
+        for _ in 0..200 {
+            let d1 = b.delay(1);
+            assert!(
+                d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100),
+                "{d1:?}"
+            );
+            let d4 = b.delay(4);
+            assert!(
+                d4 >= Duration::from_millis(400) && d4 <= Duration::from_millis(800),
+                "{d4:?}"
+            );
+            let d_many = b.delay(u32::MAX);
+            assert!(
+                d_many >= Duration::from_millis(2500) && d_many <= Duration::from_secs(5),
+                "{d_many:?}"
+            );
+        }
+    }
 }

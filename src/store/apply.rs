@@ -7,7 +7,7 @@ use diesel::sql_types::{Array, BigInt, Bool};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::{Db, StoreError};
-use crate::domain::{Event, Kind, ProductId};
+use crate::domain::{Event, Kind, MAX_VERSION, ProductId};
 
 /// What applying one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,17 +136,24 @@ pub struct Issued {
 
 /// Issues the next version of the given kinds of one product. Versions come
 /// from the row itself, so no two generators can hand out the same one.
+/// `None` when the product does not exist, or when a requested kind is at
+/// [`MAX_VERSION`] (only a row written before versions were bounded can be):
+/// a version above it would overflow or be refused by every consumer.
 pub async fn issue(db: &Db, id: ProductId, price: bool, stock: bool) -> Result<Option<Issued>, StoreError> {
     let mut conn = db.get().await?;
     let issued = diesel::sql_query(
         "UPDATE products SET \
            price_issued = GREATEST(price_issued, price_version) + CASE WHEN $2 THEN 1 ELSE 0 END, \
            stock_issued = GREATEST(stock_issued, stock_version) + CASE WHEN $3 THEN 1 ELSE 0 END \
-         WHERE id = $1 RETURNING price_cents, stock, price_issued, stock_issued",
+         WHERE id = $1 \
+           AND (NOT $2 OR GREATEST(price_issued, price_version) < $4) \
+           AND (NOT $3 OR GREATEST(stock_issued, stock_version) < $4) \
+         RETURNING price_cents, stock, price_issued, stock_issued",
     )
     .bind::<BigInt, _>(id.get())
     .bind::<Bool, _>(price)
     .bind::<Bool, _>(stock)
+    .bind::<BigInt, _>(MAX_VERSION)
     .get_result::<Issued>(&mut conn)
     .await
     .map(Some)

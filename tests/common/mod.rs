@@ -209,9 +209,13 @@ impl TestApp {
 
     /// Current value of a metric (summed over its labels matching `label`).
     pub async fn metric(&self, name: &str, label: &str) -> f64 {
+        metric_value(&self.metrics_text().await, name, label)
+    }
+
+    /// The whole `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
         let mut res = self.client().get(self.url("/metrics")).send().await.expect("metrics");
-        let text = String::from_utf8(res.body().limit(16 << 20).await.expect("body").to_vec()).expect("utf8");
-        metric_value(&text, name, label)
+        String::from_utf8(res.body().limit(16 << 20).await.expect("body").to_vec()).expect("utf8")
     }
 
     pub async fn stop(self) {
