@@ -65,6 +65,12 @@ pub struct DatabaseSettings {
     pub url: Secret,
     pub pool_size: usize,
     pub acquire_timeout_ms: u64,
+    /// Connections for client reads (REST, snapshots), apart from the pool
+    /// the apply path writes with, so reads can never starve it.
+    pub read_pool_size: usize,
+    /// A replica for client reads; `url` when absent.
+    #[serde(default)]
+    pub read_url: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,6 +143,11 @@ pub struct HubSettings {
     pub sse_keepalive_ms: u64,
     pub sse_retry_ms: u64,
     pub stream_prefetch: u16,
+    /// Snapshots read and serialised at once; more wait for a turn.
+    pub max_concurrent_snapshots: usize,
+    /// How long a snapshot waits for a turn before the client is told to
+    /// retry later.
+    pub snapshot_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,8 +207,9 @@ impl Settings {
     /// `tokio::time::interval` when a connection starts, a zero back-off
     /// retries in a hot loop, a zero pool or timeout fails every request.
     fn validate(&self) -> Result<(), SettingsError> {
-        let positive: [(&'static str, u64); 17] = [
+        let positive: [(&'static str, u64); 19] = [
             ("database.pool_size", self.database.pool_size as u64),
+            ("database.read_pool_size", self.database.read_pool_size as u64),
             ("database.acquire_timeout_ms", self.database.acquire_timeout_ms),
             ("redis.pool_size", self.redis.pool_size as u64),
             ("redis.timeout_ms", self.redis.timeout_ms),
@@ -212,6 +224,7 @@ impl Settings {
             ("hub.client_timeout_ms", self.hub.client_timeout_ms),
             ("hub.sse_keepalive_ms", self.hub.sse_keepalive_ms),
             ("hub.sse_retry_ms", self.hub.sse_retry_ms),
+            ("hub.max_concurrent_snapshots", self.hub.max_concurrent_snapshots as u64),
             ("photos.cache_ttl_secs", self.photos.cache_ttl_secs),
             ("photos.max_upload_bytes", self.photos.max_upload_bytes as u64),
         ];
@@ -283,6 +296,8 @@ mod tests {
             ("generator.confirm_timeout_ms", |s| s.generator.confirm_timeout_ms = 0),
             ("generator.max_in_flight", |s| s.generator.max_in_flight = 0),
             ("database.pool_size", |s| s.database.pool_size = 0),
+            ("database.read_pool_size", |s| s.database.read_pool_size = 0),
+            ("hub.max_concurrent_snapshots", |s| s.hub.max_concurrent_snapshots = 0),
             ("database.acquire_timeout_ms", |s| s.database.acquire_timeout_ms = 0),
             ("redis.pool_size", |s| s.redis.pool_size = 0),
             ("redis.timeout_ms", |s| s.redis.timeout_ms = 0),

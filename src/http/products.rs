@@ -55,7 +55,7 @@ pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> R
             Some(ids)
         }
     };
-    let products = catalog::list(&state.db, after, limit, ids.as_deref()).await?;
+    let products = catalog::list(&state.read_db, after, limit, ids.as_deref()).await?;
     let next_after = (products.len() as i64 == limit)
         .then(|| products.last().map(|p| p.id))
         .flatten();
@@ -64,7 +64,7 @@ pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> R
 
 pub async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
-    let product = catalog::get(&state.db, id)
+    let product = catalog::get(&state.read_db, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("product {id} does not exist")))?;
     Ok(HttpResponse::Ok().json(product))
