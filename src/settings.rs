@@ -65,6 +65,12 @@ pub struct DatabaseSettings {
     pub url: Secret,
     pub pool_size: usize,
     pub acquire_timeout_ms: u64,
+    /// Connections for client reads (REST, snapshots), apart from the pool
+    /// the apply path writes with, so reads can never starve it.
+    pub read_pool_size: usize,
+    /// A replica for client reads; `url` when absent.
+    #[serde(default)]
+    pub read_url: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +151,11 @@ pub struct HubSettings {
     pub sse_keepalive_ms: u64,
     pub sse_retry_ms: u64,
     pub stream_prefetch: u16,
+    /// Snapshots read and serialised at once; more wait for a turn.
+    pub max_concurrent_snapshots: usize,
+    /// How long a snapshot waits for a turn before the client is told to
+    /// retry later.
+    pub snapshot_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +177,8 @@ pub enum SettingsError {
     Load(#[from] config::ConfigError),
     #[error("admin token is too weak (at least 24 characters); set GATEWAY__ADMIN__TOKEN or enable admin.dev_mode")]
     WeakAdminToken,
+    #[error("setting {key} {reason}")]
+    Invalid { key: &'static str, reason: &'static str },
 }
 
 impl Settings {
@@ -187,10 +200,64 @@ impl Settings {
 
     /// Refuses settings that would be unsafe to serve with.
     pub fn check(&self) -> Result<(), SettingsError> {
+        self.validate()?;
         let token = self.admin.token.expose();
         let weak = token.len() < 24 || token.starts_with("dev-admin-token");
         if weak && !self.admin.dev_mode {
             return Err(SettingsError::WeakAdminToken);
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// Refuses values the service cannot run with: a zero interval panics
+    /// `tokio::time::interval` when a connection starts, a zero back-off
+    /// retries in a hot loop, a zero pool or timeout fails every request.
+    fn validate(&self) -> Result<(), SettingsError> {
+        let positive: [(&'static str, u64); 19] = [
+            ("database.pool_size", self.database.pool_size as u64),
+            ("database.read_pool_size", self.database.read_pool_size as u64),
+            ("database.acquire_timeout_ms", self.database.acquire_timeout_ms),
+            ("redis.pool_size", self.redis.pool_size as u64),
+            ("redis.timeout_ms", self.redis.timeout_ms),
+            ("rabbit.reconnect_min_ms", self.rabbit.reconnect_min_ms),
+            ("rabbit.reconnect_max_ms", self.rabbit.reconnect_max_ms),
+            ("generator.max_in_flight", self.generator.max_in_flight as u64),
+            ("generator.confirm_timeout_ms", self.generator.confirm_timeout_ms),
+            ("consumer.batch_size", self.consumer.batch_size as u64),
+            ("consumer.retry_min_ms", self.consumer.retry_min_ms),
+            ("consumer.retry_max_ms", self.consumer.retry_max_ms),
+            ("hub.ping_interval_ms", self.hub.ping_interval_ms),
+            ("hub.client_timeout_ms", self.hub.client_timeout_ms),
+            ("hub.sse_keepalive_ms", self.hub.sse_keepalive_ms),
+            ("hub.sse_retry_ms", self.hub.sse_retry_ms),
+            ("hub.max_concurrent_snapshots", self.hub.max_concurrent_snapshots as u64),
+            ("photos.cache_ttl_secs", self.photos.cache_ttl_secs),
+            ("photos.max_upload_bytes", self.photos.max_upload_bytes as u64),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(SettingsError::Invalid {
+                key,
+                reason: "must be greater than 0",
+            });
+        }
+        let ordered = [
+            ("rabbit.reconnect_min_ms", self.rabbit.reconnect_min_ms, self.rabbit.reconnect_max_ms),
+            ("consumer.retry_min_ms", self.consumer.retry_min_ms, self.consumer.retry_max_ms),
+        ];
+        if let Some((key, _, _)) = ordered.iter().find(|(_, min, max)| min > max) {
+            return Err(SettingsError::Invalid {
+                key,
+                reason: "must not exceed its maximum",
+            });
+        }
+        let rate = self.generator.rate;
+        if !rate.is_finite() || !(0.0..=100_000.0).contains(&rate) {
+            return Err(SettingsError::Invalid {
+                key: "generator.rate",
+                reason: "must be between 0 and 100000 events/s",
+            });
         }
         Ok(())
     }
@@ -219,6 +286,54 @@ mod tests {
         s.admin.token = Secret::new("short");
         s.admin.dev_mode = true;
         assert!(s.check().is_ok(), "dev mode allows it");
+    }
+
+    #[test]
+    fn zero_intervals_and_sizes_are_refused_naming_the_key() {
+        type Set = fn(&mut Settings);
+        let zeroed: &[(&str, Set)] = &[
+            ("hub.ping_interval_ms", |s| s.hub.ping_interval_ms = 0),
+            ("hub.sse_keepalive_ms", |s| s.hub.sse_keepalive_ms = 0),
+            ("hub.sse_retry_ms", |s| s.hub.sse_retry_ms = 0),
+            ("hub.client_timeout_ms", |s| s.hub.client_timeout_ms = 0),
+            ("rabbit.reconnect_min_ms", |s| s.rabbit.reconnect_min_ms = 0),
+            ("rabbit.reconnect_max_ms", |s| s.rabbit.reconnect_max_ms = 0),
+            ("consumer.retry_min_ms", |s| s.consumer.retry_min_ms = 0),
+            ("consumer.retry_max_ms", |s| s.consumer.retry_max_ms = 0),
+            ("consumer.batch_size", |s| s.consumer.batch_size = 0),
+            ("generator.confirm_timeout_ms", |s| s.generator.confirm_timeout_ms = 0),
+            ("generator.max_in_flight", |s| s.generator.max_in_flight = 0),
+            ("database.pool_size", |s| s.database.pool_size = 0),
+            ("database.read_pool_size", |s| s.database.read_pool_size = 0),
+            ("hub.max_concurrent_snapshots", |s| s.hub.max_concurrent_snapshots = 0),
+            ("database.acquire_timeout_ms", |s| s.database.acquire_timeout_ms = 0),
+            ("redis.pool_size", |s| s.redis.pool_size = 0),
+            ("redis.timeout_ms", |s| s.redis.timeout_ms = 0),
+            ("photos.cache_ttl_secs", |s| s.photos.cache_ttl_secs = 0),
+        ];
+        for (key, set) in zeroed {
+            let mut s = defaults();
+            set(&mut s);
+            let err = s.check().err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|m| m.contains(key)),
+                "{key} = 0 must be refused naming the key, got {err:?}"
+            );
+        }
+        let mut s = defaults();
+        s.generator.rate = f64::NAN;
+        assert!(s.check().is_err_and(|e| e.to_string().contains("generator.rate")));
+        let mut s = defaults();
+        s.generator.rate = -1.0;
+        assert!(s.check().is_err_and(|e| e.to_string().contains("generator.rate")));
+        let mut s = defaults();
+        s.consumer.retry_min_ms = s.consumer.retry_max_ms + 1;
+        assert!(s.check().is_err_and(|e| e.to_string().contains("consumer.retry_min_ms")));
+        let mut s = defaults();
+        s.generator.rate = 0.0;
+        s.consumer.batch_max_wait_ms = 0;
+        s.photos.local_ttl_ms = 0;
+        assert!(s.check().is_ok(), "zero is meaningful for these: pause, no wait, no local copy");
     }
 
     #[test]

@@ -38,6 +38,7 @@ impl Application {
 
         store::migrate(settings.database.url.expose()).await?;
         let db = store::pool(&settings.database)?;
+        let read_db = store::read_pool(&settings.database)?;
         let photos = Arc::new(PhotoCache::new(
             &settings.redis,
             &settings.photos,
@@ -97,6 +98,8 @@ impl Application {
         let state = web::Data::new(AppState {
             settings: settings.clone(),
             db,
+            read_db,
+            snapshots: http::realtime::SnapshotLimit::new(&settings.hub),
             photos,
             metrics,
             broker,

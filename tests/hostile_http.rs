@@ -226,3 +226,44 @@ async fn photo_with_a_list_of_foreign_etags_is_still_served() {
     assert!(!res.body().await.unwrap().is_empty());
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn unauthenticated_photo_upload_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
+        .await
+        .expect("connect");
+    // Declares nearly the upload limit but sends only a sliver of it, as a
+    // slow or hostile client would: the answer must not wait for the rest.
+    let head = format!(
+        "PUT /products/1/photo HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: image/png\r\nContent-Length: 900000\r\n\r\n",
+        app.port
+    );
+    tcp.write_all(head.as_bytes()).await.expect("send head");
+    tcp.write_all(&[0u8; 1000]).await.expect("send part of the body");
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    assert!(
+        read.is_ok() && text.starts_with("HTTP/1.1 401"),
+        "expected 401 before the body arrives, got {text:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(text.contains(r#""code":"unauthorized""#), "{text}");
+    println!("unauthenticated upload answered 401 in {:?}", started.elapsed());
+    app.stop().await;
+}

@@ -27,6 +27,9 @@ pub enum ApiError {
     TooManyRequests(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Overloaded for a moment; the client should retry shortly.
+    #[error("{0}")]
+    Busy(String),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -42,6 +45,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::TooManyRequests(_) => "too_many_connections",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Busy(_) => "busy",
             ApiError::Unexpected(_) => "internal",
         }
     }
@@ -50,7 +54,11 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(m) => ApiError::Unavailable(format!("database unavailable: {m}")),
+            // The pool's or driver's text stays in the log, not in the answer.
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "database unavailable");
+                ApiError::Unavailable("the catalog is unavailable; try again later".into())
+            }
             StoreError::Query(q) => ApiError::Unexpected(q.into()),
         }
     }
@@ -66,7 +74,7 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,6 +90,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if matches!(self, ApiError::Unauthorized) {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        if matches!(self, ApiError::Busy(_)) {
+            response.insert_header((header::RETRY_AFTER, "1"));
         }
         response.json(json!({ "code": self.code(), "message": message }))
     }

@@ -23,7 +23,13 @@ use crate::store::Db;
 /// Everything a request handler may need; cheap to clone (all shared).
 pub struct AppState {
     pub settings: Arc<Settings>,
+    /// Pool of the pipeline's writes (apply, generator, admin).
     pub db: Db,
+    /// Pool of client reads (REST, snapshots), apart so they cannot starve
+    /// the apply path.
+    pub read_db: Db,
+    /// Bounds the snapshots served at once.
+    pub snapshots: realtime::SnapshotLimit,
     pub photos: Arc<PhotoCache>,
     pub metrics: Arc<Metrics>,
     /// Connection for admin calls and readiness.

@@ -55,7 +55,7 @@ pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> R
             Some(ids)
         }
     };
-    let products = catalog::list(&state.db, after, limit, ids.as_deref()).await?;
+    let products = catalog::list(&state.read_db, after, limit, ids.as_deref()).await?;
     let next_after = (products.len() as i64 == limit)
         .then(|| products.last().map(|p| p.id))
         .flatten();
@@ -64,7 +64,7 @@ pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> R
 
 pub async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
-    let product = catalog::get(&state.db, id)
+    let product = catalog::get(&state.read_db, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("product {id} does not exist")))?;
     Ok(HttpResponse::Ok().json(product))
@@ -105,14 +105,13 @@ pub async fn put_photo(
     state: web::Data<AppState>,
     path: web::Path<String>,
     req: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    // The token and the path are checked before a byte of the body is read,
+    // so an unauthenticated client cannot make the server buffer an upload.
     admin::authorize(&state, &req)?;
     let id = parse_id(&path)?;
-    let max = state.settings.photos.max_upload_bytes;
-    if body.len() > max {
-        return Err(ApiError::PayloadTooLarge(format!("photos are limited to {max} bytes")));
-    }
+    let body = read_upload(&req, payload, state.settings.photos.max_upload_bytes).await?;
     let declared = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -144,4 +143,31 @@ pub async fn put_photo(
     Ok(HttpResponse::Ok()
         .insert_header((header::ETAG, etag.clone()))
         .json(json!({ "product_id": id, "etag": etag, "content_type": content_type })))
+}
+
+/// Reads an upload of at most `max` bytes, refusing a larger declared length
+/// before reading anything.
+async fn read_upload(req: &HttpRequest, mut payload: web::Payload, max: usize) -> Result<web::Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let too_large = || ApiError::PayloadTooLarge(format!("photos are limited to {max} bytes"));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| match e {
+            actix_web::error::PayloadError::Overflow => too_large(),
+            e => ApiError::BadRequest(format!("the upload could not be read: {e}")),
+        })?;
+        if body.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }

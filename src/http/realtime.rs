@@ -2,16 +2,21 @@
 //! resume from an offset, snapshots, and the limits that protect the hub.
 
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::AppState;
+use super::error::ApiError;
 use crate::broker::link::Connector;
 use crate::broker::stream;
 use crate::domain::Kind;
 use crate::hub::feed::{Feed, FeedItem};
 use crate::hub::pattern::Pattern;
 use crate::hub::{ConnectionSlot, HubHandle, Refused};
+use crate::settings::HubSettings;
 use crate::store::{Db, catalog};
 
 /// An error a client caused; it gets a frame or event with this code.
@@ -34,11 +39,53 @@ impl ClientError {
     }
 }
 
+/// An SSE subscribe answers with the status its code calls for.
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        match e.code {
+            "unavailable" => ApiError::Unavailable(e.message),
+            "busy" => ApiError::Busy(e.message),
+            code => ApiError::BadRequest(format!("{code}: {}", e.message)),
+        }
+    }
+}
+
+/// Bounds the snapshots read and serialised at once: each holds a read
+/// connection and a copy of the catalog, so a flood of them would otherwise
+/// take every connection and much memory.
+#[derive(Clone)]
+pub struct SnapshotLimit {
+    permits: Arc<Semaphore>,
+    wait: Duration,
+}
+
+impl SnapshotLimit {
+    pub fn new(settings: &HubSettings) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(settings.max_concurrent_snapshots)),
+            wait: Duration::from_millis(settings.snapshot_wait_ms),
+        }
+    }
+
+    /// A turn, released when the permit drops; `busy` after the wait.
+    async fn acquire(&self) -> Result<OwnedSemaphorePermit, ClientError> {
+        match tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(ClientError::new("unavailable", "the service is shutting down")),
+            Err(_) => Err(ClientError::new(
+                "busy",
+                "too many snapshots are being served; retry in a moment",
+            )),
+        }
+    }
+}
+
 /// One client connection's subscription state.
 pub struct Session {
     id: u64,
     hub: HubHandle,
-    db: Db,
+    read_db: Db,
+    snapshots: SnapshotLimit,
     connector: Connector,
     stream_name: String,
     feed: Feed,
@@ -67,7 +114,8 @@ impl Session {
         Ok(Session {
             id,
             hub: state.hub.clone(),
-            db: state.db.clone(),
+            read_db: state.read_db.clone(),
+            snapshots: state.snapshots.clone(),
             connector: state.connector.clone(),
             stream_name: state.settings.rabbit.topology.updates_stream.clone(),
             feed: Feed::new(queue),
@@ -117,6 +165,11 @@ impl Session {
         snapshot: bool,
     ) -> Result<Option<serde_json::Value>, ClientError> {
         let patterns = self.parse(topics)?;
+        // Taken before subscribing, so a client told to retry is left as it was.
+        let _turn = match snapshot {
+            true => Some(self.snapshots.acquire().await?),
+            false => None,
+        };
         let since = if snapshot { None } else { since };
         let subscribed = self
             .hub
@@ -140,9 +193,10 @@ impl Session {
         }
         // Registered first, read second: anything committed after the read
         // is queued, anything before it is in the snapshot and skipped.
-        let products = catalog::all(&self.db)
-            .await
-            .map_err(|e| ClientError::new("unavailable", format!("snapshot failed: {e}")))?;
+        let products = catalog::all(&self.read_db).await.map_err(|e| {
+            tracing::warn!(error = %e, "snapshot read failed");
+            ClientError::new("unavailable", "snapshots are unavailable; retry in a moment")
+        })?;
         let mut rows = Vec::new();
         for p in products {
             let mut matched = false;
