@@ -27,6 +27,9 @@ pub enum ApiError {
     TooManyRequests(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A `Host` the service does not answer to (DNS rebinding).
+    #[error("{0}")]
+    BadHost(String),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -42,6 +45,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::TooManyRequests(_) => "too_many_connections",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::BadHost(_) => "bad_host",
             ApiError::Unexpected(_) => "internal",
         }
     }
@@ -67,6 +71,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
