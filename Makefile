@@ -64,7 +64,9 @@ run: services definitions ## services, seed, then serve (prints the URLs)
 	@echo "  echo page       http://127.0.0.1:$(PORT)/"
 	@echo "  management UI   http://127.0.0.1:15672/   (login guest / guest)"
 	@echo
-	$(CARGO) run --release --bin product-gateway -- serve
+	@echo "  admin dev mode ON (GATEWAY__ADMIN__DEV_MODE=true): the default admin token is accepted; local use only"
+	@echo
+	GATEWAY__ADMIN__DEV_MODE=true $(CARGO) run --release --bin product-gateway -- serve
 
 test: services ## every test; service-restart tests alone, afterwards
 	$(SERVICES) chromium

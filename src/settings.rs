@@ -33,6 +33,45 @@ pub struct ServerSettings {
     pub socket_send_buffer: usize,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
+    /// Host names (optionally `name:port`) clients may address the service
+    /// by, besides `localhost` and IP literals; other `Host` headers (a
+    /// DNS-rebinding page's) are refused. `"*"` turns the check off.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Peers (IPs or CIDRs) whose `X-Forwarded-For` is believed: load
+    /// balancers in front of the service. Empty: the header is ignored.
+    #[serde(default)]
+    pub trusted_proxies: TrustedProxies,
+}
+
+/// Parsed `server.trusted_proxies`: a bare address is a one-address range.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(try_from = "Vec<String>")]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl TrustedProxies {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl TryFrom<Vec<String>> for TrustedProxies {
+    type Error = String;
+    fn try_from(entries: Vec<String>) -> Result<Self, String> {
+        entries
+            .iter()
+            .map(|e| {
+                let e = e.trim();
+                e.parse::<ipnet::IpNet>()
+                    .or_else(|_| e.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("server.trusted_proxies: {e:?} is neither an IP address nor a CIDR range"))
+            })
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -175,7 +214,10 @@ pub struct SeedSettings {
 pub enum SettingsError {
     #[error(transparent)]
     Load(#[from] config::ConfigError),
-    #[error("admin token is too weak (at least 24 characters); set GATEWAY__ADMIN__TOKEN or enable admin.dev_mode")]
+    #[error(
+        "admin token is the public default or shorter than 24 characters: set GATEWAY__ADMIN__TOKEN to a long \
+         random secret, or for a local run only enable dev mode (GATEWAY__ADMIN__DEV_MODE=true)"
+    )]
     WeakAdminToken,
     #[error("setting {key} {reason}")]
     Invalid { key: &'static str, reason: &'static str },
@@ -194,12 +236,14 @@ impl Settings {
             )
             .build()?
             .try_deserialize()?;
-        settings.check()?;
+        settings.validate()?;
         Ok(settings)
     }
 
-    /// Refuses settings that would be unsafe to serve with.
-    pub fn check(&self) -> Result<(), SettingsError> {
+    /// Refuses settings that would be unsafe to serve with. Checked when the
+    /// service is built (`Application::build`), not on load, so `seed`,
+    /// `migrate` and tools starting from the shipped config still run.
+    pub fn check_serving(&self) -> Result<(), SettingsError> {
         self.validate()?;
         let token = self.admin.token.expose();
         let weak = token.len() < 24 || token.starts_with("dev-admin-token");
@@ -214,7 +258,7 @@ impl Settings {
     /// Refuses values the service cannot run with: a zero interval panics
     /// `tokio::time::interval` when a connection starts, a zero back-off
     /// retries in a hot loop, a zero pool or timeout fails every request.
-    fn validate(&self) -> Result<(), SettingsError> {
+    pub fn validate(&self) -> Result<(), SettingsError> {
         let positive: [(&'static str, u64); 19] = [
             ("database.pool_size", self.database.pool_size as u64),
             ("database.read_pool_size", self.database.read_pool_size as u64),
@@ -276,16 +320,16 @@ mod tests {
         let mut s = defaults();
         s.admin.dev_mode = false;
         assert!(
-            matches!(s.check(), Err(SettingsError::WeakAdminToken)),
+            matches!(s.check_serving(), Err(SettingsError::WeakAdminToken)),
             "the shipped default token"
         );
         s.admin.token = Secret::new("short");
-        assert!(matches!(s.check(), Err(SettingsError::WeakAdminToken)));
+        assert!(matches!(s.check_serving(), Err(SettingsError::WeakAdminToken)));
         s.admin.token = Secret::new("a-long-random-production-token-42");
-        assert!(s.check().is_ok());
+        assert!(s.check_serving().is_ok());
         s.admin.token = Secret::new("short");
         s.admin.dev_mode = true;
-        assert!(s.check().is_ok(), "dev mode allows it");
+        assert!(s.check_serving().is_ok(), "dev mode allows it");
     }
 
     #[test]
@@ -314,7 +358,7 @@ mod tests {
         for (key, set) in zeroed {
             let mut s = defaults();
             set(&mut s);
-            let err = s.check().err().map(|e| e.to_string());
+            let err = s.validate().err().map(|e| e.to_string());
             assert!(
                 err.as_deref().is_some_and(|m| m.contains(key)),
                 "{key} = 0 must be refused naming the key, got {err:?}"
@@ -322,18 +366,18 @@ mod tests {
         }
         let mut s = defaults();
         s.generator.rate = f64::NAN;
-        assert!(s.check().is_err_and(|e| e.to_string().contains("generator.rate")));
+        assert!(s.validate().is_err_and(|e| e.to_string().contains("generator.rate")));
         let mut s = defaults();
         s.generator.rate = -1.0;
-        assert!(s.check().is_err_and(|e| e.to_string().contains("generator.rate")));
+        assert!(s.validate().is_err_and(|e| e.to_string().contains("generator.rate")));
         let mut s = defaults();
         s.consumer.retry_min_ms = s.consumer.retry_max_ms + 1;
-        assert!(s.check().is_err_and(|e| e.to_string().contains("consumer.retry_min_ms")));
+        assert!(s.validate().is_err_and(|e| e.to_string().contains("consumer.retry_min_ms")));
         let mut s = defaults();
         s.generator.rate = 0.0;
         s.consumer.batch_max_wait_ms = 0;
         s.photos.local_ttl_ms = 0;
-        assert!(s.check().is_ok(), "zero is meaningful for these: pause, no wait, no local copy");
+        assert!(s.validate().is_ok(), "zero is meaningful for these: pause, no wait, no local copy");
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct Application {
 impl Application {
     /// Migrates, connects, starts the pipeline tasks and binds the server.
     pub async fn build(settings: Settings, listener: TcpListener) -> anyhow::Result<Self> {
+        settings.check_serving()?;
+        if settings.admin.dev_mode {
+            tracing::warn!("admin.dev_mode is on: a short or the public default admin token is accepted; never expose this instance");
+        }
         let settings = Arc::new(settings);
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -114,12 +118,15 @@ impl Application {
         let static_dir = settings.server.static_dir.clone();
         let max_body = settings.server.max_body_bytes;
         let send_buffer = settings.server.socket_send_buffer;
+        let hosts = web::Data::new(http::edge::HostPolicy::new(&settings.server));
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(server_state.clone())
                 .app_data(web::PayloadConfig::new(max_body))
                 .wrap(http::error::json_errors())
                 .wrap(middleware::NormalizePath::trim())
+                .app_data(hosts.clone())
+                .wrap(middleware::from_fn(http::edge::check_host))
                 .configure(http::routes)
                 .service(actix_files::Files::new("/", &static_dir).index_file("index.html"))
         })

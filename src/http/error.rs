@@ -30,6 +30,9 @@ pub enum ApiError {
     /// Overloaded for a moment; the client should retry shortly.
     #[error("{0}")]
     Busy(String),
+    /// A `Host` the service does not answer to (DNS rebinding).
+    #[error("{0}")]
+    BadHost(String),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -46,6 +49,7 @@ impl ApiError {
             ApiError::TooManyRequests(_) => "too_many_connections",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Busy(_) => "busy",
+            ApiError::BadHost(_) => "bad_host",
             ApiError::Unexpected(_) => "internal",
         }
     }
@@ -75,6 +79,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

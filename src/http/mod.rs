@@ -1,6 +1,7 @@
 //! The HTTP edge: REST, health, admin, and (see `ws`, `sse`) realtime delivery.
 
 pub mod admin;
+pub mod edge;
 pub mod error;
 pub mod health;
 pub mod products;
@@ -65,7 +66,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(health::metrics))
         .route("/ws", web::get().to(ws::ws))
-        .route("/events", web::get().to(sse::events))
+        .service(
+            web::resource("/events")
+                .route(web::get().to(sse::events))
+                .route(web::method(actix_web::http::Method::OPTIONS).to(edge::preflight)),
+        )
         .route("/products", web::get().to(products::list))
         .route("/products/{id}", web::get().to(products::get))
         .service(

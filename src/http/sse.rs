@@ -12,6 +12,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
+use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::error::ApiError;
 use super::realtime::{Session, reset_json};
 use crate::hub::Refused;
@@ -36,6 +37,11 @@ pub async fn events(
     state: web::Data<AppState>,
     query: web::Query<EventsQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    let origin = match check_origin(&req, &state.hub.settings().allowed_origins) {
+        Origin::Refused => return Err(origin_refused(&state, "an event stream")),
+        Origin::Absent => None,
+        Origin::Allowed(o) => Some(o),
+    };
     let topics: Vec<String> = query
         .topics
         .as_deref()
@@ -56,7 +62,7 @@ pub async fn events(
         Some("true") | Some("1") | Some("") => true,
         Some(_) => return Err(ApiError::BadRequest("snapshot must be true or false".into())),
     };
-    let ip = req.peer_addr().map(|a| a.ip());
+    let ip = client_ip(&req, &state.settings.server.trusted_proxies);
     let mut sub = match Session::open(&state, "sse", ip) {
         Ok(sub) => sub,
         Err(Refused::Instance) => {
@@ -100,11 +106,15 @@ pub async fn events(
         },
         next_chunk,
     );
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+    let mut res = HttpResponse::Ok();
+    res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(body))
+        .insert_header((header::VARY, "Origin"));
+    if let Some(origin) = origin {
+        res.insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin));
+    }
+    Ok(res.streaming(body))
 }
 
 struct Stream {

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
-use super::error::ApiError;
+use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::realtime::{ClientError, Session, reset_json};
 use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
@@ -39,16 +39,11 @@ const MAX_STRIKES: u32 = 50;
 
 pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> actix_web::Result<HttpResponse> {
     let settings = state.hub.settings().clone();
-    if !origin_allowed(&req, &settings.allowed_origins) {
-        state
-            .metrics
-            .clients_refused
-            .get_or_create(&[("reason", "origin")])
-            .inc();
-        return Err(ApiError::Forbidden("this Origin may not open a WebSocket here".into()).into());
+    if check_origin(&req, &settings.allowed_origins) == Origin::Refused {
+        return Err(origin_refused(&state, "a WebSocket").into());
     }
     let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let ip = req.peer_addr().map(|a| a.ip());
+    let ip = client_ip(&req, &state.settings.server.trusted_proxies);
     let sub = match Session::open(&state, "ws", ip) {
         Ok(sub) => sub,
         Err(refused) => {
@@ -154,24 +149,6 @@ async fn run(
         }
     };
     let _ = session.close(close).await;
-}
-
-/// Browsers send `Origin`; a page from elsewhere must be on the allow-list.
-/// Same-origin pages (the echo page) and non-browser clients always pass.
-fn origin_allowed(req: &HttpRequest, allowed: &[String]) -> bool {
-    let Some(origin) = req.headers().get(actix_web::http::header::ORIGIN) else {
-        return true;
-    };
-    let Ok(origin) = origin.to_str() else { return false };
-    if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
-        return true;
-    }
-    let host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
-    let own = req
-        .headers()
-        .get(actix_web::http::header::HOST)
-        .and_then(|h| h.to_str().ok());
-    own.is_some_and(|own| own.eq_ignore_ascii_case(host))
 }
 
 fn reason(code: CloseCode, text: &str) -> CloseReason {
