@@ -235,8 +235,16 @@ impl Settings {
             });
         }
         let ordered = [
-            ("rabbit.reconnect_min_ms", self.rabbit.reconnect_min_ms, self.rabbit.reconnect_max_ms),
-            ("consumer.retry_min_ms", self.consumer.retry_min_ms, self.consumer.retry_max_ms),
+            (
+                "rabbit.reconnect_min_ms",
+                self.rabbit.reconnect_min_ms,
+                self.rabbit.reconnect_max_ms,
+            ),
+            (
+                "consumer.retry_min_ms",
+                self.consumer.retry_min_ms,
+                self.consumer.retry_max_ms,
+            ),
         ];
         if let Some((key, _, _)) = ordered.iter().find(|(_, min, max)| min > max) {
             return Err(SettingsError::Invalid {
@@ -320,12 +328,18 @@ mod tests {
         assert!(s.check().is_err_and(|e| e.to_string().contains("generator.rate")));
         let mut s = defaults();
         s.consumer.retry_min_ms = s.consumer.retry_max_ms + 1;
-        assert!(s.check().is_err_and(|e| e.to_string().contains("consumer.retry_min_ms")));
+        assert!(
+            s.check()
+                .is_err_and(|e| e.to_string().contains("consumer.retry_min_ms"))
+        );
         let mut s = defaults();
         s.generator.rate = 0.0;
         s.consumer.batch_max_wait_ms = 0;
         s.photos.local_ttl_ms = 0;
-        assert!(s.check().is_ok(), "zero is meaningful for these: pause, no wait, no local copy");
+        assert!(
+            s.check().is_ok(),
+            "zero is meaningful for these: pause, no wait, no local copy"
+        );
     }
 
     #[test]
