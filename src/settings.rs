@@ -287,8 +287,16 @@ impl Settings {
             });
         }
         let ordered = [
-            ("rabbit.reconnect_min_ms", self.rabbit.reconnect_min_ms, self.rabbit.reconnect_max_ms),
-            ("consumer.retry_min_ms", self.consumer.retry_min_ms, self.consumer.retry_max_ms),
+            (
+                "rabbit.reconnect_min_ms",
+                self.rabbit.reconnect_min_ms,
+                self.rabbit.reconnect_max_ms,
+            ),
+            (
+                "consumer.retry_min_ms",
+                self.consumer.retry_min_ms,
+                self.consumer.retry_max_ms,
+            ),
         ];
         if let Some((key, _, _)) = ordered.iter().find(|(_, min, max)| min > max) {
             return Err(SettingsError::Invalid {

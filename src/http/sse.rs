@@ -76,10 +76,7 @@ pub async fn events(
             ));
         }
     };
-    let snap = sub
-        .subscribe(&topics, since, snapshot)
-        .await
-        .map_err(ApiError::from)?;
+    let snap = sub.subscribe(&topics, since, snapshot).await.map_err(ApiError::from)?;
 
     let settings = state.hub.settings();
     let mut first = format!(": product-gateway\nretry: {}\n\n", settings.sse_retry_ms);
