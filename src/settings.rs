@@ -257,6 +257,18 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_take_addresses_and_ranges_and_refuse_anything_else() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<TrustedProxies>(v);
+        let p = parse(serde_json::json!(["127.0.0.1", "10.0.0.0/8", "::1"])).unwrap();
+        for ip in ["127.0.0.1", "10.200.3.4", "::1"] {
+            assert!(p.contains(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(!p.contains("127.0.0.2".parse().unwrap()));
+        let e = parse(serde_json::json!(["10.0.0.0/8", "balancer.internal"])).unwrap_err();
+        assert!(e.to_string().contains("balancer.internal"), "{e}");
+    }
+
+    #[test]
     fn secrets_never_print() {
         let s = defaults();
         let printed = format!("{s:?}");
