@@ -167,8 +167,9 @@ pub struct HubSettings {
     pub max_connections: usize,
     /// Connections one client address may hold at once.
     pub max_connections_per_ip: usize,
-    /// Origins allowed to open a WebSocket besides the service's own; a
-    /// request without `Origin` (not a browser) is always allowed.
+    /// Origins allowed to open a WebSocket or an SSE stream besides the
+    /// service's own; a request without `Origin` (not a browser) is always
+    /// allowed.
     pub allowed_origins: Vec<String>,
     pub max_frame_bytes: usize,
     pub ping_interval_ms: u64,
