@@ -181,8 +181,9 @@ pub struct HubSettings {
     pub max_connections: usize,
     /// Connections one client address may hold at once.
     pub max_connections_per_ip: usize,
-    /// Origins allowed to open a WebSocket besides the service's own; a
-    /// request without `Origin` (not a browser) is always allowed.
+    /// Origins allowed to open a WebSocket or an SSE stream besides the
+    /// service's own; a request without `Origin` (not a browser) is always
+    /// allowed.
     pub allowed_origins: Vec<String>,
     pub max_frame_bytes: usize,
     pub ping_interval_ms: u64,
@@ -386,6 +387,18 @@ mod tests {
         s.consumer.batch_max_wait_ms = 0;
         s.photos.local_ttl_ms = 0;
         assert!(s.validate().is_ok(), "zero is meaningful for these: pause, no wait, no local copy");
+    }
+
+    #[test]
+    fn trusted_proxies_take_addresses_and_ranges_and_refuse_anything_else() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<TrustedProxies>(v);
+        let p = parse(serde_json::json!(["127.0.0.1", "10.0.0.0/8", "::1"])).unwrap();
+        for ip in ["127.0.0.1", "10.200.3.4", "::1"] {
+            assert!(p.contains(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(!p.contains("127.0.0.2".parse().unwrap()));
+        let e = parse(serde_json::json!(["10.0.0.0/8", "balancer.internal"])).unwrap_err();
+        assert!(e.to_string().contains("balancer.internal"), "{e}");
     }
 
     #[test]

@@ -33,7 +33,9 @@ impl Application {
     pub async fn build(settings: Settings, listener: TcpListener) -> anyhow::Result<Self> {
         settings.check_serving()?;
         if settings.admin.dev_mode {
-            tracing::warn!("admin.dev_mode is on: a short or the public default admin token is accepted; never expose this instance");
+            tracing::warn!(
+                "admin.dev_mode is on: a short or the public default admin token is accepted; never expose this instance"
+            );
         }
         let settings = Arc::new(settings);
         let shutdown = CancellationToken::new();

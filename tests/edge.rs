@@ -207,7 +207,10 @@ async fn clients_behind_a_trusted_proxy_get_separate_per_ip_buckets() {
     let _a = open_events(&app, &[(xff, "192.0.2.1")]).await.expect("first client");
     // The second client through the same balancer has its own bucket.
     let b = open_events(&app, &[(xff, "192.0.2.2")]).await;
-    println!("second client behind the proxy: {:?}", b.as_ref().map(|r| r.status()).err());
+    println!(
+        "second client behind the proxy: {:?}",
+        b.as_ref().map(|r| r.status()).err()
+    );
     let _b = b.expect("second client behind the proxy refused");
     // A client spoofing the header in front of the proxy is still counted by
     // the address the proxy saw (the rightmost untrusted one), also behind
@@ -232,7 +235,10 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     let _a = open_events(&app, &[(xff, "192.0.2.1")]).await.expect("first client");
     match open_events(&app, &[(xff, "192.0.2.2")]).await {
         Err((429, body)) => assert_eq!(body["code"], "too_many_connections"),
-        other => panic!("spoofed X-Forwarded-For escaped the limit: {:?}", other.map(|r| r.status())),
+        other => panic!(
+            "spoofed X-Forwarded-For escaped the limit: {:?}",
+            other.map(|r| r.status())
+        ),
     }
     app.stop().await;
 }
@@ -257,7 +263,9 @@ async fn sse_from_a_foreign_origin_is_refused() {
         let res = open_events(&app, &[("Origin", &origin)]).await;
         let res = res.unwrap_or_else(|e| panic!("{origin} refused: {e:?}"));
         assert_eq!(
-            res.headers().get(header::ACCESS_CONTROL_ALLOW_ORIGIN).and_then(|v| v.to_str().ok()),
+            res.headers()
+                .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+                .and_then(|v| v.to_str().ok()),
             Some(origin.as_str())
         );
         assert!(
@@ -283,7 +291,10 @@ async fn sse_from_a_foreign_origin_is_refused() {
     )
     .await;
     assert_eq!(status, 204);
-    assert_eq!(head.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).unwrap(), "https://shop.example");
+    assert_eq!(
+        head.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).unwrap(),
+        "https://shop.example"
+    );
     assert!(
         head.get(header::ACCESS_CONTROL_ALLOW_HEADERS)
             .and_then(|v| v.to_str().ok())

@@ -209,9 +209,10 @@ mod tests {
     use super::*;
 
     fn policy(allowed: &[&str], bind: &str) -> HostPolicy {
-        let settings = crate::settings::Settings::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config"))
-            .map(|s| s.server)
-            .unwrap();
+        let settings =
+            crate::settings::Settings::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config"))
+                .map(|s| s.server)
+                .unwrap();
         HostPolicy::new(&ServerSettings {
             host: bind.into(),
             allowed_hosts: allowed.iter().map(|s| s.to_string()).collect(),
