@@ -48,6 +48,7 @@ pub struct Metrics {
     pub client_errors: Family<Label, Counter>,
     // Broker links.
     pub broker_reconnects: Counter,
+    pub consumer_reconnects: Counter,
 }
 
 impl Metrics {
@@ -168,6 +169,11 @@ impl Metrics {
             broker_reconnects: reg!(
                 "broker_reconnects",
                 "Broker connections re-established",
+                Counter::default()
+            ),
+            consumer_reconnects: reg!(
+                "consumer_reconnects",
+                "Apply consumers restarted after their channel or connection failed",
                 Counter::default()
             ),
             registry,

@@ -1,7 +1,8 @@
 //! The apply consumer: reads a batch from a quorum queue (manual acks, QoS
 //! prefetch), dead-letters what can never apply (with its reason), applies
 //! the rest to PostgreSQL in one transaction, publishes the applied updates
-//! to `product.updates`, and only then acks the batch with one multiple-ack.
+//! to `product.updates`, and only then acks the batch with one multiple-ack,
+//! which settles the dead-lettered deliveries too.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,7 +69,10 @@ async fn run(ctx: Ctx, connector: Connector, queue: String, stage: &'static str)
         };
         match consume(&ctx, &conn, &queue).await {
             Ok(()) => return,
-            Err(e) => tracing::warn!(stage, error = %e, "consumer interrupted; reconnecting"),
+            Err(e) => {
+                ctx.metrics.consumer_reconnects.inc();
+                tracing::warn!(stage, error = %e, "consumer interrupted; reconnecting");
+            }
         }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -133,21 +137,24 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
             Err(reason) => rejected.push((d, reason)),
         }
     }
-    dead_letter(ctx, channel, publisher, &rejected).await?;
+    dead_letter(ctx, publisher, &rejected).await?;
 
     let events: Vec<Event> = valid.iter().map(|(_, e)| e.clone()).collect();
     let Some(outcomes) = apply_with_retry(ctx, &events).await else {
-        // Still failing: hand the batch back to the broker, which counts the
-        // delivery toward the limit and dead-letters it past that.
-        channel
-            .basic_nack(
-                last_tag,
-                BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                },
-            )
-            .await?;
+        // Still failing: hand the valid events back to the broker, which
+        // counts the delivery toward the limit and dead-letters it past that.
+        // Each tag is settled once: a multiple-nack would also cover the
+        // dead-lettered ones, and settling a tag twice closes the channel.
+        for (d, _) in &rejected {
+            channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
+        }
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        for (d, _) in &valid {
+            channel.basic_nack(d.delivery_tag, requeue).await?;
+        }
         return Ok(());
     };
     ctx.metrics.apply_latency.observe(started.elapsed().as_secs_f64());
@@ -173,13 +180,15 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
             Outcome::UnknownProduct => unknown.push((delivery, Reject::UnknownProduct(event.product_id.get()))),
         }
     }
-    dead_letter(ctx, channel, publisher, &unknown).await?;
+    dead_letter(ctx, publisher, &unknown).await?;
     let messages: Vec<Outgoing> = updates
         .chunks(MAX_UPDATES_PER_MESSAGE)
         .map(|c| batch_message(ctx, c))
         .collect();
     publish_all(publisher, &messages, CONFIRM_TIMEOUT).await?;
     ctx.metrics.updates_broadcast.inc_by(updates.len() as u64);
+    // One multiple-ack settles the whole batch, dead-lettered deliveries
+    // included: none of them was acked on its own.
     channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
     Ok(())
 }
@@ -235,13 +244,9 @@ async fn apply_with_retry(ctx: &Ctx, events: &[Event]) -> Option<Vec<Outcome>> {
 }
 
 /// Republishes each rejected message to the dead-letter exchange with its
-/// reason, waits for the confirms, then acks the originals one by one.
-async fn dead_letter(
-    ctx: &Ctx,
-    channel: &Channel,
-    publisher: &Channel,
-    rejected: &[(Delivery, Reject)],
-) -> anyhow::Result<()> {
+/// reason and waits for the confirms. The originals are left unsettled: the
+/// caller settles every tag of the batch exactly once.
+async fn dead_letter(ctx: &Ctx, publisher: &Channel, rejected: &[(Delivery, Reject)]) -> anyhow::Result<()> {
     if rejected.is_empty() {
         return Ok(());
     }
@@ -265,12 +270,11 @@ async fn dead_letter(
         })
         .collect();
     publish_all(publisher, &messages, CONFIRM_TIMEOUT).await?;
-    for (d, reason) in rejected {
+    for (_, reason) in rejected {
         ctx.metrics
             .events_dead_lettered
             .get_or_create(&[("reason", reason.code())])
             .inc();
-        channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
     }
     Ok(())
 }
