@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::link::{Connector, Link};
 use crate::broker::topology::Topology;
-use crate::broker::{consumer, stream};
+use crate::broker::{consumer, outbox, stream};
 use crate::generator;
 use crate::http::{self, AppState};
 use crate::hub;
@@ -53,12 +53,21 @@ impl Application {
         // loudly when RabbitMQ cannot be reached at all.
         broker.get().await?;
 
-        consumer::spawn(
+        let committed = consumer::spawn(
             &settings.consumer,
             &settings.rabbit.topology,
             db.clone(),
             connector.clone(),
             metrics.clone(),
+            shutdown.clone(),
+            &tracker,
+        );
+        outbox::spawn(
+            &settings.rabbit.topology,
+            db.clone(),
+            connector.clone(),
+            metrics.clone(),
+            committed,
             shutdown.clone(),
             &tracker,
         );

@@ -1,8 +1,9 @@
 //! The apply consumer: reads a batch from a quorum queue (manual acks, QoS
 //! prefetch), dead-letters what can never apply (with its reason), applies
-//! the rest to PostgreSQL in one transaction, publishes the applied updates
-//! to `product.updates`, and only then acks the batch with one multiple-ack,
-//! which settles the dead-lettered deliveries too.
+//! the rest to PostgreSQL in one transaction (which also writes the applied
+//! updates to the outbox the relay publishes to `product.updates`), and only
+//! then acks the batch with one multiple-ack, which settles the dead-lettered
+//! deliveries too.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,13 +13,12 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::link::{Connector, Link};
-use super::message::{
-    BATCH_ROUTING_KEY, DETAIL_HEADER, MAX_UPDATES_PER_MESSAGE, REASON_HEADER, Reject, decode_delivery, encode_update,
-};
+use super::message::{DETAIL_HEADER, REASON_HEADER, Reject, decode_delivery};
 use super::publisher::{Outgoing, confirm_channel, publish_all};
 use crate::domain::Event;
 use crate::metrics::Metrics;
@@ -34,10 +34,13 @@ struct Ctx {
     topology: TopologySettings,
     db: Db,
     metrics: Arc<Metrics>,
+    /// Wakes the outbox relay once a batch committed.
+    outbox: Arc<Notify>,
     shutdown: CancellationToken,
 }
 
-/// Starts one consumer per apply queue.
+/// Starts one consumer per apply queue. Returns the signal notified after
+/// each committed batch, which wakes the outbox relay.
 pub fn spawn(
     settings: &ConsumerSettings,
     topology: &TopologySettings,
@@ -46,12 +49,14 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
-) {
+) -> Arc<Notify> {
+    let outbox = Arc::new(Notify::new());
     let ctx = Ctx {
         settings: settings.clone(),
         topology: topology.clone(),
         db,
         metrics,
+        outbox: outbox.clone(),
         shutdown,
     };
     for (queue, stage) in [
@@ -60,6 +65,7 @@ pub fn spawn(
     ] {
         tracker.spawn(run(ctx.clone(), connector.clone(), queue.clone(), stage));
     }
+    outbox
 }
 
 async fn run(ctx: Ctx, connector: Connector, queue: String, stage: &'static str) {
@@ -158,65 +164,29 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
         return Ok(());
     };
     ctx.metrics.apply_latency.observe(started.elapsed().as_secs_f64());
+    // The applied updates are in the outbox, committed with the batch.
+    ctx.outbox.notify_one();
 
-    let mut updates = Vec::new();
     let mut unknown = Vec::new();
     for ((delivery, event), outcome) in valid.into_iter().zip(outcomes) {
         let kind = event.kind().as_str();
         match outcome {
             Outcome::Applied => {
                 ctx.metrics.events_applied.get_or_create(&[("kind", kind)]).inc();
-                updates.push(event);
             }
-            Outcome::Duplicate { current } => {
+            // Its broadcast, if it ever applied, went to the outbox with
+            // the commit: nothing to send again.
+            Outcome::Duplicate { .. } => {
                 ctx.metrics.events_duplicate.get_or_create(&[("kind", kind)]).inc();
-                // A redelivery of the version the row holds may be one whose
-                // broadcast was lost with the connection: send it again
-                // rather than risk clients never seeing it.
-                if delivery.redelivered && current == event.version {
-                    updates.push(event);
-                }
             }
             Outcome::UnknownProduct => unknown.push((delivery, Reject::UnknownProduct(event.product_id.get()))),
         }
     }
     dead_letter(ctx, publisher, &unknown).await?;
-    let messages: Vec<Outgoing> = updates
-        .chunks(MAX_UPDATES_PER_MESSAGE)
-        .map(|c| batch_message(ctx, c))
-        .collect();
-    publish_all(publisher, &messages, CONFIRM_TIMEOUT).await?;
-    ctx.metrics.updates_broadcast.inc_by(updates.len() as u64);
     // One multiple-ack settles the whole batch, dead-lettered deliveries
     // included: none of them was acked on its own.
     channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
     Ok(())
-}
-
-/// One stream message carries a committed batch's updates, in commit order:
-/// the broker's second hop then costs one message per batch, not per update.
-/// An update's id is derived from the message's stream offset and its index.
-fn batch_message(ctx: &Ctx, updates: &[Event]) -> Outgoing {
-    let mut body = Vec::with_capacity(updates.len() * 160 + 2);
-    body.push(b'[');
-    for (i, e) in updates.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(&encode_update(e));
-    }
-    body.push(b']');
-    let first = updates
-        .first()
-        .map(|e| format!("{}:{}", e.topic(), e.version))
-        .unwrap_or_default();
-    Outgoing::json(
-        &ctx.topology.updates_exchange,
-        BATCH_ROUTING_KEY.to_owned(),
-        body,
-        first,
-        None,
-    )
 }
 
 /// Applies with in-process retries and back-off; None when every attempt
