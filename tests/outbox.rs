@@ -117,7 +117,11 @@ async fn versions_committed_while_the_stream_refuses_publishes_reach_it_later() 
     let got = ws.updates(3, T).await;
     let mut seen = versions(&got);
     seen.sort();
-    let broadcast = app.metric("gateway_updates_broadcast_total", "").await;
+    let broadcast = eventually(T, "all three counted", || async {
+        let n = app.metric("gateway_updates_broadcast_total", "").await;
+        (n >= 3.0).then_some(n)
+    })
+    .await;
     println!(
         "stream refused publishes: dead letters while blocked {dead_while_blocked}, versions seen {seen:?}, updates broadcast {broadcast}"
     );
