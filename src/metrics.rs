@@ -50,6 +50,7 @@ pub struct Metrics {
     // Broker links.
     pub broker_reconnects: Counter,
     pub broker_max_message_bytes: Gauge,
+    pub consumer_reconnects: Counter,
 }
 
 impl Metrics {
@@ -181,6 +182,11 @@ impl Metrics {
                 "broker_max_message_bytes",
                 "Largest body the broker accepts, read from its refusal of a probe one byte over rabbit.topology.max_message_bytes at start (0: it accepted the probe)",
                 Gauge::default()
+            ),
+            consumer_reconnects: reg!(
+                "consumer_reconnects",
+                "Apply consumers restarted after their channel or connection failed",
+                Counter::default()
             ),
             registry,
         };

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::link::{Connector, Link};
 use crate::broker::topology::{Topology, check_message_limit, report_message_limit};
-use crate::broker::{consumer, stream};
+use crate::broker::{consumer, outbox, stream};
 use crate::generator;
 use crate::http::{self, AppState};
 use crate::hub;
@@ -62,12 +62,21 @@ impl Application {
         let conn = broker.get().await?;
         report_message_limit(&conn, settings.rabbit.topology.max_message_bytes, &metrics).await;
 
-        consumer::spawn(
+        let committed = consumer::spawn(
             &settings.consumer,
             &settings.rabbit.topology,
             db.clone(),
             connector.clone(),
             metrics.clone(),
+            shutdown.clone(),
+            &tracker,
+        );
+        outbox::spawn(
+            &settings.rabbit.topology,
+            db.clone(),
+            connector.clone(),
+            metrics.clone(),
+            committed,
             shutdown.clone(),
             &tracker,
         );

@@ -417,5 +417,74 @@ async fn unroutable_events_are_retried_with_backoff_and_all_apply_once_routing_r
     println!("after routing returned: {issued} issued, {confirmed} confirmed, all applied");
     assert_eq!(confirmed as i64, issued);
     assert!(app.dead_letters().await.is_empty());
+/// Malformed messages and events for unknown products, interleaved with
+/// valid events, with many batches closing on a poison message: each poison
+/// is dead-lettered once, every valid event applies, and the consumer never
+/// loses its channel (a settled tag settled again would close it).
+#[actix_rt::test]
+async fn poison_flood_causes_no_consumer_reconnect() {
+    let app = spawn_app().await;
+    let p = TestPublisher::connect(&app.iso).await;
+    let json = Some("application/json");
+    let rounds = 40i64;
+    for i in 1..=rounds {
+        let id = i;
+        p.event(id, "price", 1000 + i, i).await;
+        if i % 2 == 0 {
+            p.raw(&format!("product.price.{id}"), b"this is not json", json).await;
+        } else {
+            p.event(1000 + i, "price", 5, 1).await;
+        }
+        // Let the batch close here, on the poison message.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // Then a flood pipelined with valid events, batched however it comes.
+    for i in 1..=rounds {
+        p.raw(&format!("product.stock.{i}"), b"this is not json", json).await;
+        p.event(i, "stock", 10 + i, 1).await;
+        p.event(2000 + i, "stock", 5, 1).await;
+    }
+    let poison = rounds * 3;
+    let letters = eventually(Duration::from_secs(60), "every poison dead-lettered", || async {
+        let l = app.dead_letters().await;
+        (l.len() as i64 >= poison).then_some(l)
+    })
+    .await;
+    for i in 1..=rounds {
+        eventually(Duration::from_secs(30), "valid price applied", || async {
+            let p = app.product(i).await;
+            (p["price_cents"] == 1000 + i && p["price_version"] == i).then_some(())
+        })
+        .await;
+        eventually(Duration::from_secs(30), "valid stock applied", || async {
+            (app.product(i).await["stock"] == 10 + i).then_some(())
+        })
+        .await;
+    }
+    // A channel closed by a double ack is noticed on the next delivery wait.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let letters_after = app.dead_letters().await;
+    let mut keys: Vec<(String, String)> = letters_after
+        .iter()
+        .map(|l| {
+            (
+                l["reason"].as_str().unwrap().to_owned(),
+                l["routing_key"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    keys.sort();
+    let before = keys.len();
+    keys.dedup();
+    let reconnects = app.metric("gateway_consumer_reconnects_total", "").await;
+    println!(
+        "poison flood: {poison} poison messages, {} dead letters ({} distinct), consumer reconnects {reconnects}",
+        letters_after.len(),
+        keys.len()
+    );
+    assert_eq!(reconnects, 0.0, "consumer reconnects");
+    assert_eq!(before, keys.len(), "each poison dead-lettered once");
+    assert_eq!(letters.len() as i64, poison);
+    assert_eq!(letters_after.len() as i64, poison);
     app.stop().await;
 }

@@ -1,7 +1,9 @@
 //! The apply consumer: reads a batch from a quorum queue (manual acks, QoS
 //! prefetch), dead-letters what can never apply (with its reason), applies
-//! the rest to PostgreSQL in one transaction, publishes the applied updates
-//! to `product.updates`, and only then acks the batch with one multiple-ack.
+//! the rest to PostgreSQL in one transaction (which also writes the applied
+//! updates to the outbox the relay publishes to `product.updates`), and only
+//! then acks the batch with one multiple-ack, which settles the dead-lettered
+//! deliveries too.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,13 +13,12 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::link::{Connector, Link};
-use super::message::{
-    BATCH_ROUTING_KEY, DETAIL_HEADER, MAX_UPDATES_PER_MESSAGE, REASON_HEADER, Reject, decode_delivery, encode_update,
-};
+use super::message::{DETAIL_HEADER, REASON_HEADER, Reject, decode_delivery};
 use super::publisher::{Outgoing, confirm_channel, publish_all};
 use crate::domain::Event;
 use crate::metrics::Metrics;
@@ -33,10 +34,13 @@ struct Ctx {
     topology: TopologySettings,
     db: Db,
     metrics: Arc<Metrics>,
+    /// Wakes the outbox relay once a batch committed.
+    outbox: Arc<Notify>,
     shutdown: CancellationToken,
 }
 
-/// Starts one consumer per apply queue.
+/// Starts one consumer per apply queue. Returns the signal notified after
+/// each committed batch, which wakes the outbox relay.
 pub fn spawn(
     settings: &ConsumerSettings,
     topology: &TopologySettings,
@@ -45,12 +49,14 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
-) {
+) -> Arc<Notify> {
+    let outbox = Arc::new(Notify::new());
     let ctx = Ctx {
         settings: settings.clone(),
         topology: topology.clone(),
         db,
         metrics,
+        outbox: outbox.clone(),
         shutdown,
     };
     for (queue, stage) in [
@@ -59,6 +65,7 @@ pub fn spawn(
     ] {
         tracker.spawn(run(ctx.clone(), connector.clone(), queue.clone(), stage));
     }
+    outbox
 }
 
 async fn run(ctx: Ctx, connector: Connector, queue: String, stage: &'static str) {
@@ -68,7 +75,10 @@ async fn run(ctx: Ctx, connector: Connector, queue: String, stage: &'static str)
         };
         match consume(&ctx, &conn, &queue).await {
             Ok(()) => return,
-            Err(e) => tracing::warn!(stage, error = %e, "consumer interrupted; reconnecting"),
+            Err(e) => {
+                ctx.metrics.consumer_reconnects.inc();
+                tracing::warn!(stage, error = %e, "consumer interrupted; reconnecting");
+            }
         }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -133,81 +143,50 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
             Err(reason) => rejected.push((d, reason)),
         }
     }
-    dead_letter(ctx, channel, publisher, &rejected).await?;
+    dead_letter(ctx, publisher, &rejected).await?;
 
     let events: Vec<Event> = valid.iter().map(|(_, e)| e.clone()).collect();
     let Some(outcomes) = apply_with_retry(ctx, &events).await else {
-        // Still failing: hand the batch back to the broker, which counts the
-        // delivery toward the limit and dead-letters it past that.
-        channel
-            .basic_nack(
-                last_tag,
-                BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                },
-            )
-            .await?;
+        // Still failing: hand the valid events back to the broker, which
+        // counts the delivery toward the limit and dead-letters it past that.
+        // Each tag is settled once: a multiple-nack would also cover the
+        // dead-lettered ones, and settling a tag twice closes the channel.
+        for (d, _) in &rejected {
+            channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
+        }
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        for (d, _) in &valid {
+            channel.basic_nack(d.delivery_tag, requeue).await?;
+        }
         return Ok(());
     };
     ctx.metrics.apply_latency.observe(started.elapsed().as_secs_f64());
+    // The applied updates are in the outbox, committed with the batch.
+    ctx.outbox.notify_one();
 
-    let mut updates = Vec::new();
     let mut unknown = Vec::new();
     for ((delivery, event), outcome) in valid.into_iter().zip(outcomes) {
         let kind = event.kind().as_str();
         match outcome {
             Outcome::Applied => {
                 ctx.metrics.events_applied.get_or_create(&[("kind", kind)]).inc();
-                updates.push(event);
             }
-            Outcome::Duplicate { current } => {
+            // Its broadcast, if it ever applied, went to the outbox with
+            // the commit: nothing to send again.
+            Outcome::Duplicate { .. } => {
                 ctx.metrics.events_duplicate.get_or_create(&[("kind", kind)]).inc();
-                // A redelivery of the version the row holds may be one whose
-                // broadcast was lost with the connection: send it again
-                // rather than risk clients never seeing it.
-                if delivery.redelivered && current == event.version {
-                    updates.push(event);
-                }
             }
             Outcome::UnknownProduct => unknown.push((delivery, Reject::UnknownProduct(event.product_id.get()))),
         }
     }
-    dead_letter(ctx, channel, publisher, &unknown).await?;
-    let messages: Vec<Outgoing> = updates
-        .chunks(MAX_UPDATES_PER_MESSAGE)
-        .map(|c| batch_message(ctx, c))
-        .collect();
-    publish_all(publisher, &messages, CONFIRM_TIMEOUT).await?;
-    ctx.metrics.updates_broadcast.inc_by(updates.len() as u64);
+    dead_letter(ctx, publisher, &unknown).await?;
+    // One multiple-ack settles the whole batch, dead-lettered deliveries
+    // included: none of them was acked on its own.
     channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
     Ok(())
-}
-
-/// One stream message carries a committed batch's updates, in commit order:
-/// the broker's second hop then costs one message per batch, not per update.
-/// An update's id is derived from the message's stream offset and its index.
-fn batch_message(ctx: &Ctx, updates: &[Event]) -> Outgoing {
-    let mut body = Vec::with_capacity(updates.len() * 160 + 2);
-    body.push(b'[');
-    for (i, e) in updates.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(&encode_update(e));
-    }
-    body.push(b']');
-    let first = updates
-        .first()
-        .map(|e| format!("{}:{}", e.topic(), e.version))
-        .unwrap_or_default();
-    Outgoing::json(
-        &ctx.topology.updates_exchange,
-        BATCH_ROUTING_KEY.to_owned(),
-        body,
-        first,
-        None,
-    )
 }
 
 /// Applies with in-process retries and back-off; None when every attempt
@@ -235,13 +214,9 @@ async fn apply_with_retry(ctx: &Ctx, events: &[Event]) -> Option<Vec<Outcome>> {
 }
 
 /// Republishes each rejected message to the dead-letter exchange with its
-/// reason, waits for the confirms, then acks the originals one by one.
-async fn dead_letter(
-    ctx: &Ctx,
-    channel: &Channel,
-    publisher: &Channel,
-    rejected: &[(Delivery, Reject)],
-) -> anyhow::Result<()> {
+/// reason and waits for the confirms. The originals are left unsettled: the
+/// caller settles every tag of the batch exactly once.
+async fn dead_letter(ctx: &Ctx, publisher: &Channel, rejected: &[(Delivery, Reject)]) -> anyhow::Result<()> {
     if rejected.is_empty() {
         return Ok(());
     }
@@ -265,12 +240,11 @@ async fn dead_letter(
         })
         .collect();
     publish_all(publisher, &messages, CONFIRM_TIMEOUT).await?;
-    for (d, reason) in rejected {
+    for (_, reason) in rejected {
         ctx.metrics
             .events_dead_lettered
             .get_or_create(&[("reason", reason.code())])
             .inc();
-        channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
     }
     Ok(())
 }

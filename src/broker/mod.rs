@@ -5,6 +5,7 @@ pub mod consumer;
 pub mod dead_letters;
 pub mod link;
 pub mod message;
+pub mod outbox;
 pub mod publisher;
 pub mod stream;
 pub mod topology;

@@ -1,12 +1,13 @@
 //! Applying events to the catalog: idempotent and monotonic per product and
-//! kind, one transaction per batch. Also issues versions to generators.
+//! kind, one transaction per batch, which also records the batch's stream
+//! message in the outbox. Also issues versions to generators.
 
 use std::collections::HashMap;
 
 use diesel::sql_types::{Array, BigInt, Bool};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
-use super::{Db, StoreError};
+use super::{Db, StoreError, outbox};
 use crate::domain::{Event, Kind, MAX_VERSION, ProductId};
 
 /// What applying one event did.
@@ -34,10 +35,10 @@ struct Row {
 }
 
 /// Applies a batch in one transaction; the outcome of each event, in order.
+/// The applied updates are written to the outbox in the same transaction.
 /// Within a batch only the newest version per product and kind is written;
 /// the older ones count as duplicates, as they would one by one.
 pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, StoreError> {
-    let mut outcomes = vec![Outcome::Duplicate { current: 0 }; events.len()];
     let mut newest: HashMap<(ProductId, Kind), usize> = HashMap::new();
     for (i, e) in events.iter().enumerate() {
         let slot = newest.entry((e.product_id, e.kind())).or_insert(i);
@@ -51,7 +52,7 @@ pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, Stor
     }
     let mut pooled = db.get().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
-    let rows: Vec<(Kind, Vec<Row>)> = conn
+    let outcomes = conn
         .transaction(async |conn| {
             // Lock the rows in id order first: the price and stock consumers
             // (and generators) touch the same rows, and a common order keeps
@@ -63,24 +64,44 @@ pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, Stor
                 .bind::<Array<BigInt>, _>(ids)
                 .execute(conn)
                 .await?;
-            let mut all = Vec::new();
+            let mut rows = Vec::new();
             for (kind, idx) in &by_kind {
                 let ids: Vec<i64> = idx.iter().map(|&i| events[i].product_id.get()).collect();
                 let values: Vec<i64> = idx.iter().map(|&i| events[i].change.value()).collect();
                 let versions: Vec<i64> = idx.iter().map(|&i| events[i].version).collect();
-                let rows: Vec<Row> = diesel::sql_query(apply_sql(*kind))
+                let rs: Vec<Row> = diesel::sql_query(apply_sql(*kind))
                     .bind::<Array<BigInt>, _>(ids)
                     .bind::<Array<BigInt>, _>(values)
                     .bind::<Array<BigInt>, _>(versions)
                     .load(conn)
                     .await?;
-                all.push((*kind, rows));
+                rows.push((*kind, rs));
             }
-            Ok::<_, diesel::result::Error>(all)
+            let outcomes = outcomes_of(events, &newest, &rows);
+            // The stream message commits with the change it reports, so no
+            // failure between commit and publish can lose it.
+            let applied: Vec<&Event> = events
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| **o == Outcome::Applied)
+                .map(|(e, _)| e)
+                .collect();
+            outbox::record(conn, &applied).await?;
+            Ok::<_, diesel::result::Error>(outcomes)
         })
         .await?;
+    Ok(outcomes)
+}
+
+/// Each event's outcome, from the rows the apply statements returned.
+fn outcomes_of(
+    events: &[Event],
+    newest: &HashMap<(ProductId, Kind), usize>,
+    rows: &[(Kind, Vec<Row>)],
+) -> Vec<Outcome> {
+    let mut outcomes = vec![Outcome::Duplicate { current: 0 }; events.len()];
     let mut by_key: HashMap<(i64, Kind), &Row> = HashMap::new();
-    for (kind, rs) in &rows {
+    for (kind, rs) in rows {
         for r in rs {
             by_key.insert((r.id, *kind), r);
         }
@@ -100,7 +121,7 @@ pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, Stor
             Outcome::Duplicate { current: row.current }
         };
     }
-    Ok(outcomes)
+    outcomes
 }
 
 /// One statement per kind: update the rows whose version is older, and

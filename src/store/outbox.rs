@@ -1,0 +1,85 @@
+//! The update stream's transactional outbox: apply records each committed
+//! batch's stream message in its own transaction; the relay reads the rows in
+//! commit order, publishes them and deletes them once confirmed.
+
+use diesel::sql_types::{Array, BigInt, Bool, Bytea, Integer, Text};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::broker::message::{MAX_UPDATES_PER_MESSAGE, encode_update};
+use crate::domain::Event;
+
+/// Advisory lock key held by the one relay publishing at a time, so two
+/// instances never interleave their publishes and commit order holds.
+const RELAY_LOCK: i64 = 0x0070_6f75_7462_6f78;
+
+/// One stream message waiting to be published.
+#[derive(Debug, diesel::QueryableByName)]
+pub struct Pending {
+    #[diesel(sql_type = BigInt)]
+    pub seq: i64,
+    #[diesel(sql_type = Text)]
+    pub message_id: String,
+    #[diesel(sql_type = Bytea)]
+    pub body: Vec<u8>,
+    /// Updates in the message, for the broadcast counter.
+    #[diesel(sql_type = Integer)]
+    pub updates: i32,
+}
+
+/// Records the applied updates, in commit order, as stream messages of at
+/// most `MAX_UPDATES_PER_MESSAGE` updates. Runs inside the apply transaction.
+pub async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> Result<(), diesel::result::Error> {
+    for chunk in applied.chunks(MAX_UPDATES_PER_MESSAGE) {
+        let mut body = Vec::with_capacity(chunk.len() * 160 + 2);
+        body.push(b'[');
+        for (i, e) in chunk.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&encode_update(e));
+        }
+        body.push(b']');
+        let message_id = chunk
+            .first()
+            .map(|e| format!("{}:{}", e.topic(), e.version))
+            .unwrap_or_default();
+        diesel::sql_query("INSERT INTO update_outbox (message_id, body, updates) VALUES ($1, $2, $3)")
+            .bind::<Text, _>(message_id)
+            .bind::<Bytea, _>(body)
+            .bind::<Integer, _>(chunk.len() as i32)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Takes the relay lock for the current transaction; false when another
+/// relay holds it.
+pub async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diesel::result::Error> {
+    #[derive(diesel::QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = Bool)]
+        locked: bool,
+    }
+    let l: Locked = diesel::sql_query(format!("SELECT pg_try_advisory_xact_lock({RELAY_LOCK}) AS locked"))
+        .get_result(conn)
+        .await?;
+    Ok(l.locked)
+}
+
+/// The oldest pending messages, in commit order.
+pub async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Pending>, diesel::result::Error> {
+    diesel::sql_query("SELECT seq, message_id, body, updates FROM update_outbox ORDER BY seq LIMIT $1")
+        .bind::<BigInt, _>(limit)
+        .load(conn)
+        .await
+}
+
+/// Forgets messages the broker confirmed.
+pub async fn delete(conn: &mut AsyncPgConnection, seqs: Vec<i64>) -> Result<(), diesel::result::Error> {
+    diesel::sql_query("DELETE FROM update_outbox WHERE seq = ANY($1)")
+        .bind::<Array<BigInt>, _>(seqs)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
