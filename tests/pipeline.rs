@@ -417,6 +417,9 @@ async fn unroutable_events_are_retried_with_backoff_and_all_apply_once_routing_r
     println!("after routing returned: {issued} issued, {confirmed} confirmed, all applied");
     assert_eq!(confirmed as i64, issued);
     assert!(app.dead_letters().await.is_empty());
+    app.stop().await;
+}
+
 /// Malformed messages and events for unknown products, interleaved with
 /// valid events, with many batches closing on a poison message: each poison
 /// is dead-lettered once, every valid event applies, and the consumer never
