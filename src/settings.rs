@@ -381,12 +381,18 @@ mod tests {
         assert!(s.validate().is_err_and(|e| e.to_string().contains("generator.rate")));
         let mut s = defaults();
         s.consumer.retry_min_ms = s.consumer.retry_max_ms + 1;
-        assert!(s.validate().is_err_and(|e| e.to_string().contains("consumer.retry_min_ms")));
+        assert!(
+            s.validate()
+                .is_err_and(|e| e.to_string().contains("consumer.retry_min_ms"))
+        );
         let mut s = defaults();
         s.generator.rate = 0.0;
         s.consumer.batch_max_wait_ms = 0;
         s.photos.local_ttl_ms = 0;
-        assert!(s.validate().is_ok(), "zero is meaningful for these: pause, no wait, no local copy");
+        assert!(
+            s.validate().is_ok(),
+            "zero is meaningful for these: pause, no wait, no local copy"
+        );
     }
 
     #[test]
