@@ -439,6 +439,5 @@ pub async fn queue_depth(vhost: &str, queue: &str) -> (u64, u64) {
         q["messages_unacknowledged"].as_u64().unwrap_or(0),
     )
 }
-pub mod chaos;
 pub mod clients;
 pub mod rawws;

@@ -2,7 +2,7 @@
 //! playwright-core, sees updates arrive over WebSocket and SSE. The
 //! screenshot is kept in `artifacts/echo-page.png`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The catalog over REST: listing, paging, lookups and their errors.
 
-mod common;
+use crate::common;
 
 use common::spawn_app;
 

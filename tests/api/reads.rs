@@ -1,7 +1,7 @@
 //! Reads against the catalog (snapshots, REST) under load and outage: they
 //! never starve the apply path, and a database outage is a clean 503.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -7,6 +7,7 @@
 //! Every event the broker accepted is copied to an audit queue bound to
 //! `product.events`: that is the set of confirmed events the final
 //! catalog must account for.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,8 +24,8 @@ use product_gateway::hub::pattern::Pattern;
 use product_gateway::store;
 use tokio_util::sync::CancellationToken;
 
-use super::clients::{SseClient, WsClient, WsEvent};
-use super::{ADMIN_TOKEN, Isolation, redis_url};
+use crate::common::clients::{SseClient, WsClient, WsEvent};
+use crate::common::{ADMIN_TOKEN, Isolation, redis_url};
 
 const AUDIT: &str = "chaos.audit";
 

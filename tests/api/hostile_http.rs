@@ -2,7 +2,7 @@
 //! methods and tokens, foreign origins and connection floods get a 4xx,
 //! never a 500.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

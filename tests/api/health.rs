@@ -1,6 +1,6 @@
 //! Liveness and readiness, including a required dependency going away.
 
-mod common;
+use crate::common;
 
 use common::{Isolation, spawn_app, spawn_with};
 

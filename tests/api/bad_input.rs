@@ -3,7 +3,7 @@
 //! queue with its reason; none stalls the consumer; every valid one applies.
 //! Also: a silent (half-open) WebSocket peer is closed by the heartbeat.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

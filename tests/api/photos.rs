@@ -1,7 +1,7 @@
 //! Photos: served from PostgreSQL through the Redis cache, with ETags,
 //! single-flight loading, invalidation on replace, and Redis outages.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

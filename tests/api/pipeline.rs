@@ -1,7 +1,7 @@
 //! The event pipeline against the real broker and database: generator →
 //! exchange → quorum queues → idempotent apply, dead letters and recovery.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! offset (from memory, from the stream, across instances and restarts)
 //! and snapshots.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

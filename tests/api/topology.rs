@@ -1,7 +1,7 @@
 //! `rabbit/definitions.json` and the topology the service declares are the
 //! same, both as the code states it and as the broker ends up holding it.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

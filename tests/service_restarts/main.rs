@@ -2,11 +2,13 @@
 //! `make test` runs this file alone, after every other test; each fault
 //! leaves the service running again.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod chaos;
 
-use common::chaos::{Plan, run};
+use chaos::{Plan, run};
 
-fn print(report: &common::chaos::Report) {
+fn print(report: &chaos::Report) {
     println!("\n== chaos run ==");
     for line in &report.lines {
         println!("{line}");

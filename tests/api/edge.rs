@@ -3,7 +3,7 @@
 //! per-address limit sees through trusted proxies only, and SSE has the same
 //! Origin policy as WebSocket.
 
-mod common;
+use crate::common;
 
 use std::net::TcpListener;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! others and still converges; malformed frames get their error and the
 //! server stays up.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

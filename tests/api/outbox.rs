@@ -2,7 +2,7 @@
 //! fails between the commit and the ack: a lost COMMIT reply, or a stream
 //! that refuses publishes for longer than every retry.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

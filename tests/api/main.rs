@@ -1,0 +1,20 @@
+//! The integration tests: one binary, one module per area. Each test starts
+//! its own isolated instance of the service (see the `testkit` crate).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod bad_input;
+mod catalog;
+mod delivery_limits;
+mod echo_page;
+mod edge;
+mod health;
+mod hostile_http;
+mod outbox;
+mod photos;
+mod pipeline;
+mod properties;
+mod reads;
+mod realtime;
+mod topology;
