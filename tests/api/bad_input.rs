@@ -3,13 +3,11 @@
 //! queue with its reason; none stalls the consumer; every valid one applies.
 //! Also: a silent (half-open) WebSocket peer is closed by the heartbeat.
 
-use crate::common;
-
 use std::time::Duration;
 
-use common::rawws::RawWs;
-use common::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
 use lapin::BasicProperties;
+use testkit::rawws::RawWs;
+use testkit::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
 
 fn json() -> BasicProperties {
     BasicProperties::default()

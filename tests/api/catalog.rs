@@ -1,8 +1,6 @@
 //! The catalog over REST: listing, paging, lookups and their errors.
 
-use crate::common;
-
-use common::spawn_app;
+use testkit::spawn_app;
 
 #[actix_rt::test]
 async fn seeded_catalog_is_listed_page_by_page() {

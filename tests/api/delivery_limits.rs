@@ -2,14 +2,12 @@
 //! others and still converges; malformed frames get their error and the
 //! server stays up.
 
-use crate::common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::clients::{SseClient, WsClient, WsEvent};
-use common::rawws::RawWs;
-use common::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
+use testkit::clients::{SseClient, WsClient, WsEvent};
+use testkit::rawws::RawWs;
+use testkit::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
 
 const T: Duration = Duration::from_secs(30);
 

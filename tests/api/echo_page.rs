@@ -2,13 +2,10 @@
 //! playwright-core, sees updates arrive over WebSocket and SSE. The
 //! screenshot is kept in `artifacts/echo-page.png`.
 
-use crate::common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use awc::http::Method;
-use common::spawn_app;
+use testkit::spawn_app;
 
 #[actix_rt::test]
 async fn echo_page_shows_updates_over_both_transports() {
@@ -18,13 +15,7 @@ async fn echo_page_shows_updates_over_both_transports() {
         "playwright-core is missing: run `make test` (or `scripts/services.sh chromium`) to install it"
     );
     let app = spawn_app().await;
-    let (status, _) = app
-        .admin(
-            Method::POST,
-            "/admin/generator",
-            Some(serde_json::json!({"running": true, "rate": 20})),
-        )
-        .await;
+    let (status, _) = app.generator(true, Some(20)).await;
     assert_eq!(status, 200);
 
     // The page itself is served at `/`.

@@ -3,20 +3,18 @@
 //! per-address limit sees through trusted proxies only, and SSE has the same
 //! Origin policy as WebSocket.
 
-use crate::common;
-
 use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
 use awc::http::{Method, header};
-use common::{ADMIN_TOKEN, Isolation, spawn_with};
 use product_gateway::settings::{Secret, Settings};
 use product_gateway::startup::Application;
+use testkit::{ADMIN_TOKEN, Isolation, spawn_with};
 
 /// Status, JSON body (Null when not JSON) and headers of one request.
 async fn call(
-    app: &common::TestApp,
+    app: &testkit::TestApp,
     method: Method,
     path: &str,
     headers: &[(&str, String)],
@@ -49,7 +47,7 @@ async fn call(
 /// Opens an SSE stream with extra headers; the open response keeps the
 /// connection (and its per-address slot) until dropped.
 async fn open_events(
-    app: &common::TestApp,
+    app: &testkit::TestApp,
     headers: &[(&str, &str)],
 ) -> Result<awc::ClientResponse, (u16, serde_json::Value)> {
     let mut req = awc::Client::builder()

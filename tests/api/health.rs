@@ -1,8 +1,6 @@
 //! Liveness and readiness, including a required dependency going away.
 
-use crate::common;
-
-use common::{Isolation, spawn_app, spawn_with};
+use testkit::{Isolation, spawn_app, spawn_with};
 
 #[actix_rt::test]
 async fn ready_when_every_dependency_answers() {
@@ -26,7 +24,7 @@ async fn not_ready_when_postgres_is_gone() {
     // Dropping the test database (forcing its connections closed) takes
     // PostgreSQL away from this instance only.
     let name = iso.database_url.rsplit('/').next().unwrap().to_owned();
-    let admin_url = format!("{}/postgres", common::pg_server());
+    let admin_url = format!("{}/postgres", testkit::pg_server());
     let mut conn = <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&admin_url)
         .await
         .unwrap();

@@ -2,19 +2,17 @@
 //! methods and tokens, foreign origins and connection floods get a 4xx,
 //! never a 500.
 
-use crate::common;
-
 use std::time::Duration;
 
 use awc::http::{Method, header};
-use common::clients::{SseClient, WsClient, WsEvent};
-use common::{ADMIN_TOKEN, Isolation, spawn_app, spawn_with};
+use testkit::clients::{SseClient, WsClient, WsEvent};
+use testkit::{ADMIN_TOKEN, Isolation, spawn_app, spawn_with};
 
 /// Method, path, headers, body, expected status and code.
 type Case<'a> = (Method, &'a str, Vec<(&'a str, String)>, Vec<u8>, u16, &'a str);
 
 async fn call(
-    app: &common::TestApp,
+    app: &testkit::TestApp,
     method: Method,
     path: &str,
     headers: &[(&str, String)],

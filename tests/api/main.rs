@@ -1,9 +1,6 @@
 //! The integration tests: one binary, one module per area. Each test starts
 //! its own isolated instance of the service (see the `testkit` crate).
 
-#[path = "../common/mod.rs"]
-mod common;
-
 mod bad_input;
 mod catalog;
 mod delivery_limits;

@@ -2,16 +2,14 @@
 //! fails between the commit and the ack: a lost COMMIT reply, or a stream
 //! that refuses publishes for longer than every retry.
 
-use crate::common;
-
 use std::time::Duration;
 
 use awc::http::Method;
-use common::clients::WsClient;
-use common::proxy::Proxy;
-use common::{Isolation, TestPublisher, eventually, rabbit_api_call, spawn_with};
 use product_gateway::settings::Secret;
 use serde_json::Value;
+use testkit::clients::WsClient;
+use testkit::proxy::Proxy;
+use testkit::{Isolation, TestPublisher, eventually, rabbit_api_call, spawn_with};
 
 const T: Duration = Duration::from_secs(30);
 

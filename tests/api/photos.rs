@@ -1,16 +1,14 @@
 //! Photos: served from PostgreSQL through the Redis cache, with ETags,
 //! single-flight loading, invalidation on replace, and Redis outages.
 
-use crate::common;
-
 use std::time::Duration;
 
 use awc::http::header;
-use common::{ADMIN_TOKEN, Isolation, spawn_app, spawn_with};
 use product_gateway::photos::image;
+use testkit::{ADMIN_TOKEN, Isolation, spawn_app, spawn_with};
 
 async fn get_photo(
-    app: &common::TestApp,
+    app: &testkit::TestApp,
     id: i64,
     etag: Option<&str>,
 ) -> (u16, Option<String>, Option<String>, Vec<u8>) {

@@ -1,23 +1,15 @@
 //! The event pipeline against the real broker and database: generator →
 //! exchange → quorum queues → idempotent apply, dead letters and recovery.
 
-use crate::common;
-
 use std::time::Duration;
 
 use awc::http::Method;
-use common::{Isolation, TestApp, TestPublisher, eventually, spawn_app, spawn_with};
+use testkit::{Isolation, TestApp, TestPublisher, eventually, spawn_app, spawn_with};
 
 /// Stops the generator and waits until every issued version was confirmed
 /// and applied: then the catalog holds the newest version of everything.
 async fn drain_generator(app: &TestApp) -> (i64, f64) {
-    let (status, _) = app
-        .admin(
-            Method::POST,
-            "/admin/generator",
-            Some(serde_json::json!({"running": false})),
-        )
-        .await;
+    let (status, _) = app.generator(false, None).await;
     assert_eq!(status, 200);
     eventually(
         Duration::from_secs(60),
@@ -65,13 +57,7 @@ async fn pending_versions(app: &TestApp) -> i64 {
 #[actix_rt::test]
 async fn generated_events_are_confirmed_and_applied() {
     let app = spawn_app().await;
-    let (status, body) = app
-        .admin(
-            Method::POST,
-            "/admin/generator",
-            Some(serde_json::json!({"running": true, "rate": 200})),
-        )
-        .await;
+    let (status, body) = app.generator(true, Some(200)).await;
     assert_eq!(status, 200, "{body}");
     eventually(Duration::from_secs(30), "some events applied", || async {
         (app.metric("gateway_events_applied_total", "").await >= 50.0).then_some(())
@@ -230,12 +216,7 @@ async fn replayed_dead_letter_that_is_now_valid_is_applied() {
 #[actix_rt::test]
 async fn broker_closing_connections_mid_stream_loses_nothing() {
     let app = spawn_app().await;
-    app.admin(
-        Method::POST,
-        "/admin/generator",
-        Some(serde_json::json!({"running": true, "rate": 300})),
-    )
-    .await;
+    app.generator(true, Some(300)).await;
     let mut closed = 0;
     for _ in 0..3 {
         eventually(Duration::from_secs(30), "events flowing", || async {
@@ -243,7 +224,7 @@ async fn broker_closing_connections_mid_stream_loses_nothing() {
         })
         .await;
         tokio::time::sleep(Duration::from_millis(700)).await;
-        closed += common::close_vhost_connections(&app.iso.vhost).await;
+        closed += close_vhost_connections(&app.iso.vhost).await;
     }
     assert!(closed >= 3, "connections were closed: {closed}");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -263,7 +244,7 @@ async fn broker_closing_connections_mid_stream_loses_nothing() {
 #[actix_rt::test]
 async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
     let iso = Isolation::new().await;
-    let proxy = common::proxy::Proxy::start("127.0.0.1:5432").await;
+    let proxy = testkit::proxy::Proxy::start("127.0.0.1:5432").await;
     let mut settings = iso.settings();
     let db_name = iso.database_url.rsplit('/').next().unwrap().to_owned();
     let url = format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port);
@@ -284,7 +265,7 @@ async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
         Duration::from_secs(20),
         "the events still in the queue, unacked",
         || async {
-            let (ready, unacked) = common::queue_depth(&app.iso.vhost, "product.stock.apply").await;
+            let (ready, unacked) = queue_depth(&app.iso.vhost, &app.state.settings.rabbit.topology.stock_queue).await;
             (ready + unacked == 5).then_some(())
         },
     )
@@ -300,7 +281,7 @@ async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
         assert_eq!(app.product(id).await["stock"], 4000 + id);
     }
     eventually(Duration::from_secs(20), "the queue drained", || async {
-        (common::queue_depth(&app.iso.vhost, "product.stock.apply").await == (0, 0)).then_some(())
+        (queue_depth(&app.iso.vhost, &app.state.settings.rabbit.topology.stock_queue).await == (0, 0)).then_some(())
     })
     .await;
     assert!(app.dead_letters().await.is_empty());
@@ -336,10 +317,11 @@ async fn version_issuing_refuses_a_product_at_the_version_bound_instead_of_overf
 
 /// The bindings of the apply queues on `product.events` in the test's vhost.
 async fn event_bindings(app: &TestApp) -> Vec<(String, String)> {
+    let t = &app.state.settings.rabbit.topology;
     let mut out = Vec::new();
-    for queue in ["product.price.apply", "product.stock.apply"] {
-        let path = format!("/api/bindings/{}/e/product.events/q/{queue}", app.iso.vhost);
-        let (status, body) = common::rabbit_api_call(Method::GET, &path, None).await;
+    for queue in [&t.price_queue, &t.stock_queue] {
+        let path = format!("/api/bindings/{}/e/{}/q/{queue}", app.iso.vhost, t.events_exchange);
+        let (status, body) = testkit::rabbit_api_call(Method::GET, &path, None).await;
         assert_eq!(status, 200, "{body}");
         let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
         for b in list {
@@ -352,12 +334,7 @@ async fn event_bindings(app: &TestApp) -> Vec<(String, String)> {
 #[actix_rt::test]
 async fn unroutable_events_are_retried_with_backoff_and_all_apply_once_routing_returns() {
     let app = spawn_app().await;
-    app.admin(
-        Method::POST,
-        "/admin/generator",
-        Some(serde_json::json!({"running": true, "rate": 50})),
-    )
-    .await;
+    app.generator(true, Some(50)).await;
     eventually(Duration::from_secs(30), "events flowing", || async {
         (app.metric("gateway_events_applied_total", "").await >= 10.0).then_some(())
     })
@@ -367,8 +344,11 @@ async fn unroutable_events_are_retried_with_backoff_and_all_apply_once_routing_r
     assert_eq!(bindings.len(), 2, "{bindings:?}");
     for (queue, key) in &bindings {
         let key: String = key.replace('%', "%25").replace('*', "%2A").replace('#', "%23");
-        let path = format!("/api/bindings/{}/e/product.events/q/{queue}/{key}", app.iso.vhost);
-        let (status, body) = common::rabbit_api_call(Method::DELETE, &path, None).await;
+        let path = format!(
+            "/api/bindings/{}/e/{}/q/{queue}/{key}",
+            app.iso.vhost, app.state.settings.rabbit.topology.events_exchange
+        );
+        let (status, body) = testkit::rabbit_api_call(Method::DELETE, &path, None).await;
         assert!(status < 300, "unbind {queue}: {status} {body}");
     }
     eventually(Duration::from_secs(30), "events returned", || async {
@@ -404,13 +384,11 @@ async fn unroutable_events_are_retried_with_backoff_and_all_apply_once_routing_r
     );
     assert!(counted >= 1.0, "retries counted by reason");
     // Routing restored: every issued event is confirmed and applied.
-    for queue in ["price", "stock"] {
-        let path = format!(
-            "/api/bindings/{}/e/product.events/q/product.{queue}.apply",
-            app.iso.vhost
-        );
+    let t = &app.state.settings.rabbit.topology;
+    for (queue, name) in [("price", &t.price_queue), ("stock", &t.stock_queue)] {
+        let path = format!("/api/bindings/{}/e/{}/q/{name}", app.iso.vhost, t.events_exchange);
         let body = serde_json::json!({"routing_key": format!("product.{queue}.*")});
-        let (status, body) = common::rabbit_api_call(Method::POST, &path, Some(body)).await;
+        let (status, body) = testkit::rabbit_api_call(Method::POST, &path, Some(body)).await;
         assert!(status < 300, "rebind {queue}: {status} {body}");
     }
     let (issued, confirmed) = drain_generator(&app).await;
@@ -490,4 +468,64 @@ async fn poison_flood_causes_no_consumer_reconnect() {
     assert_eq!(letters.len() as i64, poison);
     assert_eq!(letters_after.len() as i64, poison);
     app.stop().await;
+}
+
+/// Closes every client connection of a vhost, as an operator or a broker
+/// failover would: `rabbitmqctl` when it is here, else the management API.
+async fn close_vhost_connections(vhost: &str) -> usize {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "close_all_connections",
+            "-p",
+            vhost,
+            "--limit",
+            "1000",
+            "closed by test",
+        ])
+        .output()
+        .await;
+    if let Ok(out) = out
+        && out.status.success()
+    {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        return text.matches("Closing connection").count().max(1);
+    }
+    let (status, body) = testkit::rabbit_api_call(
+        awc::http::Method::GET,
+        &format!("/api/vhosts/{vhost}/connections"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let conns: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let mut closed = 0;
+    for c in conns {
+        let name = c["name"].as_str().unwrap_or_default();
+        let encoded: String = name
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, _) =
+            testkit::rabbit_api_call(awc::http::Method::DELETE, &format!("/api/connections/{encoded}"), None).await;
+        if status < 300 {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// Ready + unacked messages of a queue in a vhost (management statistics,
+/// which lag by a few seconds).
+async fn queue_depth(vhost: &str, queue: &str) -> (u64, u64) {
+    let (status, body) =
+        testkit::rabbit_api_call(awc::http::Method::GET, &format!("/api/queues/{vhost}/{queue}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let q: serde_json::Value = serde_json::from_str(&body).unwrap();
+    (
+        q["messages_ready"].as_u64().unwrap_or(0),
+        q["messages_unacknowledged"].as_u64().unwrap_or(0),
+    )
 }

@@ -1,13 +1,11 @@
 //! Reads against the catalog (snapshots, REST) under load and outage: they
 //! never starve the apply path, and a database outage is a clean 503.
 
-use crate::common;
-
 use std::time::{Duration, Instant};
 
-use common::clients::{SseClient, WsClient};
-use common::{Isolation, TestPublisher, spawn_with};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
+use testkit::clients::{SseClient, WsClient};
+use testkit::{Isolation, TestPublisher, spawn_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Words that only an internal error text (pool, driver, socket) would hold.
@@ -32,7 +30,7 @@ fn assert_generic(message: &str) {
 #[actix_rt::test]
 async fn database_outage_during_a_snapshot_subscribe_is_a_503_without_internals() {
     let iso = Isolation::new().await;
-    let proxy = common::proxy::Proxy::start("127.0.0.1:5432").await;
+    let proxy = testkit::proxy::Proxy::start("127.0.0.1:5432").await;
     let mut settings = iso.settings();
     let db_name = iso.database_url.rsplit('/').next().unwrap().to_owned();
     let url = format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port);

@@ -2,15 +2,13 @@
 //! offset (from memory, from the stream, across instances and restarts)
 //! and snapshots.
 
-use crate::common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
 use awc::http::Method;
-use common::clients::{SseClient, WsClient};
-use common::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
 use serde_json::Value;
+use testkit::clients::{SseClient, WsClient};
+use testkit::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -249,7 +247,7 @@ async fn snapshot_then_updates_under_a_running_generator_equals_the_database() {
             .await;
             stopped = true;
         }
-        let Some(common::clients::WsEvent::Json(u)) = ws.next(Duration::from_secs(3)).await else {
+        let Some(testkit::clients::WsEvent::Json(u)) = ws.next(Duration::from_secs(3)).await else {
             assert!(stopped, "updates stopped before the generator did");
             break;
         };
@@ -343,7 +341,7 @@ async fn first_stream_offset(iso: &Isolation) -> u64 {
     );
     let mut consumer = channel
         .basic_consume(
-            "product.updates.stream".into(),
+            iso.settings().rabbit.topology.updates_stream.as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
             args,

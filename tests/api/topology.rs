@@ -1,14 +1,12 @@
 //! `rabbit/definitions.json` and the topology the service declares are the
 //! same, both as the code states it and as the broker ends up holding it.
 
-use crate::common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::{Isolation, rabbit_api_call, spawn_app, spawn_with};
 use product_gateway::broker::topology::Topology;
 use serde_json::Value;
+use testkit::{Isolation, rabbit_api_call, spawn_app, spawn_with};
 
 fn definitions_file() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("rabbit/definitions.json");

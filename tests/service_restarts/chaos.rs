@@ -1,16 +1,12 @@
 //! The chaos run: two gateway processes with the generator on, clients on
-//! both, and faults in sequence (broker connections closed, RabbitMQ
-//! restarted, one gateway SIGKILLed and restarted, PostgreSQL restarted,
-//! Redis stopped). Afterwards it proves that nothing was lost or applied
-//! twice and that every client saw a gap-free, duplicate-free sequence.
+//! both, and the faults of [`FAULTS`] in sequence. Afterwards the verdicts
+//! of `testkit::verdict` prove that nothing was lost or applied twice and
+//! that every client saw a gap-free, duplicate-free sequence.
 //!
-//! Every event the broker accepted is copied to an audit queue bound to
-//! `product.events`: that is the set of confirmed events the final
-//! catalog must account for.
-#![allow(dead_code)]
+//! Every event the broker accepted is copied to an audit queue bound to the
+//! events exchange: that is the set of confirmed events the final catalog
+//! must account for.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,8 +20,9 @@ use product_gateway::hub::pattern::Pattern;
 use product_gateway::store;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::clients::{SseClient, WsClient, WsEvent};
-use crate::common::{ADMIN_TOKEN, Isolation, redis_url};
+use testkit::clients::{SseClient, WsClient, WsEvent};
+use testkit::verdict::{self, Confirmed, Sample, Seen, State};
+use testkit::{ADMIN_TOKEN, Isolation, redis_url, repo_root};
 
 const AUDIT: &str = "chaos.audit";
 
@@ -59,13 +56,65 @@ impl Plan {
     }
 }
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+/// What a fault does to the running system.
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    /// The broker closes every connection of the service's vhost.
+    CloseBrokerConnections,
+    RestartRabbitmq,
+    /// Gateway b dies without warning (SIGKILL) and is started again.
+    KillGatewayB,
+    RestartPostgres,
+    /// Redis is away for `Plan::redis_down`; photos must still be served.
+    StopRedis,
 }
+
+/// One row of the run: what it is called in the report, the phase name the
+/// readiness poller files its answers under during the fault and after it.
+struct Fault {
+    name: &'static str,
+    phase: &'static str,
+    after: Option<&'static str>,
+    action: Action,
+}
+
+/// The faults, in the order the run applies them.
+const FAULTS: [Fault; 5] = [
+    Fault {
+        name: "close broker connections",
+        phase: "close-connections",
+        after: None,
+        action: Action::CloseBrokerConnections,
+    },
+    Fault {
+        name: "restart RabbitMQ",
+        phase: "restart-rabbitmq",
+        after: Some("after-rabbitmq"),
+        action: Action::RestartRabbitmq,
+    },
+    Fault {
+        name: "SIGKILL gateway b, restart",
+        phase: "kill-b",
+        after: None,
+        action: Action::KillGatewayB,
+    },
+    Fault {
+        name: "restart PostgreSQL",
+        phase: "restart-postgres",
+        after: Some("after-postgres"),
+        action: Action::RestartPostgres,
+    },
+    Fault {
+        name: "stop Redis",
+        phase: "redis-down",
+        after: Some("after-redis"),
+        action: Action::StopRedis,
+    },
+];
 
 async fn services(cmd: &str) {
     let out = tokio::process::Command::new("bash")
-        .arg(root().join("scripts/services.sh"))
+        .arg(repo_root().join("scripts/services.sh"))
         .arg(cmd)
         .output()
         .await
@@ -77,9 +126,8 @@ async fn services(cmd: &str) {
     );
 }
 
+/// One gateway process, killed when dropped.
 struct Instance {
-    name: &'static str,
-    port: u16,
     child: Option<tokio::process::Child>,
 }
 
@@ -93,7 +141,7 @@ fn free_port() -> u16 {
 
 impl Instance {
     async fn start(iso: &Isolation, name: &'static str, port: u16, rate: f64) -> Instance {
-        let logs = root().join("target/chaos-logs");
+        let logs = repo_root().join("target/chaos-logs");
         std::fs::create_dir_all(&logs).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -102,9 +150,9 @@ impl Instance {
             .unwrap();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_product-gateway"))
             .arg("serve")
-            .env("GATEWAY_CONFIG_DIR", root().join("config"))
+            .env("GATEWAY_CONFIG_DIR", repo_root().join("config"))
             .env("GATEWAY__SERVER__PORT", port.to_string())
-            .env("GATEWAY__SERVER__STATIC_DIR", root().join("static"))
+            .env("GATEWAY__SERVER__STATIC_DIR", repo_root().join("static"))
             .env("GATEWAY__ADMIN__TOKEN", ADMIN_TOKEN)
             .env("GATEWAY__ADMIN__DEV_MODE", "false")
             .env("GATEWAY__DATABASE__URL", &iso.database_url)
@@ -120,21 +168,13 @@ impl Instance {
             .kill_on_drop(true)
             .spawn()
             .expect("gateway process starts");
-        let i = Instance {
-            name,
-            port,
-            child: Some(child),
-        };
+        let i = Instance { child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(60);
         while readyz(port).await.map(|r| r.0) != Some(200) {
             assert!(Instant::now() < deadline, "{name} did not become ready");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         i
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
     }
 
     async fn kill(&mut self) {
@@ -164,36 +204,6 @@ async fn admin(port: u16, body: serde_json::Value) {
         .insert_header(("Authorization", format!("Bearer {ADMIN_TOKEN}")))
         .send_json(&body)
         .await;
-}
-
-/// One update as a client saw it, or as the stream holds it.
-#[derive(Debug, Clone, PartialEq)]
-struct Seen {
-    offset: u64,
-    topic: String,
-    product: i64,
-    kind: String,
-    version: i64,
-    value: i64,
-}
-
-impl Seen {
-    fn from_data(offset: u64, topic: &str, d: &serde_json::Value) -> Option<Seen> {
-        let kind = d["kind"].as_str()?.to_owned();
-        let value = if kind == "price" {
-            d["price_cents"].as_i64()?
-        } else {
-            d["stock"].as_i64()?
-        };
-        Some(Seen {
-            offset,
-            topic: topic.to_owned(),
-            product: d["product_id"].as_i64()?,
-            kind,
-            version: d["version"].as_i64()?,
-            value,
-        })
-    }
 }
 
 #[derive(Default)]
@@ -318,18 +328,45 @@ async fn applied_sum(db: &store::Db) -> i64 {
 /// Until every instance is ready again and events are being applied.
 async fn recovery(ports: &[u16], db: &store::Db, since: Instant) -> Duration {
     let before = applied_sum(db).await;
+    let mut samples = Vec::new();
     loop {
-        let mut ready = true;
+        let mut all_ready = true;
         for p in ports {
-            ready &= matches!(readyz(*p).await, Some((200, ref b)) if b["status"] == "ready");
+            all_ready &= matches!(readyz(*p).await, Some((200, ref b)) if b["status"] == "ready");
         }
-        let now = applied_sum(db).await;
-        if ready && now > before.max(0) {
-            return since.elapsed();
+        let applied = applied_sum(db).await;
+        samples.push(Sample {
+            at: since.elapsed(),
+            all_ready,
+            applied,
+        });
+        if let Some(at) = verdict::recovered_at(before, &samples) {
+            return at;
         }
         assert!(since.elapsed() < Duration::from_secs(120), "no recovery within 120 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Photo requests answered 200 by any instance during `window`, two a second.
+async fn photos_served(ports: &[u16], window: Duration) -> usize {
+    let client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
+    let mut ok = 0;
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        for port in ports {
+            if let Ok(res) = client
+                .get(format!("http://127.0.0.1:{port}/products/1/photo"))
+                .send()
+                .await
+                && res.status().as_u16() == 200
+            {
+                ok += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ok
 }
 
 /// Reads a whole queue or stream (every message, in order) until it is idle.
@@ -399,7 +436,7 @@ pub async fn run(plan: Plan) -> Report {
     ch.queue_declare(AUDIT.into(), durable, args).await.unwrap();
     ch.queue_bind(
         AUDIT.into(),
-        "product.events".into(),
+        settings.rabbit.topology.events_exchange.as_str().into(),
         "#".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
@@ -446,84 +483,46 @@ pub async fn run(plan: Plan) -> Report {
     let mut faults: Vec<(&str, Duration, Duration)> = Vec::new();
     let set_phase = |p: &str| *phase.lock().unwrap() = p.to_owned();
 
-    // 1. The broker closes every connection of the service.
-    set_phase("close-connections");
-    let t = Instant::now();
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args(["close_all_connections", "-p", &iso.vhost, "--limit", "1000", "chaos"])
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
-    let took = t.elapsed();
-    faults.push((
-        "close broker connections",
-        took,
-        recovery(&[pa, pb], &db, Instant::now()).await,
-    ));
-    tokio::time::sleep(plan.settle).await;
-
-    // 2. RabbitMQ restarts.
-    set_phase("restart-rabbitmq");
-    let t = Instant::now();
-    services("restart-rabbitmq").await;
-    let took = t.elapsed();
-    set_phase("after-rabbitmq");
-    faults.push(("restart RabbitMQ", took, recovery(&[pa, pb], &db, Instant::now()).await));
-    tokio::time::sleep(plan.settle).await;
-
-    // 3. One gateway dies without warning and comes back.
-    set_phase("kill-b");
-    let t = Instant::now();
-    b.kill().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    b = Instance::start(&iso, "b", pb, plan.rate).await;
-    let took = t.elapsed();
-    faults.push((
-        "SIGKILL gateway b, restart",
-        took,
-        recovery(&[pa, pb], &db, Instant::now()).await,
-    ));
-    tokio::time::sleep(plan.settle).await;
-
-    // 4. PostgreSQL restarts.
-    set_phase("restart-postgres");
-    let t = Instant::now();
-    services("restart-postgres").await;
-    let took = t.elapsed();
-    set_phase("after-postgres");
-    faults.push((
-        "restart PostgreSQL",
-        took,
-        recovery(&[pa, pb], &db, Instant::now()).await,
-    ));
-    tokio::time::sleep(plan.settle).await;
-
-    // 5. Redis is away for a while; photos must still be served.
-    set_phase("redis-down");
-    let t = Instant::now();
-    services("stop-redis").await;
-    let photo_client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
     let mut photos_ok = 0;
-    let until = Instant::now() + plan.redis_down;
-    while Instant::now() < until {
-        for port in [pa, pb] {
-            if let Ok(res) = photo_client
-                .get(format!("http://127.0.0.1:{port}/products/1/photo"))
-                .send()
-                .await
-                && res.status().as_u16() == 200
-            {
-                photos_ok += 1;
+    for (i, fault) in FAULTS.iter().enumerate() {
+        set_phase(fault.phase);
+        let t = Instant::now();
+        match fault.action {
+            Action::CloseBrokerConnections => {
+                let out = tokio::process::Command::new("rabbitmqctl")
+                    .args(["close_all_connections", "-p", &iso.vhost, "--limit", "1000", "chaos"])
+                    .output()
+                    .await
+                    .unwrap();
+                assert!(out.status.success());
+            }
+            Action::RestartRabbitmq => services("restart-rabbitmq").await,
+            Action::KillGatewayB => {
+                b.kill().await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                b = Instance::start(&iso, "b", pb, plan.rate).await;
+            }
+            Action::RestartPostgres => services("restart-postgres").await,
+            Action::StopRedis => {
+                services("stop-redis").await;
+                photos_ok += photos_served(&[pa, pb], plan.redis_down).await;
+                services("start-redis").await;
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let took = t.elapsed();
+        if let Some(after) = fault.after {
+            set_phase(after);
+        }
+        faults.push((fault.name, took, recovery(&[pa, pb], &db, Instant::now()).await));
+        // After the last fault only a short pause before the drain.
+        let last = i + 1 == FAULTS.len();
+        let settle = if last {
+            plan.settle.min(Duration::from_secs(5))
+        } else {
+            plan.settle
+        };
+        tokio::time::sleep(settle).await;
     }
-    services("start-redis").await;
-    let took = t.elapsed();
-    set_phase("after-redis");
-    faults.push(("stop Redis", took, recovery(&[pa, pb], &db, Instant::now()).await));
-    tokio::time::sleep(plan.settle.min(Duration::from_secs(5))).await;
 
     // Stop generating and let everything drain.
     set_phase("drain");
@@ -547,13 +546,14 @@ pub async fn run(plan: Plan) -> Report {
         .await
         .unwrap();
     let audit = read_all(&conn, AUDIT, false).await;
-    let stream = read_all(&conn, "product.updates.stream", true).await;
-    let dead = read_all(&conn, "product.dead-letters", false).await;
+    let topology = &settings.rabbit.topology;
+    let stream = read_all(&conn, &topology.updates_stream, true).await;
+    let dead = read_all(&conn, &topology.dead_letter_queue, false).await;
     let (status, body) = readyz(pa).await.unwrap_or((0, serde_json::Value::Null));
     assert_eq!(status, 200, "a is ready at the end: {body}");
 
     let products = store::catalog::all(&db).await.unwrap();
-    let catalog: HashMap<(i64, String), (i64, i64)> = products
+    let catalog: State = products
         .iter()
         .flat_map(|p| {
             [
@@ -562,47 +562,38 @@ pub async fn run(plan: Plan) -> Report {
             ]
         })
         .collect();
-    let mut newest: HashMap<(i64, String), (i64, i64)> = HashMap::new();
-    let mut lost = 0;
+    let mut confirmed = Vec::with_capacity(audit.len());
     let mut undecodable = 0;
     for d in &audit {
         let Ok(e) = decode_event(&d.data, Some("application/json"), d.routing_key.as_str(), 4096) else {
             undecodable += 1;
             continue;
         };
-        let key = (e.product_id.get(), e.kind().as_str().to_owned());
-        let (_, have) = catalog.get(&key).copied().unwrap_or((0, 0));
-        if e.version > have {
-            lost += 1;
-        }
-        let n = newest.entry(key).or_insert((0, 0));
-        if e.version > n.1 {
-            *n = (e.change.value(), e.version);
-        }
+        confirmed.push(Confirmed {
+            key: (e.product_id.get(), e.kind().as_str().to_owned()),
+            value: e.change.value(),
+            version: e.version,
+        });
     }
-    let wrong_final = newest.iter().filter(|(k, v)| catalog.get(*k) != Some(*v)).count();
+    let lost = verdict::lost(&confirmed, &catalog);
+    let newest = verdict::newest(&confirmed);
+    let wrong_final = verdict::differing(&newest, &catalog);
 
     // The stream: versions never go back for a product and kind.
     let mut stream_seen: Vec<Seen> = Vec::new();
-    let mut last_version: HashMap<(i64, String), i64> = HashMap::new();
-    let (mut regressions, mut rebroadcasts) = (0, 0);
     for d in &stream {
         // A stream message is a committed batch: an array of updates.
         let data: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
         let items = data.as_array().cloned().unwrap_or_else(|| vec![data.clone()]);
         for (i, item) in items.iter().enumerate() {
             let topic = format!("product.{}.{}", item["kind"].as_str().unwrap(), item["product_id"]);
-            let s = Seen::from_data(update_id(stream_offset(d), i), &topic, item).unwrap();
-            let v = last_version.entry((s.product, s.kind.clone())).or_insert(0);
-            if s.version < *v {
-                regressions += 1;
-            } else if s.version == *v {
-                rebroadcasts += 1;
-            }
-            *v = s.version;
-            stream_seen.push(s);
+            stream_seen.push(Seen::from_data(update_id(stream_offset(d), i), &topic, item).unwrap());
         }
     }
+    let verdict::StreamOrder {
+        regressions,
+        rebroadcasts,
+    } = verdict::stream_order(&stream_seen);
 
     lines.push(format!(
         "run: {:.0} s, generator {} events/s, {} products, 2 gateway processes",
@@ -638,31 +629,13 @@ pub async fn run(plan: Plan) -> Report {
     for c in &clients {
         let log = c.log.lock().unwrap();
         let pattern = Pattern::parse(&c.pattern, 32).unwrap();
-        let got: Vec<u64> = log.seen.iter().map(|s| s.offset).collect();
-        let increasing = got.windows(2).all(|w| w[0] < w[1]);
-        let (first, last) = (got.first().copied().unwrap_or(0), got.last().copied().unwrap_or(0));
-        let want: Vec<u64> = stream_seen
-            .iter()
-            .filter(|s| s.offset >= first && s.offset <= last && pattern.matches(&s.topic))
-            .map(|s| s.offset)
-            .collect();
-        let mut view: HashMap<(i64, String), (i64, i64)> = HashMap::new();
-        for s in &log.seen {
-            view.insert((s.product, s.kind.clone()), (s.value, s.version));
-        }
-        let stale = view.iter().filter(|(k, v)| catalog.get(*k) != Some(*v)).count();
-        let ok = increasing && got == want && stale == 0 && !got.is_empty();
-        if !ok {
+        let v = verdict::client(&log.seen, &stream_seen, |t| pattern.matches(t), &catalog);
+        if !v.ok() {
             client_failures += 1;
         }
         lines.push(format!(
             "client {}: {} updates, {} reconnects, gap-free {}, duplicate-free {}, final view = catalog {}",
-            c.name,
-            got.len(),
-            log.reconnects,
-            got == want,
-            increasing,
-            stale == 0
+            c.name, v.updates, log.reconnects, v.gap_free, v.duplicate_free, v.converged
         ));
     }
 

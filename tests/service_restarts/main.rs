@@ -2,8 +2,6 @@
 //! `make test` runs this file alone, after every other test; each fault
 //! leaves the service running again.
 
-#[path = "../common/mod.rs"]
-mod common;
 mod chaos;
 
 use chaos::{Plan, run};

@@ -1,9 +1,17 @@
-//! Test harness: every test gets its own database, RabbitMQ vhost, Redis key
-//! prefix and port, so tests run in parallel and can run twice in a row.
-#![allow(dead_code)]
+//! What the integration tests and the load benchmark share. Every test gets
+//! its own database, RabbitMQ vhost, Redis key prefix and port
+//! ([`Isolation`], [`spawn_app_with`]), so tests run in parallel and can run
+//! twice in a row; [`clients`] and [`rawws`] speak WebSocket and SSE as a
+//! browser or a stalled tab would; [`metric_value`] reads `/metrics`;
+//! [`verdict`] judges a chaos run.
+
+pub mod clients;
+pub mod proxy;
+pub mod rawws;
+pub mod verdict;
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use product_gateway::http::AppState;
@@ -13,6 +21,13 @@ use product_gateway::store;
 use tokio_util::sync::CancellationToken;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// The workspace root (the product crate's folder): config, static files,
+/// scripts and `rabbit/definitions.json` live there.
+pub fn repo_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
 
 pub fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
@@ -107,12 +122,9 @@ impl Isolation {
 
     /// Settings for one instance of the service in this isolation.
     pub fn settings(&self) -> Settings {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let dir = repo_root().join("config");
         let mut s = Settings::load(&dir).expect("load config");
-        s.server.static_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("static")
-            .display()
-            .to_string();
+        s.server.static_dir = repo_root().join("static").display().to_string();
         s.admin.token = Secret::new(ADMIN_TOKEN);
         s.admin.dev_mode = false;
         s.database.url = Secret::new(self.database_url.clone());
@@ -165,8 +177,15 @@ pub struct TestApp {
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// A seeded instance in a fresh isolation, its settings first changed by
+/// `configure`.
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let iso = Isolation::new().await;
-    let settings = iso.settings();
+    let mut settings = iso.settings();
+    configure(&mut settings);
     spawn_with(iso, settings).await
 }
 
@@ -224,12 +243,14 @@ impl TestApp {
     }
 }
 
+/// Sum of the samples of metric `name` (or `name_total`, as counters are
+/// exposed) whose line contains `label`, in a Prometheus text exposition.
 pub fn metric_value(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             let metric = l.split(['{', ' ']).next().unwrap_or("");
-            metric == name && l.contains(label)
+            (metric == name || metric.strip_suffix("_total") == Some(name)) && l.contains(label)
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -254,12 +275,12 @@ where
     }
 }
 
-pub mod proxy;
-
 /// A test-side publisher on the isolation's vhost.
 pub struct TestPublisher {
     _conn: lapin::Connection,
     channel: lapin::Channel,
+    /// The events exchange, as the settings name it.
+    exchange: String,
 }
 
 impl TestPublisher {
@@ -270,10 +291,14 @@ impl TestPublisher {
         let channel = product_gateway::broker::publisher::confirm_channel(&conn)
             .await
             .unwrap();
-        TestPublisher { _conn: conn, channel }
+        TestPublisher {
+            _conn: conn,
+            channel,
+            exchange: iso.settings().rabbit.topology.events_exchange,
+        }
     }
 
-    /// Publishes raw bytes to `product.events` and waits for the confirm.
+    /// Publishes raw bytes to the events exchange and waits for the confirm.
     pub async fn raw(&self, routing_key: &str, body: &[u8], content_type: Option<&str>) {
         let mut props = lapin::BasicProperties::default().with_delivery_mode(2);
         if let Some(ct) = content_type {
@@ -287,7 +312,7 @@ impl TestPublisher {
         let confirm = self
             .channel
             .basic_publish(
-                "product.events".into(),
+                self.exchange.as_str().into(),
                 routing_key.into(),
                 lapin::options::BasicPublishOptions::default(),
                 body,
@@ -315,7 +340,7 @@ impl TestPublisher {
             let c = self
                 .channel
                 .basic_publish(
-                    "product.events".into(),
+                    self.exchange.as_str().into(),
                     format!("product.{kind}.{id}").into(),
                     lapin::options::BasicPublishOptions::default(),
                     body.to_string().as_bytes(),
@@ -366,6 +391,17 @@ impl TestApp {
         (status, json)
     }
 
+    /// Starts or stops the built-in generator (`POST /admin/generator`),
+    /// at `rate` events per second when given.
+    pub async fn generator(&self, running: bool, rate: Option<u32>) -> (u16, serde_json::Value) {
+        let mut body = serde_json::json!({ "running": running });
+        if let Some(rate) = rate {
+            body["rate"] = rate.into();
+        }
+        self.admin(awc::http::Method::POST, "/admin/generator", Some(body))
+            .await
+    }
+
     pub async fn product(&self, id: i64) -> serde_json::Value {
         let (status, p) = self.get_json(&format!("/products/{id}")).await;
         assert_eq!(status, 200, "{p}");
@@ -380,64 +416,3 @@ impl TestApp {
         body["dead_letters"].as_array().cloned().unwrap_or_default()
     }
 }
-
-/// Closes every client connection of a vhost, as an operator or a broker
-/// failover would: `rabbitmqctl` when it is here, else the management API.
-pub async fn close_vhost_connections(vhost: &str) -> usize {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "close_all_connections",
-            "-p",
-            vhost,
-            "--limit",
-            "1000",
-            "closed by test",
-        ])
-        .output()
-        .await;
-    if let Ok(out) = out
-        && out.status.success()
-    {
-        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-        return text.matches("Closing connection").count().max(1);
-    }
-    let (status, body) = rabbit_api_call(
-        awc::http::Method::GET,
-        &format!("/api/vhosts/{vhost}/connections"),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let conns: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-    let mut closed = 0;
-    for c in conns {
-        let name = c["name"].as_str().unwrap_or_default();
-        let encoded: String = name
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        let (status, _) =
-            rabbit_api_call(awc::http::Method::DELETE, &format!("/api/connections/{encoded}"), None).await;
-        if status < 300 {
-            closed += 1;
-        }
-    }
-    closed
-}
-
-/// Ready + unacked messages of a queue in a vhost (management statistics,
-/// which lag by a few seconds).
-pub async fn queue_depth(vhost: &str, queue: &str) -> (u64, u64) {
-    let (status, body) = rabbit_api_call(awc::http::Method::GET, &format!("/api/queues/{vhost}/{queue}"), None).await;
-    assert_eq!(status, 200, "{body}");
-    let q: serde_json::Value = serde_json::from_str(&body).unwrap();
-    (
-        q["messages_ready"].as_u64().unwrap_or(0),
-        q["messages_unacknowledged"].as_u64().unwrap_or(0),
-    )
-}
-pub mod clients;
-pub mod rawws;
