@@ -104,7 +104,7 @@ bench: services ## load benchmark, five scenarios (< 10 min); table into BENCHMA
 	$(CARGO) build --release -p bench
 	BENCH_COMMAND="make bench" target/release/bench
 
-chaos: services ## five-minute fault run (tests/common/chaos.rs); prints lost = 0 and recovery times
+chaos: services ## five-minute fault run (tests/service_restarts/chaos.rs); prints lost = 0 and recovery times
 	$(CARGO) test --release --test service_restarts -- --ignored --nocapture full_chaos_run_loses_nothing
 
 deny: ## licences, bans and sources of every dependency (cargo-deny, installed when missing)

@@ -176,13 +176,9 @@ fn base64(input: &[u8]) -> String {
 
 // ------------------------------------------------------------- services
 
-pub fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_owned())
-}
-
 /// RabbitMQ's management API: `(host:port, "user:password")`.
 pub fn rabbit_api() -> (String, String) {
-    let url = env_or("GATEWAY_TEST_RABBIT_API", "http://127.0.0.1:15672");
+    let url = testkit::env_or("GATEWAY_TEST_RABBIT_API", "http://127.0.0.1:15672");
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(&url);
     let (creds, host) = match rest.rsplit_once('@') {
         Some((c, h)) => (c.to_owned(), h),
@@ -232,12 +228,12 @@ impl Isolation {
     pub fn new() -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         Isolation {
-            pg_server: env_or("GATEWAY_TEST_PG", "postgres://postgres@127.0.0.1:5432"),
+            pg_server: testkit::pg_server(),
             db_name: format!("gw_bench_{id}"),
-            amqp_server: env_or("GATEWAY_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672"),
+            amqp_server: testkit::amqp_server(),
             vhost: format!("gw-bench-{id}"),
             scratch_vhost: format!("gw-bench-{id}-ceiling"),
-            redis_url: env_or("GATEWAY_TEST_REDIS", "redis://127.0.0.1:6379"),
+            redis_url: testkit::redis_url(),
             redis_prefix: format!("gw-bench:{id}:"),
             id,
             created_db: false,
@@ -437,7 +433,7 @@ impl Instance {
 
     /// Sum of a metric's samples whose line contains `label`.
     pub fn metric(&self, name: &str, label: &str) -> f64 {
-        metric_value(&self.state.metrics.render(), name, label)
+        testkit::metric_value(&self.state.metrics.render(), name, label)
     }
 
     pub async fn stop(self) -> Result<()> {
@@ -448,17 +444,6 @@ impl Instance {
             Err(_) => Err(anyhow!("the service did not stop within 30 s")),
         }
     }
-}
-
-pub fn metric_value(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let metric = l.split(['{', ' ']).next().unwrap_or("");
-            (metric == name || metric == format!("{name}_total")) && l.contains(label)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 // ---------------------------------------------------------- CPU and perf

@@ -116,6 +116,13 @@ impl Isolation {
         iso
     }
 
+    /// This isolation's database as reached through a loopback port, such as
+    /// a [`proxy::Proxy`] in front of PostgreSQL.
+    pub fn database_url_through(&self, port: u16) -> String {
+        let name = self.database_url.rsplit('/').next().unwrap_or_default();
+        format!("postgres://postgres@127.0.0.1:{port}/{name}")
+    }
+
     pub fn amqp_url(&self) -> String {
         format!("{}/{}", amqp_server(), self.vhost)
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use testkit::rawws::RawWs;
-use testkit::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
+use testkit::{TestPublisher, eventually, spawn_app, spawn_app_with};
 
 fn json() -> BasicProperties {
     BasicProperties::default()
@@ -177,11 +177,11 @@ async fn every_malformed_event_is_dead_lettered_with_its_reason_and_valid_ones_a
 
 #[actix_rt::test]
 async fn a_silent_websocket_peer_is_closed_by_the_heartbeat() {
-    let iso = Isolation::new().await;
-    let mut settings = iso.settings();
-    settings.hub.ping_interval_ms = 200;
-    settings.hub.client_timeout_ms = 1000;
-    let app = spawn_with(iso, settings).await;
+    let app = spawn_app_with(|settings| {
+        settings.hub.ping_interval_ms = 200;
+        settings.hub.client_timeout_ms = 1000;
+    })
+    .await;
     let mut silent = RawWs::connect(app.port).await;
     silent.send_text(r##"{"op":"subscribe","topics":["#"]}"##).await;
     eventually(Duration::from_secs(10), "the silent peer is dropped", || async {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use awc::http::{Method, header};
 use product_gateway::settings::{Secret, Settings};
 use product_gateway::startup::Application;
-use testkit::{ADMIN_TOKEN, Isolation, spawn_with};
+use testkit::{ADMIN_TOKEN, Isolation, spawn_app_with, spawn_with};
 
 /// Status, JSON body (Null when not JSON) and headers of one request.
 async fn call(
@@ -132,10 +132,10 @@ async fn admin_call_with_a_foreign_host_is_refused() {
 
 #[actix_rt::test]
 async fn configured_host_is_allowed_and_others_are_not() {
-    let iso = Isolation::new().await;
-    let mut settings = iso.settings();
-    settings.server.allowed_hosts = vec!["shop.example".into(), "api.shop.example:8443".into()];
-    let app = spawn_with(iso, settings).await;
+    let app = spawn_app_with(|settings| {
+        settings.server.allowed_hosts = vec!["shop.example".into(), "api.shop.example:8443".into()];
+    })
+    .await;
     for (host, expected) in [
         ("shop.example", 200),
         ("shop.example:443", 200),
@@ -196,11 +196,12 @@ async fn websocket_and_sse_with_a_foreign_host_are_refused() {
 
 #[actix_rt::test]
 async fn clients_behind_a_trusted_proxy_get_separate_per_ip_buckets() {
-    let iso = Isolation::new().await;
-    let mut settings = iso.settings();
-    settings.hub.max_connections_per_ip = 1;
-    settings.server.trusted_proxies = serde_json::from_value(serde_json::json!(["127.0.0.1", "10.9.0.0/16"])).unwrap();
-    let app = spawn_with(iso, settings).await;
+    let app = spawn_app_with(|settings| {
+        settings.hub.max_connections_per_ip = 1;
+        settings.server.trusted_proxies =
+            serde_json::from_value(serde_json::json!(["127.0.0.1", "10.9.0.0/16"])).unwrap();
+    })
+    .await;
     let xff = "X-Forwarded-For";
     let _a = open_events(&app, &[(xff, "192.0.2.1")]).await.expect("first client");
     // The second client through the same balancer has its own bucket.
@@ -224,11 +225,11 @@ async fn clients_behind_a_trusted_proxy_get_separate_per_ip_buckets() {
 
 #[actix_rt::test]
 async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
-    let iso = Isolation::new().await;
-    let mut settings = iso.settings();
-    settings.hub.max_connections_per_ip = 1;
-    settings.server.trusted_proxies = serde_json::from_value(serde_json::json!(["10.9.0.0/16"])).unwrap();
-    let app = spawn_with(iso, settings).await;
+    let app = spawn_app_with(|settings| {
+        settings.hub.max_connections_per_ip = 1;
+        settings.server.trusted_proxies = serde_json::from_value(serde_json::json!(["10.9.0.0/16"])).unwrap();
+    })
+    .await;
     let xff = "X-Forwarded-For";
     let _a = open_events(&app, &[(xff, "192.0.2.1")]).await.expect("first client");
     match open_events(&app, &[(xff, "192.0.2.2")]).await {
@@ -243,10 +244,10 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
 
 #[actix_rt::test]
 async fn sse_from_a_foreign_origin_is_refused() {
-    let iso = Isolation::new().await;
-    let mut settings = iso.settings();
-    settings.hub.allowed_origins = vec!["https://shop.example".into()];
-    let app = spawn_with(iso, settings).await;
+    let app = spawn_app_with(|settings| {
+        settings.hub.allowed_origins = vec!["https://shop.example".into()];
+    })
+    .await;
     let (status, body, _) = call(
         &app,
         Method::GET,

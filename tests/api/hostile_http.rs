@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use awc::http::{Method, header};
 use testkit::clients::{SseClient, WsClient, WsEvent};
-use testkit::{ADMIN_TOKEN, Isolation, spawn_app, spawn_with};
+use testkit::{ADMIN_TOKEN, spawn_app, spawn_app_with};
 
 /// Method, path, headers, body, expected status and code.
 type Case<'a> = (Method, &'a str, Vec<(&'a str, String)>, Vec<u8>, u16, &'a str);
@@ -166,10 +166,10 @@ async fn bad_http_input_gets_a_4xx_with_a_json_code() {
 
 #[actix_rt::test]
 async fn websocket_from_a_foreign_origin_is_refused() {
-    let iso = Isolation::new().await;
-    let mut settings = iso.settings();
-    settings.hub.allowed_origins = vec!["https://shop.example".into()];
-    let app = spawn_with(iso, settings).await;
+    let app = spawn_app_with(|settings| {
+        settings.hub.allowed_origins = vec!["https://shop.example".into()];
+    })
+    .await;
     let ws_url = app.address.replace("http://", "ws://") + "/ws";
     let refused = awc::Client::new()
         .ws(&ws_url)
@@ -190,10 +190,10 @@ async fn websocket_from_a_foreign_origin_is_refused() {
 
 #[actix_rt::test]
 async fn one_address_cannot_hold_more_than_its_share_of_connections() {
-    let iso = Isolation::new().await;
-    let mut settings = iso.settings();
-    settings.hub.max_connections_per_ip = 2;
-    let app = spawn_with(iso, settings).await;
+    let app = spawn_app_with(|settings| {
+        settings.hub.max_connections_per_ip = 2;
+    })
+    .await;
     let mut a = WsClient::connect(&app.address).await;
     a.subscribe(&["#"], None, false).await;
     let _b = SseClient::connect(&app.address, "topics=%23", None).await.unwrap();

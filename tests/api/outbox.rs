@@ -30,8 +30,7 @@ async fn version_whose_commit_reply_was_lost_still_reaches_the_stream() {
     let iso = Isolation::new().await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
     let mut settings = iso.settings();
-    let db_name = iso.database_url.rsplit('/').next().unwrap().to_owned();
-    settings.database.url = Secret::new(format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port));
+    settings.database.url = Secret::new(iso.database_url_through(proxy.port));
     let app = spawn_with(iso, settings).await;
     let mut ws = WsClient::connect(&app.address).await;
     ws.subscribe(&["product.price.9"], None, false).await;

@@ -246,8 +246,7 @@ async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
     let iso = Isolation::new().await;
     let proxy = testkit::proxy::Proxy::start("127.0.0.1:5432").await;
     let mut settings = iso.settings();
-    let db_name = iso.database_url.rsplit('/').next().unwrap().to_owned();
-    let url = format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port);
+    let url = iso.database_url_through(proxy.port);
     settings.database.url = product_gateway::settings::Secret::new(url);
     settings.database.acquire_timeout_ms = 500;
     let app = spawn_with(iso, settings).await;

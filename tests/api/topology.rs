@@ -6,7 +6,7 @@ use std::path::Path;
 
 use product_gateway::broker::topology::Topology;
 use serde_json::Value;
-use testkit::{Isolation, rabbit_api_call, spawn_app, spawn_with};
+use testkit::{rabbit_api_call, spawn_app, spawn_app_with};
 
 fn definitions_file() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("rabbit/definitions.json");
@@ -101,10 +101,10 @@ async fn broker_refuses_a_body_above_max_message_bytes_at_publish_time() {
     // The shared broker's own limit is RabbitMQ's default, 128 MiB: with the
     // setting at that value the broker refuses the start-up probe one byte
     // over it, and the service reads the broker's limit from the refusal.
-    let iso = Isolation::new().await;
-    let mut settings = iso.settings();
-    settings.rabbit.topology.max_message_bytes = 128 << 20;
-    let app = spawn_with(iso, settings).await;
+    let app = spawn_app_with(|settings| {
+        settings.rabbit.topology.max_message_bytes = 128 << 20;
+    })
+    .await;
     let seen = app.metric("gateway_broker_max_message_bytes", "").await;
     println!("broker limit read from its refusal: {seen}");
     assert_eq!(seen, (128u64 << 20) as f64);
