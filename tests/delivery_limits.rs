@@ -273,7 +273,7 @@ async fn since_subscribes_and_big_unsubscribes_cannot_stall_other_clients() {
                 ws.send(frame).await;
                 n += 1;
                 // Read whatever came back so this client is not the slow one.
-                let _ = ws.next(Duration::from_millis(45)).await;
+                let _ = ws.next(Duration::from_millis(80)).await;
             }
             n
         }));
