@@ -15,10 +15,10 @@ use tokio_util::task::TaskTracker;
 
 use super::link::Connector;
 use super::message::{stream_offset_of, update_id};
-use crate::hub::HubHandle;
-use crate::hub::feed::CatchUpItem;
-use crate::hub::pattern::Pattern;
+use crate::hub::feed::{CatchUpFilter, CatchUpItem};
+use crate::hub::history::Replay;
 use crate::hub::update::Update;
+use crate::hub::{CatchUp, HubHandle};
 
 /// Where to start reading.
 #[derive(Debug, Clone, Copy)]
@@ -157,72 +157,100 @@ pub fn spawn_live(
     attached
 }
 
-/// Reads the stream from update id `from` for one resuming client, sending
-/// the updates that match its patterns, until id `until` (exclusive) or
-/// until the receiver goes away.
+/// Replays for one resuming client what its filter wants: first from the
+/// stream, from update id `read.from` until `read.until` (exclusive; the
+/// hub's memory starts there), then from the hub's memory. Ends when done
+/// or when the receiver goes away.
 pub fn catch_up(
     connector: Connector,
     stream: String,
     prefetch: u16,
-    from: u64,
-    until: Option<u64>,
-    patterns: Vec<Pattern>,
+    read: Option<CatchUp>,
+    replay: Replay,
+    filter: CatchUpFilter,
 ) -> mpsc::Receiver<CatchUpItem> {
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
-        let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connector.connect("catch-up")).await else {
-            tracing::warn!("catch-up reader could not connect");
+        if let Some(read) = read
+            && !read_stream(&connector, &stream, prefetch, read, &filter, &tx).await
+        {
             return;
+        }
+        for (i, u) in replay.iter().enumerate() {
+            if filter.wants(u) && tx.send(CatchUpItem::Update(u.clone())).await.is_err() {
+                return;
+            }
+            // A long replay of updates nobody wants must not hog the thread.
+            if i % 1024 == 1023 {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    rx
+}
+
+/// The stream part of a catch-up; false when the receiver went away.
+async fn read_stream(
+    connector: &Connector,
+    stream: &str,
+    prefetch: u16,
+    read: CatchUp,
+    filter: &CatchUpFilter,
+    tx: &mpsc::Sender<CatchUpItem>,
+) -> bool {
+    let CatchUp { from, until } = read;
+    let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connector.connect("catch-up")).await else {
+        tracing::warn!("catch-up reader could not connect");
+        return true;
+    };
+    let conn = Arc::new(conn);
+    let from_offset = stream_offset_of(from);
+    let Ok((channel, mut consumer)) = open(&conn, stream, Start::Offset(from_offset), prefetch).await else {
+        return true;
+    };
+    let mut acker = Acker::new(prefetch);
+    let mut first = true;
+    let mut open_receiver = true;
+    loop {
+        let d = tokio::select! {
+            d = consumer.next() => d,
+            _ = tx.closed() => { open_receiver = false; break }
         };
-        let conn = Arc::new(conn);
-        let from_offset = stream_offset_of(from);
-        let Ok((channel, mut consumer)) = open(&conn, &stream, Start::Offset(from_offset), prefetch).await else {
-            return;
-        };
-        let mut acker = Acker::new(prefetch);
-        let mut first = true;
-        loop {
-            let d = tokio::select! {
-                d = consumer.next() => d,
-                _ = tx.closed() => break,
-            };
-            let Some(Ok(d)) = d else { break };
-            let Some(offset) = offset_of(&d) else { continue };
-            let updates = Update::from_message(offset, &d.data);
-            if first && offset > from_offset {
-                // Retention removed what was asked for: say so, never a silent gap.
-                let first_available = updates.first().map(|u| u.offset).unwrap_or(update_id(offset, 0));
-                if tx.send(CatchUpItem::Reset { first_available }).await.is_err() {
-                    break;
-                }
-            }
-            first = false;
-            let mut done = false;
-            for u in updates {
-                if u.offset < from {
-                    continue;
-                }
-                if until.is_some_and(|until| u.offset >= until) {
-                    done = true;
-                    break;
-                }
-                let words: Vec<&str> = u.topic.split('.').collect();
-                if patterns.iter().any(|p| p.matches_words(&words))
-                    && tx.send(CatchUpItem::Update(Arc::new(u))).await.is_err()
-                {
-                    done = true;
-                    break;
-                }
-            }
-            if done {
-                break;
-            }
-            if acker.delivered(&channel, d.delivery_tag, false).await.is_err() {
+        let Some(Ok(d)) = d else { break };
+        let Some(offset) = offset_of(&d) else { continue };
+        let updates = Update::from_message(offset, &d.data);
+        if first && offset > from_offset {
+            // Retention removed what was asked for: say so, never a silent gap.
+            let first_available = updates.first().map(|u| u.offset).unwrap_or(update_id(offset, 0));
+            if tx.send(CatchUpItem::Reset { first_available }).await.is_err() {
+                open_receiver = false;
                 break;
             }
         }
-        let _ = channel.close(200, "caught up".into()).await;
-        let _ = conn.close(200, "caught up".into()).await;
-    });
-    rx
+        first = false;
+        let mut done = false;
+        for u in updates {
+            if u.offset < from {
+                continue;
+            }
+            if until.is_some_and(|until| u.offset >= until) {
+                done = true;
+                break;
+            }
+            if filter.wants(&u) && tx.send(CatchUpItem::Update(Arc::new(u))).await.is_err() {
+                open_receiver = false;
+                done = true;
+                break;
+            }
+        }
+        if done {
+            break;
+        }
+        if acker.delivered(&channel, d.delivery_tag, false).await.is_err() {
+            break;
+        }
+    }
+    let _ = channel.close(200, "caught up".into()).await;
+    let _ = conn.close(200, "caught up".into()).await;
+    open_receiver
 }

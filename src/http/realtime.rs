@@ -1,6 +1,7 @@
 //! What WebSocket and SSE connections share: subscribing with patterns,
 //! resume from an offset, snapshots, and the limits that protect the hub.
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,9 +14,10 @@ use super::error::ApiError;
 use crate::broker::link::Connector;
 use crate::broker::stream;
 use crate::domain::Kind;
-use crate::hub::feed::{Feed, FeedItem};
+use crate::hub::feed::{CatchUpFilter, Feed, FeedItem};
 use crate::hub::pattern::Pattern;
 use crate::hub::{ConnectionSlot, HubHandle, Refused};
+use crate::metrics::Metrics;
 use crate::settings::HubSettings;
 use crate::store::{Db, catalog};
 
@@ -90,6 +92,9 @@ pub struct Session {
     stream_name: String,
     feed: Feed,
     patterns: Vec<String>,
+    /// Per pattern, the offset after which this connection gets all of its
+    /// updates (None: from the first update the hub receives).
+    covered: HashMap<String, (Pattern, Option<u64>)>,
     transport: &'static str,
     _slot: ConnectionSlot,
 }
@@ -120,6 +125,7 @@ impl Session {
             stream_name: state.settings.rabbit.topology.updates_stream.clone(),
             feed: Feed::new(queue),
             patterns: Vec::new(),
+            covered: HashMap::new(),
             transport,
             _slot: slot,
         })
@@ -133,26 +139,42 @@ impl Session {
         &self.patterns
     }
 
-    fn parse(&self, topics: &[String]) -> Result<Vec<Pattern>, ClientError> {
+    fn too_many(&self) -> ClientError {
+        let max = self.hub.settings().max_subscriptions;
+        ClientError::new(
+            "too_many_subscriptions",
+            format!("at most {max} patterns per connection"),
+        )
+    }
+
+    /// The requested patterns, each once, and those of them that are new to
+    /// this connection.
+    fn parse(&self, topics: &[String]) -> Result<(Vec<Pattern>, Vec<Pattern>), ClientError> {
         let settings = self.hub.settings();
         if topics.is_empty() {
             return Err(ClientError::new("bad_pattern", "topics must name at least one pattern"));
         }
-        let mut new: Vec<Pattern> = Vec::new();
+        // Counted before anything is parsed: no list this long can fit.
+        if topics.len() > settings.max_subscriptions {
+            return Err(self.too_many());
+        }
+        let mut seen = HashSet::with_capacity(topics.len());
+        let (mut all, mut new) = (Vec::new(), Vec::new());
         for t in topics {
+            if !seen.insert(t.as_str()) {
+                continue;
+            }
             let p = Pattern::parse(t, settings.max_pattern_words)
                 .map_err(|e| ClientError::new("bad_pattern", format!("{:.80}: {e}", t)))?;
-            if !self.patterns.iter().any(|q| q == p.as_str()) && !new.contains(&p) {
-                new.push(p);
+            if !self.covered.contains_key(t) {
+                new.push(p.clone());
             }
+            all.push(p);
         }
         if self.patterns.len() + new.len() > settings.max_subscriptions {
-            return Err(ClientError::new(
-                "too_many_subscriptions",
-                format!("at most {} patterns per connection", settings.max_subscriptions),
-            ));
+            return Err(self.too_many());
         }
-        Ok(new)
+        Ok((all, new))
     }
 
     /// Subscribes; returns the snapshot frame's JSON when one was asked for.
@@ -164,7 +186,7 @@ impl Session {
         since: Option<u64>,
         snapshot: bool,
     ) -> Result<Option<serde_json::Value>, ClientError> {
-        let patterns = self.parse(topics)?;
+        let (patterns, fresh) = self.parse(topics)?;
         // Taken before subscribing, so a client told to retry is left as it was.
         let _turn = match snapshot {
             true => Some(self.snapshots.acquire().await?),
@@ -173,20 +195,33 @@ impl Session {
         let since = if snapshot { None } else { since };
         let subscribed = self
             .hub
-            .subscribe(self.id, self.feed.queue(), patterns.clone(), since)
+            .subscribe(self.id, self.feed.queue(), fresh.clone(), since)
             .await
             .ok_or_else(|| ClientError::new("unavailable", "the service is shutting down"))?;
-        self.patterns.extend(patterns.iter().map(|p| p.as_str().to_owned()));
-        if let Some(c) = subscribed.catch_up {
+        // What the earlier patterns deliver is not replayed again; those
+        // subscribed before the hub had anything deliver from its first update.
+        let origin = subscribed.origin.map(|o| o.saturating_sub(1));
+        let covered: Vec<(Pattern, u64)> = self
+            .covered
+            .values()
+            .filter_map(|(p, after)| Some((p.clone(), after.or(origin)?)))
+            .collect();
+        let after = since.or(subscribed.last_offset);
+        for p in &fresh {
+            self.patterns.push(p.as_str().to_owned());
+            self.covered.insert(p.as_str().to_owned(), (p.clone(), after));
+        }
+        if since.is_some() && !fresh.is_empty() {
+            let open_ended = subscribed.last_offset.is_none();
             let rx = stream::catch_up(
                 self.connector.clone(),
                 self.stream_name.clone(),
                 self.hub.settings().stream_prefetch,
-                c.from,
-                c.until,
-                patterns.clone(),
+                subscribed.catch_up,
+                subscribed.replay,
+                CatchUpFilter { fresh, covered },
             );
-            self.feed.start_catch_up(rx);
+            self.feed.start_catch_up(rx, open_ended);
         }
         if !snapshot {
             return Ok(None);
@@ -220,9 +255,16 @@ impl Session {
         ))
     }
 
-    pub async fn unsubscribe(&mut self, topics: &[String]) {
-        self.patterns.retain(|p| !topics.contains(p));
+    pub async fn unsubscribe(&mut self, topics: &[String]) -> Result<(), ClientError> {
+        // A connection never has more patterns than this to take back.
+        if topics.len() > self.hub.settings().max_subscriptions {
+            return Err(self.too_many());
+        }
+        let gone: HashSet<&str> = topics.iter().map(String::as_str).collect();
+        self.patterns.retain(|p| !gone.contains(p.as_str()));
+        self.covered.retain(|p, _| !gone.contains(p.as_str()));
         self.hub.unsubscribe(self.id, topics.to_vec()).await;
+        Ok(())
     }
 
     /// Next items to send; false when the hub has let go (shutdown).
@@ -232,19 +274,24 @@ impl Session {
 
     /// Counts a hand-off and its end-to-end latency.
     pub fn delivered(&self, ts_us: i64) {
-        let m = self.hub.metrics();
-        m.updates_delivered
-            .get_or_create(&[("transport", self.transport)])
-            .inc();
-        if ts_us > 0 {
-            let latency = (crate::domain::now_us() - ts_us).max(0) as f64 / 1e6;
-            m.e2e_latency.observe(latency);
-        }
+        count_delivery(self.hub.metrics(), self.transport, ts_us);
+    }
+}
+
+/// Counts a hand-off and its end-to-end latency.
+pub fn count_delivery(m: &Metrics, transport: &'static str, ts_us: i64) {
+    m.updates_delivered.get_or_create(&[("transport", transport)]).inc();
+    if ts_us > 0 {
+        let latency = (crate::domain::now_us() - ts_us).max(0) as f64 / 1e6;
+        m.e2e_latency.observe(latency);
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
+        // Closed first: a subscribe of this client still queued in the hub
+        // then registers nothing, whether or not `leave` overtakes it.
+        self.feed.queue().close();
         self.hub.leave(self.id);
         self.hub
             .metrics()

@@ -2,17 +2,19 @@
 //! directions, server pings, and limits answered with error frames or
 //! close codes (1008 policy, 1009 too big, 1013 try again later).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
+use bytestring::ByteString;
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
 use super::edge::{Origin, check_origin, client_ip, origin_refused};
-use super::realtime::{ClientError, Session, reset_json};
+use super::realtime::{ClientError, Session, count_delivery, reset_json};
 use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
 
@@ -78,12 +80,19 @@ async fn run(
     let refuse = |reason: &'static str| metrics.clients_refused.get_or_create(&[("reason", reason)]).inc();
     let mut ping = tokio::time::interval(Duration::from_millis(settings.ping_interval_ms));
     let timeout = Duration::from_millis(settings.client_timeout_ms);
+    let ping_every = Duration::from_millis(settings.ping_interval_ms);
     let mut last_seen = Instant::now();
     let mut tokens = 2.0 * FRAMES_PER_SEC;
     let mut last_frame = Instant::now();
     let mut strikes = 0u32;
     let mut out = Vec::new();
+    // Updates go out through their own handle, one at a time and without
+    // holding up the loop: a client that stops reading fills the socket,
+    // and the heartbeat below must still see it and close it.
+    let mut writer = session.clone();
+    let mut pending: VecDeque<(ByteString, Option<i64>)> = VecDeque::new();
     let close = loop {
+        let next_frame = pending.front().map(|(frame, _)| frame.clone());
         tokio::select! {
             _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),
             msg = stream.recv() => {
@@ -99,8 +108,11 @@ async fn run(
                     }
                     Some(Ok(AggregatedMessage::Ping(b))) => {
                         last_seen = Instant::now();
-                        if session.pong(&b).await.is_err() { break None; }
-                        continue;
+                        match tokio::time::timeout(timeout, session.pong(&b)).await {
+                            Ok(Ok(())) => continue,
+                            Ok(Err(_)) => break None,
+                            Err(_) => break Some(not_reading(&refuse)),
+                        }
                     }
                     Some(Ok(AggregatedMessage::Pong(_))) => { last_seen = Instant::now(); continue; }
                     Some(Ok(AggregatedMessage::Binary(_))) => None,
@@ -118,7 +130,11 @@ async fn run(
                         None => Err(ClientError::new("binary_not_supported", "send JSON text frames")),
                         // Boxed: a subscribe (snapshot query, stream catch-up) has a
                         // large state that every idle connection would otherwise carry.
-                        Some(t) => Box::pin(handle(&mut sub, &mut session, &t)).await,
+                        // Bounded: its answer waits on the socket too.
+                        Some(t) => match tokio::time::timeout(timeout, Box::pin(handle(&mut sub, &mut session, &t))).await {
+                            Ok(r) => r,
+                            Err(_) => break Some(not_reading(&refuse)),
+                        },
                     }
                 };
                 match result {
@@ -126,7 +142,11 @@ async fn run(
                     Ok(false) => break None,
                     Err(e) => {
                         metrics.client_errors.get_or_create(&[("code", e.code)]).inc();
-                        if session.text(e.to_json()).await.is_err() { break None; }
+                        match tokio::time::timeout(timeout, session.text(e.to_json())).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break None,
+                            Err(_) => break Some(not_reading(&refuse)),
+                        }
                         strikes += 1;
                         if strikes >= MAX_STRIKES {
                             refuse("too_many_errors");
@@ -140,15 +160,46 @@ async fn run(
                     refuse("heartbeat_timeout");
                     break Some(reason(CloseCode::Policy, "no answer to pings"));
                 }
-                if session.ping(b"").await.is_err() { break None; }
+                // With the socket full the ping waits for room, but never past
+                // the next tick, where the timeout above is checked again.
+                if let Ok(Err(_)) = tokio::time::timeout(ping_every, session.ping(b"")).await {
+                    break None;
+                }
             }
-            open = sub.next(&mut out) => {
-                if !send(&sub, &mut session, &mut out).await { break None; }
+            open = sub.next(&mut out), if pending.is_empty() => {
+                for item in out.drain(..) {
+                    pending.push_back(match item {
+                        FeedItem::Update(u) => (u.ws_frame.clone(), Some(u.ts_us)),
+                        FeedItem::Reset { offset } => (reset_json(offset).to_string().into(), None),
+                    });
+                }
                 if !open { break Some(reason(CloseCode::Away, "server shutting down")); }
+            }
+            // Cancel-safe: an unsent frame stays at the front of `pending`.
+            sent = send_frame(&mut writer, next_frame), if !pending.is_empty() => {
+                if !sent { break None; }
+                if let Some((_, Some(ts_us))) = pending.pop_front() {
+                    count_delivery(&metrics, sub.transport(), ts_us);
+                }
             }
         }
     };
-    let _ = session.close(close).await;
+    drop(writer);
+    // The close frame waits for room in the socket, but not for long.
+    let _ = tokio::time::timeout(Duration::from_secs(1), session.close(close)).await;
+}
+
+/// Closes a client that lets the socket fill up and answers nothing.
+fn not_reading<R>(refuse: &impl Fn(&'static str) -> R) -> CloseReason {
+    refuse("heartbeat_timeout");
+    reason(CloseCode::Policy, "not reading")
+}
+
+async fn send_frame(writer: &mut actix_ws::Session, frame: Option<ByteString>) -> bool {
+    match frame {
+        Some(frame) => writer.text(frame).await.is_ok(),
+        None => true,
+    }
 }
 
 fn reason(code: CloseCode, text: &str) -> CloseReason {
@@ -156,22 +207,6 @@ fn reason(code: CloseCode, text: &str) -> CloseReason {
         code,
         description: Some(text.to_owned()),
     }
-}
-
-async fn send(sub: &Session, session: &mut actix_ws::Session, out: &mut Vec<FeedItem>) -> bool {
-    for item in out.drain(..) {
-        let sent = match item {
-            FeedItem::Update(u) => {
-                sub.delivered(u.ts_us);
-                session.text(u.ws_frame.clone()).await
-            }
-            FeedItem::Reset { offset } => session.text(reset_json(offset).to_string()).await,
-        };
-        if sent.is_err() {
-            return false;
-        }
-    }
-    true
 }
 
 /// Decodes one client text frame into a frame or the error to answer with.
@@ -208,7 +243,7 @@ async fn handle(sub: &mut Session, session: &mut actix_ws::Session, text: &str) 
             }
         }
         ClientFrame::Unsubscribe { topics } => {
-            sub.unsubscribe(&topics).await;
+            sub.unsubscribe(&topics).await?;
             let ack = json!({ "type": "unsubscribed", "topics": topics, "remaining": sub.patterns() });
             if session.text(ack.to_string()).await.is_err() {
                 return Ok(false);

@@ -92,6 +92,10 @@ impl ClientQueue {
         self.len() == 0
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Wakes the reader for good; later pushes are dropped.
     pub fn close(&self) {
         self.lock().closed = true;

@@ -1,13 +1,16 @@
 //! What one connection reads: its hub buffer, preceded while resuming by
-//! the updates read back from the stream, and filtered against its
-//! snapshot, so the client sees every change once and in order.
+//! the updates read back (from the stream and the hub's memory), and
+//! filtered against its snapshot, so the client sees every change once and
+//! in order. Each resume on a connection is its own catch-up; they run one
+//! after the other, so none replaces another.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use super::client::ClientQueue;
+use super::pattern::Pattern;
 use super::update::Update;
 use crate::domain::Kind;
 
@@ -28,10 +31,37 @@ pub enum FeedItem {
     Reset { offset: u64 },
 }
 
+/// Which updates one resume replays: those of its new patterns that the
+/// connection's earlier patterns do not already deliver.
+#[derive(Debug, Clone)]
+pub struct CatchUpFilter {
+    pub fresh: Vec<Pattern>,
+    /// Earlier patterns with the offset after which they deliver everything.
+    pub covered: Vec<(Pattern, u64)>,
+}
+
+impl CatchUpFilter {
+    pub fn wants(&self, u: &Update) -> bool {
+        let words: Vec<&str> = u.topic.split('.').collect();
+        self.fresh.iter().any(|p| p.matches_words(&words))
+            && !self
+                .covered
+                .iter()
+                .any(|(p, after)| u.offset > *after && p.matches_words(&words))
+    }
+}
+
+struct CatchUp {
+    rx: mpsc::Receiver<CatchUpItem>,
+    /// Ends where the live buffer begins (the hub had nothing yet when it
+    /// started), rather than at a known offset.
+    open_ended: bool,
+}
+
 pub struct Feed {
     queue: Arc<ClientQueue>,
-    catch_up: Option<mpsc::Receiver<CatchUpItem>>,
-    /// Offset of the last update handed out from the stream catch-up.
+    catch_ups: VecDeque<CatchUp>,
+    /// Offset of the last update handed out from an open-ended catch-up.
     last_caught_up: Option<u64>,
     /// Version per product and kind that the client's snapshot already has.
     snapshot: HashMap<(i64, Kind), i64>,
@@ -42,7 +72,7 @@ impl Feed {
     pub fn new(queue: Arc<ClientQueue>) -> Self {
         Self {
             queue,
-            catch_up: None,
+            catch_ups: VecDeque::new(),
             last_caught_up: None,
             snapshot: HashMap::new(),
             buf: Vec::new(),
@@ -53,12 +83,14 @@ impl Feed {
         &self.queue
     }
 
-    pub fn start_catch_up(&mut self, rx: mpsc::Receiver<CatchUpItem>) {
-        self.catch_up = Some(rx);
+    /// Queues a catch-up behind those already running. `open_ended` when
+    /// it ends at the first live update rather than by itself.
+    pub fn start_catch_up(&mut self, rx: mpsc::Receiver<CatchUpItem>, open_ended: bool) {
+        self.catch_ups.push_back(CatchUp { rx, open_ended });
     }
 
     pub fn is_catching_up(&self) -> bool {
-        self.catch_up.is_some()
+        !self.catch_ups.is_empty()
     }
 
     /// Records what a snapshot delivered so older updates are skipped.
@@ -71,20 +103,43 @@ impl Feed {
     /// False once the hub has let go of this client (shutdown).
     pub async fn next(&mut self, out: &mut Vec<FeedItem>) -> bool {
         loop {
-            if let Some(rx) = self.catch_up.as_mut() {
+            if let Some(c) = self.catch_ups.front_mut() {
+                if !c.open_ended {
+                    // Ends by itself, at the last update the hub had when the
+                    // resume started; the live buffer holds only newer ones
+                    // of its patterns.
+                    match c.rx.recv().await {
+                        Some(CatchUpItem::Update(u)) => {
+                            if self.wanted(&u) {
+                                out.push(FeedItem::Update(u));
+                                return true;
+                            }
+                        }
+                        Some(CatchUpItem::Reset { first_available }) => {
+                            out.push(FeedItem::Reset {
+                                offset: first_available,
+                            });
+                            return true;
+                        }
+                        None => {
+                            self.catch_ups.pop_front();
+                        }
+                    }
+                    continue;
+                }
                 // Live updates queued from the hub take over once the stream
-                // reader reaches the first of them (or ends at the hub's history).
+                // reader reaches the first of them.
                 let front = self.queue.front_offset();
                 {
                     let item = tokio::select! {
-                        item = rx.recv() => item,
+                        item = c.rx.recv() => item,
                         // Something arrived live: re-check whether we are caught up.
                         _ = queue_grew(&self.queue, front) => continue,
                     };
                     match item {
                         Some(CatchUpItem::Update(u)) => {
                             if front.is_some_and(|f| u.offset >= f) {
-                                self.catch_up = None;
+                                self.catch_ups.pop_front();
                                 continue;
                             }
                             if self.last_caught_up.is_some_and(|l| u.offset <= l) {
@@ -106,7 +161,8 @@ impl Feed {
                         None => {}
                     }
                 }
-                self.catch_up = None;
+                self.catch_ups.pop_front();
+                continue;
             }
             self.buf.clear();
             let open = self.queue.drain_into(&mut self.buf).await;

@@ -5,10 +5,11 @@
 
 pub mod client;
 pub mod feed;
+pub mod history;
 pub mod pattern;
 pub mod update;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::client::ClientQueue;
+use self::history::{History, Replay};
 use self::pattern::Pattern;
 use self::update::Update;
 use crate::metrics::Metrics;
@@ -37,7 +39,13 @@ pub struct CatchUp {
 pub struct Subscribed {
     /// Offset of the newest update the hub had seen when subscribing.
     pub last_offset: Option<u64>,
+    /// Offset of the first update the hub ever saw: live delivery covers
+    /// everything from there on.
+    pub origin: Option<u64>,
     pub catch_up: Option<CatchUp>,
+    /// What the hub's memory holds after `since`, for the client to filter
+    /// and replay (before its live updates, which start after `last_offset`).
+    pub replay: Replay,
 }
 
 enum Command {
@@ -212,7 +220,7 @@ async fn run(
     shutdown: CancellationToken,
 ) {
     let mut clients: HashMap<u64, Client> = HashMap::new();
-    let mut history: VecDeque<Arc<Update>> = VecDeque::with_capacity(history_cap.min(1 << 16));
+    let mut history = History::new(history_cap);
     loop {
         let cmd = tokio::select! {
             biased;
@@ -236,10 +244,7 @@ async fn run(
                         client.queue.push(u.clone());
                     }
                 }
-                if history.len() == history_cap {
-                    history.pop_front();
-                }
-                history.push_back(u);
+                history.push(u);
             }
             Command::Subscribe {
                 id,
@@ -248,29 +253,28 @@ async fn run(
                 since,
                 reply,
             } => {
-                let client = clients.entry(id).or_insert_with(|| Client {
-                    queue,
-                    patterns: Vec::new(),
-                });
-                let fresh: Vec<Pattern> = patterns
-                    .into_iter()
-                    .filter(|p| !client.patterns.iter().any(|q| q == p))
-                    .collect();
+                // A client that left while this was queued is not registered:
+                // its `leave` may already have been handled.
+                if !queue.is_closed() {
+                    let client = clients.entry(id).or_insert_with(|| Client {
+                        queue,
+                        patterns: Vec::new(),
+                    });
+                    let mut seen: HashSet<String> = client.patterns.iter().map(|p| p.as_str().to_owned()).collect();
+                    let fresh: Vec<Pattern> = patterns
+                        .into_iter()
+                        .filter(|p| seen.insert(p.as_str().to_owned()))
+                        .collect();
+                    metrics.subscriptions.inc_by(fresh.len() as i64);
+                    client.patterns.extend(fresh);
+                }
                 let mut catch_up = None;
+                let mut replay = Replay::default();
                 if let Some(since) = since {
-                    let front = history.front().map(|u| u.offset);
-                    // Replay from memory what matches the new patterns only:
-                    // the old ones already delivered their updates.
-                    let wanted = |u: &Update| {
-                        let w: Vec<&str> = u.topic.split('.').collect();
-                        fresh.iter().any(|p| p.matches_words(&w))
-                            && !client.patterns.iter().any(|p| p.matches_words(&w))
-                    };
-                    for u in history.iter().filter(|u| u.offset > since) {
-                        if wanted(u) {
-                            client.queue.push(u.clone());
-                        }
-                    }
+                    // Only the shared chunks are handed over: matching them
+                    // against the patterns is the client's work, not the hub's.
+                    let front = history.front();
+                    replay = history.after(since);
                     let from = since.saturating_add(1);
                     let source = match front {
                         Some(f) if from >= f => "memory",
@@ -281,17 +285,18 @@ async fn run(
                     };
                     metrics.resumes.get_or_create(&[("source", source)]).inc();
                 }
-                metrics.subscriptions.inc_by(fresh.len() as i64);
-                client.patterns.extend(fresh);
                 let _ = reply.send(Subscribed {
-                    last_offset: history.back().map(|u| u.offset),
+                    last_offset: history.back(),
+                    origin: history.origin(),
                     catch_up,
+                    replay,
                 });
             }
             Command::Unsubscribe { id, patterns } => {
                 if let Some(client) = clients.get_mut(&id) {
                     let before = client.patterns.len();
-                    client.patterns.retain(|p| !patterns.iter().any(|t| t == p.as_str()));
+                    let gone: HashSet<&str> = patterns.iter().map(String::as_str).collect();
+                    client.patterns.retain(|p| !gone.contains(p.as_str()));
                     metrics.subscriptions.dec_by((before - client.patterns.len()) as i64);
                 }
             }

@@ -197,3 +197,200 @@ async fn connections_over_the_limit_are_refused_with_1013_and_503() {
     assert!(app.metric("gateway_clients_refused_total", "connection_limit").await >= 2.0);
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_topic_list_over_the_limit_is_refused_before_its_patterns_are_parsed() {
+    let app = spawn_app().await;
+    // Far more than max_subscriptions (256), with a bad pattern at the very
+    // end: counting alone must refuse it, before any pattern is parsed.
+    let mut many: Vec<String> = (0..3000).map(|i| format!("p.{i}")).collect();
+    many.push("bad..pattern".into());
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.send(serde_json::json!({"op": "subscribe", "topics": many})).await;
+    expect_error(&mut ws, "too_many_subscriptions").await;
+
+    let started = Instant::now();
+    match SseClient::connect(&app.address, &format!("topics={}", many.join(",")), None).await {
+        Err((400, body)) => {
+            let message = body["message"].as_str().unwrap_or("");
+            assert!(message.starts_with("too_many_subscriptions"), "{body}");
+        }
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("accepted"),
+    }
+    println!("SSE refusal of {} patterns took {:?}", many.len(), started.elapsed());
+    // A list within the limit is still parsed, and its bad pattern named.
+    let few = ["p.1", "bad..pattern"];
+    ws.send(serde_json::json!({"op": "subscribe", "topics": few})).await;
+    expect_error(&mut ws, "bad_pattern").await;
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn since_subscribes_and_big_unsubscribes_cannot_stall_other_clients() {
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    settings.seed.products = 5000;
+    let app = spawn_with(iso, settings).await;
+    let p = TestPublisher::connect(&app.iso).await;
+    // Fill the hub's history, so every since-subscribe has much to look at.
+    for chunk in 0..5i64 {
+        let events: Vec<(i64, &str, i64, i64)> = (1..=1000).map(|i| (chunk * 1000 + i, "stock", i, 1)).collect();
+        p.burst(&events).await;
+    }
+    eventually(2 * T, "history filled", || async {
+        (app.metric("gateway_updates_broadcast_total", "").await >= 5_000.0).then_some(())
+    })
+    .await;
+    let mut fast = WsClient::connect(&app.address).await;
+    fast.subscribe(&["product.price.*"], None, false).await;
+    let baseline = latencies(&p, &mut fast, 1, 10).await;
+
+    // Hostile connections: an unsubscribe of a huge list is refused; then
+    // they alternate resuming (since=0) with the most patterns allowed (none
+    // of which match anything) and unsubscribing them, as fast as the frame
+    // rate limit lets them.
+    let patterns: Vec<String> = (0..256).map(|i| format!("product.stock.{i}.none")).collect();
+    let huge: Vec<String> = (0..5000).map(|i| format!("x.{i}")).collect();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut hostile = Vec::new();
+    let mut refused_unsubscribe = Vec::new();
+    for _ in 0..4 {
+        let mut ws = WsClient::connect(&app.address).await;
+        ws.send(serde_json::json!({"op": "unsubscribe", "topics": huge})).await;
+        refused_unsubscribe.push(ws.next_of("error", T).await["code"].clone());
+        let (stop, patterns) = (stop.clone(), patterns.clone());
+        hostile.push(actix_rt::spawn(async move {
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                let frame = if n.is_multiple_of(2) {
+                    serde_json::json!({"op": "subscribe", "topics": patterns, "since": 0})
+                } else {
+                    serde_json::json!({"op": "unsubscribe", "topics": patterns})
+                };
+                ws.send(frame).await;
+                n += 1;
+                // Read whatever came back so this client is not the slow one.
+                let _ = ws.next(Duration::from_millis(80)).await;
+            }
+            n
+        }));
+    }
+    let loaded = latencies(&p, &mut fast, 11, 40).await;
+    stop.cancel();
+    let mut frames = 0;
+    for h in hostile {
+        frames += h.await.unwrap();
+    }
+    let (b, l) = (p95(&baseline), p95(&loaded));
+    println!("fast client p95 latency: alone {b:.1} ms, beside {frames} since-subscribe/unsubscribe frames {l:.1} ms");
+    for code in refused_unsubscribe {
+        assert_eq!(code, "too_many_subscriptions");
+    }
+    assert!(
+        l <= 4.0 * b + 250.0,
+        "since-subscribes slowed another client: {b:.1} ms -> {l:.1} ms"
+    );
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn sse_clients_that_reset_while_subscribing_leave_nothing_behind() {
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    settings.seed.products = 3000;
+    let app = spawn_with(iso, settings).await;
+    let p = TestPublisher::connect(&app.iso).await;
+    // A full history makes resumes (since=0) slow the hub down, so
+    // subscribes queue up while their clients go.
+    let events: Vec<(i64, &str, i64, i64)> = (1..=3000).map(|i| (i, "stock", i, 1)).collect();
+    p.burst(&events).await;
+    eventually(2 * T, "history filled", || async {
+        (app.metric("gateway_updates_broadcast_total", "").await >= 3000.0).then_some(())
+    })
+    .await;
+    // Load on the hub while clients come and go.
+    let load = {
+        let iso_p = TestPublisher::connect(&app.iso).await;
+        actix_rt::spawn(async move {
+            for round in 0..20i64 {
+                let events: Vec<(i64, &str, i64, i64)> = (1..=200).map(|i| (i, "price", i, round + 1)).collect();
+                iso_p.burst(&events).await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..400u64 {
+        let port = app.port;
+        tasks.push(actix_rt::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+            let req = format!(
+                "GET /events?topics=product.%23,product.price.{i},product.stock.*&since=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            );
+            use tokio::io::AsyncWriteExt;
+            s.write_all(req.as_bytes()).await.unwrap();
+            if i % 4 != 0 {
+                tokio::time::sleep(Duration::from_micros(200 * (i % 7))).await;
+            }
+            drop(s); // SO_LINGER 0: a reset, not a close
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    load.await.unwrap();
+    drop(p);
+    let (subs, clients) = eventually(T, "every reset client left the hub", || async {
+        let subs = app.metric("gateway_subscriptions", "").await;
+        let clients = app.metric("gateway_clients_connected", "").await;
+        println!("subscriptions {subs}, clients {clients}");
+        (subs == 0.0 && clients == 0.0).then_some((subs, clients))
+    })
+    .await;
+    assert_eq!((subs, clients), (0.0, 0.0));
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_websocket_client_that_stops_reading_is_closed_by_the_heartbeat() {
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    settings.hub.client_buffer = 32;
+    settings.hub.ping_interval_ms = 200;
+    settings.hub.client_timeout_ms = 2000;
+    settings.seed.products = 200;
+    settings.server.socket_send_buffer = 4096;
+    let app = spawn_with(iso, settings).await;
+    let p = TestPublisher::connect(&app.iso).await;
+    let first: Vec<(i64, &str, i64, i64)> = (1..=200).map(|id| (id, "price", id, 1)).collect();
+    p.burst(&first).await;
+    eventually(T, "products created", || async {
+        (app.metric("gateway_updates_broadcast_total", "").await >= 200.0).then_some(())
+    })
+    .await;
+    let mut slow = RawWs::connect(app.port).await;
+    slow.send_text(r#"{"op":"subscribe","topics":["product.price.*"]}"#)
+        .await;
+    let ack = slow.next_text(T).await.unwrap();
+    assert!(ack.contains("subscribed"), "{ack}");
+    let stalled_at = Instant::now();
+    // A busy topic: far more than the socket buffers and the session's queue hold.
+    let busy = actix_rt::spawn(async move {
+        let mut version = 1;
+        while stalled_at.elapsed() < Duration::from_millis(8000) {
+            version += 1;
+            let events: Vec<(i64, &str, i64, i64)> = (1..=200).map(|id| (id, "price", id * 7, version)).collect();
+            p.burst(&events).await;
+        }
+    });
+    eventually(T, "the stalled client's slot is released", || async {
+        (app.metric("gateway_clients_connected", "").await == 0.0).then_some(())
+    })
+    .await;
+    let released = stalled_at.elapsed();
+    println!("stalled client released {released:?} after it stopped reading (client_timeout_ms 2000)");
+    assert!(released < Duration::from_millis(2000 + 3000), "{released:?}");
+    busy.await.unwrap();
+    app.stop().await;
+}

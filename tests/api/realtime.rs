@@ -354,3 +354,103 @@ async fn first_stream_offset(iso: &Isolation) -> u64 {
         other => panic!("no offset: {other:?}"),
     }
 }
+
+#[actix_rt::test]
+async fn resubscribing_a_pattern_with_a_snapshot_returns_its_products() {
+    let app = spawn_app().await;
+    let p = TestPublisher::connect(&app.iso).await;
+    p.event(3, "price", 300, 1).await;
+    p.event(4, "stock", 4, 1).await;
+    eventually(T, "events broadcast", || async {
+        (app.metric("gateway_updates_broadcast_total", "").await >= 2.0).then_some(())
+    })
+    .await;
+    let snapshot_ids = |v: &Value| -> Vec<i64> {
+        let mut ids: Vec<i64> = v["products"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["product_id"].as_i64().unwrap())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut fresh = WsClient::connect(&app.address).await;
+    fresh
+        .subscribe(&["product.price.*", "product.stock.4"], None, true)
+        .await;
+    let want = fresh.next_of("snapshot", T).await;
+
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.price.*"], None, false).await;
+    ws.subscribe(&["product.price.*", "product.stock.4"], None, true).await;
+    let got = ws.next_of("snapshot", T).await;
+    println!(
+        "fresh snapshot {:?}, re-subscribed snapshot {:?}",
+        snapshot_ids(&want),
+        snapshot_ids(&got)
+    );
+    assert!(snapshot_ids(&want).contains(&3) && snapshot_ids(&want).contains(&4));
+    assert_eq!(snapshot_ids(&got), snapshot_ids(&want));
+    assert_eq!(got["products"], want["products"]);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_second_resume_on_one_connection_keeps_the_first_ones_updates() {
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    // Almost no memory: resumes read the stream, which takes a while to open.
+    settings.hub.history = 1;
+    let app = spawn_with(iso, settings).await;
+    let p = TestPublisher::connect(&app.iso).await;
+    let mut probe = WsClient::connect(&app.address).await;
+    probe.subscribe(&["product.price.40"], None, false).await;
+    p.event(40, "price", 1, 1).await;
+    let since = probe.updates(1, T).await[0]["offset"].as_u64().unwrap();
+    let events: Vec<(i64, &str, i64, i64)> = (1..=10)
+        .flat_map(|id| [(id, "price", 100 + id, 1), (id, "stock", id, 1)])
+        .collect();
+    p.burst(&events).await;
+    eventually(T, "all broadcast", || async {
+        (app.metric("gateway_updates_broadcast_total", "").await >= 21.0).then_some(())
+    })
+    .await;
+
+    // Two resumes back to back: the second arrives while the first's stream
+    // reader is still opening.
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.price.*"], "since": since}))
+        .await;
+    ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.stock.*", "product.price.3"], "since": since}))
+        .await;
+    let mut got = Vec::new();
+    while let Some(common::clients::WsEvent::Json(v)) = ws.next(Duration::from_secs(3)).await {
+        if v["type"] == "update" {
+            got.push(v);
+        }
+    }
+    let per_kind = |kind: &str| -> Vec<i64> {
+        got.iter()
+            .filter(|u| u["topic"].as_str().unwrap().starts_with(kind))
+            .map(|u| u["data"]["product_id"].as_i64().unwrap())
+            .collect()
+    };
+    println!(
+        "updates after two resumes: {} (prices {:?}, stocks {:?})",
+        got.len(),
+        per_kind("product.price"),
+        per_kind("product.stock")
+    );
+    let all: Vec<i64> = (1..=10).collect();
+    assert_eq!(per_kind("product.price."), all, "every missed price, once, in order");
+    assert_eq!(per_kind("product.stock."), all, "every missed stock, once, in order");
+
+    // Then live, once each.
+    p.event(1, "price", 500, 2).await;
+    p.event(1, "stock", 50, 2).await;
+    let live = topics(&ws.updates(2, T).await);
+    assert_eq!(live.len(), 2);
+    assert!(live.contains(&"product.price.1".to_owned()) && live.contains(&"product.stock.1".to_owned()));
+    app.stop().await;
+}
