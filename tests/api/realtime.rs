@@ -425,7 +425,7 @@ async fn a_second_resume_on_one_connection_keeps_the_first_ones_updates() {
     ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.stock.*", "product.price.3"], "since": since}))
         .await;
     let mut got = Vec::new();
-    while let Some(common::clients::WsEvent::Json(v)) = ws.next(Duration::from_secs(3)).await {
+    while let Some(testkit::clients::WsEvent::Json(v)) = ws.next(Duration::from_secs(3)).await {
         if v["type"] == "update" {
             got.push(v);
         }
