@@ -196,6 +196,18 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_with(iso, settings).await
 }
 
+/// A seeded instance whose database connections go through a
+/// [`proxy::Proxy`] the test can cut, with short pool waits (500 ms) so that
+/// a cut shows at once.
+pub async fn spawn_behind_database_proxy() -> (TestApp, proxy::Proxy) {
+    let iso = Isolation::new().await;
+    let proxy = proxy::Proxy::start("127.0.0.1:5432").await;
+    let mut settings = iso.settings();
+    settings.database.url = Secret::new(iso.database_url_through(proxy.port));
+    settings.database.acquire_timeout_ms = 500;
+    (spawn_with(iso, settings).await, proxy)
+}
+
 /// Starts a seeded instance with the given settings.
 pub async fn spawn_with(iso: Isolation, settings: Settings) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use awc::http::Method;
-use testkit::{Isolation, TestApp, TestPublisher, eventually, spawn_app, spawn_with};
+use testkit::{TestApp, TestPublisher, eventually, spawn_app};
 
 /// Stops the generator and waits until every issued version was confirmed
 /// and applied: then the catalog holds the newest version of everything.
@@ -243,13 +243,7 @@ async fn broker_closing_connections_mid_stream_loses_nothing() {
 
 #[actix_rt::test]
 async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
-    let iso = Isolation::new().await;
-    let proxy = testkit::proxy::Proxy::start("127.0.0.1:5432").await;
-    let mut settings = iso.settings();
-    let url = iso.database_url_through(proxy.port);
-    settings.database.url = product_gateway::settings::Secret::new(url);
-    settings.database.acquire_timeout_ms = 500;
-    let app = spawn_with(iso, settings).await;
+    let (app, proxy) = testkit::spawn_behind_database_proxy().await;
     let p = TestPublisher::connect(&app.iso).await;
 
     proxy.cut();

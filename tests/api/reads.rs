@@ -29,13 +29,7 @@ fn assert_generic(message: &str) {
 
 #[actix_rt::test]
 async fn database_outage_during_a_snapshot_subscribe_is_a_503_without_internals() {
-    let iso = Isolation::new().await;
-    let proxy = testkit::proxy::Proxy::start("127.0.0.1:5432").await;
-    let mut settings = iso.settings();
-    let url = iso.database_url_through(proxy.port);
-    settings.database.url = product_gateway::settings::Secret::new(url);
-    settings.database.acquire_timeout_ms = 500;
-    let app = spawn_with(iso, settings).await;
+    let (app, proxy) = testkit::spawn_behind_database_proxy().await;
 
     proxy.cut();
     let Err((status, body)) = SseClient::connect(&app.address, "topics=product.%23&snapshot=true", None).await else {
