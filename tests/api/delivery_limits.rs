@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use product_gateway::hub::update::Update;
 use testkit::clients::{SseClient, WsClient, WsEvent};
 use testkit::rawws::RawWs;
 use testkit::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
@@ -228,37 +229,30 @@ async fn a_topic_list_over_the_limit_is_refused_before_its_patterns_are_parsed()
 
 #[actix_rt::test]
 async fn since_subscribes_and_big_unsubscribes_cannot_stall_other_clients() {
-    let iso = Isolation::new().await;
-    let mut settings = iso.settings();
-    settings.seed.products = 5000;
-    let app = spawn_with(iso, settings).await;
-    let p = TestPublisher::connect(&app.iso).await;
-    // Fill the hub's history, so every since-subscribe has much to look at.
-    for chunk in 0..5i64 {
-        let events: Vec<(i64, &str, i64, i64)> = (1..=1000).map(|i| (chunk * 1000 + i, "stock", i, 1)).collect();
-        p.burst(&events).await;
+    let app = spawn_app().await;
+    // A full history, so that every resume from offset 0 has much to look
+    // at. Handed to the hub directly: pushing this many through the
+    // pipeline would take minutes, and only the hub's memory matters here.
+    const KEPT: u64 = 20_000;
+    for offset in 1..=KEPT {
+        let id = 10_000 + offset;
+        let body = format!(r#"{{"product_id":{id},"kind":"stock","stock":1,"version":1,"ts_us":1}}"#);
+        let u = Update::from_stream(offset, &format!("product.stock.{id}"), body.as_bytes()).unwrap();
+        assert!(app.state.hub.publish(u).await);
     }
-    eventually(2 * T, "history filled", || async {
-        (app.metric("gateway_updates_broadcast_total", "").await >= 5_000.0).then_some(())
-    })
-    .await;
+    let p = TestPublisher::connect(&app.iso).await;
     let mut fast = WsClient::connect(&app.address).await;
     fast.subscribe(&["product.price.*"], None, false).await;
     let baseline = latencies(&p, &mut fast, 1, 10).await;
 
-    // Hostile connections: an unsubscribe of a huge list is refused; then
-    // they alternate resuming (since=0) with the most patterns allowed (none
-    // of which match anything) and unsubscribing them, as fast as the frame
-    // rate limit lets them.
+    // Hostile connections alternate resuming (since=0) with the most
+    // patterns allowed (none of which match anything) and unsubscribing
+    // them, at a pace the frame rate limit accepts.
     let patterns: Vec<String> = (0..256).map(|i| format!("product.stock.{i}.none")).collect();
-    let huge: Vec<String> = (0..5000).map(|i| format!("x.{i}")).collect();
     let stop = tokio_util::sync::CancellationToken::new();
     let mut hostile = Vec::new();
-    let mut refused_unsubscribe = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..2 {
         let mut ws = WsClient::connect(&app.address).await;
-        ws.send(serde_json::json!({"op": "unsubscribe", "topics": huge})).await;
-        refused_unsubscribe.push(ws.next_of("error", T).await["code"].clone());
         let (stop, patterns) = (stop.clone(), patterns.clone());
         hostile.push(actix_rt::spawn(async move {
             let mut n = 0u64;
@@ -270,8 +264,9 @@ async fn since_subscribes_and_big_unsubscribes_cannot_stall_other_clients() {
                 };
                 ws.send(frame).await;
                 n += 1;
-                // Read whatever came back so this client is not the slow one.
-                let _ = ws.next(Duration::from_millis(80)).await;
+                // Its answer, then a pause that keeps under the rate limit.
+                let _ = ws.next(T).await;
+                tokio::time::sleep(Duration::from_millis(80)).await;
             }
             n
         }));
@@ -283,14 +278,24 @@ async fn since_subscribes_and_big_unsubscribes_cannot_stall_other_clients() {
         frames += h.await.unwrap();
     }
     let (b, l) = (p95(&baseline), p95(&loaded));
-    println!("fast client p95 latency: alone {b:.1} ms, beside {frames} since-subscribe/unsubscribe frames {l:.1} ms");
-    for code in refused_unsubscribe {
-        assert_eq!(code, "too_many_subscriptions");
-    }
+    println!(
+        "fast client p95 latency: alone {b:.1} ms, beside {frames} since-subscribe/unsubscribe frames over a history of {KEPT} {l:.1} ms (max {:.1} ms)",
+        loaded.last().unwrap()
+    );
     assert!(
         l <= 4.0 * b + 250.0,
         "since-subscribes slowed another client: {b:.1} ms -> {l:.1} ms"
     );
+
+    // An unsubscribe longer than any connection's pattern list is refused
+    // before the hub sees it.
+    let huge: Vec<String> = (0..5000).map(|i| format!("x.{i}")).collect();
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.send(serde_json::json!({"op": "unsubscribe", "topics": huge})).await;
+    match ws.next(T).await {
+        Some(WsEvent::Json(v)) => assert_eq!(v["code"], "too_many_subscriptions", "{v}"),
+        other => panic!("no answer to a huge unsubscribe: {other:?}"),
+    }
     app.stop().await;
 }
 
@@ -298,49 +303,41 @@ async fn since_subscribes_and_big_unsubscribes_cannot_stall_other_clients() {
 async fn sse_clients_that_reset_while_subscribing_leave_nothing_behind() {
     let iso = Isolation::new().await;
     let mut settings = iso.settings();
-    settings.seed.products = 3000;
+    settings.seed.products = 200;
     let app = spawn_with(iso, settings).await;
-    let p = TestPublisher::connect(&app.iso).await;
-    // A full history makes resumes (since=0) slow the hub down, so
-    // subscribes queue up while their clients go.
-    let events: Vec<(i64, &str, i64, i64)> = (1..=3000).map(|i| (i, "stock", i, 1)).collect();
-    p.burst(&events).await;
-    eventually(2 * T, "history filled", || async {
-        (app.metric("gateway_updates_broadcast_total", "").await >= 3000.0).then_some(())
-    })
-    .await;
-    // Load on the hub while clients come and go.
-    let load = {
-        let iso_p = TestPublisher::connect(&app.iso).await;
-        actix_rt::spawn(async move {
-            for round in 0..20i64 {
-                let events: Vec<(i64, &str, i64, i64)> = (1..=200).map(|i| (i, "price", i, round + 1)).collect();
-                iso_p.burst(&events).await;
-            }
-        })
-    };
+    // A full history makes resumes (since=0) slow on the hub, so subscribes
+    // queue up while their clients go. Handed to the hub directly: only its
+    // memory matters here.
+    for offset in 1..=20_000u64 {
+        let id = 10_000 + offset;
+        let body = format!(r#"{{"product_id":{id},"kind":"stock","stock":1,"version":1,"ts_us":1}}"#);
+        let u = Update::from_stream(offset, &format!("product.stock.{id}"), body.as_bytes()).unwrap();
+        assert!(app.state.hub.publish(u).await);
+    }
+    // Another connection's resume keeps the hub busy, so the SSE
+    // subscribes below queue up behind it while their clients reset.
+    let mut busy = WsClient::connect(&app.address).await;
+    let patterns: Vec<String> = (0..256).map(|i| format!("product.stock.{i}.none")).collect();
+    busy.send(serde_json::json!({"op": "subscribe", "topics": patterns, "since": 0}))
+        .await;
     let mut tasks = Vec::new();
-    for i in 0..400u64 {
+    for i in 0..50u64 {
         let port = app.port;
         tasks.push(actix_rt::spawn(async move {
             let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
             socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
-            let req = format!(
-                "GET /events?topics=product.%23,product.price.{i},product.stock.*&since=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-            );
+            let req = format!("GET /events?topics=product.price.{i} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
             use tokio::io::AsyncWriteExt;
             s.write_all(req.as_bytes()).await.unwrap();
-            if i % 4 != 0 {
-                tokio::time::sleep(Duration::from_micros(200 * (i % 7))).await;
-            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
             drop(s); // SO_LINGER 0: a reset, not a close
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
-    load.await.unwrap();
-    drop(p);
+    let _ = busy.next(T).await;
+    drop(busy);
     let (subs, clients) = eventually(T, "every reset client left the hub", || async {
         let subs = app.metric("gateway_subscriptions", "").await;
         let clients = app.metric("gateway_clients_connected", "").await;
