@@ -11,24 +11,9 @@ pub const SCHEMA: u32 = 1;
 pub const CONTENT_TYPE: &str = "application/json";
 /// Routing key of update batches on `product.updates`.
 pub const BATCH_ROUTING_KEY: &str = "product.updates.batch";
-/// Updates in one stream message at most; an update's id is
-/// `stream offset × MAX_UPDATES_PER_MESSAGE + index`, so ids grow with the
-/// stream and a client can resume from any of them.
-pub const MAX_UPDATES_PER_MESSAGE: usize = 1024;
-
 /// Largest encoded update (`encode_update`) of any valid event: the bound
 /// of a stream message is this times its updates.
 pub const MAX_UPDATE_BYTES: usize = 256;
-
-/// The id of the update at `index` in the stream message at `offset`.
-pub fn update_id(offset: u64, index: usize) -> u64 {
-    offset * MAX_UPDATES_PER_MESSAGE as u64 + index as u64
-}
-
-/// The stream offset of the message holding update `id`.
-pub fn stream_offset_of(id: u64) -> u64 {
-    id / MAX_UPDATES_PER_MESSAGE as u64
-}
 
 /// Header carrying the reason of a dead letter.
 pub const REASON_HEADER: &str = "x-reject-reason";

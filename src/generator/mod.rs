@@ -9,6 +9,8 @@
 //! advisory lock generates; when it dies, its session ends, the lock is
 //! released and another instance takes over.
 
+pub mod versions;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -275,7 +277,7 @@ async fn publish_loop(
                     let n = (budget.floor() as usize).min(room);
                     budget -= n as f64;
                     if max_id == 0 {
-                        max_id = store::apply::max_product_id(&db).await.unwrap_or(0);
+                        max_id = versions::max_product_id(&db).await.unwrap_or(0);
                     }
                     for _ in 0..n {
                         if max_id == 0 {
@@ -403,7 +405,7 @@ async fn make_events(db: &Db, max_id: i64) -> Result<Vec<Event>, store::StoreErr
         return Ok(vec![]);
     };
     let (price, stock) = (what != 1, what != 0);
-    let Some(issued) = store::apply::issue(db, id, price, stock).await? else {
+    let Some(issued) = versions::issue(db, id, price, stock).await? else {
         return Ok(vec![]);
     };
     let mut rng = rand::rng();

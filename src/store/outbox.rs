@@ -5,8 +5,9 @@
 use diesel::sql_types::{Array, BigInt, Bool, Bytea, Integer, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use crate::broker::message::{MAX_UPDATES_PER_MESSAGE, encode_update};
+use crate::broker::message::encode_update;
 use crate::domain::Event;
+use crate::update::MAX_UPDATES_PER_MESSAGE;
 
 /// Advisory lock key held by the one relay publishing at a time, so two
 /// instances never interleave their publishes and commit order holds.
