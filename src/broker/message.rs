@@ -57,14 +57,15 @@ impl Wire {
 }
 
 /// Serialises an event as published to `product.events`.
-pub fn encode_event(event: &Event) -> Vec<u8> {
-    // Serialising a struct of plain fields into a Vec cannot fail.
-    serde_json::to_vec(&Wire::of(event, Some(SCHEMA))).unwrap_or_default()
+/// An error is never expected (plain fields into a Vec), but is passed on
+/// rather than publishing an empty body.
+pub fn encode_event(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&Wire::of(event, Some(SCHEMA)))
 }
 
 /// Serialises an applied update as published to `product.updates` and sent to clients.
-pub fn encode_update(event: &Event) -> Vec<u8> {
-    serde_json::to_vec(&Wire::of(event, None)).unwrap_or_default()
+pub fn encode_update(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&Wire::of(event, None))
 }
 
 /// Why a message can never be applied. The code goes into the dead letter's
@@ -221,7 +222,7 @@ mod tests {
     #[test]
     fn encoded_event_decodes_to_itself() {
         let e = sample();
-        let body = encode_event(&e);
+        let body = encode_event(&e).unwrap();
         let back = decode_event(&body, Some("application/json"), "product.price.42", 4096).unwrap();
         assert_eq!(back, e);
     }
@@ -235,7 +236,7 @@ mod tests {
             occurred_at: DateTime::<Utc>::MAX_UTC,
             ts_us: i64::MIN,
         };
-        let n = encode_update(&e).len();
+        let n = encode_update(&e).unwrap().len();
         assert!(n <= MAX_UPDATE_BYTES, "{n}");
     }
 

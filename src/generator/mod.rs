@@ -314,13 +314,9 @@ async fn publish(channel: &lapin::Channel, exchange: &str, p: &Pending) -> lapin
     // ts_us is the publish time: set at each attempt so latency is measured
     // from the publish that reached the broker.
     event.ts_us = now_us();
-    let out = Outgoing::json(
-        exchange,
-        event.topic(),
-        encode_event(&event),
-        p.message_id.clone(),
-        None,
-    );
+    // Never expected; an error is a failed publish, never an empty body.
+    let body = encode_event(&event).map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
+    let out = Outgoing::json(exchange, event.topic(), body, p.message_id.clone(), None);
     publish_one(channel, &out).await
 }
 

@@ -37,7 +37,9 @@ pub async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> Result<
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(&encode_update(e));
+            // Fails the apply transaction rather than relaying an empty update.
+            let update = encode_update(e).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+            body.extend_from_slice(&update);
         }
         body.push(b']');
         let message_id = chunk
