@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use product_gateway::settings::Settings;
 use product_gateway::startup::Application;
-use product_gateway::{store, telemetry};
+use product_gateway::{seed, store, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
             store::create_database(settings.database.url.expose()).await?;
             store::migrate(settings.database.url.expose()).await?;
             let db = store::pool(&settings.database)?;
-            let n = store::seed::seed(&db, settings.seed.products).await?;
+            let n = seed::seed(&db, settings.seed.products).await?;
             tracing::info!(inserted = n, "catalog seeded");
             Ok(())
         }

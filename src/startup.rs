@@ -114,7 +114,7 @@ impl Application {
             settings: settings.clone(),
             db,
             read_db,
-            snapshots: http::realtime::SnapshotLimit::new(&settings.hub),
+            snapshots: hub::session::SnapshotLimit::new(&settings.hub),
             photos,
             metrics,
             broker,

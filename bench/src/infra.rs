@@ -390,7 +390,7 @@ impl Instance {
             .context("start the service (Application::build)")?;
         let state = app.state();
         if seed {
-            product_gateway::store::seed::seed(&state.db, products)
+            product_gateway::seed::seed(&state.db, products)
                 .await
                 .context("seed the catalog")?;
         }

@@ -70,7 +70,7 @@ pub fn event_message(seq: u64, products: i64, exchange: &str) -> Outgoing {
     Outgoing::json(
         exchange,
         event.topic(),
-        encode_event(&event),
+        encode_event(&event).expect("an event always serialises"),
         uuid::Uuid::new_v4().to_string(),
         None,
     )
@@ -168,7 +168,7 @@ pub async fn publish(job: PublishJob) -> Result<PublishRun> {
                         mirror.as_str().into(),
                         e.topic().as_str().into(),
                         BasicPublishOptions::default(),
-                        &product_gateway::broker::message::encode_update(&e),
+                        &product_gateway::broker::message::encode_update(&e).context("encode an update")?,
                         m.properties.clone(),
                     )
                     .await

@@ -11,24 +11,9 @@ pub const SCHEMA: u32 = 1;
 pub const CONTENT_TYPE: &str = "application/json";
 /// Routing key of update batches on `product.updates`.
 pub const BATCH_ROUTING_KEY: &str = "product.updates.batch";
-/// Updates in one stream message at most; an update's id is
-/// `stream offset × MAX_UPDATES_PER_MESSAGE + index`, so ids grow with the
-/// stream and a client can resume from any of them.
-pub const MAX_UPDATES_PER_MESSAGE: usize = 1024;
-
 /// Largest encoded update (`encode_update`) of any valid event: the bound
 /// of a stream message is this times its updates.
 pub const MAX_UPDATE_BYTES: usize = 256;
-
-/// The id of the update at `index` in the stream message at `offset`.
-pub fn update_id(offset: u64, index: usize) -> u64 {
-    offset * MAX_UPDATES_PER_MESSAGE as u64 + index as u64
-}
-
-/// The stream offset of the message holding update `id`.
-pub fn stream_offset_of(id: u64) -> u64 {
-    id / MAX_UPDATES_PER_MESSAGE as u64
-}
 
 /// Header carrying the reason of a dead letter.
 pub const REASON_HEADER: &str = "x-reject-reason";
@@ -72,14 +57,15 @@ impl Wire {
 }
 
 /// Serialises an event as published to `product.events`.
-pub fn encode_event(event: &Event) -> Vec<u8> {
-    // Serialising a struct of plain fields into a Vec cannot fail.
-    serde_json::to_vec(&Wire::of(event, Some(SCHEMA))).unwrap_or_default()
+/// An error is never expected (plain fields into a Vec), but is passed on
+/// rather than publishing an empty body.
+pub fn encode_event(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&Wire::of(event, Some(SCHEMA)))
 }
 
 /// Serialises an applied update as published to `product.updates` and sent to clients.
-pub fn encode_update(event: &Event) -> Vec<u8> {
-    serde_json::to_vec(&Wire::of(event, None)).unwrap_or_default()
+pub fn encode_update(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&Wire::of(event, None))
 }
 
 /// Why a message can never be applied. The code goes into the dead letter's
@@ -236,7 +222,7 @@ mod tests {
     #[test]
     fn encoded_event_decodes_to_itself() {
         let e = sample();
-        let body = encode_event(&e);
+        let body = encode_event(&e).unwrap();
         let back = decode_event(&body, Some("application/json"), "product.price.42", 4096).unwrap();
         assert_eq!(back, e);
     }
@@ -250,7 +236,7 @@ mod tests {
             occurred_at: DateTime::<Utc>::MAX_UTC,
             ts_us: i64::MIN,
         };
-        let n = encode_update(&e).len();
+        let n = encode_update(&e).unwrap().len();
         assert!(n <= MAX_UPDATE_BYTES, "{n}");
     }
 

@@ -1,6 +1,6 @@
 //! Reading the update stream. Every instance reads the whole stream live
-//! into its hub; a resuming client whose offset is older than the hub's
-//! memory gets a reader of its own from that offset.
+//! into an [`UpdateSink`] (its hub); a resuming client whose offset is
+//! older than the hub's memory gets a reader of its own from that offset.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,11 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::link::Connector;
-use super::message::{stream_offset_of, update_id};
-use crate::hub::feed::{CatchUpFilter, CatchUpItem};
-use crate::hub::history::Replay;
-use crate::hub::update::Update;
-use crate::hub::{CatchUp, HubHandle};
+use crate::update::{CatchUpItem, Update, UpdateSink, stream_offset_of, update_id};
 
 /// Where to start reading.
 #[derive(Debug, Clone, Copy)]
@@ -27,7 +23,8 @@ pub enum Start {
     Offset(u64),
 }
 
-fn offset_of(d: &lapin::message::Delivery) -> Option<u64> {
+/// The stream offset of a delivery from a stream queue.
+pub fn offset_of(d: &lapin::message::Delivery) -> Option<u64> {
     match d.properties.headers().as_ref()?.inner().get("x-stream-offset")? {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
         AMQPValue::LongUInt(n) => Some(u64::from(*n)),
@@ -94,7 +91,7 @@ impl Acker {
     }
 }
 
-/// The live reader feeding this instance's hub; resumes after the last
+/// The live reader feeding this instance's hub (`sink`); resumes after the last
 /// offset it saw when the connection drops, so the hub has no gap. The
 /// returned receiver says when it is first attached: until then, updates
 /// would pass this instance by.
@@ -102,7 +99,7 @@ pub fn spawn_live(
     connector: Connector,
     stream: String,
     prefetch: u16,
-    hub: HubHandle,
+    sink: impl UpdateSink,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> tokio::sync::watch::Receiver<bool> {
@@ -143,7 +140,7 @@ pub fn spawn_live(
                         tracing::warn!(offset, "unreadable message in the update stream skipped");
                     }
                     for u in updates {
-                        if !hub.publish(u).await {
+                        if !sink.publish(u).await {
                             return;
                         }
                     }
@@ -157,48 +154,17 @@ pub fn spawn_live(
     attached
 }
 
-/// Replays for one resuming client what its filter wants: first from the
-/// stream, from update id `read.from` until `read.until` (exclusive; the
-/// hub's memory starts there), then from the hub's memory. Ends when done
-/// or when the receiver goes away.
-pub fn catch_up(
-    connector: Connector,
-    stream: String,
-    prefetch: u16,
-    read: Option<CatchUp>,
-    replay: Replay,
-    filter: CatchUpFilter,
-) -> mpsc::Receiver<CatchUpItem> {
-    let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(async move {
-        if let Some(read) = read
-            && !read_stream(&connector, &stream, prefetch, read, &filter, &tx).await
-        {
-            return;
-        }
-        for (i, u) in replay.iter().enumerate() {
-            if filter.wants(u) && tx.send(CatchUpItem::Update(u.clone())).await.is_err() {
-                return;
-            }
-            // A long replay of updates nobody wants must not hog the thread.
-            if i % 1024 == 1023 {
-                tokio::task::yield_now().await;
-            }
-        }
-    });
-    rx
-}
-
-/// The stream part of a catch-up; false when the receiver went away.
-async fn read_stream(
+/// The stream part of a catch-up: sends the updates `wants` picks from
+/// update id `from` until `until` (exclusive), and a reset first when
+/// retention removed what was asked for. False when the receiver went away.
+pub async fn read_range(
     connector: &Connector,
     stream: &str,
     prefetch: u16,
-    read: CatchUp,
-    filter: &CatchUpFilter,
+    (from, until): (u64, Option<u64>),
+    wants: &(dyn Fn(&Update) -> bool + Sync),
     tx: &mpsc::Sender<CatchUpItem>,
 ) -> bool {
-    let CatchUp { from, until } = read;
     let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connector.connect("catch-up")).await else {
         tracing::warn!("catch-up reader could not connect");
         return true;
@@ -237,7 +203,7 @@ async fn read_stream(
                 done = true;
                 break;
             }
-            if filter.wants(&u) && tx.send(CatchUpItem::Update(Arc::new(u))).await.is_err() {
+            if wants(&u) && tx.send(CatchUpItem::Update(Arc::new(u))).await.is_err() {
                 open_receiver = false;
                 done = true;
                 break;

@@ -8,9 +8,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
 
-use super::message::{MAX_UPDATE_BYTES, MAX_UPDATES_PER_MESSAGE};
+use super::message::MAX_UPDATE_BYTES;
 use super::publisher::confirm_channel;
 use crate::settings::{ConsumerSettings, TopologySettings};
+use crate::update::MAX_UPDATES_PER_MESSAGE;
 
 /// Refuses a `max_message_bytes` that is below what the service itself must
 /// publish (a stream message of a whole batch) or accept (an event).

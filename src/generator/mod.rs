@@ -9,6 +9,8 @@
 //! advisory lock generates; when it dies, its session ends, the lock is
 //! released and another instance takes over.
 
+pub mod versions;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -275,7 +277,7 @@ async fn publish_loop(
                     let n = (budget.floor() as usize).min(room);
                     budget -= n as f64;
                     if max_id == 0 {
-                        max_id = store::apply::max_product_id(&db).await.unwrap_or(0);
+                        max_id = versions::max_product_id(&db).await.unwrap_or(0);
                     }
                     for _ in 0..n {
                         if max_id == 0 {
@@ -312,13 +314,9 @@ async fn publish(channel: &lapin::Channel, exchange: &str, p: &Pending) -> lapin
     // ts_us is the publish time: set at each attempt so latency is measured
     // from the publish that reached the broker.
     event.ts_us = now_us();
-    let out = Outgoing::json(
-        exchange,
-        event.topic(),
-        encode_event(&event),
-        p.message_id.clone(),
-        None,
-    );
+    // Never expected; an error is a failed publish, never an empty body.
+    let body = encode_event(&event).map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
+    let out = Outgoing::json(exchange, event.topic(), body, p.message_id.clone(), None);
     publish_one(channel, &out).await
 }
 
@@ -403,7 +401,7 @@ async fn make_events(db: &Db, max_id: i64) -> Result<Vec<Event>, store::StoreErr
         return Ok(vec![]);
     };
     let (price, stock) = (what != 1, what != 0);
-    let Some(issued) = store::apply::issue(db, id, price, stock).await? else {
+    let Some(issued) = versions::issue(db, id, price, stock).await? else {
         return Ok(vec![]);
     };
     let mut rng = rand::rng();

@@ -5,7 +5,6 @@ pub mod edge;
 pub mod error;
 pub mod health;
 pub mod products;
-pub mod realtime;
 pub mod sse;
 pub mod ws;
 
@@ -16,6 +15,7 @@ use actix_web::web;
 use crate::broker::link::{Connector, Link};
 use crate::generator::GeneratorHandle;
 use crate::hub::HubHandle;
+use crate::hub::session::{Realtime, SnapshotLimit};
 use crate::metrics::Metrics;
 use crate::photos::PhotoCache;
 use crate::settings::Settings;
@@ -30,7 +30,7 @@ pub struct AppState {
     /// the apply path.
     pub read_db: Db,
     /// Bounds the snapshots served at once.
-    pub snapshots: realtime::SnapshotLimit,
+    pub snapshots: SnapshotLimit,
     pub photos: Arc<PhotoCache>,
     pub metrics: Arc<Metrics>,
     /// Connection for admin calls and readiness.
@@ -40,6 +40,19 @@ pub struct AppState {
     /// For per-client stream readers (resume from old offsets).
     pub connector: Connector,
     pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl AppState {
+    /// What a realtime session needs of the app.
+    pub fn realtime(&self) -> Realtime {
+        Realtime {
+            hub: self.hub.clone(),
+            read_db: self.read_db.clone(),
+            snapshots: self.snapshots.clone(),
+            connector: self.connector.clone(),
+            stream_name: self.settings.rabbit.topology.updates_stream.clone(),
+        }
+    }
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use super::AppState;
 use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::error::ApiError;
-use super::realtime::{Session, reset_json};
 use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
+use crate::hub::session::{ClientError, ClientErrorCode, Session, Transport, reset_json};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,7 +63,7 @@ pub async fn events(
         Some(_) => return Err(ApiError::BadRequest("snapshot must be true or false".into())),
     };
     let ip = client_ip(&req, &state.settings.server.trusted_proxies);
-    let mut sub = match Session::open(&state, "sse", ip) {
+    let mut sub = match Session::open(state.realtime(), Transport::Sse, ip) {
         Ok(sub) => sub,
         Err(Refused::Instance) => {
             return Err(ApiError::Unavailable(
@@ -148,6 +148,17 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
                 }
                 if !open { s.done = true; }
             }
+        }
+    }
+}
+
+/// An SSE subscribe answers with the status its code calls for.
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        match e.code {
+            ClientErrorCode::Unavailable => ApiError::Unavailable(e.message),
+            ClientErrorCode::Busy => ApiError::Busy(e.message),
+            code => ApiError::BadRequest(format!("{}: {}", code.as_str(), e.message)),
         }
     }
 }

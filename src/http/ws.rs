@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::AppState;
 use super::edge::{Origin, check_origin, client_ip, origin_refused};
-use super::realtime::{ClientError, Session, count_delivery, reset_json};
 use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
+use crate::hub::session::{ClientError, ClientErrorCode, Dropped, Session, Transport, count_delivery, reset_json};
 
 /// Frames a client may send.
 #[derive(Debug, Deserialize)]
@@ -46,7 +46,7 @@ pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>
     }
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let ip = client_ip(&req, &state.settings.server.trusted_proxies);
-    let sub = match Session::open(&state, "ws", ip) {
+    let sub = match Session::open(state.realtime(), Transport::WebSocket, ip) {
         Ok(sub) => sub,
         Err(refused) => {
             let text = match refused {
@@ -77,7 +77,12 @@ async fn run(
 ) {
     let settings = state.hub.settings().clone();
     let metrics = state.metrics.clone();
-    let refuse = |reason: &'static str| metrics.clients_refused.get_or_create(&[("reason", reason)]).inc();
+    let refuse = |reason: Dropped| {
+        metrics
+            .clients_refused
+            .get_or_create(&[("reason", reason.as_str())])
+            .inc()
+    };
     let mut ping = tokio::time::interval(Duration::from_millis(settings.ping_interval_ms));
     let timeout = Duration::from_millis(settings.client_timeout_ms);
     let ping_every = Duration::from_millis(settings.ping_interval_ms);
@@ -99,11 +104,11 @@ async fn run(
                 let text = match msg {
                     None | Some(Ok(AggregatedMessage::Close(_))) => break None,
                     Some(Err(ProtocolError::Overflow)) => {
-                        refuse("frame_too_large");
+                        refuse(Dropped::FrameTooLarge);
                         break Some(reason(CloseCode::Size, "frame too large"));
                     }
                     Some(Err(_)) => {
-                        refuse("protocol_error");
+                        refuse(Dropped::ProtocolError);
                         break Some(reason(CloseCode::Protocol, "protocol error"));
                     }
                     Some(Ok(AggregatedMessage::Ping(b))) => {
@@ -123,11 +128,11 @@ async fn run(
                 tokens = (tokens + last_frame.elapsed().as_secs_f64() * FRAMES_PER_SEC).min(2.0 * FRAMES_PER_SEC);
                 last_frame = Instant::now();
                 let result = if tokens < 1.0 {
-                    Err(ClientError::new("rate_limited", "too many frames; slow down"))
+                    Err(ClientError::new(ClientErrorCode::RateLimited, "too many frames; slow down"))
                 } else {
                     tokens -= 1.0;
                     match text {
-                        None => Err(ClientError::new("binary_not_supported", "send JSON text frames")),
+                        None => Err(ClientError::new(ClientErrorCode::BinaryNotSupported, "send JSON text frames")),
                         // Boxed: a subscribe (snapshot query, stream catch-up) has a
                         // large state that every idle connection would otherwise carry.
                         // Bounded: its answer waits on the socket too.
@@ -141,7 +146,7 @@ async fn run(
                     Ok(true) => {}
                     Ok(false) => break None,
                     Err(e) => {
-                        metrics.client_errors.get_or_create(&[("code", e.code)]).inc();
+                        metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
                         match tokio::time::timeout(timeout, session.text(e.to_json())).await {
                             Ok(Ok(())) => {}
                             Ok(Err(_)) => break None,
@@ -149,7 +154,7 @@ async fn run(
                         }
                         strikes += 1;
                         if strikes >= MAX_STRIKES {
-                            refuse("too_many_errors");
+                            refuse(Dropped::TooManyErrors);
                             break Some(reason(CloseCode::Policy, "too many bad frames"));
                         }
                     }
@@ -157,7 +162,7 @@ async fn run(
             }
             _ = ping.tick() => {
                 if last_seen.elapsed() > timeout {
-                    refuse("heartbeat_timeout");
+                    refuse(Dropped::HeartbeatTimeout);
                     break Some(reason(CloseCode::Policy, "no answer to pings"));
                 }
                 // With the socket full the ping waits for room, but never past
@@ -190,8 +195,8 @@ async fn run(
 }
 
 /// Closes a client that lets the socket fill up and answers nothing.
-fn not_reading<R>(refuse: &impl Fn(&'static str) -> R) -> CloseReason {
-    refuse("heartbeat_timeout");
+fn not_reading<R>(refuse: &impl Fn(Dropped) -> R) -> CloseReason {
+    refuse(Dropped::HeartbeatTimeout);
     reason(CloseCode::Policy, "not reading")
 }
 
@@ -212,15 +217,15 @@ fn reason(code: CloseCode, text: &str) -> CloseReason {
 /// Decodes one client text frame into a frame or the error to answer with.
 pub fn parse_frame(text: &str) -> Result<ClientFrame, ClientError> {
     let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| ClientError::new("bad_json", format!("not JSON: {e}")))?;
+        serde_json::from_str(text).map_err(|e| ClientError::new(ClientErrorCode::BadJson, format!("not JSON: {e}")))?;
     let op = value.get("op").and_then(|o| o.as_str()).unwrap_or("");
     if !matches!(op, "subscribe" | "unsubscribe") {
         return Err(ClientError::new(
-            "unknown_op",
+            ClientErrorCode::UnknownOp,
             format!("op must be \"subscribe\" or \"unsubscribe\", not {:.40?}", op),
         ));
     }
-    serde_json::from_value(value).map_err(|e| ClientError::new("bad_frame", format!("{e}")))
+    serde_json::from_value(value).map_err(|e| ClientError::new(ClientErrorCode::BadFrame, format!("{e}")))
 }
 
 /// Handles one client frame; Ok(false) when the socket has gone.

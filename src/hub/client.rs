@@ -5,14 +5,17 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
-use super::update::Update;
 use crate::metrics::Metrics;
+use crate::update::Update;
 
 pub struct ClientQueue {
     inner: Mutex<Inner>,
     notify: Notify,
+    /// Signalled when the oldest waiting update changes, for a reader that
+    /// waits on something else meanwhile (a catch-up) and must know.
+    front_changed: watch::Sender<()>,
     capacity: usize,
     metrics: Arc<Metrics>,
 }
@@ -28,6 +31,7 @@ impl ClientQueue {
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
+            front_changed: watch::Sender::new(()),
             capacity: capacity.max(1),
             metrics,
         })
@@ -38,11 +42,12 @@ impl ClientQueue {
     }
 
     pub fn push(&self, update: Arc<Update>) {
-        let len = {
+        let (len, front_changed) = {
             let mut inner = self.lock();
             if inner.closed {
                 return;
             }
+            let front = inner.queue.front().map(|u| u.offset);
             if inner.queue.len() >= self.capacity {
                 // Keep one update per product and kind, the newest, in offset
                 // order; the buffer then grows only with the number of keys.
@@ -57,10 +62,13 @@ impl ClientQueue {
                     .inc_by((before - inner.queue.len()) as u64);
             }
             inner.queue.push_back(update);
-            inner.queue.len()
+            (inner.queue.len(), inner.queue.front().map(|u| u.offset) != front)
         };
         self.metrics.observe_buffer(len);
         self.notify.notify_one();
+        if front_changed {
+            self.front_changed.send_replace(());
+        }
     }
 
     /// Moves everything waiting into `out`; waits when nothing is. False
@@ -79,17 +87,14 @@ impl ClientQueue {
         }
     }
 
+    /// Says when the oldest waiting update changes (see `front_offset`).
+    pub fn watch_front(&self) -> watch::Receiver<()> {
+        self.front_changed.subscribe()
+    }
+
     /// Offset of the oldest waiting update.
     pub fn front_offset(&self) -> Option<u64> {
         self.lock().queue.front().map(|u| u.offset)
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().queue.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     pub fn is_closed(&self) -> bool {

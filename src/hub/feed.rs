@@ -7,23 +7,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::client::ClientQueue;
 use super::pattern::Pattern;
-use super::update::Update;
 use crate::domain::Kind;
-
-/// What the stream catch-up reader sends.
-#[derive(Debug)]
-pub enum CatchUpItem {
-    Update(Arc<Update>),
-    /// The requested offset is older than the stream keeps; reading goes on
-    /// from `first_available`.
-    Reset {
-        first_available: u64,
-    },
-}
+use crate::update::{CatchUpItem, Update};
 
 #[derive(Debug)]
 pub enum FeedItem {
@@ -60,6 +49,9 @@ struct CatchUp {
 
 pub struct Feed {
     queue: Arc<ClientQueue>,
+    /// Wakes an open-ended catch-up when a live update becomes the queue's
+    /// front: it may be where the catch-up ends.
+    front_changed: watch::Receiver<()>,
     catch_ups: VecDeque<CatchUp>,
     /// Offset of the last update handed out from an open-ended catch-up.
     last_caught_up: Option<u64>,
@@ -71,6 +63,7 @@ pub struct Feed {
 impl Feed {
     pub fn new(queue: Arc<ClientQueue>) -> Self {
         Self {
+            front_changed: queue.watch_front(),
             queue,
             catch_ups: VecDeque::new(),
             last_caught_up: None,
@@ -87,10 +80,6 @@ impl Feed {
     /// it ends at the first live update rather than by itself.
     pub fn start_catch_up(&mut self, rx: mpsc::Receiver<CatchUpItem>, open_ended: bool) {
         self.catch_ups.push_back(CatchUp { rx, open_ended });
-    }
-
-    pub fn is_catching_up(&self) -> bool {
-        !self.catch_ups.is_empty()
     }
 
     /// Records what a snapshot delivered so older updates are skipped.
@@ -129,12 +118,13 @@ impl Feed {
                 }
                 // Live updates queued from the hub take over once the stream
                 // reader reaches the first of them.
+                self.front_changed.borrow_and_update();
                 let front = self.queue.front_offset();
                 {
                     let item = tokio::select! {
                         item = c.rx.recv() => item,
                         // Something arrived live: re-check whether we are caught up.
-                        _ = queue_grew(&self.queue, front) => continue,
+                        Ok(()) = self.front_changed.changed() => continue,
                     };
                     match item {
                         Some(CatchUpItem::Update(u)) => {
@@ -186,16 +176,5 @@ impl Feed {
 
     fn wanted(&self, u: &Update) -> bool {
         self.snapshot.get(&u.key()).is_none_or(|v| *v < u.version)
-    }
-}
-
-/// Resolves when the queue's front changes from `front` (polled: the
-/// queue's notify belongs to `drain_into`).
-async fn queue_grew(queue: &ClientQueue, front: Option<u64>) {
-    loop {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        if queue.front_offset() != front {
-            return;
-        }
     }
 }

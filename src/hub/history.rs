@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::update::Update;
+use crate::update::Update;
 
 /// Updates per sealed chunk: bounds what the hub copies per resume.
 const CHUNK: usize = 512;

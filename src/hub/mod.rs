@@ -7,7 +7,7 @@ pub mod client;
 pub mod feed;
 pub mod history;
 pub mod pattern;
-pub mod update;
+pub mod session;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -21,9 +21,9 @@ use tokio_util::task::TaskTracker;
 use self::client::ClientQueue;
 use self::history::{History, Replay};
 use self::pattern::Pattern;
-use self::update::Update;
 use crate::metrics::Metrics;
 use crate::settings::HubSettings;
+use crate::update::{Update, UpdateSink};
 
 /// Where a resuming client's missed updates come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +108,8 @@ pub enum Refused {
 }
 
 impl Refused {
-    pub fn reason(self) -> &'static str {
+    /// The `reason` label of `clients_refused`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Refused::Instance => "connection_limit",
             Refused::PerIp => "per_ip_limit",
@@ -304,5 +305,11 @@ async fn run(
     }
     for client in clients.values() {
         client.queue.close();
+    }
+}
+
+impl UpdateSink for HubHandle {
+    async fn publish(&self, update: Update) -> bool {
+        HubHandle::publish(self, update).await
     }
 }

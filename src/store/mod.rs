@@ -4,7 +4,6 @@ pub mod apply;
 pub mod catalog;
 pub mod outbox;
 pub mod schema;
-pub mod seed;
 
 use std::time::Duration;
 

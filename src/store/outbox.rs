@@ -5,8 +5,9 @@
 use diesel::sql_types::{Array, BigInt, Bool, Bytea, Integer, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use crate::broker::message::{MAX_UPDATES_PER_MESSAGE, encode_update};
+use crate::broker::message::encode_update;
 use crate::domain::Event;
+use crate::update::MAX_UPDATES_PER_MESSAGE;
 
 /// Advisory lock key held by the one relay publishing at a time, so two
 /// instances never interleave their publishes and commit order holds.
@@ -36,7 +37,9 @@ pub async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> Result<
             if i > 0 {
                 body.push(b',');
             }
-            body.extend_from_slice(&encode_update(e));
+            // Fails the apply transaction rather than relaying an empty update.
+            let update = encode_update(e).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+            body.extend_from_slice(&update);
         }
         body.push(b']');
         let message_id = chunk

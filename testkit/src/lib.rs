@@ -214,7 +214,7 @@ pub async fn spawn_with(iso: Isolation, settings: Settings) -> TestApp {
     let seed = settings.seed.products;
     let app = Application::build(settings, listener).await.expect("build app");
     let state = app.state();
-    store::seed::seed(&state.db, seed).await.expect("seed");
+    product_gateway::seed::seed(&state.db, seed).await.expect("seed");
     let port = app.port();
     let token = app.shutdown_token();
     let handle = tokio::spawn(app.run_until_stopped());

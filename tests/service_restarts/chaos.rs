@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use product_gateway::broker::message::{decode_event, update_id};
+use product_gateway::broker::message::decode_event;
 use product_gateway::broker::topology::Topology;
 use product_gateway::hub::pattern::Pattern;
 use product_gateway::store;
+use product_gateway::update::update_id;
 use tokio_util::sync::CancellationToken;
 
 use testkit::clients::{SseClient, WsClient, WsEvent};
@@ -419,7 +420,7 @@ pub async fn run(plan: Plan) -> Report {
     let settings = iso.settings();
     let db = store::pool(&settings.database).unwrap();
     store::migrate(&iso.database_url).await.unwrap();
-    store::seed::seed(&db, plan.products).await.unwrap();
+    product_gateway::seed::seed(&db, plan.products).await.unwrap();
 
     // The topology, plus the audit copy of everything the broker accepts.
     let conn = lapin::Connection::connect(&iso.amqp_url(), Default::default())

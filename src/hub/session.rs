@@ -1,5 +1,7 @@
-//! What WebSocket and SSE connections share: subscribing with patterns,
-//! resume from an offset, snapshots, and the limits that protect the hub.
+//! One realtime connection, whatever its transport: subscribing with
+//! patterns, resume from an offset (stream catch-up and the hub's memory),
+//! snapshots, and the limits that protect the hub. `http::ws` and
+//! `http::sse` only translate frames and events into calls on a [`Session`].
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -7,29 +9,76 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use super::AppState;
-use super::error::ApiError;
+use super::feed::{CatchUpFilter, Feed, FeedItem};
+use super::history::Replay;
+use super::pattern::Pattern;
+use super::{CatchUp, ConnectionSlot, HubHandle, Refused};
 use crate::broker::link::Connector;
 use crate::broker::stream;
 use crate::domain::Kind;
-use crate::hub::feed::{CatchUpFilter, Feed, FeedItem};
-use crate::hub::pattern::Pattern;
-use crate::hub::{ConnectionSlot, HubHandle, Refused};
 use crate::metrics::Metrics;
 use crate::settings::HubSettings;
 use crate::store::{Db, catalog};
+use crate::update::CatchUpItem;
+
+/// How a client is connected; also the `transport` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    Sse,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// What a client did wrong (or why it must retry); the `code` of its
+/// error frame or event, and the `code` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientErrorCode {
+    BadJson,
+    BadFrame,
+    UnknownOp,
+    BadPattern,
+    TooManySubscriptions,
+    RateLimited,
+    BinaryNotSupported,
+    Busy,
+    Unavailable,
+}
+
+impl ClientErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientErrorCode::BadJson => "bad_json",
+            ClientErrorCode::BadFrame => "bad_frame",
+            ClientErrorCode::UnknownOp => "unknown_op",
+            ClientErrorCode::BadPattern => "bad_pattern",
+            ClientErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ClientErrorCode::RateLimited => "rate_limited",
+            ClientErrorCode::BinaryNotSupported => "binary_not_supported",
+            ClientErrorCode::Busy => "busy",
+            ClientErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
 
 /// An error a client caused; it gets a frame or event with this code.
 #[derive(Debug, Clone)]
 pub struct ClientError {
-    pub code: &'static str,
+    pub code: ClientErrorCode,
     pub message: String,
 }
 
 impl ClientError {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ClientErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -37,19 +86,42 @@ impl ClientError {
     }
 
     pub fn to_json(&self) -> String {
-        json!({ "type": "error", "code": self.code, "message": self.message }).to_string()
+        json!({ "type": "error", "code": self.code.as_str(), "message": self.message }).to_string()
     }
 }
 
-/// An SSE subscribe answers with the status its code calls for.
-impl From<ClientError> for ApiError {
-    fn from(e: ClientError) -> Self {
-        match e.code {
-            "unavailable" => ApiError::Unavailable(e.message),
-            "busy" => ApiError::Busy(e.message),
-            code => ApiError::BadRequest(format!("{code}: {}", e.message)),
+/// Why a connected client was cut off; the `reason` label of
+/// `clients_refused`, beside the hub's [`Refused`] at connect time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    FrameTooLarge,
+    ProtocolError,
+    TooManyErrors,
+    HeartbeatTimeout,
+}
+
+impl Dropped {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dropped::FrameTooLarge => "frame_too_large",
+            Dropped::ProtocolError => "protocol_error",
+            Dropped::TooManyErrors => "too_many_errors",
+            Dropped::HeartbeatTimeout => "heartbeat_timeout",
         }
     }
+}
+
+/// What every session shares: the hub, the snapshot source and the
+/// stream readers' connection.
+#[derive(Clone)]
+pub struct Realtime {
+    pub hub: HubHandle,
+    /// Pool of client reads, for snapshots.
+    pub read_db: Db,
+    pub snapshots: SnapshotLimit,
+    /// For per-client stream readers (resume from old offsets).
+    pub connector: Connector,
+    pub stream_name: String,
 }
 
 /// Bounds the snapshots read and serialised at once: each holds a read
@@ -73,9 +145,12 @@ impl SnapshotLimit {
     async fn acquire(&self) -> Result<OwnedSemaphorePermit, ClientError> {
         match tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => Err(ClientError::new("unavailable", "the service is shutting down")),
+            Ok(Err(_)) => Err(ClientError::new(
+                ClientErrorCode::Unavailable,
+                "the service is shutting down",
+            )),
             Err(_) => Err(ClientError::new(
-                "busy",
+                ClientErrorCode::Busy,
                 "too many snapshots are being served; retry in a moment",
             )),
         }
@@ -95,34 +170,30 @@ pub struct Session {
     /// Per pattern, the offset after which this connection gets all of its
     /// updates (None: from the first update the hub receives).
     covered: HashMap<String, (Pattern, Option<u64>)>,
-    transport: &'static str,
+    transport: Transport,
     _slot: ConnectionSlot,
 }
 
 impl Session {
     /// Refused when this instance or this client address is at its limit
     /// (counted).
-    pub fn open(state: &AppState, transport: &'static str, ip: Option<IpAddr>) -> Result<Session, Refused> {
-        let slot = state.hub.connect(ip).inspect_err(|r| {
-            state
-                .metrics
-                .clients_refused
-                .get_or_create(&[("reason", r.reason())])
-                .inc();
+    pub fn open(rt: Realtime, transport: Transport, ip: Option<IpAddr>) -> Result<Session, Refused> {
+        let metrics = rt.hub.metrics().clone();
+        let slot = rt.hub.connect(ip).inspect_err(|r| {
+            metrics.clients_refused.get_or_create(&[("reason", r.as_str())]).inc();
         })?;
-        let (id, queue) = state.hub.new_client();
-        state
-            .metrics
+        let (id, queue) = rt.hub.new_client();
+        metrics
             .clients_connected
-            .get_or_create(&[("transport", transport)])
+            .get_or_create(&[("transport", transport.as_str())])
             .inc();
         Ok(Session {
             id,
-            hub: state.hub.clone(),
-            read_db: state.read_db.clone(),
-            snapshots: state.snapshots.clone(),
-            connector: state.connector.clone(),
-            stream_name: state.settings.rabbit.topology.updates_stream.clone(),
+            hub: rt.hub,
+            read_db: rt.read_db,
+            snapshots: rt.snapshots,
+            connector: rt.connector,
+            stream_name: rt.stream_name,
             feed: Feed::new(queue),
             patterns: Vec::new(),
             covered: HashMap::new(),
@@ -131,7 +202,7 @@ impl Session {
         })
     }
 
-    pub fn transport(&self) -> &'static str {
+    pub fn transport(&self) -> Transport {
         self.transport
     }
 
@@ -142,7 +213,7 @@ impl Session {
     fn too_many(&self) -> ClientError {
         let max = self.hub.settings().max_subscriptions;
         ClientError::new(
-            "too_many_subscriptions",
+            ClientErrorCode::TooManySubscriptions,
             format!("at most {max} patterns per connection"),
         )
     }
@@ -152,7 +223,10 @@ impl Session {
     fn parse(&self, topics: &[String]) -> Result<(Vec<Pattern>, Vec<Pattern>), ClientError> {
         let settings = self.hub.settings();
         if topics.is_empty() {
-            return Err(ClientError::new("bad_pattern", "topics must name at least one pattern"));
+            return Err(ClientError::new(
+                ClientErrorCode::BadPattern,
+                "topics must name at least one pattern",
+            ));
         }
         // Counted before anything is parsed: no list this long can fit.
         if topics.len() > settings.max_subscriptions {
@@ -165,7 +239,7 @@ impl Session {
                 continue;
             }
             let p = Pattern::parse(t, settings.max_pattern_words)
-                .map_err(|e| ClientError::new("bad_pattern", format!("{:.80}: {e}", t)))?;
+                .map_err(|e| ClientError::new(ClientErrorCode::BadPattern, format!("{:.80}: {e}", t)))?;
             if !self.covered.contains_key(t) {
                 new.push(p.clone());
             }
@@ -197,7 +271,7 @@ impl Session {
             .hub
             .subscribe(self.id, self.feed.queue(), fresh.clone(), since)
             .await
-            .ok_or_else(|| ClientError::new("unavailable", "the service is shutting down"))?;
+            .ok_or_else(|| ClientError::new(ClientErrorCode::Unavailable, "the service is shutting down"))?;
         // What the earlier patterns deliver is not replayed again; those
         // subscribed before the hub had anything deliver from its first update.
         let origin = subscribed.origin.map(|o| o.saturating_sub(1));
@@ -213,7 +287,7 @@ impl Session {
         }
         if since.is_some() && !fresh.is_empty() {
             let open_ended = subscribed.last_offset.is_none();
-            let rx = stream::catch_up(
+            let rx = catch_up(
                 self.connector.clone(),
                 self.stream_name.clone(),
                 self.hub.settings().stream_prefetch,
@@ -230,7 +304,10 @@ impl Session {
         // is queued, anything before it is in the snapshot and skipped.
         let products = catalog::all(&self.read_db).await.map_err(|e| {
             tracing::warn!(error = %e, "snapshot read failed");
-            ClientError::new("unavailable", "snapshots are unavailable; retry in a moment")
+            ClientError::new(
+                ClientErrorCode::Unavailable,
+                "snapshots are unavailable; retry in a moment",
+            )
         })?;
         let mut rows = Vec::new();
         for p in products {
@@ -279,8 +356,10 @@ impl Session {
 }
 
 /// Counts a hand-off and its end-to-end latency.
-pub fn count_delivery(m: &Metrics, transport: &'static str, ts_us: i64) {
-    m.updates_delivered.get_or_create(&[("transport", transport)]).inc();
+pub fn count_delivery(m: &Metrics, transport: Transport, ts_us: i64) {
+    m.updates_delivered
+        .get_or_create(&[("transport", transport.as_str())])
+        .inc();
     if ts_us > 0 {
         let latency = (crate::domain::now_us() - ts_us).max(0) as f64 / 1e6;
         m.e2e_latency.observe(latency);
@@ -296,7 +375,7 @@ impl Drop for Session {
         self.hub
             .metrics()
             .clients_connected
-            .get_or_create(&[("transport", self.transport)])
+            .get_or_create(&[("transport", self.transport.as_str())])
             .dec();
     }
 }
@@ -304,4 +383,37 @@ impl Drop for Session {
 pub fn reset_json(offset: u64) -> serde_json::Value {
     json!({ "type": "reset", "offset": offset, "reason": "offset_expired",
             "message": "the requested offset is older than the stream keeps; updates resume from `offset`" })
+}
+
+/// Replays for one resuming client what its filter wants: first from the
+/// stream, from update id `read.from` until `read.until` (exclusive; the
+/// hub's memory starts there), then from the hub's memory. Ends when done
+/// or when the receiver goes away.
+fn catch_up(
+    connector: Connector,
+    stream_name: String,
+    prefetch: u16,
+    read: Option<CatchUp>,
+    replay: Replay,
+    filter: CatchUpFilter,
+) -> mpsc::Receiver<CatchUpItem> {
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        let wants = |u: &crate::update::Update| filter.wants(u);
+        if let Some(CatchUp { from, until }) = read
+            && !stream::read_range(&connector, &stream_name, prefetch, (from, until), &wants, &tx).await
+        {
+            return;
+        }
+        for (i, u) in replay.iter().enumerate() {
+            if filter.wants(u) && tx.send(CatchUpItem::Update(u.clone())).await.is_err() {
+                return;
+            }
+            // A long replay of updates nobody wants must not hog the thread.
+            if i % 1024 == 1023 {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    rx
 }

@@ -1,12 +1,30 @@
-//! An applied update as read from the stream, with its client frames
-//! serialised once: every client gets the same bytes.
+//! An applied update as read from the update stream, with its client
+//! frames serialised once (every client gets the same bytes), and the id
+//! scheme that numbers updates. Neutral ground: the broker's stream reader
+//! produces these and the hub fans them out, so neither names the other.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use bytestring::ByteString;
 use serde::Deserialize;
 
-use crate::broker::message::{MAX_UPDATES_PER_MESSAGE, update_id};
 use crate::domain::Kind;
+
+/// Updates in one stream message at most; an update's id is
+/// `stream offset × MAX_UPDATES_PER_MESSAGE + index`, so ids grow with the
+/// stream and a client can resume from any of them.
+pub const MAX_UPDATES_PER_MESSAGE: usize = 1024;
+
+/// The id of the update at `index` in the stream message at `offset`.
+pub fn update_id(offset: u64, index: usize) -> u64 {
+    offset * MAX_UPDATES_PER_MESSAGE as u64 + index as u64
+}
+
+/// The stream offset of the message holding update `id`.
+pub fn stream_offset_of(id: u64) -> u64 {
+    id / MAX_UPDATES_PER_MESSAGE as u64
+}
 
 #[derive(Debug)]
 pub struct Update {
@@ -80,4 +98,22 @@ impl Update {
     pub fn key(&self) -> (i64, Kind) {
         (self.product_id, self.kind)
     }
+}
+
+/// What a catch-up reader hands to the connection it serves.
+#[derive(Debug)]
+pub enum CatchUpItem {
+    Update(Arc<Update>),
+    /// The requested offset is older than the stream keeps; reading goes on
+    /// from `first_available`.
+    Reset {
+        first_available: u64,
+    },
+}
+
+/// Whoever takes the live stream's updates (the hub), so the stream reader
+/// hands them on without knowing who listens.
+pub trait UpdateSink: Send + 'static {
+    /// False once the sink has shut down: the reader then stops.
+    fn publish(&self, update: Update) -> impl Future<Output = bool> + Send;
 }

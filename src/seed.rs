@@ -1,12 +1,13 @@
 //! Fills an empty catalog with products and a generated photo for each.
+//! Start-up work beside the pipeline: it uses both the store and photos.
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use rand::Rng;
 
-use super::schema::{product_photos, products};
-use super::{Db, StoreError};
 use crate::photos::image;
+use crate::store::schema::{product_photos, products};
+use crate::store::{Db, StoreError};
 
 const ADJECTIVES: [&str; 12] = [
     "Compact", "Ultra", "Classic", "Smart", "Rugged", "Silent", "Pocket", "Studio", "Travel", "Solar", "Modular",
@@ -30,7 +31,7 @@ const NOUNS: [&str; 12] = [
 /// Inserts products 1..=n with photos unless the catalog already has
 /// products. Returns how many were inserted.
 pub async fn seed(db: &Db, n: u32) -> Result<u32, StoreError> {
-    if super::catalog::count(db).await? > 0 {
+    if crate::store::catalog::count(db).await? > 0 {
         return Ok(0);
     }
     let mut conn = db.get().await?;
