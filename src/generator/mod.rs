@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::link::Connector;
 use crate::broker::message::encode_event;
-use crate::broker::publisher::{Outgoing, confirm_channel, publish_one};
+use crate::broker::publisher::{Confirmed, Outgoing, confirm_channel, publish_one};
 use crate::domain::{Change, Event, PriceCents, ProductId, Stock, now_us};
 use crate::metrics::Metrics;
 use crate::settings::{GeneratorSettings, Settings};
@@ -339,8 +339,8 @@ fn settle(
     metrics: &Metrics,
     backoff: Backoff,
 ) {
-    let reason = match outcome {
-        Ok(lapin::Confirmation::Ack(None)) => {
+    let reason = match outcome.as_ref().map(Confirmed::of) {
+        Ok(Confirmed::Ack) => {
             if p.attempts > 0 {
                 *refused = refused.saturating_sub(1);
             }
@@ -348,11 +348,11 @@ fn settle(
             metrics.events_confirmed.inc();
             return;
         }
-        Ok(lapin::Confirmation::Ack(Some(_))) => {
+        Ok(Confirmed::Returned) => {
             metrics.events_returned.inc();
             RetryReason::Unroutable
         }
-        Ok(_) => {
+        Ok(Confirmed::Nacked) => {
             metrics.events_nacked.inc();
             RetryReason::Nacked
         }
