@@ -181,8 +181,8 @@ async fn every_malformed_event_is_dead_lettered_with_its_reason_and_valid_ones_a
 async fn a_silent_websocket_peer_is_closed_by_the_heartbeat() {
     let iso = Isolation::new().await;
     let mut settings = iso.settings();
-    settings.hub.ping_interval_ms = 200;
-    settings.hub.client_timeout_ms = 1000;
+    settings.hub.ping_interval = Duration::from_millis(200);
+    settings.hub.client_timeout = Duration::from_millis(1000);
     let app = spawn_with(iso, settings).await;
     let mut silent = RawWs::connect(app.port).await;
     silent.send_text(r##"{"op":"subscribe","topics":["#"]}"##).await;

@@ -268,7 +268,7 @@ async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
     let db_name = iso.database_url.rsplit('/').next().unwrap().to_owned();
     let url = format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port);
     settings.database.url = product_gateway::settings::Secret::new(url);
-    settings.database.acquire_timeout_ms = 500;
+    settings.database.acquire_timeout = Duration::from_millis(500);
     let app = spawn_with(iso, settings).await;
     let p = TestPublisher::connect(&app.iso).await;
 

@@ -37,7 +37,7 @@ async fn database_outage_during_a_snapshot_subscribe_is_a_503_without_internals(
     let db_name = iso.database_url.rsplit('/').next().unwrap().to_owned();
     let url = format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port);
     settings.database.url = product_gateway::settings::Secret::new(url);
-    settings.database.acquire_timeout_ms = 500;
+    settings.database.acquire_timeout = Duration::from_millis(500);
     let app = spawn_with(iso, settings).await;
 
     proxy.cut();
@@ -91,7 +91,7 @@ async fn snapshot_flood_does_not_starve_the_apply_path() {
     // A small pool and a short acquire time-out make starvation visible fast;
     // the apply path's transient retry is the symptom a user pays for.
     settings.database.pool_size = 4;
-    settings.database.acquire_timeout_ms = 300;
+    settings.database.acquire_timeout = Duration::from_millis(300);
     settings.seed.products = PRODUCTS as u32;
     let app = spawn_with(iso, settings).await;
     let publisher = TestPublisher::connect(&app.iso).await;

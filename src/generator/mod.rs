@@ -202,10 +202,10 @@ async fn publish_loop(
     leader: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
-    let confirm_timeout = Duration::from_millis(g.confirm_timeout_ms);
+    let confirm_timeout = g.confirm_timeout;
     let backoff = Backoff {
-        min: Duration::from_millis(g.retry_min_ms.max(1)),
-        max: Duration::from_millis(g.retry_max_ms.max(g.retry_min_ms).max(1)),
+        min: g.retry_min.max(Duration::from_millis(1)),
+        max: g.retry_max.max(g.retry_min).max(Duration::from_millis(1)),
     };
     let mut retry: VecDeque<Pending> = VecDeque::new();
     // Events refused at least once and not yet confirmed, waiting or in

@@ -123,20 +123,14 @@ fn broker_down(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable(format!("RabbitMQ: {e}"))
 }
 
-pub async fn list_dead_letters(
-    state: web::Data<AppState>,
-    q: web::Query<Limit>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn list_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>) -> Result<HttpResponse, ApiError> {
     let letters = dead_letters::list(&state.broker, &state.settings.rabbit.topology, limit(&q)?)
         .await
         .map_err(broker_down)?;
     Ok(HttpResponse::Ok().json(json!({ "dead_letters": letters })))
 }
 
-pub async fn replay_dead_letters(
-    state: web::Data<AppState>,
-    q: web::Query<Limit>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn replay_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>) -> Result<HttpResponse, ApiError> {
     let report = dead_letters::replay(&state.broker, &state.settings.rabbit.topology, limit(&q)?)
         .await
         .map_err(broker_down)?;

@@ -1,5 +1,6 @@
 //! The HTTP edge: REST, health, admin, and (see `ws`, `sse`) realtime delivery.
 
+pub mod access;
 pub mod admin;
 pub mod edge;
 pub mod error;

@@ -5,9 +5,9 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::error::ApiError;
 use super::AppState;
 use super::admin::Admin;
+use super::error::ApiError;
 use crate::domain::ProductId;
 use crate::photos::image;
 use crate::store::catalog::{self, Photo};
@@ -82,7 +82,7 @@ pub async fn photo(
         .get(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("product {id} has no photo")))?;
-    let cache_control = format!("public, max-age={}", state.settings.photos.cache_ttl_secs.min(300));
+    let cache_control = format!("public, max-age={}", state.settings.photos.cache_ttl.as_secs().min(300));
     let matches = req
         .headers()
         .get(header::IF_NONE_MATCH)
