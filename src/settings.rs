@@ -3,8 +3,9 @@
 
 use std::fmt;
 use std::path::Path;
+use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
@@ -103,7 +104,8 @@ pub struct AdminSettings {
 pub struct DatabaseSettings {
     pub url: Secret,
     pub pool_size: usize,
-    pub acquire_timeout_ms: u64,
+    #[serde(rename = "acquire_timeout_ms", deserialize_with = "millis")]
+    pub acquire_timeout: Duration,
     /// Connections for client reads (REST, snapshots), apart from the pool
     /// the apply path writes with, so reads can never starve it.
     pub read_pool_size: usize,
@@ -118,15 +120,18 @@ pub struct RedisSettings {
     /// Prefix of every key, so several deployments (or tests) share one Redis.
     pub key_prefix: String,
     pub pool_size: usize,
-    pub timeout_ms: u64,
+    #[serde(rename = "timeout_ms", deserialize_with = "millis")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RabbitSettings {
     pub url: Secret,
     pub management_url: String,
-    pub reconnect_min_ms: u64,
-    pub reconnect_max_ms: u64,
+    #[serde(rename = "reconnect_min_ms", deserialize_with = "millis")]
+    pub reconnect_min: Duration,
+    #[serde(rename = "reconnect_max_ms", deserialize_with = "millis")]
+    pub reconnect_max: Duration,
     pub topology: TopologySettings,
 }
 
@@ -154,22 +159,28 @@ pub struct GeneratorSettings {
     pub enabled: bool,
     pub rate: f64,
     pub max_in_flight: usize,
-    pub confirm_timeout_ms: u64,
+    #[serde(rename = "confirm_timeout_ms", deserialize_with = "millis")]
+    pub confirm_timeout: Duration,
     /// Back-off before an event refused by the broker (nacked, unroutable,
     /// unconfirmed) is published again: doubles from min up to max.
-    pub retry_min_ms: u64,
-    pub retry_max_ms: u64,
+    #[serde(rename = "retry_min_ms", deserialize_with = "millis")]
+    pub retry_min: Duration,
+    #[serde(rename = "retry_max_ms", deserialize_with = "millis")]
+    pub retry_max: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ConsumerSettings {
     pub prefetch: u16,
     pub batch_size: usize,
-    pub batch_max_wait_ms: u64,
+    #[serde(rename = "batch_max_wait_ms", deserialize_with = "millis")]
+    pub batch_max_wait: Duration,
     pub max_body_bytes: usize,
     pub transient_retries: u32,
-    pub retry_min_ms: u64,
-    pub retry_max_ms: u64,
+    #[serde(rename = "retry_min_ms", deserialize_with = "millis")]
+    pub retry_min: Duration,
+    #[serde(rename = "retry_max_ms", deserialize_with = "millis")]
+    pub retry_max: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,29 +197,47 @@ pub struct HubSettings {
     /// allowed.
     pub allowed_origins: Vec<String>,
     pub max_frame_bytes: usize,
-    pub ping_interval_ms: u64,
-    pub client_timeout_ms: u64,
-    pub sse_keepalive_ms: u64,
-    pub sse_retry_ms: u64,
+    #[serde(rename = "ping_interval_ms", deserialize_with = "millis")]
+    pub ping_interval: Duration,
+    #[serde(rename = "client_timeout_ms", deserialize_with = "millis")]
+    pub client_timeout: Duration,
+    #[serde(rename = "sse_keepalive_ms", deserialize_with = "millis")]
+    pub sse_keepalive: Duration,
+    #[serde(rename = "sse_retry_ms", deserialize_with = "millis")]
+    pub sse_retry: Duration,
     pub stream_prefetch: u16,
     /// Snapshots read and serialised at once; more wait for a turn.
     pub max_concurrent_snapshots: usize,
     /// How long a snapshot waits for a turn before the client is told to
     /// retry later.
-    pub snapshot_wait_ms: u64,
+    #[serde(rename = "snapshot_wait_ms", deserialize_with = "millis")]
+    pub snapshot_wait: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct PhotoSettings {
-    pub cache_ttl_secs: u64,
+    #[serde(rename = "cache_ttl_secs", deserialize_with = "seconds")]
+    pub cache_ttl: Duration,
     /// Lifetime of the in-process copy in front of Redis (0: none).
-    pub local_ttl_ms: u64,
+    #[serde(rename = "local_ttl_ms", deserialize_with = "millis")]
+    pub local_ttl: Duration,
     pub max_upload_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct SeedSettings {
     pub products: u32,
+}
+
+/// Durations are written as whole milliseconds (`*_ms` keys) or seconds
+/// (`*_secs` keys) in the config and the environment, and are `Duration`
+/// from the moment settings load, so no use site converts (or mixes units).
+fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_millis)
+}
+
+fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_secs)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,28 +289,28 @@ impl Settings {
     /// `tokio::time::interval` when a connection starts, a zero back-off
     /// retries in a hot loop, a zero pool or timeout fails every request.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let positive: [(&'static str, u64); 19] = [
-            ("database.pool_size", self.database.pool_size as u64),
-            ("database.read_pool_size", self.database.read_pool_size as u64),
-            ("database.acquire_timeout_ms", self.database.acquire_timeout_ms),
-            ("redis.pool_size", self.redis.pool_size as u64),
-            ("redis.timeout_ms", self.redis.timeout_ms),
-            ("rabbit.reconnect_min_ms", self.rabbit.reconnect_min_ms),
-            ("rabbit.reconnect_max_ms", self.rabbit.reconnect_max_ms),
-            ("generator.max_in_flight", self.generator.max_in_flight as u64),
-            ("generator.confirm_timeout_ms", self.generator.confirm_timeout_ms),
-            ("consumer.batch_size", self.consumer.batch_size as u64),
-            ("consumer.retry_min_ms", self.consumer.retry_min_ms),
-            ("consumer.retry_max_ms", self.consumer.retry_max_ms),
-            ("hub.ping_interval_ms", self.hub.ping_interval_ms),
-            ("hub.client_timeout_ms", self.hub.client_timeout_ms),
-            ("hub.sse_keepalive_ms", self.hub.sse_keepalive_ms),
-            ("hub.sse_retry_ms", self.hub.sse_retry_ms),
-            ("hub.max_concurrent_snapshots", self.hub.max_concurrent_snapshots as u64),
-            ("photos.cache_ttl_secs", self.photos.cache_ttl_secs),
-            ("photos.max_upload_bytes", self.photos.max_upload_bytes as u64),
+        let zero: [(&'static str, bool); 19] = [
+            ("database.pool_size", self.database.pool_size == 0),
+            ("database.read_pool_size", self.database.read_pool_size == 0),
+            ("database.acquire_timeout_ms", self.database.acquire_timeout.is_zero()),
+            ("redis.pool_size", self.redis.pool_size == 0),
+            ("redis.timeout_ms", self.redis.timeout.is_zero()),
+            ("rabbit.reconnect_min_ms", self.rabbit.reconnect_min.is_zero()),
+            ("rabbit.reconnect_max_ms", self.rabbit.reconnect_max.is_zero()),
+            ("generator.max_in_flight", self.generator.max_in_flight == 0),
+            ("generator.confirm_timeout_ms", self.generator.confirm_timeout.is_zero()),
+            ("consumer.batch_size", self.consumer.batch_size == 0),
+            ("consumer.retry_min_ms", self.consumer.retry_min.is_zero()),
+            ("consumer.retry_max_ms", self.consumer.retry_max.is_zero()),
+            ("hub.ping_interval_ms", self.hub.ping_interval.is_zero()),
+            ("hub.client_timeout_ms", self.hub.client_timeout.is_zero()),
+            ("hub.sse_keepalive_ms", self.hub.sse_keepalive.is_zero()),
+            ("hub.sse_retry_ms", self.hub.sse_retry.is_zero()),
+            ("hub.max_concurrent_snapshots", self.hub.max_concurrent_snapshots == 0),
+            ("photos.cache_ttl_secs", self.photos.cache_ttl.is_zero()),
+            ("photos.max_upload_bytes", self.photos.max_upload_bytes == 0),
         ];
-        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+        if let Some((key, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
             return Err(SettingsError::Invalid {
                 key,
                 reason: "must be greater than 0",
@@ -290,13 +319,13 @@ impl Settings {
         let ordered = [
             (
                 "rabbit.reconnect_min_ms",
-                self.rabbit.reconnect_min_ms,
-                self.rabbit.reconnect_max_ms,
+                self.rabbit.reconnect_min,
+                self.rabbit.reconnect_max,
             ),
             (
                 "consumer.retry_min_ms",
-                self.consumer.retry_min_ms,
-                self.consumer.retry_max_ms,
+                self.consumer.retry_min,
+                self.consumer.retry_max,
             ),
         ];
         if let Some((key, _, _)) = ordered.iter().find(|(_, min, max)| min > max) {
@@ -345,24 +374,28 @@ mod tests {
     fn zero_intervals_and_sizes_are_refused_naming_the_key() {
         type Set = fn(&mut Settings);
         let zeroed: &[(&str, Set)] = &[
-            ("hub.ping_interval_ms", |s| s.hub.ping_interval_ms = 0),
-            ("hub.sse_keepalive_ms", |s| s.hub.sse_keepalive_ms = 0),
-            ("hub.sse_retry_ms", |s| s.hub.sse_retry_ms = 0),
-            ("hub.client_timeout_ms", |s| s.hub.client_timeout_ms = 0),
-            ("rabbit.reconnect_min_ms", |s| s.rabbit.reconnect_min_ms = 0),
-            ("rabbit.reconnect_max_ms", |s| s.rabbit.reconnect_max_ms = 0),
-            ("consumer.retry_min_ms", |s| s.consumer.retry_min_ms = 0),
-            ("consumer.retry_max_ms", |s| s.consumer.retry_max_ms = 0),
+            ("hub.ping_interval_ms", |s| s.hub.ping_interval = Duration::ZERO),
+            ("hub.sse_keepalive_ms", |s| s.hub.sse_keepalive = Duration::ZERO),
+            ("hub.sse_retry_ms", |s| s.hub.sse_retry = Duration::ZERO),
+            ("hub.client_timeout_ms", |s| s.hub.client_timeout = Duration::ZERO),
+            ("rabbit.reconnect_min_ms", |s| s.rabbit.reconnect_min = Duration::ZERO),
+            ("rabbit.reconnect_max_ms", |s| s.rabbit.reconnect_max = Duration::ZERO),
+            ("consumer.retry_min_ms", |s| s.consumer.retry_min = Duration::ZERO),
+            ("consumer.retry_max_ms", |s| s.consumer.retry_max = Duration::ZERO),
             ("consumer.batch_size", |s| s.consumer.batch_size = 0),
-            ("generator.confirm_timeout_ms", |s| s.generator.confirm_timeout_ms = 0),
+            ("generator.confirm_timeout_ms", |s| {
+                s.generator.confirm_timeout = Duration::ZERO
+            }),
             ("generator.max_in_flight", |s| s.generator.max_in_flight = 0),
             ("database.pool_size", |s| s.database.pool_size = 0),
             ("database.read_pool_size", |s| s.database.read_pool_size = 0),
             ("hub.max_concurrent_snapshots", |s| s.hub.max_concurrent_snapshots = 0),
-            ("database.acquire_timeout_ms", |s| s.database.acquire_timeout_ms = 0),
+            ("database.acquire_timeout_ms", |s| {
+                s.database.acquire_timeout = Duration::ZERO
+            }),
             ("redis.pool_size", |s| s.redis.pool_size = 0),
-            ("redis.timeout_ms", |s| s.redis.timeout_ms = 0),
-            ("photos.cache_ttl_secs", |s| s.photos.cache_ttl_secs = 0),
+            ("redis.timeout_ms", |s| s.redis.timeout = Duration::ZERO),
+            ("photos.cache_ttl_secs", |s| s.photos.cache_ttl = Duration::ZERO),
         ];
         for (key, set) in zeroed {
             let mut s = defaults();
@@ -380,15 +413,15 @@ mod tests {
         s.generator.rate = -1.0;
         assert!(s.validate().is_err_and(|e| e.to_string().contains("generator.rate")));
         let mut s = defaults();
-        s.consumer.retry_min_ms = s.consumer.retry_max_ms + 1;
+        s.consumer.retry_min = s.consumer.retry_max + Duration::from_millis(1);
         assert!(
             s.validate()
                 .is_err_and(|e| e.to_string().contains("consumer.retry_min_ms"))
         );
         let mut s = defaults();
         s.generator.rate = 0.0;
-        s.consumer.batch_max_wait_ms = 0;
-        s.photos.local_ttl_ms = 0;
+        s.consumer.batch_max_wait = Duration::ZERO;
+        s.photos.local_ttl = Duration::ZERO;
         assert!(
             s.validate().is_ok(),
             "zero is meaningful for these: pause, no wait, no local copy"

@@ -138,6 +138,8 @@ impl Application {
                 .wrap(middleware::NormalizePath::trim())
                 .app_data(hosts.clone())
                 .wrap(middleware::from_fn(http::edge::check_host))
+                // Outermost: the span and the access line cover every refusal.
+                .wrap(middleware::from_fn(http::access::trace_request))
                 .configure(http::routes)
                 .service(actix_files::Files::new("/", &static_dir).index_file("index.html"))
         })

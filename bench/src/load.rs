@@ -21,7 +21,7 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use product_gateway::broker::message::encode_event;
-use product_gateway::broker::publisher::{Outgoing, confirm_channel};
+use product_gateway::broker::publisher::{Confirmed, Outgoing, confirm_channel};
 use product_gateway::domain::{Change, Event, PriceCents, ProductId, Stock, now_us};
 use tokio_util::sync::CancellationToken;
 
@@ -132,10 +132,11 @@ pub async fn publish(job: PublishJob) -> Result<PublishRun> {
     let mut sent = 0u64;
     let mut inflight = FuturesUnordered::new();
     let check = |r: lapin::Result<lapin::Confirmation>| -> Result<()> {
-        match r.context("publisher confirm")? {
-            lapin::Confirmation::Ack(None) => Ok(()),
-            lapin::Confirmation::Ack(Some(_)) => bail!("an event was returned as unroutable (topology missing?)"),
-            other => bail!("the broker did not confirm an event: {other:?}"),
+        let confirmation = r.context("publisher confirm")?;
+        match Confirmed::of(&confirmation) {
+            Confirmed::Ack => Ok(()),
+            Confirmed::Returned => bail!("an event was returned as unroutable (topology missing?)"),
+            Confirmed::Nacked => bail!("the broker did not confirm an event: {confirmation:?}"),
         }
     };
     loop {

@@ -481,7 +481,7 @@ async fn broker_ceiling(ctx: &mut Ctx, scratch: &str, again: &str) -> Result<(f6
         let (prefetch, batch, wait) = (
             consumer_settings.prefetch,
             consumer_settings.batch_size,
-            Duration::from_millis(consumer_settings.batch_max_wait_ms),
+            consumer_settings.batch_max_wait,
         );
         on_thread("bench-ceiling-consumer", move || {
             load::consume_acking(url, queues, prefetch, batch, wait, consumed, stop)

@@ -16,6 +16,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::link::{Connector, Link};
 use super::message::{DETAIL_HEADER, REASON_HEADER, Reject, decode_delivery};
@@ -102,7 +103,7 @@ async fn consume(ctx: &Ctx, conn: &Connection, queue: &str) -> anyhow::Result<()
             FieldTable::default(),
         )
         .await?;
-    let max_wait = Duration::from_millis(ctx.settings.batch_max_wait_ms);
+    let max_wait = ctx.settings.batch_max_wait;
     loop {
         let first = tokio::select! {
             d = consumer.next() => d,
@@ -116,7 +117,14 @@ async fn consume(ctx: &Ctx, conn: &Connection, queue: &str) -> anyhow::Result<()
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        process(ctx, &channel, &publisher, batch).await?;
+        let span = tracing::info_span!(
+            "apply_batch",
+            queue,
+            size = batch.len(),
+            first_tag = batch.first().map(|d| d.delivery_tag),
+            last_tag = batch.last().map(|d| d.delivery_tag),
+        );
+        process(ctx, &channel, &publisher, batch).instrument(span).await?;
     }
 }
 
@@ -195,7 +203,7 @@ async fn apply_with_retry(ctx: &Ctx, events: &[Event]) -> Option<Vec<Outcome>> {
     if events.is_empty() {
         return Some(vec![]);
     }
-    let mut delay = Duration::from_millis(ctx.settings.retry_min_ms);
+    let mut delay = ctx.settings.retry_min;
     for attempt in 0..=ctx.settings.transient_retries {
         match apply_batch(&ctx.db, events).await {
             Ok(outcomes) => return Some(outcomes),
@@ -208,7 +216,7 @@ async fn apply_with_retry(ctx: &Ctx, events: &[Event]) -> Option<Vec<Outcome>> {
             _ = tokio::time::sleep(delay) => {}
             _ = ctx.shutdown.cancelled() => return None,
         }
-        delay = (delay * 2).min(Duration::from_millis(ctx.settings.retry_max_ms));
+        delay = (delay * 2).min(ctx.settings.retry_max);
     }
     None
 }

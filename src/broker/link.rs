@@ -52,8 +52,8 @@ impl Connector {
 
     /// Connects with exponential back-off until it succeeds or shutdown.
     pub async fn connect_retry(&self, stage: &str, shutdown: &CancellationToken) -> Option<Connection> {
-        let mut delay = Duration::from_millis(self.settings.reconnect_min_ms);
-        let max = Duration::from_millis(self.settings.reconnect_max_ms);
+        let mut delay = self.settings.reconnect_min;
+        let max = self.settings.reconnect_max;
         loop {
             let attempt = tokio::time::timeout(Duration::from_secs(10), self.connect(stage));
             match tokio::select! { r = attempt => r, _ = shutdown.cancelled() => return None } {

@@ -57,6 +57,28 @@ pub enum PublishError {
     Timeout(Duration),
 }
 
+/// What the broker's confirm says about one publish; the one reading of
+/// `lapin::Confirmation` the generator, the outbox relay and the benchmark share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmed {
+    /// Routed and accepted.
+    Ack,
+    /// Acked but returned first: `mandatory` and no queue was bound.
+    Returned,
+    /// Refused by the broker (or a channel not in confirm mode).
+    Nacked,
+}
+
+impl Confirmed {
+    pub fn of(confirmation: &lapin::Confirmation) -> Self {
+        match confirmation {
+            lapin::Confirmation::Ack(None) => Confirmed::Ack,
+            lapin::Confirmation::Ack(Some(_)) => Confirmed::Returned,
+            lapin::Confirmation::Nack(_) | lapin::Confirmation::NotRequested => Confirmed::Nacked,
+        }
+    }
+}
+
 /// A channel in confirm mode.
 pub async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
     let channel = conn.create_channel().await?;
@@ -96,10 +118,10 @@ pub async fn publish_all(channel: &Channel, messages: &[Outgoing], timeout: Dura
         .map_err(|_| PublishError::Timeout(timeout))?;
     let (mut nacked, mut returned) = (0, 0);
     for r in results {
-        match r? {
-            lapin::Confirmation::Ack(None) => {}
-            lapin::Confirmation::Ack(Some(_)) => returned += 1,
-            _ => nacked += 1,
+        match Confirmed::of(&r?) {
+            Confirmed::Ack => {}
+            Confirmed::Returned => returned += 1,
+            Confirmed::Nacked => nacked += 1,
         }
     }
     if nacked > 0 {

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::link::Connector;
 use crate::broker::message::encode_event;
-use crate::broker::publisher::{Outgoing, confirm_channel, publish_one};
+use crate::broker::publisher::{Confirmed, Outgoing, confirm_channel, publish_one};
 use crate::domain::{Change, Event, PriceCents, ProductId, Stock, now_us};
 use crate::metrics::Metrics;
 use crate::settings::{GeneratorSettings, Settings};
@@ -204,10 +204,10 @@ async fn publish_loop(
     leader: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
-    let confirm_timeout = Duration::from_millis(g.confirm_timeout_ms);
+    let confirm_timeout = g.confirm_timeout;
     let backoff = Backoff {
-        min: Duration::from_millis(g.retry_min_ms.max(1)),
-        max: Duration::from_millis(g.retry_max_ms.max(g.retry_min_ms).max(1)),
+        min: g.retry_min.max(Duration::from_millis(1)),
+        max: g.retry_max.max(g.retry_min).max(Duration::from_millis(1)),
     };
     let mut retry: VecDeque<Pending> = VecDeque::new();
     // Events refused at least once and not yet confirmed, waiting or in
@@ -337,8 +337,8 @@ fn settle(
     metrics: &Metrics,
     backoff: Backoff,
 ) {
-    let reason = match outcome {
-        Ok(lapin::Confirmation::Ack(None)) => {
+    let reason = match outcome.as_ref().map(Confirmed::of) {
+        Ok(Confirmed::Ack) => {
             if p.attempts > 0 {
                 *refused = refused.saturating_sub(1);
             }
@@ -346,11 +346,11 @@ fn settle(
             metrics.events_confirmed.inc();
             return;
         }
-        Ok(lapin::Confirmation::Ack(Some(_))) => {
+        Ok(Confirmed::Returned) => {
             metrics.events_returned.inc();
             RetryReason::Unroutable
         }
-        Ok(_) => {
+        Ok(Confirmed::Nacked) => {
             metrics.events_nacked.inc();
             RetryReason::Nacked
         }

@@ -1,17 +1,40 @@
 //! Admin endpoints and their bearer-token check.
 
-use actix_web::HttpRequest;
+use std::future::{Ready, ready};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
+use actix_web::middleware::Next;
+use actix_web::{FromRequest, HttpRequest};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::error::ApiError;
 
+/// Proof that the request carries the admin token: a handler taking it as an
+/// argument cannot run for anyone else, and the `/admin` scope requires it
+/// in its middleware (`require`), so no route mounted there can forget it.
+///
 /// Accepts only `Authorization: Bearer <token>` with the configured token.
 /// Both sides are hashed first so the comparison takes the same time
 /// whatever the presented token's length or content.
-pub fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+#[derive(Debug, Clone, Copy)]
+pub struct Admin(());
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(check(req))
+    }
+}
+
+fn check(req: &HttpRequest) -> Result<Admin, ApiError> {
+    // Without the state there is no token to compare with: refuse.
+    let state = req.app_data::<web::Data<AppState>>().ok_or(ApiError::Unauthorized)?;
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -21,10 +44,21 @@ pub fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     let a = Sha256::digest(presented.trim().as_bytes());
     let b = Sha256::digest(state.settings.admin.token.expose().as_bytes());
     if bool::from(a.ct_eq(&b)) {
-        Ok(())
+        Ok(Admin(()))
     } else {
         Err(ApiError::Unauthorized)
     }
+}
+
+/// Middleware of the `/admin` scope: the token is checked before routing,
+/// so an unauthenticated request learns nothing about the scope's routes
+/// and no body is read.
+pub async fn require(
+    _: Admin,
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    next.call(req).await
 }
 
 use actix_web::{HttpResponse, web};
@@ -46,18 +80,15 @@ fn generator_status(state: &AppState) -> serde_json::Value {
     json!({ "running": c.running, "rate": c.rate, "active_here": state.generator.is_leader() })
 }
 
-pub async fn get_generator(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
+pub async fn get_generator(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(generator_status(&state)))
 }
 
 /// `POST /admin/generator {"rate": 50, "running": true}`: either field may be left out.
 pub async fn set_generator(
     state: web::Data<AppState>,
-    req: HttpRequest,
     body: web::Json<GeneratorChange>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
     let mut c: Control = state.generator.control();
     if let Some(rate) = body.rate {
         if !rate.is_finite() || !(0.0..=100_000.0).contains(&rate) {
@@ -92,32 +123,21 @@ fn broker_down(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable(format!("RabbitMQ: {e}"))
 }
 
-pub async fn list_dead_letters(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    q: web::Query<Limit>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
+pub async fn list_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>) -> Result<HttpResponse, ApiError> {
     let letters = dead_letters::list(&state.broker, &state.settings.rabbit.topology, limit(&q)?)
         .await
         .map_err(broker_down)?;
     Ok(HttpResponse::Ok().json(json!({ "dead_letters": letters })))
 }
 
-pub async fn replay_dead_letters(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    q: web::Query<Limit>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
+pub async fn replay_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>) -> Result<HttpResponse, ApiError> {
     let report = dead_letters::replay(&state.broker, &state.settings.rabbit.topology, limit(&q)?)
         .await
         .map_err(broker_down)?;
     Ok(HttpResponse::Ok().json(report))
 }
 
-pub async fn purge_dead_letters(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
+pub async fn purge_dead_letters(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let purged = dead_letters::purge(&state.broker, &state.settings.rabbit.topology)
         .await
         .map_err(broker_down)?;

@@ -1,5 +1,6 @@
 //! The HTTP edge: REST, health, admin, and (see `ws`, `sse`) realtime delivery.
 
+pub mod access;
 pub mod admin;
 pub mod edge;
 pub mod error;
@@ -92,14 +93,19 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::put().to(products::put_photo)),
         )
         .service(
-            web::resource("/admin/generator")
-                .route(web::get().to(admin::get_generator))
-                .route(web::post().to(admin::set_generator)),
-        )
-        .service(
-            web::resource("/admin/dead-letters")
-                .route(web::get().to(admin::list_dead_letters))
-                .route(web::delete().to(admin::purge_dead_letters)),
-        )
-        .route("/admin/dead-letters/replay", web::post().to(admin::replay_dead_letters));
+            // Every admin route lives in this scope, behind the token check.
+            web::scope("/admin")
+                .wrap(actix_web::middleware::from_fn(admin::require))
+                .service(
+                    web::resource("/generator")
+                        .route(web::get().to(admin::get_generator))
+                        .route(web::post().to(admin::set_generator)),
+                )
+                .service(
+                    web::resource("/dead-letters")
+                        .route(web::get().to(admin::list_dead_letters))
+                        .route(web::delete().to(admin::purge_dead_letters)),
+                )
+                .route("/dead-letters/replay", web::post().to(admin::replay_dead_letters)),
+        );
 }

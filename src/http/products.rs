@@ -5,8 +5,9 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::AppState;
+use super::admin::Admin;
 use super::error::ApiError;
-use super::{AppState, admin};
 use crate::domain::ProductId;
 use crate::photos::image;
 use crate::store::catalog::{self, Photo};
@@ -81,7 +82,7 @@ pub async fn photo(
         .get(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("product {id} has no photo")))?;
-    let cache_control = format!("public, max-age={}", state.settings.photos.cache_ttl_secs.min(300));
+    let cache_control = format!("public, max-age={}", state.settings.photos.cache_ttl.as_secs().min(300));
     let matches = req
         .headers()
         .get(header::IF_NONE_MATCH)
@@ -102,14 +103,15 @@ pub async fn photo(
 
 /// `PUT /products/{id}/photo` (admin): the body is the image.
 pub async fn put_photo(
+    _: Admin,
     state: web::Data<AppState>,
     path: web::Path<String>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    // The token and the path are checked before a byte of the body is read,
-    // so an unauthenticated client cannot make the server buffer an upload.
-    admin::authorize(&state, &req)?;
+    // The token (the first extractor) and the path are checked before a byte
+    // of the body is read, so an unauthenticated client cannot make the
+    // server buffer an upload.
     let id = parse_id(&path)?;
     let body = read_upload(&req, payload, state.settings.photos.max_upload_bytes).await?;
     let declared = req

@@ -3,15 +3,16 @@
 //! `Last-Event-ID` resumes; comments keep proxies from timing out.
 
 use std::collections::VecDeque;
-use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::AppState;
+use super::access::connection_span;
 use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::error::ApiError;
 use crate::hub::Refused;
@@ -76,10 +77,15 @@ pub async fn events(
             ));
         }
     };
-    let snap = sub.subscribe(&topics, since, snapshot).await.map_err(ApiError::from)?;
+    let span = connection_span(sub.id(), "sse", ip);
+    let snap = sub
+        .subscribe(&topics, since, snapshot)
+        .instrument(span.clone())
+        .await
+        .map_err(ApiError::from)?;
 
     let settings = state.hub.settings();
-    let mut first = format!(": product-gateway\nretry: {}\n\n", settings.sse_retry_ms);
+    let mut first = format!(": product-gateway\nretry: {}\n\n", settings.sse_retry.as_millis());
     if let Some(s) = snap {
         if let Some(offset) = s["offset"].as_u64() {
             first.push_str(&format!("id: {offset}\n"));
@@ -89,8 +95,8 @@ pub async fn events(
     let mut pending = VecDeque::new();
     pending.push_back(Bytes::from(first));
     let keepalive = tokio::time::interval_at(
-        tokio::time::Instant::now() + Duration::from_millis(settings.sse_keepalive_ms),
-        Duration::from_millis(settings.sse_keepalive_ms),
+        tokio::time::Instant::now() + settings.sse_keepalive,
+        settings.sse_keepalive,
     );
     let body = futures_util::stream::unfold(
         Stream {
@@ -100,8 +106,12 @@ pub async fn events(
             keepalive,
             shutdown: state.shutdown.clone(),
             done: false,
+            span,
         },
-        next_chunk,
+        |s| {
+            let span = s.span.clone();
+            next_chunk(s).instrument(span)
+        },
     );
     let mut res = HttpResponse::Ok();
     res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
@@ -115,6 +125,8 @@ pub async fn events(
 }
 
 struct Stream {
+    /// The connection's span, entered while the body is produced.
+    span: tracing::Span,
     sub: Session,
     pending: VecDeque<Bytes>,
     out: Vec<FeedItem>,

@@ -11,8 +11,10 @@ use bytestring::ByteString;
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::AppState;
+use super::access::connection_span;
 use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
@@ -64,7 +66,8 @@ pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>
         .aggregate_continuations()
         .max_continuation_size(settings.max_frame_bytes);
     let shutdown = state.shutdown.clone();
-    actix_web::rt::spawn(run(sub, session, stream, state, shutdown));
+    let span = connection_span(sub.id(), "ws", ip);
+    actix_web::rt::spawn(run(sub, session, stream, state, shutdown).instrument(span));
     Ok(response)
 }
 
@@ -83,9 +86,9 @@ async fn run(
             .get_or_create(&[("reason", reason.as_str())])
             .inc()
     };
-    let mut ping = tokio::time::interval(Duration::from_millis(settings.ping_interval_ms));
-    let timeout = Duration::from_millis(settings.client_timeout_ms);
-    let ping_every = Duration::from_millis(settings.ping_interval_ms);
+    let mut ping = tokio::time::interval(settings.ping_interval);
+    let timeout = settings.client_timeout;
+    let ping_every = settings.ping_interval;
     let mut last_seen = Instant::now();
     let mut tokens = 2.0 * FRAMES_PER_SEC;
     let mut last_frame = Instant::now();

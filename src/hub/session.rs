@@ -137,7 +137,7 @@ impl SnapshotLimit {
     pub fn new(settings: &HubSettings) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(settings.max_concurrent_snapshots)),
-            wait: Duration::from_millis(settings.snapshot_wait_ms),
+            wait: settings.snapshot_wait,
         }
     }
 
@@ -175,6 +175,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// The hub's id of this connection, for its log span.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Refused when this instance or this client address is at its limit
     /// (counted).
     pub fn open(rt: Realtime, transport: Transport, ip: Option<IpAddr>) -> Result<Session, Refused> {

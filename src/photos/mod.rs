@@ -56,7 +56,7 @@ impl PhotoCache {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let mut cfg = deadpool_redis::Config::from_url(redis_settings.url.expose());
-        let timeout = Duration::from_millis(redis_settings.timeout_ms);
+        let timeout = redis_settings.timeout;
         let mut pool_cfg = deadpool_redis::PoolConfig::new(redis_settings.pool_size);
         pool_cfg.timeouts.wait = Some(timeout);
         pool_cfg.timeouts.create = Some(timeout);
@@ -67,13 +67,13 @@ impl PhotoCache {
             redis,
             db,
             prefix: redis_settings.key_prefix.clone(),
-            ttl_secs: photos.cache_ttl_secs,
+            ttl_secs: photos.cache_ttl.as_secs(),
             timeout,
             metrics,
             flights: Mutex::new(HashMap::new()),
             generation: Default::default(),
             near: Mutex::new(HashMap::new()),
-            near_ttl: Duration::from_millis(photos.local_ttl_ms),
+            near_ttl: photos.local_ttl,
         })
     }
 

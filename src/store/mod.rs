@@ -41,19 +41,19 @@ impl From<diesel_async::pooled_connection::deadpool::PoolError> for StoreError {
 
 /// The pool the pipeline writes with (apply, version issuing, admin).
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Db> {
-    build_pool(settings.url.expose(), settings.pool_size, settings.acquire_timeout_ms)
+    build_pool(settings.url.expose(), settings.pool_size, settings.acquire_timeout)
 }
 
 /// The pool client reads (REST, snapshots) use, on a replica when one is
 /// set: a flood of reads waits here, never for the apply path's connections.
 pub fn read_pool(settings: &DatabaseSettings) -> anyhow::Result<Db> {
     let url = settings.read_url.as_ref().unwrap_or(&settings.url);
-    build_pool(url.expose(), settings.read_pool_size, settings.acquire_timeout_ms)
+    build_pool(url.expose(), settings.read_pool_size, settings.acquire_timeout)
 }
 
-fn build_pool(url: &str, size: usize, acquire_timeout_ms: u64) -> anyhow::Result<Db> {
+fn build_pool(url: &str, size: usize, acquire_timeout: Duration) -> anyhow::Result<Db> {
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
-    let timeout = Some(Duration::from_millis(acquire_timeout_ms));
+    let timeout = Some(acquire_timeout);
     let pool = Pool::builder(manager)
         .max_size(size)
         .runtime(deadpool::Runtime::Tokio1)

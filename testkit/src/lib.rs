@@ -204,7 +204,7 @@ pub async fn spawn_behind_database_proxy() -> (TestApp, proxy::Proxy) {
     let proxy = proxy::Proxy::start("127.0.0.1:5432").await;
     let mut settings = iso.settings();
     settings.database.url = Secret::new(iso.database_url_through(proxy.port));
-    settings.database.acquire_timeout_ms = 500;
+    settings.database.acquire_timeout = Duration::from_millis(500);
     (spawn_with(iso, settings).await, proxy)
 }
 

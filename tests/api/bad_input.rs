@@ -178,8 +178,8 @@ async fn every_malformed_event_is_dead_lettered_with_its_reason_and_valid_ones_a
 #[actix_rt::test]
 async fn a_silent_websocket_peer_is_closed_by_the_heartbeat() {
     let app = spawn_app_with(|settings| {
-        settings.hub.ping_interval_ms = 200;
-        settings.hub.client_timeout_ms = 1000;
+        settings.hub.ping_interval = Duration::from_millis(200);
+        settings.hub.client_timeout = Duration::from_millis(1000);
     })
     .await;
     let mut silent = RawWs::connect(app.port).await;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use product_gateway::hub::update::Update;
+use product_gateway::update::Update;
 use testkit::clients::{SseClient, WsClient, WsEvent};
 use testkit::rawws::RawWs;
 use testkit::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
@@ -354,8 +354,8 @@ async fn a_websocket_client_that_stops_reading_is_closed_by_the_heartbeat() {
     let iso = Isolation::new().await;
     let mut settings = iso.settings();
     settings.hub.client_buffer = 32;
-    settings.hub.ping_interval_ms = 200;
-    settings.hub.client_timeout_ms = 2000;
+    settings.hub.ping_interval = Duration::from_millis(200);
+    settings.hub.client_timeout = Duration::from_millis(2000);
     settings.seed.products = 200;
     settings.server.socket_send_buffer = 4096;
     let app = spawn_with(iso, settings).await;

@@ -96,7 +96,7 @@ async fn photos_are_served_from_postgres_when_redis_is_down() {
     let mut settings = iso.settings();
     // Nothing listens on port 1: every Redis call is refused. No local copy
     // either, so every read shows the fallback.
-    settings.photos.local_ttl_ms = 0;
+    settings.photos.local_ttl = Duration::ZERO;
     settings.redis.url = product_gateway::settings::Secret::new("redis://127.0.0.1:1");
     let app = spawn_with(iso, settings).await;
     for _ in 0..3 {

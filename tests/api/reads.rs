@@ -82,7 +82,7 @@ async fn snapshot_flood_does_not_starve_the_apply_path() {
     // A small pool and a short acquire time-out make starvation visible fast;
     // the apply path's transient retry is the symptom a user pays for.
     settings.database.pool_size = 4;
-    settings.database.acquire_timeout_ms = 300;
+    settings.database.acquire_timeout = Duration::from_millis(300);
     settings.seed.products = PRODUCTS as u32;
     let app = spawn_with(iso, settings).await;
     let publisher = TestPublisher::connect(&app.iso).await;
