@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod feed;
+pub mod index;
 pub mod pattern;
 pub mod update;
 
