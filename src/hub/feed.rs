@@ -5,11 +5,12 @@
 //! after the other, so none replaces another.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, watch};
 
 use super::client::ClientQueue;
+use super::index::SubscriptionIndex;
 use super::pattern::Pattern;
 use crate::domain::Kind;
 use crate::update::{CatchUpItem, Update};
@@ -21,22 +22,50 @@ pub enum FeedItem {
 }
 
 /// Which updates one resume replays: those of its new patterns that the
-/// connection's earlier patterns do not already deliver.
-#[derive(Debug, Clone)]
+/// connection's earlier patterns do not already deliver. Patterns are
+/// indexed, so a replay costs the updates it reads, not updates × patterns.
 pub struct CatchUpFilter {
-    pub fresh: Vec<Pattern>,
-    /// Earlier patterns with the offset after which they deliver everything.
-    pub covered: Vec<(Pattern, u64)>,
+    /// The resume's new patterns, all under one key.
+    fresh: Mutex<SubscriptionIndex<usize>>,
+    /// Earlier patterns, keyed by their place in `after`.
+    covered: Mutex<SubscriptionIndex<usize>>,
+    /// Offset after which each earlier pattern delivers everything.
+    after: Vec<u64>,
 }
 
 impl CatchUpFilter {
+    pub fn new(fresh: &[Pattern], covered: &[(Pattern, u64)]) -> Self {
+        let mut fresh_index = SubscriptionIndex::new();
+        for p in fresh {
+            fresh_index.insert(0, p);
+        }
+        let mut covered_index = SubscriptionIndex::new();
+        for (i, (p, _)) in covered.iter().enumerate() {
+            covered_index.insert(i, p);
+        }
+        Self {
+            fresh: Mutex::new(fresh_index),
+            covered: Mutex::new(covered_index),
+            after: covered.iter().map(|(_, after)| *after).collect(),
+        }
+    }
+
     pub fn wants(&self, u: &Update) -> bool {
-        let words: Vec<&str> = u.topic.split('.').collect();
-        self.fresh.iter().any(|p| p.matches_words(&words))
-            && !self
-                .covered
-                .iter()
-                .any(|(p, after)| u.offset > *after && p.matches_words(&words))
+        // Only the replaying task uses the filter: the locks are never contended.
+        let mut fresh = false;
+        self.fresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_each_match(&u.topic, |_| fresh = true);
+        if !fresh {
+            return false;
+        }
+        let mut covered = false;
+        self.covered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_each_match(&u.topic, |i| covered |= u.offset > self.after[i]);
+        !covered
     }
 }
 

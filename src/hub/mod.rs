@@ -6,6 +6,7 @@
 pub mod client;
 pub mod feed;
 pub mod history;
+pub mod index;
 pub mod pattern;
 pub mod session;
 

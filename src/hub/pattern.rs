@@ -116,6 +116,33 @@ impl Pattern {
     }
 }
 
+/// One parsed word, borrowed: what the subscription index walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WordRef<'a> {
+    Exact(&'a str),
+    /// `*`
+    One,
+    /// `#` (consecutive ones already collapsed by the parser)
+    Many,
+}
+
+impl Pattern {
+    /// The parsed words, in order.
+    pub fn words(&self) -> impl ExactSizeIterator<Item = WordRef<'_>> + '_ {
+        self.words.iter().map(|w| match w {
+            Word::Exact(w) => WordRef::Exact(w),
+            Word::One => WordRef::One,
+            Word::Many => WordRef::Many,
+        })
+    }
+
+    /// Whether the pattern has a `*` or `#`; one without matches exactly
+    /// the topic equal to its text.
+    pub fn has_wildcard(&self) -> bool {
+        self.words.iter().any(|w| !matches!(w, Word::Exact(_)))
+    }
+}
+
 impl fmt::Display for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)

@@ -298,7 +298,7 @@ impl Session {
                 self.hub.settings().stream_prefetch,
                 subscribed.catch_up,
                 subscribed.replay,
-                CatchUpFilter { fresh, covered },
+                CatchUpFilter::new(&fresh, &covered),
             );
             self.feed.start_catch_up(rx, open_ended);
         }
