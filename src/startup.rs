@@ -135,9 +135,9 @@ impl Application {
                 .app_data(server_state.clone())
                 .app_data(web::PayloadConfig::new(max_body))
                 .wrap(http::error::json_errors())
-                .wrap(middleware::NormalizePath::trim())
                 .app_data(hosts.clone())
                 .wrap(middleware::from_fn(http::edge::check_host))
+                .wrap(middleware::NormalizePath::trim())
                 // Outermost: the span and the access line cover every refusal.
                 .wrap(middleware::from_fn(http::access::trace_request))
                 .configure(http::routes)

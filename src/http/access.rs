@@ -27,25 +27,30 @@ pub async fn trace_request(
     let id = caller_id(&req).unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path());
     let started = Instant::now();
-    // Kept to answer with when an inner middleware fails the request, so
-    // that response carries the id and is logged too.
-    let http_req = req.request().clone();
+    // No clone of the request is kept across the call: the router and
+    // NormalizePath need the only reference to it.
     let mut res = match next.call(req).instrument(span.clone()).await {
         Ok(res) => res.map_into_boxed_body(),
-        Err(e) => ServiceResponse::new(http_req, e.error_response()),
+        Err(e) => {
+            let status = e.as_response_error().status_code().as_u16();
+            span.in_scope(|| access_line(status, started));
+            return Err(e);
+        }
     };
     if let Ok(value) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(REQUEST_ID, value);
     }
-    span.in_scope(|| {
-        tracing::info!(
-            target: "access",
-            status = res.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request served"
-        )
-    });
+    span.in_scope(|| access_line(res.status().as_u16(), started));
     Ok(res)
+}
+
+fn access_line(status: u16, started: Instant) {
+    tracing::info!(
+        target: "access",
+        status,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request served"
+    );
 }
 
 /// The span a WebSocket or SSE connection runs in, from its subscription to
