@@ -128,7 +128,10 @@ async fn every_malformed_event_is_dead_lettered_with_its_reason_and_valid_ones_a
             json().with_content_encoding("gzip".into()),
             "wrong_content_encoding",
         ),
-        ("10 MiB body", vec![b'{'; 10 << 20], json(), "oversize"),
+        // Above consumer.max_body_bytes (4 KiB) and below the broker's own
+        // limit (256 KiB when scripts/services.sh started it), so the broker
+        // delivers it and the decoder must refuse it.
+        ("64 KiB body", vec![b'{'; 64 << 10], json(), "oversize"),
     ];
     let mut version = 0;
     for (_what, body, props, _) in &corpus {

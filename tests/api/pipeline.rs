@@ -138,7 +138,8 @@ async fn poison_messages_are_dead_lettered_with_their_reason_and_consumer_goes_o
     p.raw("product.price.1", br#"{"product_id":1,"kind":"price","price_cents":-10,"version":1,"occurred_at":"2026-11-24T00:00:00Z","ts_us":1}"#, json).await;
     p.raw("product.price.999", ok(999).as_bytes(), json).await;
     p.raw("product.price.1", ok(1).as_bytes(), Some("text/plain")).await;
-    p.raw("product.price.1", &vec![b' '; 10 << 20], json).await;
+    // Above consumer.max_body_bytes, below the broker's own limit.
+    p.raw("product.price.1", &vec![b' '; 64 << 10], json).await;
     p.raw("product.price.2", ok(1).as_bytes(), json).await;
     // A valid event after all of them is still applied.
     p.raw("product.price.3", ok(3).as_bytes(), json).await;

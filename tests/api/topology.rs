@@ -81,32 +81,56 @@ fn shipped_broker_config_refuses_bodies_above_max_message_bytes() {
     assert!(limit >= settings.consumer.max_body_bytes as u64);
 }
 
+/// The shared broker's own `max_message_size`, as the node reports it: a
+/// broker `scripts/services.sh` started holds the gateway's limit (256 KiB),
+/// one started otherwise RabbitMQ's default (128 MiB). Without `rabbitmqctl`
+/// the broker is the compose one, configured by `docker/rabbitmq.conf`.
+async fn broker_max_message_size() -> u64 {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["-q", "eval", "application:get_env(rabbit, max_message_size)."])
+        .output()
+        .await;
+    if let Ok(out) = out
+        && out.status.success()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+        return digits.parse().unwrap_or_else(|_| panic!("rabbitmqctl said {text:?}"));
+    }
+    conf_max_message_size("docker/rabbitmq.conf").unwrap()
+}
+
 #[actix_rt::test]
 async fn service_reports_a_broker_that_accepts_bodies_above_max_message_bytes() {
-    // The shared test broker runs with RabbitMQ's default limit (128 MiB),
-    // far above the setting: the service says so instead of assuming.
-    let app = spawn_app().await;
+    // 64 KiB is below any broker's limit (the gateway's 256 KiB, RabbitMQ's
+    // default 128 MiB) and above what the default batch size needs: the
+    // broker accepts the probe, and the service says so instead of assuming.
+    let broker = broker_max_message_size().await;
+    let setting = 64 << 10;
+    assert!(broker > setting as u64, "broker limit {broker}");
+    let app = spawn_app_with(|settings| settings.rabbit.topology.max_message_bytes = setting).await;
     let text = app.metrics_text().await;
     let line = text
         .lines()
         .find(|l| l.starts_with("gateway_broker_max_message_bytes "))
         .unwrap_or_else(|| panic!("no gateway_broker_max_message_bytes in /metrics"));
-    println!("{line}");
+    println!("broker limit {broker}, setting {setting}: {line}");
     assert_eq!(line, "gateway_broker_max_message_bytes 0");
     app.stop().await;
 }
 
 #[actix_rt::test]
 async fn broker_refuses_a_body_above_max_message_bytes_at_publish_time() {
-    // The shared broker's own limit is RabbitMQ's default, 128 MiB: with the
-    // setting at that value the broker refuses the start-up probe one byte
-    // over it, and the service reads the broker's limit from the refusal.
+    // With the setting at the broker's own limit, the broker refuses the
+    // start-up probe one byte over it, and the service reads the broker's
+    // limit from the refusal.
+    let broker = broker_max_message_size().await;
     let app = spawn_app_with(|settings| {
-        settings.rabbit.topology.max_message_bytes = 128 << 20;
+        settings.rabbit.topology.max_message_bytes = broker as usize;
     })
     .await;
     let seen = app.metric("gateway_broker_max_message_bytes", "").await;
-    println!("broker limit read from its refusal: {seen}");
-    assert_eq!(seen, (128u64 << 20) as f64);
+    println!("broker limit {broker} (rabbitmqctl), read from its refusal: {seen}");
+    assert_eq!(seen, broker as f64);
     app.stop().await;
 }
