@@ -49,6 +49,8 @@ pub struct Metrics {
     pub client_errors: Family<Label, Counter>,
     // Broker links.
     pub broker_reconnects: Counter,
+    pub catch_up_resets: Counter,
+    pub catch_ups_running: Gauge,
     pub broker_max_message_bytes: Gauge,
     pub consumer_reconnects: Counter,
 }
@@ -177,6 +179,16 @@ impl Metrics {
                 "broker_reconnects",
                 "Broker connections re-established",
                 Counter::default()
+            ),
+            catch_up_resets: reg!(
+                "catch_up_resets",
+                "Stream catch-ups given up (broker unreachable, slow, or no turn in time); each client got a reset",
+                Counter::default()
+            ),
+            catch_ups_running: reg!(
+                "catch_ups_running",
+                "Stream catch-ups reading now, on the instance's one catch-up connection",
+                Gauge::default()
             ),
             broker_max_message_bytes: reg!(
                 "broker_max_message_bytes",

@@ -185,6 +185,8 @@ pub struct ConsumerSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct HubSettings {
+    /// Tasks the clients are spread over; 0: one per core.
+    pub shards: usize,
     pub history: usize,
     pub client_buffer: usize,
     pub max_subscriptions: usize,
@@ -212,6 +214,15 @@ pub struct HubSettings {
     /// retry later.
     #[serde(rename = "snapshot_wait_ms", deserialize_with = "millis")]
     pub snapshot_wait: Duration,
+    /// Stream catch-ups (resumes older than the history) reading at once,
+    /// each a channel on the instance's one catch-up connection.
+    pub max_concurrent_catch_ups: usize,
+    /// How long a catch-up waits for a turn before its client gets a reset.
+    #[serde(rename = "catch_up_wait_ms", deserialize_with = "millis")]
+    pub catch_up_wait: Duration,
+    /// Load the last `history` updates from the stream before serving, so
+    /// clients resuming after a restart are served from memory.
+    pub warm_start: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -289,7 +300,7 @@ impl Settings {
     /// `tokio::time::interval` when a connection starts, a zero back-off
     /// retries in a hot loop, a zero pool or timeout fails every request.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let zero: [(&'static str, bool); 19] = [
+        let zero: [(&'static str, bool); 21] = [
             ("database.pool_size", self.database.pool_size == 0),
             ("database.read_pool_size", self.database.read_pool_size == 0),
             ("database.acquire_timeout_ms", self.database.acquire_timeout.is_zero()),
@@ -307,6 +318,8 @@ impl Settings {
             ("hub.sse_keepalive_ms", self.hub.sse_keepalive.is_zero()),
             ("hub.sse_retry_ms", self.hub.sse_retry.is_zero()),
             ("hub.max_concurrent_snapshots", self.hub.max_concurrent_snapshots == 0),
+            ("hub.max_concurrent_catch_ups", self.hub.max_concurrent_catch_ups == 0),
+            ("hub.catch_up_wait_ms", self.hub.catch_up_wait.is_zero()),
             ("photos.cache_ttl_secs", self.photos.cache_ttl.is_zero()),
             ("photos.max_upload_bytes", self.photos.max_upload_bytes == 0),
         ];

@@ -92,15 +92,23 @@ impl Application {
             connector.clone(),
             settings.rabbit.topology.updates_stream.clone(),
             settings.hub.stream_prefetch,
+            settings.hub.warm_start.then_some(settings.hub.history),
             hub.clone(),
             shutdown.clone(),
             &tracker,
         );
-        // Serve only once the stream is read: a client subscribing earlier
-        // would miss the updates broadcast in between.
-        tokio::time::timeout(Duration::from_secs(30), attached.wait_for(|a| *a))
+        // Serve only once the stream is read (and the hub's memory filled):
+        // a client subscribing earlier would miss the updates broadcast in
+        // between, or resume from the stream what memory is about to hold.
+        tokio::time::timeout(Duration::from_secs(60), attached.wait_for(|a| *a))
             .await
-            .map_err(|_| anyhow::anyhow!("the update stream could not be attached within 30 s"))??;
+            .map_err(|_| anyhow::anyhow!("the update stream could not be attached and read within 60 s"))??;
+        let catch_up = stream::CatchUpReader::new(
+            connector.clone(),
+            settings.rabbit.topology.updates_stream.clone(),
+            &settings.hub,
+            metrics.clone(),
+        );
         let generator = generator::spawn(
             &settings,
             db.clone(),
@@ -120,7 +128,7 @@ impl Application {
             broker,
             generator,
             hub,
-            connector,
+            catch_up,
             shutdown: shutdown.clone(),
         });
 

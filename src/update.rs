@@ -104,16 +104,48 @@ impl Update {
 #[derive(Debug)]
 pub enum CatchUpItem {
     Update(Arc<Update>),
-    /// The requested offset is older than the stream keeps; reading goes on
-    /// from `first_available`.
+    /// Updates before `first_available` that the client asked for cannot be
+    /// replayed, for `reason`; delivery goes on from `first_available`.
     Reset {
         first_available: u64,
+        reason: ResetReason,
     },
+}
+
+/// Why a resume could not replay everything; the `reason` of a `reset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    /// Retention removed the requested offset from the stream.
+    OffsetExpired,
+    /// The stream could not be read back in time (broker unreachable, slow
+    /// or gone mid-way).
+    CatchUpFailed,
+}
+
+impl ResetReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::OffsetExpired => "offset_expired",
+            ResetReason::CatchUpFailed => "catch_up_failed",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            ResetReason::OffsetExpired => {
+                "the requested offset is older than the stream keeps; updates resume from `offset`"
+            }
+            ResetReason::CatchUpFailed => {
+                "the missed updates could not be read back; take a snapshot, updates resume from `offset`"
+            }
+        }
+    }
 }
 
 /// Whoever takes the live stream's updates (the hub), so the stream reader
 /// hands them on without knowing who listens.
 pub trait UpdateSink: Send + 'static {
-    /// False once the sink has shut down: the reader then stops.
-    fn publish(&self, update: Update) -> impl Future<Output = bool> + Send;
+    /// The updates of one stream message, in offset order. False once the
+    /// sink has shut down: the reader then stops.
+    fn publish(&self, updates: Vec<Update>) -> impl Future<Output = bool> + Send;
 }

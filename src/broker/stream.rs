@@ -1,6 +1,7 @@
 //! Reading the update stream. Every instance reads the whole stream live
-//! into an [`UpdateSink`] (its hub); a resuming client whose offset is
-//! older than the hub's memory gets a reader of its own from that offset.
+//! into an [`UpdateSink`] (its hub), starting far enough back to fill the
+//! hub's memory; a resuming client whose offset is older than that memory
+//! is read back by the instance's [`CatchUpReader`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,13 +14,19 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::link::Connector;
-use crate::update::{CatchUpItem, Update, UpdateSink, stream_offset_of, update_id};
+use tokio::sync::Semaphore;
+
+use super::link::{Connector, Link};
+use crate::metrics::Metrics;
+use crate::settings::HubSettings;
+use crate::update::{CatchUpItem, ResetReason, Update, UpdateSink, stream_offset_of, update_id};
 
 /// Where to start reading.
 #[derive(Debug, Clone, Copy)]
 pub enum Start {
     Next,
+    /// The stream's last chunk.
+    Last,
     Offset(u64),
 }
 
@@ -45,6 +52,7 @@ async fn open(
     let mut args = FieldTable::default();
     let offset = match start {
         Start::Next => AMQPValue::LongString(LongString::from("next")),
+        Start::Last => AMQPValue::LongString(LongString::from("last")),
         Start::Offset(n) => AMQPValue::LongLongInt(n as i64),
     };
     args.insert("x-stream-offset".into(), offset);
@@ -91,26 +99,81 @@ impl Acker {
     }
 }
 
+/// Where a warm start begins: about `history` updates before the stream's
+/// end, estimated from the sizes of its newest messages (one update each
+/// up to a whole batch). Also the offset of the newest message seen, which
+/// the reader must pass before the hub's memory is complete. None when the
+/// stream is empty.
+async fn warm_start(conn: &Connection, stream: &str, history: usize) -> lapin::Result<Option<(u64, u64)>> {
+    const LOOK: u16 = 256;
+    let (channel, mut consumer) = open(conn, stream, Start::Last, LOOK).await?;
+    let (mut newest, mut messages, mut updates) = (None, 0u64, 0u64);
+    // The last chunk arrives at once; a quiet moment ends the look early.
+    while messages < u64::from(LOOK) {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await else {
+            break;
+        };
+        if let Some(offset) = offset_of(&d) {
+            newest = Some(offset);
+            messages += 1;
+            updates += Update::from_message(offset, &d.data).len() as u64;
+        }
+    }
+    let _ = channel.close(200, "looked at the end".into()).await;
+    Ok(newest.map(|newest| {
+        let per_message = (updates / messages).max(1);
+        let back = (history as u64).div_ceil(per_message);
+        (newest.saturating_sub(back), newest)
+    }))
+}
+
 /// The live reader feeding this instance's hub (`sink`); resumes after the last
-/// offset it saw when the connection drops, so the hub has no gap. The
-/// returned receiver says when it is first attached: until then, updates
-/// would pass this instance by.
+/// offset it saw when the connection drops, so the hub has no gap. With
+/// `warm` (the hub's history size) it first reads that many updates back.
+/// The returned receiver says when it is attached and, after a warm start,
+/// caught up with the stream's end as it was at start: until then, updates
+/// would pass this instance by, or a resume would not find them in memory.
 pub fn spawn_live(
     connector: Connector,
     stream: String,
     prefetch: u16,
+    warm: Option<usize>,
     sink: impl UpdateSink,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> tokio::sync::watch::Receiver<bool> {
-    let (attached_tx, attached) = tokio::sync::watch::channel(false);
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
     tracker.spawn(async move {
-        let mut start = Start::Next;
+        let mut start = None;
+        // Offset of the newest message at start, until the reader passes it.
+        let mut warming: Option<u64> = None;
         loop {
             let Some(conn) = connector.connect_retry("stream", &shutdown).await else {
                 return;
             };
-            let (channel, mut consumer) = match open(&conn, &stream, start, prefetch).await {
+            let from = match (start, warm) {
+                (Some(s), _) => s,
+                (None, None) => Start::Next,
+                (None, Some(history)) => match warm_start(&conn, &stream, history).await {
+                    Ok(Some((from, newest))) => {
+                        tracing::info!(
+                            from,
+                            newest,
+                            "warm start: reading the stream's recent updates into memory"
+                        );
+                        warming = Some(newest);
+                        Start::Offset(from)
+                    }
+                    Ok(None) => Start::Next,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "warm start could not look at the stream");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                },
+            };
+            start = Some(from);
+            let (channel, mut consumer) = match open(&conn, &stream, from, prefetch).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "stream consumer failed");
@@ -118,7 +181,9 @@ pub fn spawn_live(
                     continue;
                 }
             };
-            attached_tx.send_replace(true);
+            if warming.is_none() {
+                ready_tx.send_replace(true);
+            }
             let mut acker = Acker::new(prefetch);
             loop {
                 let next = tokio::select! {
@@ -134,15 +199,18 @@ pub fn spawn_live(
                     break;
                 };
                 if let Some(offset) = offset_of(&d) {
-                    start = Start::Offset(offset + 1);
+                    start = Some(Start::Offset(offset + 1));
                     let updates = Update::from_message(offset, &d.data);
                     if updates.is_empty() {
                         tracing::warn!(offset, "unreadable message in the update stream skipped");
                     }
-                    for u in updates {
-                        if !sink.publish(u).await {
-                            return;
-                        }
+                    if !sink.publish(updates).await {
+                        return;
+                    }
+                    if warming.is_some_and(|newest| offset >= newest) {
+                        warming = None;
+                        tracing::info!(offset, "warm start done");
+                        ready_tx.send_replace(true);
                     }
                 }
                 if acker.delivered(&channel, d.delivery_tag, false).await.is_err() {
@@ -151,72 +219,161 @@ pub fn spawn_live(
             }
         }
     });
-    attached
+    ready
 }
 
-/// The stream part of a catch-up: sends the updates `wants` picks from
-/// update id `from` until `until` (exclusive), and a reset first when
-/// retention removed what was asked for. False when the receiver went away.
-pub async fn read_range(
-    connector: &Connector,
-    stream: &str,
+/// How long a catch-up may wait for its next delivery before giving up.
+const CATCH_UP_STALL: Duration = Duration::from_secs(10);
+
+/// Reads the stream back for resuming clients whose offsets are older than
+/// the hub's memory. Every catch-up of an instance shares one connection (a
+/// channel each) and at most `hub.max_concurrent_catch_ups` read at once;
+/// the others wait their turn in order. A resume storm after a restart thus
+/// costs the broker one connection, never one per client.
+#[derive(Clone)]
+pub struct CatchUpReader {
+    link: Arc<Link>,
+    turns: Arc<Semaphore>,
+    wait: Duration,
+    stream: String,
     prefetch: u16,
-    (from, until): (u64, Option<u64>),
-    wants: &(dyn Fn(&Update) -> bool + Sync),
-    tx: &mpsc::Sender<CatchUpItem>,
-) -> bool {
-    let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connector.connect("catch-up")).await else {
-        tracing::warn!("catch-up reader could not connect");
-        return true;
-    };
-    let conn = Arc::new(conn);
-    let from_offset = stream_offset_of(from);
-    let Ok((channel, mut consumer)) = open(&conn, stream, Start::Offset(from_offset), prefetch).await else {
-        return true;
-    };
-    let mut acker = Acker::new(prefetch);
-    let mut first = true;
-    let mut open_receiver = true;
-    loop {
-        let d = tokio::select! {
-            d = consumer.next() => d,
-            _ = tx.closed() => { open_receiver = false; break }
-        };
-        let Some(Ok(d)) = d else { break };
-        let Some(offset) = offset_of(&d) else { continue };
-        let updates = Update::from_message(offset, &d.data);
-        if first && offset > from_offset {
-            // Retention removed what was asked for: say so, never a silent gap.
-            let first_available = updates.first().map(|u| u.offset).unwrap_or(update_id(offset, 0));
-            if tx.send(CatchUpItem::Reset { first_available }).await.is_err() {
-                open_receiver = false;
-                break;
-            }
-        }
-        first = false;
-        let mut done = false;
-        for u in updates {
-            if u.offset < from {
-                continue;
-            }
-            if until.is_some_and(|until| u.offset >= until) {
-                done = true;
-                break;
-            }
-            if wants(&u) && tx.send(CatchUpItem::Update(Arc::new(u))).await.is_err() {
-                open_receiver = false;
-                done = true;
-                break;
-            }
-        }
-        if done {
-            break;
-        }
-        if acker.delivered(&channel, d.delivery_tag, false).await.is_err() {
-            break;
+    metrics: Arc<Metrics>,
+}
+
+/// Why a catch-up stopped before its end.
+#[derive(Debug, thiserror::Error)]
+enum Stalled {
+    #[error("no turn within {0:?}")]
+    NoTurn(Duration),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("{0} without a delivery")]
+    Silent(&'static str),
+}
+
+impl CatchUpReader {
+    pub fn new(connector: Connector, stream: String, settings: &HubSettings, metrics: Arc<Metrics>) -> Self {
+        Self {
+            link: Arc::new(Link::new(connector, "catch-up")),
+            turns: Arc::new(Semaphore::new(settings.max_concurrent_catch_ups)),
+            wait: settings.catch_up_wait,
+            stream,
+            prefetch: settings.stream_prefetch,
+            metrics,
         }
     }
-    let _ = channel.close(200, "caught up".into()).await;
-    let _ = conn.close(200, "caught up".into()).await;
-    open_receiver
+
+    /// Sends the updates `wants` picks from update id `from` until `until`
+    /// (exclusive; None: until the receiver goes away), with a reset first
+    /// when retention removed what was asked for. A read that cannot finish
+    /// ends in a reset at `until` (where the hub's memory takes over), never
+    /// in a silent gap. False when the receiver went away.
+    pub async fn read_range(
+        &self,
+        (from, until): (u64, Option<u64>),
+        wants: &(dyn Fn(&Update) -> bool + Sync),
+        tx: &mpsc::Sender<CatchUpItem>,
+    ) -> bool {
+        match self.read(from, until, wants, tx).await {
+            Ok(open) => open,
+            Err(stalled) => {
+                tracing::warn!(from, error = %stalled, "catch-up given up; the client gets a reset");
+                self.metrics.catch_up_resets.inc();
+                let reset = CatchUpItem::Reset {
+                    first_available: until.unwrap_or(from),
+                    reason: ResetReason::CatchUpFailed,
+                };
+                tx.send(reset).await.is_ok()
+            }
+        }
+    }
+
+    async fn read(
+        &self,
+        from: u64,
+        until: Option<u64>,
+        wants: &(dyn Fn(&Update) -> bool + Sync),
+        tx: &mpsc::Sender<CatchUpItem>,
+    ) -> Result<bool, Stalled> {
+        let _turn = tokio::select! {
+            turn = tokio::time::timeout(self.wait, self.turns.acquire()) => match turn {
+                Ok(Ok(turn)) => turn,
+                _ => return Err(Stalled::NoTurn(self.wait)),
+            },
+            _ = tx.closed() => return Ok(false),
+        };
+        let _running = Running::start(&self.metrics);
+        let conn = tokio::time::timeout(CATCH_UP_STALL, self.link.get())
+            .await
+            .map_err(|_| Stalled::Silent("connecting"))??;
+        let from_offset = stream_offset_of(from);
+        let (channel, mut consumer) = tokio::time::timeout(
+            CATCH_UP_STALL,
+            open(&conn, &self.stream, Start::Offset(from_offset), self.prefetch),
+        )
+        .await
+        .map_err(|_| Stalled::Silent("opening"))??;
+        let outcome = async {
+            let mut acker = Acker::new(self.prefetch);
+            let mut first = true;
+            loop {
+                let d = tokio::select! {
+                    d = tokio::time::timeout(CATCH_UP_STALL, consumer.next()) => d,
+                    _ = tx.closed() => return Ok(false),
+                };
+                let d = match d {
+                    Ok(Some(Ok(d))) => d,
+                    Ok(Some(Err(e))) => return Err(Stalled::Broker(e)),
+                    Ok(None) => return Err(Stalled::Silent("the consumer ended")),
+                    Err(_) => return Err(Stalled::Silent("reading")),
+                };
+                let Some(offset) = offset_of(&d) else { continue };
+                let updates = Update::from_message(offset, &d.data);
+                if first && offset > from_offset {
+                    // Retention removed what was asked for: say so, never a silent gap.
+                    let first_available = updates.first().map(|u| u.offset).unwrap_or(update_id(offset, 0));
+                    let reset = CatchUpItem::Reset {
+                        first_available,
+                        reason: ResetReason::OffsetExpired,
+                    };
+                    if tx.send(reset).await.is_err() {
+                        return Ok(false);
+                    }
+                }
+                first = false;
+                for u in updates {
+                    if u.offset < from {
+                        continue;
+                    }
+                    if until.is_some_and(|until| u.offset >= until) {
+                        return Ok(true);
+                    }
+                    if wants(&u) && tx.send(CatchUpItem::Update(Arc::new(u))).await.is_err() {
+                        return Ok(false);
+                    }
+                }
+                acker.delivered(&channel, d.delivery_tag, false).await?;
+            }
+        }
+        .await;
+        // The channel goes; the shared connection stays for the next one.
+        let _ = channel.close(200, "caught up".into()).await;
+        outcome
+    }
+}
+
+/// Counts a catch-up as running until it ends, however it ends.
+struct Running<'a>(&'a Metrics);
+
+impl<'a> Running<'a> {
+    fn start(metrics: &'a Metrics) -> Self {
+        metrics.catch_ups_running.inc();
+        Running(metrics)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.catch_ups_running.dec();
+    }
 }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use actix_web::web;
 
-use crate::broker::link::{Connector, Link};
+use crate::broker::link::Link;
+use crate::broker::stream::CatchUpReader;
 use crate::generator::GeneratorHandle;
 use crate::hub::HubHandle;
 use crate::hub::session::{Realtime, SnapshotLimit};
@@ -38,8 +39,8 @@ pub struct AppState {
     pub broker: Arc<Link>,
     pub generator: GeneratorHandle,
     pub hub: HubHandle,
-    /// For per-client stream readers (resume from old offsets).
-    pub connector: Connector,
+    /// Reads the stream back for resumes older than the hub's memory.
+    pub catch_up: CatchUpReader,
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -50,8 +51,7 @@ impl AppState {
             hub: self.hub.clone(),
             read_db: self.read_db.clone(),
             snapshots: self.snapshots.clone(),
-            connector: self.connector.clone(),
-            stream_name: self.settings.rabbit.topology.updates_stream.clone(),
+            catch_up: self.catch_up.clone(),
         }
     }
 }

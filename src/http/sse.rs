@@ -153,8 +153,8 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
                             s.sub.delivered(u.ts_us);
                             s.pending.push_back(u.sse_event.clone());
                         }
-                        FeedItem::Reset { offset } => {
-                            s.pending.push_back(Bytes::from(format!("event: reset\ndata: {}\n\n", reset_json(offset))));
+                        FeedItem::Reset { offset, reason } => {
+                            s.pending.push_back(Bytes::from(format!("event: reset\ndata: {}\n\n", reset_json(offset, reason))));
                         }
                     }
                 }

@@ -178,7 +178,7 @@ async fn run(
                 for item in out.drain(..) {
                     pending.push_back(match item {
                         FeedItem::Update(u) => (u.ws_frame.clone(), Some(u.ts_us)),
-                        FeedItem::Reset { offset } => (reset_json(offset).to_string().into(), None),
+                        FeedItem::Reset { offset, reason } => (reset_json(offset, reason).to_string().into(), None),
                     });
                 }
                 if !open { break Some(reason(CloseCode::Away, "server shutting down")); }

@@ -13,12 +13,12 @@ use super::client::ClientQueue;
 use super::index::SubscriptionIndex;
 use super::pattern::Pattern;
 use crate::domain::Kind;
-use crate::update::{CatchUpItem, Update};
+use crate::update::{CatchUpItem, ResetReason, Update};
 
 #[derive(Debug)]
 pub enum FeedItem {
     Update(Arc<Update>),
-    Reset { offset: u64 },
+    Reset { offset: u64, reason: ResetReason },
 }
 
 /// Which updates one resume replays: those of its new patterns that the
@@ -133,9 +133,13 @@ impl Feed {
                                 return true;
                             }
                         }
-                        Some(CatchUpItem::Reset { first_available }) => {
+                        Some(CatchUpItem::Reset {
+                            first_available,
+                            reason,
+                        }) => {
                             out.push(FeedItem::Reset {
                                 offset: first_available,
+                                reason,
                             });
                             return true;
                         }
@@ -171,10 +175,17 @@ impl Feed {
                             }
                             continue;
                         }
-                        Some(CatchUpItem::Reset { first_available }) => {
-                            out.push(FeedItem::Reset {
-                                offset: first_available,
-                            });
+                        Some(CatchUpItem::Reset {
+                            first_available,
+                            reason,
+                        }) => {
+                            // A failed open-ended read ends here: live
+                            // delivery takes over at the buffer's front.
+                            let offset = match (reason, front) {
+                                (ResetReason::CatchUpFailed, Some(f)) => f.max(first_available),
+                                _ => first_available,
+                            };
+                            out.push(FeedItem::Reset { offset, reason });
                             return true;
                         }
                         None => {}

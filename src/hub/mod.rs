@@ -1,7 +1,12 @@
-//! The hub: one task owns the registry of connected clients and the recent
-//! history. Each update from the stream is matched against every client's
-//! topic patterns and its shared frame pushed to their buffers, which never
-//! waits on a socket.
+//! The hub: the registry of connected clients and the recent history,
+//! split into shards, one task each, so fan-out runs on every core. A client
+//! lives in one shard (by its id), so its updates keep their order. Every
+//! shard sees every update, in stream order, and keeps its own history (of
+//! shared updates), so a subscription is registered and its history read in
+//! one step of one task, as with a single hub. Within a shard a
+//! subscription index finds the clients an update matches at a cost that
+//! grows with them, not with every connected client; the shared frame is
+//! pushed to their buffers, which never waits on a socket.
 
 pub mod client;
 pub mod feed;
@@ -10,7 +15,7 @@ pub mod index;
 pub mod pattern;
 pub mod session;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use self::client::ClientQueue;
 use self::history::{History, Replay};
+use self::index::SubscriptionIndex;
 use self::pattern::Pattern;
 use crate::metrics::Metrics;
 use crate::settings::HubSettings;
@@ -50,7 +56,8 @@ pub struct Subscribed {
 }
 
 enum Command {
-    Update(Arc<Update>),
+    /// The updates of one stream message, in offset order.
+    Updates(Arc<[Arc<Update>]>),
     Subscribe {
         id: u64,
         queue: Arc<ClientQueue>,
@@ -67,9 +74,7 @@ enum Command {
 /// Cheap to clone; the way every other part reaches the hub.
 #[derive(Clone)]
 pub struct HubHandle {
-    tx: mpsc::Sender<Command>,
-    /// Unbounded so that leaving never waits and works from any `Drop`.
-    leave_tx: mpsc::UnboundedSender<u64>,
+    shards: Arc<[Shard]>,
     next_id: Arc<AtomicU64>,
     connections: Arc<AtomicUsize>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -118,7 +123,23 @@ impl Refused {
     }
 }
 
+/// How the rest of the service reaches one shard's task.
+struct Shard {
+    tx: mpsc::Sender<Command>,
+    /// Unbounded so that leaving never waits and works from any `Drop`.
+    leave_tx: mpsc::UnboundedSender<u64>,
+}
+
 impl HubHandle {
+    fn shard(&self, client: u64) -> &Shard {
+        &self.shards[(client % self.shards.len() as u64) as usize]
+    }
+
+    /// Shards the clients are spread over.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
     pub fn settings(&self) -> &HubSettings {
         &self.settings
     }
@@ -154,10 +175,20 @@ impl HubHandle {
         (id, ClientQueue::new(self.settings.client_buffer, self.metrics.clone()))
     }
 
-    /// Hands an update from the stream to the hub (waits only if the hub
-    /// itself is behind, which slows the stream reader, not clients).
-    pub async fn publish(&self, update: Update) -> bool {
-        self.tx.send(Command::Update(Arc::new(update))).await.is_ok()
+    /// Hands the updates of one stream message to every shard (waits only
+    /// if a shard itself is behind, which slows the stream reader, not
+    /// clients).
+    pub async fn publish(&self, updates: Vec<Update>) -> bool {
+        if updates.is_empty() {
+            return true;
+        }
+        let updates: Arc<[Arc<Update>]> = updates.into_iter().map(Arc::new).collect();
+        for shard in self.shards.iter() {
+            if shard.tx.send(Command::Updates(updates.clone())).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     pub async fn subscribe(
@@ -175,23 +206,26 @@ impl HubHandle {
             since,
             reply,
         };
-        self.tx.send(cmd).await.ok()?;
+        self.shard(id).tx.send(cmd).await.ok()?;
         rx.await.ok()
     }
 
     pub async fn unsubscribe(&self, id: u64, patterns: Vec<String>) {
-        let _ = self.tx.send(Command::Unsubscribe { id, patterns }).await;
+        let _ = self.shard(id).tx.send(Command::Unsubscribe { id, patterns }).await;
     }
 
     /// Non-async so it can run from a `Drop`.
     pub fn leave(&self, id: u64) {
-        let _ = self.leave_tx.send(id);
+        let _ = self.shard(id).leave_tx.send(id);
     }
 }
 
-struct Client {
-    queue: Arc<ClientQueue>,
-    patterns: Vec<Pattern>,
+/// `hub.shards`, with 0 meaning one per core.
+fn shard_count(settings: &HubSettings) -> usize {
+    match settings.shards {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
 }
 
 pub fn spawn(
@@ -200,12 +234,24 @@ pub fn spawn(
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> HubHandle {
-    let (tx, rx) = mpsc::channel(8192);
-    let (leave_tx, leave_rx) = mpsc::unbounded_channel();
-    tracker.spawn(run(rx, leave_rx, settings.history.max(1), metrics.clone(), shutdown));
+    let shards: Arc<[Shard]> = (0..shard_count(settings))
+        .map(|n| {
+            let (tx, rx) = mpsc::channel(8192);
+            let (leave_tx, leave_rx) = mpsc::unbounded_channel();
+            let task = ShardTask {
+                clients: HashMap::new(),
+                index: SubscriptionIndex::new(),
+                history: History::new(settings.history.max(1)),
+                // One shard counts what every shard sees.
+                counts_stream: n == 0,
+                metrics: metrics.clone(),
+            };
+            tracker.spawn(task.run(rx, leave_rx, shutdown.clone()));
+            Shard { tx, leave_tx }
+        })
+        .collect();
     HubHandle {
-        tx,
-        leave_tx,
+        shards,
         next_id: Arc::new(AtomicU64::new(1)),
         connections: Arc::new(AtomicUsize::new(0)),
         per_ip: Arc::new(Mutex::new(HashMap::new())),
@@ -214,103 +260,126 @@ pub fn spawn(
     }
 }
 
-async fn run(
-    mut rx: mpsc::Receiver<Command>,
-    mut leave_rx: mpsc::UnboundedReceiver<u64>,
-    history_cap: usize,
+/// One shard: its clients, their subscriptions, and the history.
+struct ShardTask {
+    clients: HashMap<u64, Arc<ClientQueue>>,
+    index: SubscriptionIndex<u64>,
+    history: History,
+    counts_stream: bool,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let mut clients: HashMap<u64, Client> = HashMap::new();
-    let mut history = History::new(history_cap);
-    loop {
-        let cmd = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            Some(id) = leave_rx.recv() => {
-                if let Some(client) = clients.remove(&id) {
-                    metrics.subscriptions.dec_by(client.patterns.len() as i64);
-                    client.queue.close();
+}
+
+impl ShardTask {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut leave_rx: mpsc::UnboundedReceiver<u64>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let cmd = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(id) = leave_rx.recv() => {
+                    self.leave(id);
+                    continue;
                 }
-                continue;
-            }
-            c = rx.recv() => match c { Some(c) => c, None => break },
-        };
-        match cmd {
-            Command::Update(u) => {
-                metrics.stream_updates.inc();
-                // The topic is split once; each pattern matches the words.
-                let words: Vec<&str> = u.topic.split('.').collect();
-                for client in clients.values() {
-                    if client.patterns.iter().any(|p| p.matches_words(&words)) {
-                        client.queue.push(u.clone());
-                    }
+                c = rx.recv() => match c { Some(c) => c, None => break },
+            };
+            match cmd {
+                Command::Updates(updates) => self.fan_out(&updates),
+                Command::Subscribe {
+                    id,
+                    queue,
+                    patterns,
+                    since,
+                    reply,
+                } => {
+                    let subscribed = self.subscribe(id, queue, patterns, since);
+                    let _ = reply.send(subscribed);
                 }
-                history.push(u);
-            }
-            Command::Subscribe {
-                id,
-                queue,
-                patterns,
-                since,
-                reply,
-            } => {
-                // A client that left while this was queued is not registered:
-                // its `leave` may already have been handled.
-                if !queue.is_closed() {
-                    let client = clients.entry(id).or_insert_with(|| Client {
-                        queue,
-                        patterns: Vec::new(),
-                    });
-                    let mut seen: HashSet<String> = client.patterns.iter().map(|p| p.as_str().to_owned()).collect();
-                    let fresh: Vec<Pattern> = patterns
-                        .into_iter()
-                        .filter(|p| seen.insert(p.as_str().to_owned()))
-                        .collect();
-                    metrics.subscriptions.inc_by(fresh.len() as i64);
-                    client.patterns.extend(fresh);
-                }
-                let mut catch_up = None;
-                let mut replay = Replay::default();
-                if let Some(since) = since {
-                    // Only the shared chunks are handed over: matching them
-                    // against the patterns is the client's work, not the hub's.
-                    let front = history.front();
-                    replay = history.after(since);
-                    let from = since.saturating_add(1);
-                    let source = match front {
-                        Some(f) if from >= f => "memory",
-                        _ => {
-                            catch_up = Some(CatchUp { from, until: front });
-                            "stream"
-                        }
-                    };
-                    metrics.resumes.get_or_create(&[("source", source)]).inc();
-                }
-                let _ = reply.send(Subscribed {
-                    last_offset: history.back(),
-                    origin: history.origin(),
-                    catch_up,
-                    replay,
-                });
-            }
-            Command::Unsubscribe { id, patterns } => {
-                if let Some(client) = clients.get_mut(&id) {
-                    let before = client.patterns.len();
-                    let gone: HashSet<&str> = patterns.iter().map(String::as_str).collect();
-                    client.patterns.retain(|p| !gone.contains(p.as_str()));
-                    metrics.subscriptions.dec_by((before - client.patterns.len()) as i64);
+                Command::Unsubscribe { id, patterns } => {
+                    let removed = patterns.iter().filter(|p| self.index.remove(id, p)).count();
+                    self.metrics.subscriptions.dec_by(removed as i64);
                 }
             }
         }
+        for queue in self.clients.values() {
+            queue.close();
+        }
     }
-    for client in clients.values() {
-        client.queue.close();
+
+    fn fan_out(&mut self, updates: &[Arc<Update>]) {
+        let Self {
+            clients,
+            index,
+            history,
+            ..
+        } = self;
+        for u in updates {
+            index.for_each_match(&u.topic, |id| {
+                if let Some(queue) = clients.get(&id) {
+                    queue.push(u.clone());
+                }
+            });
+            history.push(u.clone());
+        }
+        if self.counts_stream {
+            self.metrics.stream_updates.inc_by(updates.len() as u64);
+        }
+    }
+
+    fn leave(&mut self, id: u64) {
+        if let Some(queue) = self.clients.remove(&id) {
+            let removed = self.index.remove_client(id);
+            self.metrics.subscriptions.dec_by(removed as i64);
+            queue.close();
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        id: u64,
+        queue: Arc<ClientQueue>,
+        patterns: Vec<Pattern>,
+        since: Option<u64>,
+    ) -> Subscribed {
+        // A client that left while this was queued is not registered: its
+        // `leave` may already have been handled.
+        if !queue.is_closed() {
+            self.clients.entry(id).or_insert(queue);
+            let fresh = patterns.iter().filter(|p| self.index.insert(id, p)).count();
+            self.metrics.subscriptions.inc_by(fresh as i64);
+        }
+        let history = &self.history;
+        let mut catch_up = None;
+        let mut replay = Replay::default();
+        if let Some(since) = since {
+            // Only the shared chunks are handed over: matching them against
+            // the patterns is the client's work, not the hub's.
+            let front = history.front();
+            replay = history.after(since);
+            let from = since.saturating_add(1);
+            let source = match front {
+                Some(f) if from >= f => "memory",
+                _ => {
+                    catch_up = Some(CatchUp { from, until: front });
+                    "stream"
+                }
+            };
+            self.metrics.resumes.get_or_create(&[("source", source)]).inc();
+        }
+        Subscribed {
+            last_offset: history.back(),
+            origin: history.origin(),
+            catch_up,
+            replay,
+        }
     }
 }
 
 impl UpdateSink for HubHandle {
-    async fn publish(&self, update: Update) -> bool {
-        HubHandle::publish(self, update).await
+    async fn publish(&self, updates: Vec<Update>) -> bool {
+        HubHandle::publish(self, updates).await
     }
 }

@@ -15,13 +15,12 @@ use super::feed::{CatchUpFilter, Feed, FeedItem};
 use super::history::Replay;
 use super::pattern::Pattern;
 use super::{CatchUp, ConnectionSlot, HubHandle, Refused};
-use crate::broker::link::Connector;
-use crate::broker::stream;
+use crate::broker::stream::CatchUpReader;
 use crate::domain::Kind;
 use crate::metrics::Metrics;
 use crate::settings::HubSettings;
 use crate::store::{Db, catalog};
-use crate::update::CatchUpItem;
+use crate::update::{CatchUpItem, ResetReason};
 
 /// How a client is connected; also the `transport` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,16 +111,15 @@ impl Dropped {
 }
 
 /// What every session shares: the hub, the snapshot source and the
-/// stream readers' connection.
+/// stream's catch-up reader.
 #[derive(Clone)]
 pub struct Realtime {
     pub hub: HubHandle,
     /// Pool of client reads, for snapshots.
     pub read_db: Db,
     pub snapshots: SnapshotLimit,
-    /// For per-client stream readers (resume from old offsets).
-    pub connector: Connector,
-    pub stream_name: String,
+    /// Reads the stream back for resumes older than the hub's memory.
+    pub catch_up: CatchUpReader,
 }
 
 /// Bounds the snapshots read and serialised at once: each holds a read
@@ -163,8 +161,7 @@ pub struct Session {
     hub: HubHandle,
     read_db: Db,
     snapshots: SnapshotLimit,
-    connector: Connector,
-    stream_name: String,
+    catch_up: CatchUpReader,
     feed: Feed,
     patterns: Vec<String>,
     /// Per pattern, the offset after which this connection gets all of its
@@ -197,8 +194,7 @@ impl Session {
             hub: rt.hub,
             read_db: rt.read_db,
             snapshots: rt.snapshots,
-            connector: rt.connector,
-            stream_name: rt.stream_name,
+            catch_up: rt.catch_up,
             feed: Feed::new(queue),
             patterns: Vec::new(),
             covered: HashMap::new(),
@@ -293,9 +289,7 @@ impl Session {
         if since.is_some() && !fresh.is_empty() {
             let open_ended = subscribed.last_offset.is_none();
             let rx = catch_up(
-                self.connector.clone(),
-                self.stream_name.clone(),
-                self.hub.settings().stream_prefetch,
+                self.catch_up.clone(),
                 subscribed.catch_up,
                 subscribed.replay,
                 CatchUpFilter::new(&fresh, &covered),
@@ -385,9 +379,8 @@ impl Drop for Session {
     }
 }
 
-pub fn reset_json(offset: u64) -> serde_json::Value {
-    json!({ "type": "reset", "offset": offset, "reason": "offset_expired",
-            "message": "the requested offset is older than the stream keeps; updates resume from `offset`" })
+pub fn reset_json(offset: u64, reason: ResetReason) -> serde_json::Value {
+    json!({ "type": "reset", "offset": offset, "reason": reason.as_str(), "message": reason.message() })
 }
 
 /// Replays for one resuming client what its filter wants: first from the
@@ -395,9 +388,7 @@ pub fn reset_json(offset: u64) -> serde_json::Value {
 /// hub's memory starts there), then from the hub's memory. Ends when done
 /// or when the receiver goes away.
 fn catch_up(
-    connector: Connector,
-    stream_name: String,
-    prefetch: u16,
+    reader: CatchUpReader,
     read: Option<CatchUp>,
     replay: Replay,
     filter: CatchUpFilter,
@@ -406,7 +397,7 @@ fn catch_up(
     tokio::spawn(async move {
         let wants = |u: &crate::update::Update| filter.wants(u);
         if let Some(CatchUp { from, until }) = read
-            && !stream::read_range(&connector, &stream_name, prefetch, (from, until), &wants, &tx).await
+            && !reader.read_range((from, until), &wants, &tx).await
         {
             return;
         }

@@ -127,6 +127,21 @@ impl Isolation {
         format!("{}/{}", amqp_server(), self.vhost)
     }
 
+    /// This isolation's vhost on the broker, reached through a loopback
+    /// proxy at `port` (which forwards to the shared broker).
+    pub fn amqp_url_through(&self, port: u16) -> String {
+        let server = amqp_server();
+        let (credentials, _) = server.rsplit_once('@').unwrap_or(("amqp://guest:guest", ""));
+        format!("{credentials}@127.0.0.1:{port}/{}", self.vhost)
+    }
+
+    /// host:port of the shared broker's AMQP listener, for a proxy.
+    pub fn amqp_address(&self) -> String {
+        let server = amqp_server();
+        let rest = server.rsplit_once('@').map_or(server.as_str(), |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest).to_owned()
+    }
+
     /// Settings for one instance of the service in this isolation.
     pub fn settings(&self) -> Settings {
         let dir = repo_root().join("config");

@@ -2,8 +2,9 @@
 //! unreachable for one instance without touching the shared server. It can
 //! also lose one reply: after a connection sends a marker and then a given
 //! request, the request reaches the server but its answer never comes back.
+//! And it can be slow: every chunk from the server waits a set delay.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ pub struct Proxy {
     cut: watch::Sender<u64>,
     trap: Arc<Mutex<Option<Trap>>>,
     sprung: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 /// Loses the reply to the first request containing `then` on a connection
@@ -34,8 +36,10 @@ impl Proxy {
         let (cut, _) = watch::channel(0u64);
         let trap = Arc::new(Mutex::new(None));
         let sprung = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let target = target.to_owned();
-        let (up2, cut2, trap2, sprung2) = (up.clone(), cut.clone(), trap.clone(), sprung.clone());
+        let (up2, cut2, trap2, sprung2, delay2) =
+            (up.clone(), cut.clone(), trap.clone(), sprung.clone(), delay_ms.clone());
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 if !up2.load(Ordering::SeqCst) {
@@ -44,12 +48,12 @@ impl Proxy {
                 }
                 let target = target.clone();
                 let cut_rx = cut2.subscribe();
-                let (trap, sprung) = (trap2.clone(), sprung2.clone());
+                let (trap, sprung, delay) = (trap2.clone(), sprung2.clone(), delay2.clone());
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
                     };
-                    pipe(inbound, outbound, cut_rx, trap, sprung).await;
+                    pipe(inbound, outbound, cut_rx, trap, sprung, delay).await;
                 });
             }
         });
@@ -59,7 +63,14 @@ impl Proxy {
             cut,
             trap,
             sprung,
+            delay_ms,
         }
+    }
+
+    /// Delays every chunk the server sends by this much, on open and new
+    /// connections alike: a slow link, not a broken one.
+    pub fn slow_down(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Refuses new connections and drops the open ones.
@@ -98,6 +109,7 @@ async fn pipe(
     mut cut: watch::Receiver<u64>,
     trap: Arc<Mutex<Option<Trap>>>,
     sprung: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 ) {
     let (mut client_rx, mut client_tx) = inbound.into_split();
     let (mut server_rx, mut server_tx) = outbound.into_split();
@@ -151,6 +163,10 @@ async fn pipe(
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                let delay = delay_ms.load(Ordering::SeqCst);
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
                 if client_tx.write_all(&down[..n]).await.is_err() {
                     return;
                 }

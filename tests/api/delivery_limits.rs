@@ -238,7 +238,7 @@ async fn since_subscribes_and_big_unsubscribes_cannot_stall_other_clients() {
         let id = 10_000 + offset;
         let body = format!(r#"{{"product_id":{id},"kind":"stock","stock":1,"version":1,"ts_us":1}}"#);
         let u = Update::from_stream(offset, &format!("product.stock.{id}"), body.as_bytes()).unwrap();
-        assert!(app.state.hub.publish(u).await);
+        assert!(app.state.hub.publish(vec![u]).await);
     }
     let p = TestPublisher::connect(&app.iso).await;
     let mut fast = WsClient::connect(&app.address).await;
@@ -312,7 +312,7 @@ async fn sse_clients_that_reset_while_subscribing_leave_nothing_behind() {
         let id = 10_000 + offset;
         let body = format!(r#"{{"product_id":{id},"kind":"stock","stock":1,"version":1,"ts_us":1}}"#);
         let u = Update::from_stream(offset, &format!("product.stock.{id}"), body.as_bytes()).unwrap();
-        assert!(app.state.hub.publish(u).await);
+        assert!(app.state.hub.publish(vec![u]).await);
     }
     // Another connection's resume keeps the hub busy, so the SSE
     // subscribes below queue up behind it while their clients reset.

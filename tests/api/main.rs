@@ -14,4 +14,5 @@ mod pipeline;
 mod properties;
 mod reads;
 mod realtime;
+mod resume;
 mod topology;
