@@ -45,7 +45,7 @@ impl Args {
 
 /// Runs the fleet on a runtime of its own; at the end, does not wait for
 /// a blocking read of stdin that may still be pending.
-fn run_fleet<F: Future<Output = Result<()>>>(fleet: F) -> Result<()> {
+pub fn run_fleet<F: Future<Output = Result<()>>>(fleet: F) -> Result<()> {
     // One thread by default: a thousand sockets each woken a hundred times a
     // second cost less CPU on one thread than with wake-ups across two.
     let threads: usize = std::env::var("BENCH_CLIENT_THREADS")
@@ -444,6 +444,19 @@ impl Child {
                 return Ok(serde_json::from_str(rest.trim())?);
             }
         }
+    }
+
+    /// Writes one line to the child's stdin.
+    pub async fn send(&mut self, line: &str) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self
+            .child
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("client process: stdin closed"))?;
+        stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        stdin.flush().await?;
+        Ok(())
     }
 
     pub async fn stop(mut self) -> Result<()> {

@@ -365,8 +365,8 @@ pub fn settings(iso: &Isolation, products: u32) -> Result<Settings> {
     s.rabbit.management_url = format!("http://{}", rabbit_api().0);
     s.generator.enabled = false;
     s.seed.products = products;
-    // 10,000 clients at once in the connection scenario.
-    s.hub.max_connections = s.hub.max_connections.max(10_500);
+    // 19,000 clients at once in the selective fan-out scenario.
+    s.hub.max_connections = s.hub.max_connections.max(19_500);
     // Every bench client comes from 127.0.0.1 and stands for a different
     // browser: the per-address limit would otherwise cap them all at once.
     s.hub.max_connections_per_ip = s.hub.max_connections_per_ip.max(s.hub.max_connections);
@@ -452,6 +452,16 @@ impl Instance {
 pub struct CpuSample {
     at: Instant,
     ticks: HashMap<u32, (String, u64)>,
+}
+
+impl CpuSample {
+    /// CPU of process `pid` since `earlier`, in % of one core.
+    pub fn pct_of(&self, earlier: &CpuSample, pid: u32) -> f64 {
+        let ticks = |s: &CpuSample| s.ticks.get(&pid).map_or(0, |(_, t)| *t);
+        let secs = self.at.duration_since(earlier.at).as_secs_f64().max(1e-3);
+        // /proc counts in clock ticks of 1/100 s on Linux.
+        (ticks(self).saturating_sub(ticks(earlier))) as f64 / 100.0 / secs * 100.0
+    }
 }
 
 pub fn cpu_sample() -> CpuSample {

@@ -2,7 +2,7 @@
 //! process against the real PostgreSQL, RabbitMQ and Redis on loopback, in
 //! a database, vhosts and Redis prefix of its own, runs each scenario, prints
 //! one table and writes it to BENCHMARKS.md. Bounded: the whole run stops
-//! itself before 10 minutes, and on any failure, with a message, after
+//! itself before 15 minutes, and on any failure, with a message, after
 //! removing what it created.
 //!
 //! `bench` runs everything; `bench fanout-clients …`, `bench idle-clients …`
@@ -14,6 +14,7 @@ mod infra;
 mod load;
 mod report;
 mod scenarios;
+mod selective;
 mod wire;
 
 use std::collections::HashMap;
@@ -31,6 +32,8 @@ use crate::infra::{Instance, Isolation, mgmt_json, raise_nofile, repo_root};
 use crate::report::{Report, thousands};
 use crate::scenarios::Ctx;
 
+/// Scenarios, numbered from 1.
+const SCENARIOS: u8 = 6;
 /// Products in the catalog: above the consumer's batch size (see `load`).
 const PRODUCTS: u32 = 1000;
 const FANOUT_CLIENTS: usize = 1000;
@@ -38,14 +41,14 @@ const IDLE_WS: usize = 5000;
 const IDLE_SSE: usize = 5000;
 const MISSED: u64 = 10_000;
 /// The scenarios stop at this age of the run, leaving time to clean up.
-const BUDGET: Duration = Duration::from_secs(9 * 60 + 15);
+const BUDGET: Duration = Duration::from_secs(14 * 60);
 const WEB_STOMP: &str = "127.0.0.1:15674";
 /// Longest the whole run waits, before its measurements, for programs that
 /// are not part of the bench (a compiler, a test run) to go quiet.
 const QUIET_BUDGET: Duration = Duration::from_secs(90);
 /// Until this age of the run, a measurement disturbed by other programs is
 /// made again (once).
-const RETRY_UNTIL: Duration = Duration::from_secs(6 * 60);
+const RETRY_UNTIL: Duration = Duration::from_secs(9 * 60);
 /// Open files RabbitMQ needs for 1,000 Web-STOMP clients with room to spare.
 const RABBIT_FDS: u32 = 4096;
 
@@ -55,12 +58,13 @@ fn main() {
         Some("fanout-clients") => child(children::fanout_clients(Args::new(args[1..].to_vec()))),
         Some("idle-clients") => child(children::idle_clients(Args::new(args[1..].to_vec()))),
         Some("publish") => child(children::publish_proc(Args::new(args[1..].to_vec()))),
+        Some("selective-clients") => child(selective::selective_clients(Args::new(args[1..].to_vec()))),
         None | Some("run") => run_all(),
         Some("-h" | "--help" | "help") => {
             println!(
                 "usage: bench            run every scenario, print the table, write BENCHMARKS.md\n       \
                  BENCH_ONLY=2,5 bench  run some scenarios (BENCHMARKS.md left alone)\n       \
-                 (bench fanout-clients / idle-clients / publish are child processes it starts)"
+                 (bench fanout-clients / idle-clients / selective-clients / publish are child processes it starts)"
             );
             0
         }
@@ -122,7 +126,7 @@ struct RunInfo {
 async fn bench(started: Instant) -> Result<()> {
     let root = repo_root();
     let only = selected()?;
-    let partial = only.len() < 5;
+    let partial = only.len() < SCENARIOS as usize;
     let nofile = raise_nofile()?;
     ensure_tools(&root).await?;
     let rabbit = rabbit_script(&root, &["prepare", &RABBIT_FDS.to_string()]).await?;
@@ -211,13 +215,13 @@ async fn bench(started: Instant) -> Result<()> {
 /// BENCHMARKS.md.
 fn selected() -> Result<Vec<u8>> {
     match std::env::var("BENCH_ONLY") {
-        Err(_) => Ok(vec![1, 2, 3, 4, 5]),
+        Err(_) => Ok((1..=SCENARIOS).collect()),
         Ok(list) => list
             .split(',')
             .map(|n| match n.trim().parse::<u8>() {
-                Ok(n @ 1..=5) => Ok(n),
+                Ok(n @ 1..=SCENARIOS) => Ok(n),
                 _ => Err(anyhow!(
-                    "BENCH_ONLY takes scenario numbers 1 to 5, like 2,5 (got {list:?})"
+                    "BENCH_ONLY takes scenario numbers 1 to {SCENARIOS}, like 2,5 (got {list:?})"
                 )),
             })
             .collect(),
@@ -286,6 +290,11 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
     if only.contains(&5) {
         eprintln!("bench: 5. photos: gateway and nginx under wrk");
         scenarios::photos(ctx, &inst).await?;
+    }
+
+    if only.contains(&6) {
+        eprintln!("bench: 6. selective fan-out: 1k, 5k, 19k clients on one product each");
+        selective::selective(ctx, &inst).await?;
     }
 
     inst.stop().await.context("stop the service")?;

@@ -52,7 +52,7 @@ const INTERFERENCE: f64 = 20.0;
 impl Ctx {
     /// Starts the event publisher (a child process) on the service's vhost,
     /// or on `url` when given.
-    async fn publish(
+    pub async fn publish(
         &self,
         pace: Pace,
         duration: Option<Duration>,
@@ -85,13 +85,13 @@ impl Ctx {
         .await
     }
 
-    fn perf(&self, label: &str, secs: u64) -> Option<Perf> {
+    pub fn perf(&self, label: &str, secs: u64) -> Option<Perf> {
         if self.perf { Perf::start(label, secs) } else { None }
     }
 
     /// Before a measurement: lets other programs' CPU load pass, within
     /// the run's waiting budget.
-    async fn quiet(&mut self) {
+    pub async fn quiet(&mut self) {
         wait_quiet(&mut self.quiet_budget).await;
     }
 
@@ -99,7 +99,14 @@ impl Ctx {
     /// it); flags the window when other programs took a noticeable share.
     /// `retryable`: the caller measures a disturbed window again when
     /// there is time (`self.again(..)` says whether it will).
-    async fn profile(&mut self, title: &str, a: &CpuSample, b: &CpuSample, perf: Option<Perf>, retryable: bool) -> f64 {
+    pub async fn profile(
+        &mut self,
+        title: &str,
+        a: &CpuSample,
+        b: &CpuSample,
+        perf: Option<Perf>,
+        retryable: bool,
+    ) -> f64 {
         let shares = cpu_shares(a, b);
         let foreign = foreign_pct(&shares);
         if foreign >= INTERFERENCE {
@@ -149,7 +156,7 @@ async fn tracking_client(
     Ok((tracker, stop, handle))
 }
 
-async fn wait_clients_gone(inst: &Instance) -> Result<()> {
+pub async fn wait_clients_gone(inst: &Instance) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let n = inst.metric("gateway_clients_connected", "");
@@ -843,11 +850,13 @@ pub async fn resume_scenario(ctx: &mut Ctx, inst: Instance, missed: u64) -> Resu
     let from_memory = inst.metric("gateway_resumes", "memory") - m0;
     wait_clients_gone(&inst).await?;
 
-    // A restarted instance has no history: the same offsets come from the stream.
+    // A restarted instance without a warm start has no history: the same
+    // offsets come from the stream (the resume storm scenario measures the
+    // warm start).
     inst.stop().await.context("stop the first instance")?;
-    let inst = Instance::start(ctx.settings.clone(), false)
-        .await
-        .context("restart the service")?;
+    let mut cold = ctx.settings.clone();
+    cold.hub.warm_start = false;
+    let inst = Instance::start(cold, false).await.context("restart the service")?;
     let s0 = inst.metric("gateway_resumes", "stream");
     let r = resume(inst.addr(), false, since, last).await;
     record(
