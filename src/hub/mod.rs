@@ -383,3 +383,57 @@ impl UpdateSink for HubHandle {
         HubHandle::publish(self, updates).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(offset: u64, product: i64) -> Update {
+        let body = format!(r#"{{"product_id":{product},"kind":"price","price_cents":1,"version":1,"ts_us":1}}"#);
+        Update::from_stream(offset, &format!("product.price.{product}"), body.as_bytes()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn clients_on_every_shard_get_their_updates_once_in_order_with_their_history() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut settings = crate::settings::Settings::load(&dir).unwrap().hub;
+        settings.shards = 3;
+        let tracker = TaskTracker::new();
+        let hub = spawn(&settings, Metrics::new(), CancellationToken::new(), &tracker);
+        assert_eq!(hub.shard_count(), 3);
+        // Updates 0..50 before anyone subscribes: the history.
+        let early: Vec<Update> = (0..50).map(|o| update(o, (o % 5) as i64 + 1)).collect();
+        assert!(hub.publish(early).await);
+        let mut clients = Vec::new();
+        for product in 1..=12i64 {
+            let (id, queue) = hub.new_client();
+            let pattern = Pattern::parse(&format!("product.*.{}", product % 5 + 1), 32).unwrap();
+            let subscribed = hub.subscribe(id, &queue, vec![pattern], Some(9)).await.unwrap();
+            let replayed: Vec<u64> = subscribed
+                .replay
+                .iter()
+                .filter(|u| u.product_id == product % 5 + 1)
+                .map(|u| u.offset)
+                .collect();
+            clients.push((product % 5 + 1, queue, replayed));
+        }
+        for chunk in (50..200u64).collect::<Vec<_>>().chunks(7) {
+            assert!(
+                hub.publish(chunk.iter().map(|&o| update(o, (o % 5) as i64 + 1)).collect())
+                    .await
+            );
+        }
+        for (product, queue, replayed) in clients {
+            let mut live = Vec::new();
+            while live.last().is_none_or(|&o| o < 195) {
+                let mut out = Vec::new();
+                queue.drain_into(&mut out).await;
+                live.extend(out.iter().map(|u| u.offset));
+            }
+            let mut seen = replayed;
+            seen.extend(live);
+            let want: Vec<u64> = (10..200).filter(|o| (o % 5) as i64 + 1 == product).collect();
+            assert_eq!(seen, want, "product {product}: history then live, each once, in order");
+        }
+    }
+}
