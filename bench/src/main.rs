@@ -5,15 +5,16 @@
 //! itself before 10 minutes, and on any failure, with a message, after
 //! removing what it created.
 //!
-//! `bench` runs everything; `bench fanout-clients …`, `bench idle-clients …`
-//! and `bench publish …` are the client fleets and the event publisher it
-//! starts as child processes.
+//! `bench` runs everything; `bench fanout-clients …`, `bench idle-clients …`,
+//! `bench storm-clients …` and `bench publish …` are the client fleets and
+//! the event publisher it starts as child processes.
 
 mod children;
 mod infra;
 mod load;
 mod report;
 mod scenarios;
+mod storm;
 mod wire;
 
 use std::collections::HashMap;
@@ -55,12 +56,13 @@ fn main() {
         Some("fanout-clients") => child(children::fanout_clients(Args::new(args[1..].to_vec()))),
         Some("idle-clients") => child(children::idle_clients(Args::new(args[1..].to_vec()))),
         Some("publish") => child(children::publish_proc(Args::new(args[1..].to_vec()))),
+        Some("storm-clients") => child(storm::storm_clients(Args::new(args[1..].to_vec()))),
         None | Some("run") => run_all(),
         Some("-h" | "--help" | "help") => {
             println!(
                 "usage: bench            run every scenario, print the table, write BENCHMARKS.md\n       \
-                 BENCH_ONLY=2,5 bench  run some scenarios (BENCHMARKS.md left alone)\n       \
-                 (bench fanout-clients / idle-clients / publish are child processes it starts)"
+                 BENCH_ONLY=2,7 bench  run some scenarios, 1 to 7 (BENCHMARKS.md left alone)\n       \
+                 (bench fanout-clients / idle-clients / storm-clients / publish are child processes it starts)"
             );
             0
         }
@@ -122,7 +124,7 @@ struct RunInfo {
 async fn bench(started: Instant) -> Result<()> {
     let root = repo_root();
     let only = selected()?;
-    let partial = only.len() < 5;
+    let partial = only.len() < 7;
     let nofile = raise_nofile()?;
     ensure_tools(&root).await?;
     let rabbit = rabbit_script(&root, &["prepare", &RABBIT_FDS.to_string()]).await?;
@@ -211,13 +213,13 @@ async fn bench(started: Instant) -> Result<()> {
 /// BENCHMARKS.md.
 fn selected() -> Result<Vec<u8>> {
     match std::env::var("BENCH_ONLY") {
-        Err(_) => Ok(vec![1, 2, 3, 4, 5]),
+        Err(_) => Ok((1..=7).collect()),
         Ok(list) => list
             .split(',')
             .map(|n| match n.trim().parse::<u8>() {
-                Ok(n @ 1..=5) => Ok(n),
+                Ok(n @ 1..=7) => Ok(n),
                 _ => Err(anyhow!(
-                    "BENCH_ONLY takes scenario numbers 1 to 5, like 2,5 (got {list:?})"
+                    "BENCH_ONLY takes scenario numbers 1 to 7, like 2,7 (got {list:?})"
                 )),
             })
             .collect(),
@@ -287,6 +289,15 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
         eprintln!("bench: 5. photos: gateway and nginx under wrk");
         scenarios::photos(ctx, &inst).await?;
     }
+
+    let inst = if only.contains(&7) {
+        eprintln!("bench: 7. resume storm: 10,000 SSE clients resume at once after a restart");
+        let inst = storm::scenario(ctx, inst).await?;
+        ctx.live = Some(inst.shutdown_token());
+        inst
+    } else {
+        inst
+    };
 
     inst.stop().await.context("stop the service")?;
     ctx.live = None;
@@ -482,6 +493,7 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
     }
     md.push('\n');
     md.push_str(METHOD);
+    md.push_str(storm::METHOD);
     md
 }
 
