@@ -51,8 +51,8 @@ const AFTER_RESUME: Duration = Duration::from_secs(10);
 /// No delivery for this long counts as quiet.
 const QUIET: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(250);
-/// The whole scenario, however it goes; about 45 s when all is well.
-const LIMIT: Duration = Duration::from_secs(180);
+/// The whole scenario, however it goes; about 40 s when all is well.
+const LIMIT: Duration = Duration::from_secs(120);
 /// Connection attempts in flight per fleet before the drop; the resume
 /// itself is not paced.
 const CONNECT_GATE: usize = 200;
