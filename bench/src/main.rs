@@ -5,9 +5,9 @@
 //! itself before 15 minutes, and on any failure, with a message, after
 //! removing what it created.
 //!
-//! `bench` runs everything; `bench fanout-clients …`, `bench idle-clients …`
-//! and `bench publish …` are the client fleets and the event publisher it
-//! starts as child processes.
+//! `bench` runs everything; `bench fanout-clients …`, `bench idle-clients …`,
+//! `bench storm-clients …` and `bench publish …` are the client fleets and
+//! the event publisher it starts as child processes.
 
 mod children;
 mod infra;
@@ -15,6 +15,7 @@ mod load;
 mod report;
 mod scenarios;
 mod selective;
+mod storm;
 mod wire;
 
 use std::collections::HashMap;
@@ -33,7 +34,7 @@ use crate::report::{Report, thousands};
 use crate::scenarios::Ctx;
 
 /// Scenarios, numbered from 1.
-const SCENARIOS: u8 = 6;
+const SCENARIOS: u8 = 7;
 /// Products in the catalog: above the consumer's batch size (see `load`).
 const PRODUCTS: u32 = 1000;
 const FANOUT_CLIENTS: usize = 1000;
@@ -59,12 +60,14 @@ fn main() {
         Some("idle-clients") => child(children::idle_clients(Args::new(args[1..].to_vec()))),
         Some("publish") => child(children::publish_proc(Args::new(args[1..].to_vec()))),
         Some("selective-clients") => child(selective::selective_clients(Args::new(args[1..].to_vec()))),
+        Some("storm-clients") => child(storm::storm_clients(Args::new(args[1..].to_vec()))),
         None | Some("run") => run_all(),
         Some("-h" | "--help" | "help") => {
             println!(
                 "usage: bench            run every scenario, print the table, write BENCHMARKS.md\n       \
-                 BENCH_ONLY=2,5 bench  run some scenarios (BENCHMARKS.md left alone)\n       \
-                 (bench fanout-clients / idle-clients / selective-clients / publish are child processes it starts)"
+                 BENCH_ONLY=2,7 bench  run some scenarios, 1 to 7 (BENCHMARKS.md left alone)\n       \
+                 (bench fanout-clients / idle-clients / selective-clients / storm-clients / publish are child\n       \
+                 processes it starts)"
             );
             0
         }
@@ -297,6 +300,15 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
         selective::selective(ctx, &inst).await?;
     }
 
+    let inst = if only.contains(&7) {
+        eprintln!("bench: 7. resume storm: 10,000 SSE clients resume at once after a restart");
+        let inst = storm::scenario(ctx, inst).await?;
+        ctx.live = Some(inst.shutdown_token());
+        inst
+    } else {
+        inst
+    };
+
     inst.stop().await.context("stop the service")?;
     ctx.live = None;
     Ok(())
@@ -491,6 +503,8 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
     }
     md.push('\n');
     md.push_str(METHOD);
+    md.push_str(selective::METHOD);
+    md.push_str(storm::METHOD);
     md
 }
 

@@ -302,8 +302,14 @@ enum Chunk {
 impl Sse {
     /// Opens an event stream; fails unless the answer is 200.
     pub async fn connect(addr: SocketAddr, path_and_query: &str) -> Result<Sse> {
+        Self::connect_with(addr, path_and_query, &[]).await
+    }
+
+    /// [`Sse::connect`] with more request headers (`Last-Event-ID`).
+    pub async fn connect_with(addr: SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> Result<Sse> {
         let mut conn = Conn::connect(addr).await?;
-        let req = format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        let req = format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{extra}\r\n");
         let head = conn.exchange_head(&req).await?;
         if status_of(&head) != 200 {
             bail!("event stream refused: {}", head.lines().next().unwrap_or(""));
