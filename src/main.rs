@@ -3,11 +3,10 @@
 //! only applies migrations.
 #![forbid(unsafe_code)]
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 
 use product_gateway::settings::Settings;
-use product_gateway::startup::Application;
+use product_gateway::startup::{self, Application};
 use product_gateway::{seed, store, telemetry};
 
 #[tokio::main]
@@ -37,7 +36,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))?;
+    let server = &settings.server;
+    let listener = startup::bind(&server.host, server.port, server.listen_backlog)?;
     let app = Application::build(settings, listener).await?;
     tracing::info!(port = app.port(), "serving");
     let token = app.shutdown_token();

@@ -34,6 +34,9 @@ pub struct ServerSettings {
     pub socket_send_buffer: usize,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
+    /// Connection attempts the kernel queues before the service accepts
+    /// them (capped by `net.core.somaxconn`).
+    pub listen_backlog: u32,
     /// Host names (optionally `name:port`) clients may address the service
     /// by, besides `localhost` and IP literals; other `Host` headers (a
     /// DNS-rebinding page's) are refused. `"*"` turns the check off.
@@ -300,7 +303,7 @@ impl Settings {
     /// `tokio::time::interval` when a connection starts, a zero back-off
     /// retries in a hot loop, a zero pool or timeout fails every request.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let zero: [(&'static str, bool); 21] = [
+        let zero: [(&'static str, bool); 22] = [
             ("database.pool_size", self.database.pool_size == 0),
             ("database.read_pool_size", self.database.read_pool_size == 0),
             ("database.acquire_timeout_ms", self.database.acquire_timeout.is_zero()),
@@ -318,6 +321,7 @@ impl Settings {
             ("hub.sse_keepalive_ms", self.hub.sse_keepalive.is_zero()),
             ("hub.sse_retry_ms", self.hub.sse_retry.is_zero()),
             ("hub.max_concurrent_snapshots", self.hub.max_concurrent_snapshots == 0),
+            ("server.listen_backlog", self.server.listen_backlog == 0),
             ("hub.max_concurrent_catch_ups", self.hub.max_concurrent_catch_ups == 0),
             ("hub.catch_up_wait_ms", self.hub.catch_up_wait.is_zero()),
             ("photos.cache_ttl_secs", self.photos.cache_ttl.is_zero()),

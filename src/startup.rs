@@ -20,6 +20,27 @@ use crate::photos::PhotoCache;
 use crate::settings::Settings;
 use crate::store;
 
+/// The service's listening socket, with room in the accept queue for
+/// `backlog` connection attempts: when thousands of clients reconnect at
+/// once after a restart, an overflowing queue drops their SYNs and each
+/// waits a second to try again. (std's `bind` queues 128.)
+pub fn bind(host: &str, port: u16, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let addr = (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{host}:{port} names no address")))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
 pub struct Application {
     port: u16,
     server: actix_web::dev::Server,

@@ -4,7 +4,7 @@
 //! per process and `perf` profiles.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -383,7 +383,7 @@ pub struct Instance {
 
 impl Instance {
     pub async fn start(settings: Settings, seed: bool) -> Result<Instance> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let listener = product_gateway::startup::bind("127.0.0.1", 0, settings.server.listen_backlog)?;
         let products = settings.seed.products;
         let app = Application::build(settings, listener)
             .await

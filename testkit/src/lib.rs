@@ -10,7 +10,6 @@ pub mod proxy;
 pub mod rawws;
 pub mod verdict;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -225,7 +224,7 @@ pub async fn spawn_behind_database_proxy() -> (TestApp, proxy::Proxy) {
 
 /// Starts a seeded instance with the given settings.
 pub async fn spawn_with(iso: Isolation, settings: Settings) -> TestApp {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    let listener = product_gateway::startup::bind("127.0.0.1", 0, settings.server.listen_backlog).expect("bind port 0");
     let seed = settings.seed.products;
     let app = Application::build(settings, listener).await.expect("build app");
     let state = app.state();

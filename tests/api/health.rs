@@ -41,3 +41,26 @@ async fn not_ready_when_postgres_is_gone() {
     assert_eq!(body["status"], "unavailable");
     app.stop().await;
 }
+
+/// Thousands of clients reconnect at once after a restart: the listening
+/// socket queues `server.listen_backlog` of them, not std's 128.
+#[actix_rt::test]
+async fn the_listening_socket_queues_listen_backlog_connection_attempts() {
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    settings.server.listen_backlog = 3000;
+    let app = spawn_with(iso, settings).await;
+    // `ss` shows a listening socket's queue limit as its Send-Q.
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", app.port)])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let send_q: Vec<u32> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    println!("listening sockets on {}: {text}", app.port);
+    assert_eq!(send_q, [3000], "{text}");
+    app.stop().await;
+}
