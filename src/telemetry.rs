@@ -1,13 +1,90 @@
 //! Logs: `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
 
+use std::fmt::Debug;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 
 pub fn init() {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,actix_server=warn"));
     // A second init (tests start several apps in one process) is harmless.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
+    let _ = tracing_subscriber::registry()
+        .with(ExpectedRefusals)
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_target(false))
         .try_init();
+}
+
+/// Drops lapin's error line for a channel the broker closed because a
+/// message was over its size limit. At every start the service probes that
+/// limit on purpose (`broker::topology::probe_message_limit`) and reports
+/// the outcome itself; lapin logs any channel closed by the broker as an
+/// error, which would alarm operators at each start. A publisher refused
+/// for its size still reports the refusal through its own error.
+pub struct ExpectedRefusals;
+
+impl<S: Subscriber> Layer<S> for ExpectedRefusals {
+    fn event_enabled(&self, event: &Event<'_>, _: Context<'_, S>) -> bool {
+        if !event.metadata().target().starts_with("lapin::channel") {
+            return true;
+        }
+        let mut size_refusal = SizeRefusal(false);
+        event.record(&mut size_refusal);
+        !size_refusal.0
+    }
+}
+
+struct SizeRefusal(bool);
+
+impl Visit for SizeRefusal {
+    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+        if field.name() == "method" {
+            self.0 |= format!("{value:?}").contains("is larger than configured max size");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Collects the messages of the events that reach it.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<String>>>);
+
+    impl<S: Subscriber> Layer<S> for Seen {
+        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+            struct Message(String);
+            impl Visit for Message {
+                fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.0.lock().unwrap().push(m.0);
+        }
+    }
+
+    #[test]
+    fn only_the_size_refusal_of_a_channel_is_dropped() {
+        let seen = Seen::default();
+        let subscriber = tracing_subscriber::registry().with(ExpectedRefusals).with(seen.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let refusal = "Close { reply_text: \"PRECONDITION_FAILED - message size 262145 is larger than configured max size 262144\" }";
+            let other = "Close { reply_text: \"PRECONDITION_FAILED - inequivalent arg 'x-queue-type'\" }";
+            tracing::error!(target: "lapin::channel", method = refusal, "size refusal");
+            tracing::error!(target: "lapin::channel", method = other, "other refusal");
+            tracing::error!(target: "product_gateway", method = refusal, "not lapin");
+        });
+        assert_eq!(*seen.0.lock().unwrap(), ["other refusal", "not lapin"]);
+    }
 }

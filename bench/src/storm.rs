@@ -27,11 +27,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use product_gateway::broker::stream::offset_of;
 use product_gateway::update::{Update, stream_offset_of};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncBufReadExt;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::children::{Args, PubProc};
+use crate::children::{Args, Child, PubProc};
 use crate::infra::{Instance, cpu_sample, cpu_shares, format_shares, mgmt, mgmt_json, raise_nofile, wait_quiet};
 use crate::load::Pace;
 use crate::report::{ms, thousands};
@@ -359,8 +359,10 @@ async fn fleet(addr: SocketAddr, first: usize, n: usize, products: usize, nofile
         let line = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
             .await
             .map_err(|_| anyhow!("no word from the parent within 300 s"))??;
-        // The parent went away: so do the clients.
-        let Some(line) = line else { return Ok(()) };
+        // The parent went away, or is done: so are the clients.
+        let Some(line) = line.filter(|l| l.trim() != "STOP") else {
+            return Ok(());
+        };
         let (cmd, arg) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
         match cmd {
             "DROP" => {
@@ -407,77 +409,7 @@ async fn fleet(addr: SocketAddr, first: usize, n: usize, products: usize, nofile
     }
 }
 
-/// Parent side of one `bench storm-clients` process.
-struct Fleet {
-    child: tokio::process::Child,
-    stdin: Option<tokio::process::ChildStdin>,
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-}
-
-impl Fleet {
-    fn spawn(addr: SocketAddr, first: usize, n: usize, products: i64) -> Result<Fleet> {
-        let exe = std::env::current_exe().context("path of the bench binary")?;
-        let mut child = tokio::process::Command::new(exe)
-            .args(["storm-clients", "--addr", &addr.to_string()])
-            .args(["--first", &first.to_string(), "--n", &n.to_string()])
-            .args(["--products", &products.to_string()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start a storm client process")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        Ok(Fleet {
-            stdin: child.stdin.take(),
-            child,
-            lines: tokio::io::BufReader::new(stdout).lines(),
-        })
-    }
-
-    async fn send(&mut self, line: &str) -> Result<()> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| anyhow!("storm fleet's stdin is closed"))?;
-        stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .context("write to a storm client process")?;
-        stdin.flush().await?;
-        Ok(())
-    }
-
-    /// The JSON of the next line starting with `tag`.
-    async fn expect(&mut self, tag: &str, within: Duration) -> Result<Value> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let line = tokio::time::timeout_at(deadline, self.lines.next_line())
-                .await
-                .map_err(|_| anyhow!("storm client process: no {tag} within {within:?}"))??;
-            let Some(line) = line else {
-                let status = self.child.wait().await?;
-                bail!("storm client process exited ({status}) before {tag} (see its error above)");
-            };
-            if let Some(rest) = line.strip_prefix(tag) {
-                return Ok(serde_json::from_str(rest.trim())?);
-            }
-        }
-    }
-
-    /// Closes its stdin (the fleet exits) and waits a little for it.
-    async fn close(mut self) {
-        self.stdin.take();
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
-    }
-}
-
-async fn all(fleets: &mut [Fleet], command: Option<&str>, tag: &str, within: Duration) -> Result<Vec<Value>> {
+async fn all(fleets: &mut [Child], command: Option<&str>, tag: &str, within: Duration) -> Result<Vec<Value>> {
     if let Some(c) = command {
         for f in fleets.iter_mut() {
             f.send(c).await?;
@@ -744,7 +676,19 @@ async fn storm(ctx: &mut Ctx, inst: Instance) -> Result<Instance> {
 
     let per = CLIENTS / FLEETS;
     let mut fleets = (0..FLEETS)
-        .map(|k| Fleet::spawn(inst.addr(), k * per, per, products))
+        .map(|k| {
+            Child::spawn(&[
+                "storm-clients".into(),
+                "--addr".into(),
+                inst.addr().to_string(),
+                "--first".into(),
+                (k * per).to_string(),
+                "--n".into(),
+                per.to_string(),
+                "--products".into(),
+                products.to_string(),
+            ])
+        })
         .collect::<Result<Vec<_>>>()?;
     let ready = all(&mut fleets, None, "READY", Duration::from_secs(120)).await?;
     let connected = sum(&ready, "connected");
@@ -807,7 +751,7 @@ async fn storm(ctx: &mut Ctx, inst: Instance) -> Result<Instance> {
 
     let results = all(&mut fleets, Some("REPORT"), "RESULT", Duration::from_secs(60)).await?;
     for f in fleets {
-        f.close().await;
+        f.stop().await?;
     }
     let logs = results
         .iter()

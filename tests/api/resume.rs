@@ -16,11 +16,10 @@ use testkit::{Isolation, TestPublisher, eventually, rabbit_api_call, spawn_with}
 
 const T: Duration = Duration::from_secs(20);
 
-#[actix_rt::test]
-async fn a_restarted_instance_serves_a_resume_from_memory() {
-    let iso = Isolation::new().await;
+/// An instance that delivered product 1's stock, then two updates its
+/// client missed, then stopped; returns the client's last offset.
+async fn left_before_a_restart(iso: &Isolation, p: &TestPublisher) -> u64 {
     let app = spawn_with(iso.clone(), iso.settings()).await;
-    let p = TestPublisher::connect(&iso).await;
     let mut ws = WsClient::connect(&app.address).await;
     ws.subscribe(&["product.#"], None, false).await;
     p.event(1, "stock", 11, 1).await;
@@ -33,7 +32,42 @@ async fn a_restarted_instance_serves_a_resume_from_memory() {
     })
     .await;
     app.stop().await;
+    last
+}
 
+#[actix_rt::test]
+async fn resume_after_a_gateway_restart_reads_the_stream() {
+    let iso = Isolation::new().await;
+    let p = TestPublisher::connect(&iso).await;
+    let last = left_before_a_restart(&iso, &p).await;
+    // Without a warm start the new instance's memory is empty, so the
+    // missed updates come from the stream.
+    let mut settings = iso.settings();
+    settings.hub.warm_start = false;
+    let app = spawn_with(iso.clone(), settings).await;
+    p.event(4, "stock", 44, 1).await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.#"], Some(last), false).await;
+    let got = ws.updates(3, T).await;
+    let ids: Vec<i64> = got.iter().map(|u| u["data"]["product_id"].as_i64().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [2, 3, 4],
+        "missed before and after the restart, once each, in order"
+    );
+    let o: Vec<u64> = got.iter().map(|u| u["offset"].as_u64().unwrap()).collect();
+    assert!(o[0] > last && o.windows(2).all(|w| w[1] > w[0]), "{o:?} after {last}");
+    p.event(5, "stock", 55, 1).await;
+    assert_eq!(ws.updates(1, T).await[0]["data"]["product_id"], 5);
+    assert!(app.metric("gateway_resumes_total", "stream").await >= 1.0);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_restarted_instance_serves_a_resume_from_memory() {
+    let iso = Isolation::new().await;
+    let p = TestPublisher::connect(&iso).await;
+    let last = left_before_a_restart(&iso, &p).await;
     let app = spawn_with(iso.clone(), iso.settings()).await;
     let mut sse = SseClient::connect(&app.address, "topics=product.%23", Some(last))
         .await
