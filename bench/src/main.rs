@@ -297,7 +297,7 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
             inst.addr(),
             stomp_n,
             &ws_eq,
-            800.0,
+            3200.0,
         )
         .await?;
         let (stomp_max, stomp_at) = scenarios::fanout_max(
@@ -308,7 +308,7 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
             stomp_addr,
             stomp_n,
             &stomp,
-            800.0,
+            3200.0,
         )
         .await?;
         let ratio = ws_max / stomp_max;
