@@ -51,6 +51,7 @@ pub struct Metrics {
     pub broker_reconnects: Counter,
     pub catch_up_resets: Counter,
     pub catch_ups_running: Gauge,
+    pub snapshot_rows: Counter,
     pub broker_max_message_bytes: Gauge,
     pub consumer_reconnects: Counter,
 }
@@ -189,6 +190,11 @@ impl Metrics {
                 "catch_ups_running",
                 "Stream catch-ups reading now, on the instance's one catch-up connection",
                 Gauge::default()
+            ),
+            snapshot_rows: reg!(
+                "snapshot_rows",
+                "Catalog rows read for snapshots (a snapshot of named products reads only them)",
+                Counter::default()
             ),
             broker_max_message_bytes: reg!(
                 "broker_max_message_bytes",

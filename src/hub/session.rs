@@ -301,19 +301,20 @@ impl Session {
         }
         // Registered first, read second: anything committed after the read
         // is queued, anything before it is in the snapshot and skipped.
-        let products = catalog::all(&self.read_db).await.map_err(|e| {
-            tracing::warn!(error = %e, "snapshot read failed");
-            ClientError::new(
-                ClientErrorCode::Unavailable,
-                "snapshots are unavailable; retry in a moment",
-            )
-        })?;
+        let products = snapshot_products(&self.read_db, &patterns, self.hub.metrics())
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "snapshot read failed");
+                ClientError::new(
+                    ClientErrorCode::Unavailable,
+                    "snapshots are unavailable; retry in a moment",
+                )
+            })?;
         let mut rows = Vec::new();
         for p in products {
             let mut matched = false;
             for kind in Kind::ALL {
-                let topic = format!("product.{}.{}", kind.as_str(), p.id);
-                if patterns.iter().any(|pat| pat.matches(&topic)) {
+                if covers(&patterns, kind, p.id) {
                     let version = match kind {
                         Kind::Price => p.price_version,
                         Kind::Stock => p.stock_version,
@@ -376,6 +377,63 @@ impl Drop for Session {
             .clients_connected
             .get_or_create(&[("transport", self.transport.as_str())])
             .dec();
+    }
+}
+
+/// Catalog rows read per page of a snapshot that does not name its products.
+const SNAPSHOT_PAGE: i64 = 1000;
+
+/// Whether any pattern covers the topic of `kind` for product `id`.
+fn covers(patterns: &[Pattern], kind: Kind, id: i64) -> bool {
+    let topic = format!("product.{}.{id}", kind.as_str());
+    patterns.iter().any(|p| p.matches(&topic))
+}
+
+/// The products named by patterns of the form `product.<kind or *>.<id>`,
+/// or None when any pattern leaves its product open.
+fn named_products(patterns: &[Pattern]) -> Option<Vec<i64>> {
+    let mut ids = Vec::with_capacity(patterns.len());
+    for p in patterns {
+        let mut words = p.as_str().split('.');
+        let (Some("product"), Some("price" | "stock" | "*"), Some(id), None) =
+            (words.next(), words.next(), words.next(), words.next())
+        else {
+            return None;
+        };
+        ids.push(id.parse::<i64>().ok().filter(|id| *id > 0)?);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Some(ids)
+}
+
+/// The catalog rows a snapshot of `patterns` covers. Named products are
+/// looked up by their ids (the primary key), whatever the catalog's size;
+/// other patterns page through the catalog in id order, keeping only the
+/// rows they cover.
+async fn snapshot_products(
+    db: &Db,
+    patterns: &[Pattern],
+    metrics: &Metrics,
+) -> Result<Vec<catalog::Product>, crate::store::StoreError> {
+    if let Some(ids) = named_products(patterns) {
+        let rows = catalog::list(db, 0, ids.len() as i64, Some(&ids)).await?;
+        metrics.snapshot_rows.inc_by(rows.len() as u64);
+        return Ok(rows);
+    }
+    let (mut out, mut after) = (Vec::new(), 0);
+    loop {
+        let page = catalog::list(db, after, SNAPSHOT_PAGE, None).await?;
+        metrics.snapshot_rows.inc_by(page.len() as u64);
+        let full = page.len() as i64 == SNAPSHOT_PAGE;
+        after = page.last().map_or(after, |p| p.id);
+        out.extend(
+            page.into_iter()
+                .filter(|p| Kind::ALL.iter().any(|k| covers(patterns, *k, p.id))),
+        );
+        if !full {
+            return Ok(out);
+        }
     }
 }
 

@@ -56,8 +56,8 @@ pub async fn get(db: &Db, id: ProductId) -> Result<Option<Product>, StoreError> 
         .optional()?)
 }
 
-/// Every product, for snapshots. The catalog is small enough (thousands of
-/// rows) to read whole; matching topics are filtered by the caller.
+/// Every product, in id order: for checks over a whole (small) catalog.
+/// Snapshots page with `list` instead.
 pub async fn all(db: &Db) -> Result<Vec<Product>, StoreError> {
     let mut conn = db.get().await?;
     Ok(products::table

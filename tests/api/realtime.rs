@@ -420,3 +420,33 @@ async fn a_second_resume_on_one_connection_keeps_the_first_ones_updates() {
     assert!(live.contains(&"product.price.1".to_owned()) && live.contains(&"product.stock.1".to_owned()));
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_snapshot_of_named_products_reads_only_their_rows() {
+    let app = spawn_app().await;
+    let rows = || app.metric("gateway_snapshot_rows", "");
+    let before = rows().await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.*.7", "product.price.9"], "snapshot": true}))
+        .await;
+    let snapshot = ws.next_of("snapshot", T).await;
+    let ids: Vec<i64> = snapshot["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["product_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [7, 9]);
+    let named = rows().await - before;
+    // A pattern that leaves the product open reads the whole catalog, by pages.
+    ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.stock.*"], "snapshot": true}))
+        .await;
+    let all = ws.next_of("snapshot", T).await;
+    let catalog = all["products"].as_array().unwrap().len() as f64;
+    let open = rows().await - before - named;
+    println!("rows read: {named} for two named products, {open} for product.stock.* over {catalog} products");
+    assert_eq!(named, 2.0, "only the named rows are read");
+    assert_eq!(open, catalog);
+    assert!(catalog >= 50.0);
+    app.stop().await;
+}
