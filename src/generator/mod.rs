@@ -214,7 +214,9 @@ async fn publish_loop(
     // flight: while there are any, no fresh events are made.
     let mut refused = 0_usize;
     let mut budget = 0.0_f64;
-    let mut max_id = 0_i64;
+    // The ids to pick from, read again now and then: products come and go.
+    let mut ids: Vec<i64> = Vec::new();
+    let mut ids_read = Instant::now();
     'connection: loop {
         let Some(conn) = connector.connect_retry("generator", &shutdown).await else {
             break;
@@ -276,14 +278,18 @@ async fn publish_loop(
                     let room = g.max_in_flight.saturating_sub(in_flight.len());
                     let n = (budget.floor() as usize).min(room);
                     budget -= n as f64;
-                    if max_id == 0 {
-                        max_id = versions::max_product_id(&db).await.unwrap_or(0);
+                    if ids.is_empty() || ids_read.elapsed() > IDS_REREAD {
+                        if let Ok(fresh) = versions::product_ids(&db).await {
+                            ids = fresh;
+                        }
+                        ids_read = Instant::now();
                     }
                     for _ in 0..n {
-                        if max_id == 0 {
+                        if ids.is_empty() {
                             break;
                         }
-                        match make_events(&db, max_id).await {
+                        let id = ids[rand::rng().random_range(0..ids.len())];
+                        match make_events(&db, id).await {
                             Ok(events) => {
                                 for event in events {
                                     let p = Pending {
@@ -391,12 +397,12 @@ async fn drain<F>(
     }
 }
 
-/// Picks a product and makes one or two events with freshly issued versions.
-async fn make_events(db: &Db, max_id: i64) -> Result<Vec<Event>, store::StoreError> {
-    let (id, what) = {
-        let mut rng = rand::rng();
-        (rng.random_range(1..=max_id), rng.random_range(0..3u8))
-    };
+/// How often the generator reads the catalog's ids again.
+const IDS_REREAD: Duration = Duration::from_secs(60);
+
+/// Makes one or two events for product `id` with freshly issued versions.
+async fn make_events(db: &Db, id: i64) -> Result<Vec<Event>, store::StoreError> {
+    let what = rand::rng().random_range(0..3u8);
     let Some(id) = ProductId::new(id) else {
         return Ok(vec![]);
     };

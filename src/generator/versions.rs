@@ -50,16 +50,17 @@ pub async fn issue(db: &Db, id: ProductId, price: bool, stock: bool) -> Result<O
     Ok(issued)
 }
 
-/// Largest product id, for picking random products.
-pub async fn max_product_id(db: &Db) -> Result<i64, StoreError> {
+/// Every product id, in order: what the generator picks from. Ids may be
+/// sparse (products removed or loaded with gaps); each is picked as often.
+pub async fn product_ids(db: &Db) -> Result<Vec<i64>, StoreError> {
     #[derive(diesel::QueryableByName)]
-    struct Max {
+    struct Id {
         #[diesel(sql_type = BigInt)]
-        max: i64,
+        id: i64,
     }
     let mut conn = db.get().await?;
-    let m: Max = diesel::sql_query("SELECT COALESCE(MAX(id), 0) AS max FROM products")
-        .get_result(&mut conn)
+    let rows: Vec<Id> = diesel::sql_query("SELECT id FROM products ORDER BY id")
+        .load(&mut conn)
         .await?;
-    Ok(m.max)
+    Ok(rows.into_iter().map(|r| r.id).collect())
 }
