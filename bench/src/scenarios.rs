@@ -1,4 +1,5 @@
-//! The five benchmark scenarios. Each adds its rows to the report; an
+//! Benchmark scenarios 1 to 5 (6 and 7 live in `selective.rs` and
+//! `storm.rs`). Each adds its rows to the report; an
 //! infrastructure failure (a service that does not answer, a client that
 //! cannot connect, a time-out waiting for anything at all) is an error that
 //! stops the run; a missed target is a figure.
