@@ -27,12 +27,24 @@ async fn main() -> anyhow::Result<()> {
             store::create_database(settings.database.url.expose()).await?;
             store::migrate(settings.database.url.expose()).await?;
             let db = store::pool(&settings.database)?;
-            let n = seed::seed(&db, settings.seed.products).await?;
-            tracing::info!(inserted = n, "catalog seeded");
+            let products = match flag("--products") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--products takes a count of products, got {n:?}"))?,
+                None => settings.seed.products,
+            };
+            seed::seed(&db, products).await?;
             Ok(())
         }
         other => anyhow::bail!("unknown command {other:?}; use serve, seed or migrate"),
     }
+}
+
+/// The value after `name` on the command line.
+fn flag(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let at = args.iter().position(|a| a == name)?;
+    args.get(at + 1).cloned()
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {

@@ -109,7 +109,9 @@ impl PhotoCache {
                     return Ok(Some(hit));
                 }
                 self.metrics.photo_origin_loads.inc();
-                let photo = catalog::photo(&self.db, id).await?.map(into_cached);
+                let photo = catalog::photo(&self.db, id)
+                    .await?
+                    .map(|stored| into_cached(stored.unwrap_or_else(|| generated(id))));
                 if let Some(p) = &photo
                     && self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation
                 {
@@ -221,6 +223,19 @@ impl PhotoCache {
                 None
             }
         }
+    }
+}
+
+/// The photo of a product without one of its own: drawn from its id, the
+/// same on every instance and every time, so it is never stored (a large
+/// catalog would otherwise hold gigabytes of images that are a function of
+/// the id) and caches like any other.
+fn generated(id: ProductId) -> Photo {
+    let bytes = image::product_png(id.get() as u64);
+    Photo {
+        content_type: "image/png".into(),
+        etag: image::etag(&bytes),
+        bytes,
     }
 }
 

@@ -67,23 +67,35 @@ pub async fn all(db: &Db) -> Result<Vec<Product>, StoreError> {
         .await?)
 }
 
-pub async fn photo(db: &Db, id: ProductId) -> Result<Option<Photo>, StoreError> {
+/// A product's stored photo: None when the product does not exist,
+/// `Some(None)` when it has no photo of its own (the caller provides the
+/// default).
+pub async fn photo(db: &Db, id: ProductId) -> Result<Option<Option<Photo>>, StoreError> {
     let mut conn = db.get().await?;
-    let row: Option<(String, String, Vec<u8>)> = product_photos::table
+    /// A product's id and, when it has one, its stored photo's columns.
+    type Row = (i64, Option<String>, Option<String>, Option<Vec<u8>>);
+    let row: Option<Row> = products::table
+        .left_join(product_photos::table)
         .select((
-            product_photos::content_type,
-            product_photos::etag,
-            product_photos::bytes,
+            products::id,
+            product_photos::content_type.nullable(),
+            product_photos::etag.nullable(),
+            product_photos::bytes.nullable(),
         ))
-        .find(id.get())
+        .filter(products::id.eq(id.get()))
         .first(&mut conn)
         .await
         .optional()?;
-    Ok(row.map(|(content_type, etag, bytes)| Photo {
-        content_type,
-        etag,
-        bytes,
-    }))
+    Ok(
+        row.map(|(_, content_type, etag, bytes)| match (content_type, etag, bytes) {
+            (Some(content_type), Some(etag), Some(bytes)) => Some(Photo {
+                content_type,
+                etag,
+                bytes,
+            }),
+            _ => None,
+        }),
+    )
 }
 
 /// Stores a photo; returns false when the product does not exist.

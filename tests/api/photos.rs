@@ -166,3 +166,45 @@ async fn photo_upload_errors_have_status_and_code() {
     );
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_seeded_catalog_stores_no_photos_and_each_product_shows_its_own_image() {
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    // Two batches of the seed's statement.
+    settings.seed.products = 60_000;
+    let started = std::time::Instant::now();
+    let app = spawn_with(iso, settings).await;
+    println!(
+        "started with 60,000 seeded products in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let (status, p) = app.get_json("/products/59999").await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["name"], product_gateway::seed::name_of(59_999));
+    let mut conn = app.state.db.get().await.unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let stored: N = diesel_async::RunQueryDsl::get_result(
+        diesel::sql_query("SELECT (SELECT COUNT(*) FROM product_photos) + (SELECT COUNT(*) FROM products) AS n"),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored.n, 60_000, "60,000 products and no stored photo");
+    drop(conn);
+    // The image is drawn from the id, served and cached like a stored one.
+    let (status, content_type, etag, body) = get_photo(&app, 59_999, None).await;
+    assert_eq!((status, content_type.as_deref()), (200, Some("image/png")));
+    let png = image::product_png(59_999);
+    assert_eq!(body, png);
+    assert_eq!(etag.as_deref(), Some(image::etag(&png).as_str()));
+    let (again, ..) = get_photo(&app, 59_999, etag.as_deref()).await;
+    assert_eq!(again, 304);
+    let (missing, ..) = get_photo(&app, 60_001, None).await;
+    assert_eq!(missing, 404);
+    app.stop().await;
+}
