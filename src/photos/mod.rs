@@ -81,7 +81,8 @@ impl PhotoCache {
         format!("{}photo:{}", self.prefix, id)
     }
 
-    /// The product's photo, from Redis when cached, else from PostgreSQL.
+    /// The product's photo, from Redis when cached, else from PostgreSQL (its
+    /// uploaded photo, or the image drawn from its id); None when no such product.
     pub async fn get(&self, id: ProductId) -> Result<Option<CachedPhoto>, StoreError> {
         if let Some(hit) = self.near_get(id) {
             self.metrics.photo_cache_hits.get_or_create(&[("layer", "local")]).inc();
