@@ -217,6 +217,9 @@ pub struct HubSettings {
     /// retry later.
     #[serde(rename = "snapshot_wait_ms", deserialize_with = "millis")]
     pub snapshot_wait: Duration,
+    /// Catalog rows read per page of a snapshot, and products per
+    /// `snapshot` part at most.
+    pub snapshot_part_products: usize,
     /// Stream catch-ups (resumes older than the history) reading at once,
     /// each a channel on the instance's one catch-up connection.
     pub max_concurrent_catch_ups: usize,
@@ -303,7 +306,7 @@ impl Settings {
     /// `tokio::time::interval` when a connection starts, a zero back-off
     /// retries in a hot loop, a zero pool or timeout fails every request.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let zero: [(&'static str, bool); 22] = [
+        let zero: [(&'static str, bool); 23] = [
             ("database.pool_size", self.database.pool_size == 0),
             ("database.read_pool_size", self.database.read_pool_size == 0),
             ("database.acquire_timeout_ms", self.database.acquire_timeout.is_zero()),
@@ -321,6 +324,7 @@ impl Settings {
             ("hub.sse_keepalive_ms", self.hub.sse_keepalive.is_zero()),
             ("hub.sse_retry_ms", self.hub.sse_retry.is_zero()),
             ("hub.max_concurrent_snapshots", self.hub.max_concurrent_snapshots == 0),
+            ("hub.snapshot_part_products", self.hub.snapshot_part_products == 0),
             ("server.listen_backlog", self.server.listen_backlog == 0),
             ("hub.max_concurrent_catch_ups", self.hub.max_concurrent_catch_ups == 0),
             ("hub.catch_up_wait_ms", self.hub.catch_up_wait.is_zero()),
@@ -407,6 +411,7 @@ mod tests {
             ("database.pool_size", |s| s.database.pool_size = 0),
             ("database.read_pool_size", |s| s.database.read_pool_size = 0),
             ("hub.max_concurrent_snapshots", |s| s.hub.max_concurrent_snapshots = 0),
+            ("hub.snapshot_part_products", |s| s.hub.snapshot_part_products = 0),
             ("database.acquire_timeout_ms", |s| {
                 s.database.acquire_timeout = Duration::ZERO
             }),

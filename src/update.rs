@@ -35,6 +35,9 @@ pub struct Update {
     pub kind: Kind,
     pub version: i64,
     pub ts_us: i64,
+    /// The database transaction that committed it (the stream message's
+    /// `x-txid` header); None for messages written before it was recorded.
+    pub txid: Option<u64>,
     /// `{"type":"update",...}` WebSocket text frame.
     pub ws_frame: ByteString,
     /// `id:/event:/data:` SSE event.
@@ -54,7 +57,15 @@ impl Update {
     /// The updates of one stream message: a JSON array of updates (a
     /// committed batch) or a single update. Entries that are not updates are
     /// skipped (nothing else is published there, but never trust it).
-    pub fn from_message(offset: u64, body: &[u8]) -> Vec<Self> {
+    pub fn from_message(offset: u64, txid: Option<u64>, body: &[u8]) -> Vec<Self> {
+        let mut updates = Self::decode_message(offset, body);
+        for u in &mut updates {
+            u.txid = txid;
+        }
+        updates
+    }
+
+    fn decode_message(offset: u64, body: &[u8]) -> Vec<Self> {
         if body.first() == Some(&b'[') {
             let Ok(items) = serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(body) else {
                 return Vec::new();
@@ -90,6 +101,7 @@ impl Update {
             kind: head.kind,
             version: head.version,
             ts_us: head.ts_us,
+            txid: None,
             ws_frame: ByteString::from(ws),
             sse_event: Bytes::from(sse),
         })
@@ -97,6 +109,49 @@ impl Update {
 
     pub fn key(&self) -> (i64, Kind) {
         (self.product_id, self.kind)
+    }
+}
+
+/// Which committed transactions a database snapshot sees (PostgreSQL's
+/// `pg_snapshot`): a snapshot read under it holds exactly the effects of
+/// those, so an update is already in it when its transaction is visible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Visibility {
+    /// Every transaction below this had ended when the snapshot was taken.
+    xmin: u64,
+    /// No transaction from this one on had ended.
+    xmax: u64,
+    /// Transactions between the two that were still running, sorted.
+    running: Box<[u64]>,
+}
+
+impl Visibility {
+    /// Parses `pg_current_snapshot()::text`: `xmin:xmax:xip,xip,...`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let mut running = parts
+            .next()?
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<u64>, _>>()
+            .ok()?;
+        if parts.next().is_some() || xmin > xmax {
+            return None;
+        }
+        running.sort_unstable();
+        Some(Self {
+            xmin,
+            xmax,
+            running: running.into(),
+        })
+    }
+
+    /// Whether the committed transaction `txid` is in the snapshot.
+    pub fn sees(&self, txid: u64) -> bool {
+        txid < self.xmin || (txid < self.xmax && self.running.binary_search(&txid).is_err())
     }
 }
 
@@ -148,4 +203,32 @@ pub trait UpdateSink: Send + 'static {
     /// The updates of one stream message, in offset order. False once the
     /// sink has shut down: the reader then stops.
     fn publish(&self, updates: Vec<Update>) -> impl Future<Output = bool> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_sees_transactions_that_ended_before_it_and_no_others() {
+        let v = Visibility::parse("100:110:103,105").unwrap();
+        assert!(v.sees(1) && v.sees(99), "ended before xmin");
+        assert!(v.sees(100) && v.sees(104) && v.sees(109), "ended between, not running");
+        assert!(!v.sees(103) && !v.sees(105), "running when taken");
+        assert!(!v.sees(110) && !v.sees(5000), "started after");
+        let empty = Visibility::parse("7:7:").unwrap();
+        assert!(empty.sees(6) && !empty.sees(7));
+        for bad in ["", "1:2", "3:2:", "a:b:", "1:2:x", "1:2:3:4"] {
+            assert_eq!(Visibility::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_update_of_a_message_carries_its_transaction() {
+        let body = br#"[{"product_id":1,"kind":"price","version":2,"price_cents":5},{"product_id":2,"kind":"stock","version":3,"stock":1}]"#;
+        let updates = Update::from_message(4, Some(77), body);
+        assert_eq!(updates.len(), 2);
+        assert!(updates.iter().all(|u| u.txid == Some(77)));
+        assert_eq!(Update::from_message(4, None, body)[1].txid, None);
+    }
 }

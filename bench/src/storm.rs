@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use futures_util::future::try_join_all;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use product_gateway::broker::stream::offset_of;
+use product_gateway::broker::stream::{offset_of, txid_of};
 use product_gateway::update::{Update, stream_offset_of};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
@@ -506,7 +506,7 @@ async fn read_stream(
         if let Some(offset) = offset_of(&d)
             && offset >= from
         {
-            for u in Update::from_message(offset, &d.data) {
+            for u in Update::from_message(offset, txid_of(&d), &d.data) {
                 topics.entry(u.topic.clone()).or_default().push((u.offset, u.ts_us));
             }
             messages += 1;

@@ -16,6 +16,10 @@ pub const BATCH_ROUTING_KEY: &str = "product.updates.batch";
 pub const MAX_UPDATE_BYTES: usize = 256;
 
 /// Header carrying the reason of a dead letter.
+/// Header of an update stream message: the id of the database transaction
+/// that committed its updates.
+pub const TXID_HEADER: &str = "x-txid";
+
 pub const REASON_HEADER: &str = "x-reject-reason";
 /// Header carrying a human-readable detail of the reason.
 pub const DETAIL_HEADER: &str = "x-reject-detail";

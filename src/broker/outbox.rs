@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::link::Connector;
-use super::message::BATCH_ROUTING_KEY;
+use super::message::{BATCH_ROUTING_KEY, TXID_HEADER};
 use super::publisher::{Outgoing, PublishError, confirm_channel, publish_all};
 use crate::metrics::Metrics;
 use crate::settings::TopologySettings;
@@ -126,12 +127,14 @@ async fn publish_pending(relay: &Relay, channel: &Channel) -> Result<usize, Rela
             let messages: Vec<Outgoing> = rows
                 .iter()
                 .map(|r| {
+                    let mut headers = FieldTable::default();
+                    headers.insert(TXID_HEADER.into(), AMQPValue::LongLongInt(r.txid));
                     Outgoing::json(
                         &relay.exchange,
                         BATCH_ROUTING_KEY.to_owned(),
                         r.body.clone(),
                         r.message_id.clone(),
-                        None,
+                        Some(headers),
                     )
                 })
                 .collect();

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tokio::sync::Semaphore;
 
 use super::link::{Connector, Link};
+use super::message::TXID_HEADER;
 use crate::metrics::Metrics;
 use crate::settings::HubSettings;
 use crate::update::{CatchUpItem, ResetReason, Update, UpdateSink, stream_offset_of, update_id};
@@ -36,6 +37,14 @@ pub fn offset_of(d: &lapin::message::Delivery) -> Option<u64> {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
         AMQPValue::LongUInt(n) => Some(u64::from(*n)),
         AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// The transaction that committed a stream message (the relay's `x-txid`).
+pub fn txid_of(d: &lapin::message::Delivery) -> Option<u64> {
+    match d.properties.headers().as_ref()?.inner().get(TXID_HEADER)? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
         _ => None,
     }
 }
@@ -116,7 +125,7 @@ async fn warm_start(conn: &Connection, stream: &str, history: usize) -> lapin::R
         if let Some(offset) = offset_of(&d) {
             newest = Some(offset);
             messages += 1;
-            updates += Update::from_message(offset, &d.data).len() as u64;
+            updates += Update::from_message(offset, txid_of(&d), &d.data).len() as u64;
         }
     }
     let _ = channel.close(200, "looked at the end".into()).await;
@@ -200,7 +209,7 @@ pub fn spawn_live(
                 };
                 if let Some(offset) = offset_of(&d) {
                     start = Some(Start::Offset(offset + 1));
-                    let updates = Update::from_message(offset, &d.data);
+                    let updates = Update::from_message(offset, txid_of(&d), &d.data);
                     if updates.is_empty() {
                         tracing::warn!(offset, "unreadable message in the update stream skipped");
                     }
@@ -328,7 +337,7 @@ impl CatchUpReader {
                     Err(_) => return Err(Stalled::Silent("reading")),
                 };
                 let Some(offset) = offset_of(&d) else { continue };
-                let updates = Update::from_message(offset, &d.data);
+                let updates = Update::from_message(offset, txid_of(&d), &d.data);
                 if first && offset > from_offset {
                     // Retention removed what was asked for: say so, never a silent gap.
                     let first_available = updates.first().map(|u| u.offset).unwrap_or(update_id(offset, 0));

@@ -17,7 +17,7 @@ use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::error::ApiError;
 use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
-use crate::hub::session::{ClientError, ClientErrorCode, Session, Transport, reset_json};
+use crate::hub::session::{ClientError, ClientErrorCode, Session, SnapshotFrames, Transport, reset_json};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,20 +78,14 @@ pub async fn events(
         }
     };
     let span = connection_span(sub.id(), "sse", ip);
-    let snap = sub
+    let snapshot = sub
         .subscribe(&topics, since, snapshot)
         .instrument(span.clone())
         .await
         .map_err(ApiError::from)?;
 
     let settings = state.hub.settings();
-    let mut first = format!(": product-gateway\nretry: {}\n\n", settings.sse_retry.as_millis());
-    if let Some(s) = snap {
-        if let Some(offset) = s["offset"].as_u64() {
-            first.push_str(&format!("id: {offset}\n"));
-        }
-        first.push_str(&format!("event: snapshot\ndata: {s}\n\n"));
-    }
+    let first = format!(": product-gateway\nretry: {}\n\n", settings.sse_retry.as_millis());
     let mut pending = VecDeque::new();
     pending.push_back(Bytes::from(first));
     let keepalive = tokio::time::interval_at(
@@ -101,6 +95,7 @@ pub async fn events(
     let body = futures_util::stream::unfold(
         Stream {
             sub,
+            snapshot,
             pending,
             out: Vec::new(),
             keepalive,
@@ -128,6 +123,8 @@ struct Stream {
     /// The connection's span, entered while the body is produced.
     span: tracing::Span,
     sub: Session,
+    /// The snapshot being sent: its parts go before any live update.
+    snapshot: Option<SnapshotFrames>,
     pending: VecDeque<Bytes>,
     out: Vec<FeedItem>,
     keepalive: tokio::time::Interval,
@@ -142,6 +139,22 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
         }
         if s.done {
             return None;
+        }
+        if let Some(frames) = &mut s.snapshot {
+            tokio::select! {
+                _ = s.shutdown.cancelled() => s.done = true,
+                _ = s.keepalive.tick() => s.pending.push_back(Bytes::from_static(b": keep-alive\n\n")),
+                frame = frames.recv() => match frame {
+                    Some(Ok(f)) => s.pending.push_back(snapshot_event(f)),
+                    Some(Err(e)) => {
+                        // The client reconnects without an event id: a fresh snapshot.
+                        s.pending.push_back(Bytes::from(format!("event: error\ndata: {}\n\n", e.to_json())));
+                        s.done = true;
+                    }
+                    None => s.snapshot = None,
+                },
+            }
+            continue;
         }
         tokio::select! {
             _ = s.shutdown.cancelled() => s.done = true,
@@ -162,6 +175,16 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
             }
         }
     }
+}
+
+/// A snapshot frame as an event; `snapshot_end` carries the offset updates
+/// follow as the event id, so a reconnect resumes after the snapshot.
+fn snapshot_event(f: crate::hub::session::SnapshotFrame) -> Bytes {
+    Bytes::from(match f.end_offset {
+        Some(Some(offset)) => format!("id: {offset}\nevent: snapshot_end\ndata: {}\n\n", f.json),
+        Some(None) => format!("event: snapshot_end\ndata: {}\n\n", f.json),
+        None => format!("event: snapshot\ndata: {}\n\n", f.json),
+    })
 }
 
 /// An SSE subscribe answers with the status its code calls for.

@@ -18,7 +18,9 @@ use super::access::connection_span;
 use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
-use crate::hub::session::{ClientError, ClientErrorCode, Dropped, Session, Transport, count_delivery, reset_json};
+use crate::hub::session::{
+    ClientError, ClientErrorCode, Dropped, Session, SnapshotFrames, Transport, count_delivery, reset_json,
+};
 
 /// Frames a client may send.
 #[derive(Debug, Deserialize)]
@@ -94,6 +96,8 @@ async fn run(
     let mut last_frame = Instant::now();
     let mut strikes = 0u32;
     let mut out = Vec::new();
+    // A snapshot being sent: its parts go out before any live update.
+    let mut snapshot: Option<SnapshotFrames> = None;
     // Updates go out through their own handle, one at a time and without
     // holding up the loop: a client that stops reading fills the socket,
     // and the heartbeat below must still see it and close it.
@@ -139,15 +143,19 @@ async fn run(
                         // Boxed: a subscribe (snapshot query, stream catch-up) has a
                         // large state that every idle connection would otherwise carry.
                         // Bounded: its answer waits on the socket too.
-                        Some(t) => match tokio::time::timeout(timeout, Box::pin(handle(&mut sub, &mut session, &t))).await {
-                            Ok(r) => r,
-                            Err(_) => break Some(not_reading(&refuse)),
-                        },
+                        Some(t) => {
+                            let handled = handle(&mut sub, &mut session, &t, snapshot.is_some());
+                            match tokio::time::timeout(timeout, Box::pin(handled)).await {
+                                Ok(r) => r,
+                                Err(_) => break Some(not_reading(&refuse)),
+                            }
+                        }
                     }
                 };
                 match result {
-                    Ok(true) => {}
-                    Ok(false) => break None,
+                    Ok(Handled::Done) => {}
+                    Ok(Handled::Snapshot(frames)) => snapshot = Some(frames),
+                    Ok(Handled::Gone) => break None,
                     Err(e) => {
                         metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
                         match tokio::time::timeout(timeout, session.text(e.to_json())).await {
@@ -174,7 +182,18 @@ async fn run(
                     break None;
                 }
             }
-            open = sub.next(&mut out), if pending.is_empty() => {
+            frame = next_snapshot_frame(&mut snapshot), if pending.is_empty() => {
+                match frame {
+                    Some(Ok(f)) => pending.push_back((f.json.into(), None)),
+                    Some(Err(e)) => {
+                        metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
+                        pending.push_back((e.to_json().into(), None));
+                        snapshot = None;
+                    }
+                    None => snapshot = None,
+                }
+            }
+            open = sub.next(&mut out), if pending.is_empty() && snapshot.is_none() => {
                 for item in out.drain(..) {
                     pending.push_back(match item {
                         FeedItem::Update(u) => (u.ws_frame.clone(), Some(u.ts_us)),
@@ -201,6 +220,16 @@ async fn run(
 fn not_reading<R>(refuse: &impl Fn(Dropped) -> R) -> CloseReason {
     refuse(Dropped::HeartbeatTimeout);
     reason(CloseCode::Policy, "not reading")
+}
+
+/// The next frame of the snapshot being sent; never, when none is.
+async fn next_snapshot_frame(
+    snapshot: &mut Option<SnapshotFrames>,
+) -> Option<Result<crate::hub::session::SnapshotFrame, ClientError>> {
+    match snapshot {
+        Some(frames) => frames.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn send_frame(writer: &mut actix_ws::Session, frame: Option<ByteString>) -> bool {
@@ -231,32 +260,51 @@ pub fn parse_frame(text: &str) -> Result<ClientFrame, ClientError> {
     serde_json::from_value(value).map_err(|e| ClientError::new(ClientErrorCode::BadFrame, format!("{e}")))
 }
 
-/// Handles one client frame; Ok(false) when the socket has gone.
-async fn handle(sub: &mut Session, session: &mut actix_ws::Session, text: &str) -> Result<bool, ClientError> {
+/// What became of a client frame.
+enum Handled {
+    Done,
+    /// A subscribe whose snapshot is to be sent.
+    Snapshot(SnapshotFrames),
+    /// The socket has gone.
+    Gone,
+}
+
+/// Handles one client frame. `sending_snapshot` while an earlier snapshot's
+/// parts are still going out: one snapshot at a time per connection.
+async fn handle(
+    sub: &mut Session,
+    session: &mut actix_ws::Session,
+    text: &str,
+    sending_snapshot: bool,
+) -> Result<Handled, ClientError> {
     match parse_frame(text)? {
         ClientFrame::Subscribe {
             topics,
             since,
             snapshot,
         } => {
-            let snap = sub.subscribe(&topics, since, snapshot).await?;
+            if snapshot && sending_snapshot {
+                return Err(ClientError::new(
+                    ClientErrorCode::Busy,
+                    "a snapshot is still being sent on this connection; ask again after its snapshot_end",
+                ));
+            }
+            let frames = sub.subscribe(&topics, since, snapshot).await?;
             let ack = json!({ "type": "subscribed", "topics": sub.patterns() });
             if session.text(ack.to_string()).await.is_err() {
-                return Ok(false);
+                return Ok(Handled::Gone);
             }
-            if let Some(s) = snap
-                && session.text(s.to_string()).await.is_err()
-            {
-                return Ok(false);
+            if let Some(frames) = frames {
+                return Ok(Handled::Snapshot(frames));
             }
         }
         ClientFrame::Unsubscribe { topics } => {
             sub.unsubscribe(&topics).await?;
             let ack = json!({ "type": "unsubscribed", "topics": topics, "remaining": sub.patterns() });
             if session.text(ack.to_string()).await.is_err() {
-                return Ok(false);
+                return Ok(Handled::Gone);
             }
         }
     }
-    Ok(true)
+    Ok(Handled::Done)
 }

@@ -12,8 +12,7 @@ use tokio::sync::{mpsc, watch};
 use super::client::ClientQueue;
 use super::index::SubscriptionIndex;
 use super::pattern::Pattern;
-use crate::domain::Kind;
-use crate::update::{CatchUpItem, ResetReason, Update};
+use crate::update::{CatchUpItem, ResetReason, Update, Visibility};
 
 #[derive(Debug)]
 pub enum FeedItem {
@@ -84,8 +83,11 @@ pub struct Feed {
     catch_ups: VecDeque<CatchUp>,
     /// Offset of the last update handed out from an open-ended catch-up.
     last_caught_up: Option<u64>,
-    /// Version per product and kind that the client's snapshot already has.
-    snapshot: HashMap<(i64, Kind), i64>,
+    /// Per pattern, what its latest snapshot holds: an update of a
+    /// transaction that snapshot sees is skipped. A later snapshot of a
+    /// pattern sees all an earlier one did, so only the latest is kept, and
+    /// this never holds more than the connection's patterns.
+    snapshots: HashMap<Box<str>, (Pattern, Arc<Visibility>)>,
     buf: Vec<Arc<Update>>,
 }
 
@@ -96,7 +98,7 @@ impl Feed {
             queue,
             catch_ups: VecDeque::new(),
             last_caught_up: None,
-            snapshot: HashMap::new(),
+            snapshots: HashMap::new(),
             buf: Vec::new(),
         }
     }
@@ -111,10 +113,20 @@ impl Feed {
         self.catch_ups.push_back(CatchUp { rx, open_ended });
     }
 
-    /// Records what a snapshot delivered so older updates are skipped.
-    pub fn snapshot_has(&mut self, product_id: i64, kind: Kind, version: i64) {
-        let v = self.snapshot.entry((product_id, kind)).or_insert(version);
-        *v = (*v).max(version);
+    /// Records what a snapshot of `patterns` holds, so the updates it
+    /// already has are skipped.
+    pub fn snapshot_sees(&mut self, patterns: &[Pattern], visible: Visibility) {
+        let visible = Arc::new(visible);
+        for p in patterns {
+            self.snapshots.insert(p.as_str().into(), (p.clone(), visible.clone()));
+        }
+    }
+
+    /// Forgets the snapshots of patterns the connection dropped.
+    pub fn forget_snapshots(&mut self, patterns: &[String]) {
+        for p in patterns {
+            self.snapshots.remove(p.as_str());
+        }
     }
 
     /// Waits for the next items and appends them to `out`, in order.
@@ -214,7 +226,13 @@ impl Feed {
         }
     }
 
+    /// False for an update some snapshot of its topic already holds.
+    /// Updates written before transactions were recorded are never skipped.
     fn wanted(&self, u: &Update) -> bool {
-        self.snapshot.get(&u.key()).is_none_or(|v| *v < u.version)
+        let Some(txid) = u.txid else { return true };
+        !self
+            .snapshots
+            .values()
+            .any(|(p, visible)| visible.sees(txid) && p.matches(&u.topic))
     }
 }

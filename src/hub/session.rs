@@ -252,18 +252,18 @@ impl Session {
         Ok((all, new))
     }
 
-    /// Subscribes; returns the snapshot frame's JSON when one was asked for.
-    /// A snapshot makes `since` unnecessary: it is the state, and only newer
-    /// updates follow.
+    /// Subscribes; when a snapshot was asked for, returns its frames as
+    /// they are read. A snapshot makes `since` unnecessary: it is the state,
+    /// and only newer updates follow.
     pub async fn subscribe(
         &mut self,
         topics: &[String],
         since: Option<u64>,
         snapshot: bool,
-    ) -> Result<Option<serde_json::Value>, ClientError> {
+    ) -> Result<Option<SnapshotFrames>, ClientError> {
         let (patterns, fresh) = self.parse(topics)?;
         // Taken before subscribing, so a client told to retry is left as it was.
-        let _turn = match snapshot {
+        let turn = match snapshot {
             true => Some(self.snapshots.acquire().await?),
             false => None,
         };
@@ -296,40 +296,24 @@ impl Session {
             );
             self.feed.start_catch_up(rx, open_ended);
         }
-        if !snapshot {
-            return Ok(None);
-        }
-        // Registered first, read second: anything committed after the read
-        // is queued, anything before it is in the snapshot and skipped.
-        let products = snapshot_products(&self.read_db, &patterns, self.hub.metrics())
+        let Some(turn) = turn else { return Ok(None) };
+        // Registered first, read second: an update committed after the
+        // read's snapshot is queued, one the snapshot sees is skipped.
+        let read = catalog::SnapshotRead::begin(&self.read_db, named_products(&patterns))
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "snapshot read failed");
-                ClientError::new(
-                    ClientErrorCode::Unavailable,
-                    "snapshots are unavailable; retry in a moment",
-                )
+                snapshot_unavailable()
             })?;
-        let mut rows = Vec::new();
-        for p in products {
-            let mut matched = false;
-            for kind in Kind::ALL {
-                if covers(&patterns, kind, p.id) {
-                    let version = match kind {
-                        Kind::Price => p.price_version,
-                        Kind::Stock => p.stock_version,
-                    };
-                    self.feed.snapshot_has(p.id, kind, version);
-                    matched = true;
-                }
-            }
-            if matched {
-                rows.push(p);
-            }
-        }
-        Ok(Some(
-            json!({ "type": "snapshot", "products": rows, "offset": subscribed.last_offset }),
-        ))
+        self.feed.snapshot_sees(&patterns, read.visibility().clone());
+        Ok(Some(stream_snapshot(SnapshotStream {
+            read,
+            patterns,
+            offset: subscribed.last_offset,
+            part_size: self.hub.settings().snapshot_part_products,
+            metrics: self.hub.metrics().clone(),
+            _turn: turn,
+        })))
     }
 
     pub async fn unsubscribe(&mut self, topics: &[String]) -> Result<(), ClientError> {
@@ -340,6 +324,7 @@ impl Session {
         let gone: HashSet<&str> = topics.iter().map(String::as_str).collect();
         self.patterns.retain(|p| !gone.contains(p.as_str()));
         self.covered.retain(|p, _| !gone.contains(p.as_str()));
+        self.feed.forget_snapshots(topics);
         self.hub.unsubscribe(self.id, topics.to_vec()).await;
         Ok(())
     }
@@ -380,9 +365,6 @@ impl Drop for Session {
     }
 }
 
-/// Catalog rows read per page of a snapshot that does not name its products.
-const SNAPSHOT_PAGE: i64 = 1000;
-
 /// Whether any pattern covers the topic of `kind` for product `id`.
 fn covers(patterns: &[Pattern], kind: Kind, id: i64) -> bool {
     let topic = format!("product.{}.{id}", kind.as_str());
@@ -407,34 +389,116 @@ fn named_products(patterns: &[Pattern]) -> Option<Vec<i64>> {
     Some(ids)
 }
 
-/// The catalog rows a snapshot of `patterns` covers. Named products are
-/// looked up by their ids (the primary key), whatever the catalog's size;
-/// other patterns page through the catalog in id order, keeping only the
-/// rows they cover.
-async fn snapshot_products(
-    db: &Db,
-    patterns: &[Pattern],
-    metrics: &Metrics,
-) -> Result<Vec<catalog::Product>, crate::store::StoreError> {
-    if let Some(ids) = named_products(patterns) {
-        let rows = catalog::list(db, 0, ids.len() as i64, Some(&ids)).await?;
-        metrics.snapshot_rows.inc_by(rows.len() as u64);
-        return Ok(rows);
-    }
-    let (mut out, mut after) = (Vec::new(), 0);
-    loop {
-        let page = catalog::list(db, after, SNAPSHOT_PAGE, None).await?;
-        metrics.snapshot_rows.inc_by(page.len() as u64);
-        let full = page.len() as i64 == SNAPSHOT_PAGE;
-        after = page.last().map_or(after, |p| p.id);
-        out.extend(
-            page.into_iter()
-                .filter(|p| Kind::ALL.iter().any(|k| covers(patterns, *k, p.id))),
-        );
-        if !full {
-            return Ok(out);
+fn snapshot_unavailable() -> ClientError {
+    ClientError::new(
+        ClientErrorCode::Unavailable,
+        "snapshots are unavailable; retry in a moment",
+    )
+}
+
+/// One frame of a snapshot, serialised: a `snapshot` part, or the
+/// `snapshot_end` that closes them with the stream offset updates follow.
+#[derive(Debug)]
+pub struct SnapshotFrame {
+    pub json: String,
+    /// On `snapshot_end` only: where updates resume (SSE's event id).
+    pub end_offset: Option<Option<u64>>,
+}
+
+/// A snapshot's frames in order, read a page ahead of the socket. An error
+/// ends them: the client is told the snapshot was cut short.
+pub type SnapshotFrames = mpsc::Receiver<Result<SnapshotFrame, ClientError>>;
+
+/// A snapshot being read: its transaction, its patterns, and its turn among
+/// the snapshots that run at once (held until the last frame is taken).
+struct SnapshotStream {
+    read: catalog::SnapshotRead,
+    patterns: Vec<Pattern>,
+    offset: Option<u64>,
+    part_size: usize,
+    metrics: Arc<Metrics>,
+    _turn: OwnedSemaphorePermit,
+}
+
+/// Sends one `snapshot` part; false when it cannot go (the receiver left
+/// or the part does not serialise, which the receiver is then told).
+async fn send_part(
+    tx: &mpsc::Sender<Result<SnapshotFrame, ClientError>>,
+    part: u64,
+    products: &[catalog::Product],
+) -> bool {
+    let part = Part {
+        kind: "snapshot",
+        part,
+        products,
+    };
+    let frame = serde_json::to_string(&part)
+        .map(|json| SnapshotFrame { json, end_offset: None })
+        .map_err(|e| {
+            tracing::error!(error = %e, "snapshot part not serialisable");
+            snapshot_unavailable()
+        });
+    let ok = frame.is_ok();
+    tx.send(frame).await.is_ok() && ok
+}
+
+#[derive(serde::Serialize)]
+struct Part<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    part: u64,
+    products: &'a [catalog::Product],
+}
+
+/// Reads the snapshot page by page in a task of its own, each page's rows
+/// that the patterns cover becoming a `snapshot` part; at least one part,
+/// then `snapshot_end`. One part waits at a time: memory per snapshot stays
+/// a page, and a client that stops reading stops the read. A dropped
+/// receiver ends the task.
+fn stream_snapshot(mut s: SnapshotStream) -> SnapshotFrames {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let (mut parts, mut products) = (0u64, 0u64);
+        loop {
+            let page = match s.read.next_page(s.part_size).await {
+                Ok(Some(page)) => page,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, part = parts, "snapshot read failed");
+                    let _ = tx.send(Err(snapshot_unavailable())).await;
+                    return;
+                }
+            };
+            s.metrics.snapshot_rows.inc_by(page.len() as u64);
+            let rows: Vec<catalog::Product> = page
+                .into_iter()
+                .filter(|p| Kind::ALL.iter().any(|k| covers(&s.patterns, *k, p.id)))
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            if !send_part(&tx, parts, &rows).await {
+                return;
+            }
+            parts += 1;
+            products += rows.len() as u64;
         }
-    }
+        // Every snapshot has a first part, if empty, so a client can await it.
+        if parts == 0 {
+            if !send_part(&tx, 0, &[]).await {
+                return;
+            }
+            parts = 1;
+        }
+        let end = json!({ "type": "snapshot_end", "parts": parts, "products": products, "offset": s.offset });
+        let _ = tx
+            .send(Ok(SnapshotFrame {
+                json: end.to_string(),
+                end_offset: Some(s.offset),
+            }))
+            .await;
+    });
+    rx
 }
 
 pub fn reset_json(offset: u64, reason: ResetReason) -> serde_json::Value {

@@ -7,8 +7,9 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
 use super::schema::{product_photos, products};
-use super::{Db, StoreError};
+use super::{Db, DbConn, StoreError};
 use crate::domain::ProductId;
+use crate::update::Visibility;
 
 /// A product as clients see it, with the version of each attribute so that
 /// snapshot and updates can be merged without gaps or duplicates.
@@ -44,6 +45,102 @@ pub async fn list(db: &Db, after: i64, limit: i64, ids: Option<&[i64]>) -> Resul
         query = query.filter(products::id.eq_any(ids.to_vec()));
     }
     Ok(query.load(&mut conn).await?)
+}
+
+/// One snapshot's read of the catalog: every page comes from the same
+/// database snapshot (one read-only repeatable-read transaction), whose
+/// [`Visibility`] says which updates the pages already hold. Pages are read
+/// one at a time, so memory stays bounded whatever the catalog's size.
+pub struct SnapshotRead {
+    conn: DbConn,
+    visible: Visibility,
+    /// The products to read, sorted, when they are named; the catalog
+    /// otherwise.
+    ids: Option<Vec<i64>>,
+    /// How many of `ids` were read.
+    read: usize,
+    /// Id of the last product read.
+    after: i64,
+    done: bool,
+}
+
+impl SnapshotRead {
+    /// Opens the transaction and takes its snapshot. A reader dropped
+    /// before its end leaves its connection in a transaction: the pool
+    /// discards such a connection rather than reuse it.
+    pub async fn begin(db: &Db, ids: Option<Vec<i64>>) -> Result<Self, StoreError> {
+        use diesel_async::AnsiTransactionManager;
+        let mut conn = db.get().await?;
+        AnsiTransactionManager::begin_transaction_sql(
+            &mut *conn,
+            "BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        )
+        .await?;
+        #[derive(QueryableByName)]
+        struct Snapshot {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            snapshot: String,
+        }
+        // The first statement fixes the transaction's snapshot: this one.
+        let s: Snapshot = diesel::sql_query("SELECT pg_current_snapshot()::text AS snapshot")
+            .get_result(&mut *conn)
+            .await?;
+        let visible = Visibility::parse(&s.snapshot).ok_or_else(|| {
+            StoreError::Query(diesel::result::Error::DeserializationError(
+                format!("unreadable snapshot {:?}", s.snapshot).into(),
+            ))
+        })?;
+        Ok(Self {
+            conn,
+            visible,
+            ids,
+            read: 0,
+            after: 0,
+            done: false,
+        })
+    }
+
+    /// Which committed transactions the pages reflect.
+    pub fn visibility(&self) -> &Visibility {
+        &self.visible
+    }
+
+    /// The next at most `limit` products in id order; None once all were
+    /// read (the transaction is then ended).
+    pub async fn next_page(&mut self, limit: usize) -> Result<Option<Vec<Product>>, StoreError> {
+        use diesel_async::{AnsiTransactionManager, TransactionManager};
+        if self.done {
+            return Ok(None);
+        }
+        let mut query = products::table
+            .select(Product::as_select())
+            .filter(products::id.gt(self.after))
+            .order(products::id)
+            .limit(limit as i64)
+            .into_boxed();
+        let mut named = 0;
+        if let Some(ids) = &self.ids {
+            let chunk = &ids[self.read..(self.read + limit).min(ids.len())];
+            named = chunk.len();
+            query = query.filter(products::id.eq_any(chunk.to_vec()));
+        }
+        let page: Vec<Product> = query.load(&mut *self.conn).await?;
+        // Moved on only once the page is in hand.
+        self.after = page.last().map_or(self.after, |p| p.id);
+        self.read += named;
+        let last = match &self.ids {
+            Some(ids) => self.read == ids.len(),
+            None => page.len() < limit,
+        };
+        if last {
+            AnsiTransactionManager::commit_transaction(&mut *self.conn).await?;
+            self.done = true;
+            if page.is_empty() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(page))
+    }
 }
 
 pub async fn get(db: &Db, id: ProductId) -> Result<Option<Product>, StoreError> {

@@ -25,6 +25,9 @@ pub struct Pending {
     /// Updates in the message, for the broadcast counter.
     #[diesel(sql_type = Integer)]
     pub updates: i32,
+    /// The transaction that wrote it.
+    #[diesel(sql_type = BigInt)]
+    pub txid: i64,
 }
 
 /// Records the applied updates, in commit order, as stream messages of at
@@ -72,7 +75,7 @@ pub async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diesel::resu
 
 /// The oldest pending messages, in commit order.
 pub async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Pending>, diesel::result::Error> {
-    diesel::sql_query("SELECT seq, message_id, body, updates FROM update_outbox ORDER BY seq LIMIT $1")
+    diesel::sql_query("SELECT seq, message_id, body, updates, txid FROM update_outbox ORDER BY seq LIMIT $1")
         .bind::<BigInt, _>(limit)
         .load(conn)
         .await

@@ -88,6 +88,33 @@ impl WsClient {
         }
     }
 
+    /// The snapshot that comes next: its parts (checked to be numbered in
+    /// order, each skipping nothing else) gathered into one value with
+    /// `products`, `parts` and the `offset` of its `snapshot_end`.
+    pub async fn snapshot(&mut self, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut gathered = Snapshot::default();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let v = self.next_of_any(&["snapshot", "snapshot_end"], left).await;
+            if let Some(done) = gathered.take(&v) {
+                return done;
+            }
+        }
+    }
+
+    /// Next frame of one of the given types, skipping others.
+    pub async fn next_of_any(&mut self, types: &[&str], within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let v = self.json(left).await;
+            if types.iter().any(|t| v["type"] == *t) {
+                return v;
+            }
+        }
+    }
+
     pub async fn subscribe(&mut self, topics: &[&str], since: Option<u64>, snapshot: bool) -> Value {
         let mut frame = serde_json::json!({"op": "subscribe", "topics": topics, "snapshot": snapshot});
         if let Some(s) = since {
@@ -110,6 +137,41 @@ impl WsClient {
             }
         }
         out
+    }
+}
+
+/// A snapshot's parts as they arrive, gathered until its end.
+#[derive(Default)]
+pub struct Snapshot {
+    products: Vec<Value>,
+    parts: u64,
+}
+
+impl Snapshot {
+    /// Takes one `snapshot` part or the `snapshot_end`; returns the whole
+    /// snapshot at its end. Panics on a part out of order or an end whose
+    /// counts disagree with the parts.
+    pub fn take(&mut self, frame: &Value) -> Option<Value> {
+        match frame["type"].as_str() {
+            Some("snapshot") => {
+                assert_eq!(frame["part"], self.parts, "snapshot parts in order: {frame:.200}");
+                self.products
+                    .extend(frame["products"].as_array().expect("a part's products").iter().cloned());
+                self.parts += 1;
+                None
+            }
+            Some("snapshot_end") => {
+                assert!(self.parts >= 1, "a snapshot has a first part");
+                assert_eq!(frame["parts"], self.parts, "{frame}");
+                assert_eq!(frame["products"], self.products.len(), "{frame}");
+                Some(serde_json::json!({
+                    "products": std::mem::take(&mut self.products),
+                    "parts": self.parts,
+                    "offset": frame["offset"],
+                }))
+            }
+            other => panic!("not a snapshot frame: {other:?}"),
+        }
     }
 }
 
@@ -185,6 +247,24 @@ impl SseClient {
                 }
             };
             self.buf.push_str(std::str::from_utf8(&chunk).expect("UTF-8 SSE"));
+        }
+    }
+
+    /// The snapshot that comes next, gathered as [`WsClient::snapshot`]
+    /// does; its `id` is that of the `snapshot_end` event.
+    pub async fn snapshot(&mut self, within: Duration) -> (Option<u64>, Value) {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut gathered = Snapshot::default();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let e = self.next(left).await.expect("a snapshot event before the deadline");
+            if e.event != "snapshot" && e.event != "snapshot_end" {
+                continue;
+            }
+            assert_eq!(e.data["type"], e.event.as_str(), "{:?}", e);
+            if let Some(done) = gathered.take(&e.data) {
+                return (e.id, done);
+            }
         }
     }
 

@@ -553,8 +553,10 @@ async fn the_generator_keeps_its_rate_over_sparse_ids_and_touches_only_existing_
     println!(
         "{events} events in {secs:.1} s at 200/s over ids 3, 20, 45; {issued} versions issued, {per_product} products touched"
     );
-    // One or two events per pick: at least the rate asked for, minus start-up.
-    assert!(events >= 0.6 * 200.0 * 3.0, "{events} events in {secs:.1} s");
+    // Picks among 1..=45 that skipped missing ids would publish 3/45 of the
+    // rate (about 40 events); a loaded machine may slow the generator, so the
+    // bound sits far below the rate and far above that.
+    assert!(events >= 0.3 * 200.0 * 3.0, "{events} events in {secs:.1} s");
     assert_eq!(per_product, 3, "every existing product is picked");
     app.stop().await;
 }

@@ -173,9 +173,45 @@ async fn two_instances_serve_every_update_and_clients_can_move_between_them() {
     b.stop().await;
 }
 
+/// A client's view of the catalog: product id → (price, price_version,
+/// stock, stock_version), from a snapshot and then updates.
+struct View(HashMap<i64, [i64; 4]>);
+
+impl View {
+    fn of_snapshot(snapshot: &Value) -> View {
+        let mut view = HashMap::new();
+        for p in snapshot["products"].as_array().unwrap() {
+            let g = |k: &str| p[k].as_i64().unwrap();
+            let row = [g("price_cents"), g("price_version"), g("stock"), g("stock_version")];
+            assert!(
+                view.insert(g("product_id"), row).is_none(),
+                "a product once in a snapshot: {p}"
+            );
+        }
+        View(view)
+    }
+
+    /// Applies one update's data, which must be newer than what the view has.
+    fn apply(&mut self, d: &Value, transport: &str) {
+        let entry = self.0.get_mut(&d["product_id"].as_i64().unwrap()).unwrap();
+        let (value, version) = if d["kind"] == "price" { (0, 1) } else { (2, 3) };
+        let v = d["version"].as_i64().unwrap();
+        assert!(
+            v > entry[version],
+            "{transport}: no duplicate or stale update after the snapshot: {d}"
+        );
+        entry[version] = v;
+        entry[value] = d[if d["kind"] == "price" { "price_cents" } else { "stock" }]
+            .as_i64()
+            .unwrap();
+    }
+}
+
 #[actix_rt::test]
-async fn snapshot_then_updates_under_a_running_generator_equals_the_database() {
-    let app = spawn_app().await;
+async fn snapshot_in_parts_then_updates_under_a_running_generator_equals_the_database() {
+    // Seven products a part: the 50-product catalog comes in eight parts,
+    // read one page at a time while the generator changes it.
+    let app = testkit::spawn_app_with(|s| s.hub.snapshot_part_products = 7).await;
     app.admin(
         Method::POST,
         "/admin/generator",
@@ -189,21 +225,33 @@ async fn snapshot_then_updates_under_a_running_generator_equals_the_database() {
     let mut ws = WsClient::connect(&app.address).await;
     ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.#"], "snapshot": true}))
         .await;
-    let snap = ws.next_of("snapshot", T).await;
-    // product id → (price, price_version, stock, stock_version)
-    let mut view: HashMap<i64, [i64; 4]> = HashMap::new();
-    for p in snap["products"].as_array().unwrap() {
-        let g = |k: &str| p[k].as_i64().unwrap();
-        view.insert(
-            g("product_id"),
-            [g("price_cents"), g("price_version"), g("stock"), g("stock_version")],
-        );
-    }
-    assert_eq!(view.len(), 50);
-    let mut applied = 0;
+    let mut sse = SseClient::connect(&app.address, "topics=product.%23&snapshot=true", None)
+        .await
+        .unwrap();
+    let ws_snap = ws.snapshot(T).await;
+    let (sse_id, sse_snap) = sse.snapshot(T).await;
+    assert_eq!(ws_snap["parts"], 8, "50 products in parts of 7");
+    assert_eq!(sse_snap["parts"], 8);
+    assert_eq!(
+        sse_id,
+        sse_snap["offset"].as_u64(),
+        "snapshot_end's id is where updates resume"
+    );
+    let mut ws_view = View::of_snapshot(&ws_snap);
+    let mut sse_view = View::of_snapshot(&sse_snap);
+    assert_eq!(ws_view.0.len(), 50);
+    assert_eq!(sse_view.0.len(), 50);
+    let (mut ws_applied, mut sse_applied) = (0, 0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     let mut stopped = false;
+    // A transport is done once the generator stopped and it was quiet for 2 s.
+    let (mut ws_seen, mut sse_seen) = (tokio::time::Instant::now(), tokio::time::Instant::now());
+    let quiet = |seen: tokio::time::Instant| stopped_at_least(seen, Duration::from_secs(2));
     loop {
+        let (ws_done, sse_done) = (stopped && quiet(ws_seen), stopped && quiet(sse_seen));
+        if ws_done && sse_done {
+            break;
+        }
         if !stopped && tokio::time::Instant::now() > deadline {
             app.admin(
                 Method::POST,
@@ -212,36 +260,78 @@ async fn snapshot_then_updates_under_a_running_generator_equals_the_database() {
             )
             .await;
             stopped = true;
+            (ws_seen, sse_seen) = (tokio::time::Instant::now(), tokio::time::Instant::now());
         }
-        let Some(testkit::clients::WsEvent::Json(u)) = ws.next(Duration::from_secs(3)).await else {
-            assert!(stopped, "updates stopped before the generator did");
-            break;
-        };
-        if u["type"] != "update" {
-            continue;
+        if !ws_done {
+            match ws.next(Duration::from_millis(100)).await {
+                Some(testkit::clients::WsEvent::Json(u)) if u["type"] == "update" => {
+                    ws_view.apply(&u["data"], "ws");
+                    ws_applied += 1;
+                    ws_seen = tokio::time::Instant::now();
+                }
+                Some(testkit::clients::WsEvent::Json(_)) | None => {}
+                Some(other) => panic!("ws: {other:?}"),
+            }
         }
-        let d = &u["data"];
-        let entry = view.get_mut(&d["product_id"].as_i64().unwrap()).unwrap();
-        let (value, version) = if d["kind"] == "price" { (0, 1) } else { (2, 3) };
-        let v = d["version"].as_i64().unwrap();
-        assert!(
-            v > entry[version],
-            "no duplicate or stale update after the snapshot: {u}"
-        );
-        entry[version] = v;
-        entry[value] = d[if d["kind"] == "price" { "price_cents" } else { "stock" }]
-            .as_i64()
-            .unwrap();
-        applied += 1;
+        if !sse_done {
+            match sse.next(Duration::from_millis(100)).await {
+                Some(e) if e.event == "price" || e.event == "stock" => {
+                    sse_view.apply(&e.data, "sse");
+                    sse_applied += 1;
+                    sse_seen = tokio::time::Instant::now();
+                }
+                Some(_) => {}
+                None => assert!(!sse.ended, "the SSE stream ended"),
+            }
+        }
     }
-    assert!(applied > 50, "updates flowed after the snapshot: {applied}");
+    println!("after a snapshot in 8 parts: {ws_applied} updates on WebSocket, {sse_applied} on SSE");
+    assert!(ws_applied > 50, "ws: updates flowed after the snapshot: {ws_applied}");
+    assert!(
+        sse_applied > 50,
+        "sse: updates flowed after the snapshot: {sse_applied}"
+    );
     let (_, page) = app.get_json("/products?limit=1000").await;
     for p in page["products"].as_array().unwrap() {
         let g = |k: &str| p[k].as_i64().unwrap();
         let want = [g("price_cents"), g("price_version"), g("stock"), g("stock_version")];
-        assert_eq!(view[&g("product_id")], want, "product {}", g("product_id"));
+        assert_eq!(ws_view.0[&g("product_id")], want, "ws: product {}", g("product_id"));
+        assert_eq!(sse_view.0[&g("product_id")], want, "sse: product {}", g("product_id"));
     }
     app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_snapshot_asked_while_another_is_sent_is_refused_as_busy_and_the_first_completes() {
+    // One product a part: the first snapshot is still going out when the
+    // second subscribe arrives right behind it.
+    let app = testkit::spawn_app_with(|s| s.hub.snapshot_part_products = 1).await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.price.*"], "snapshot": true}))
+        .await;
+    ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.stock.*"], "snapshot": true}))
+        .await;
+    let (mut gathered, mut refused, mut whole) = (testkit::clients::Snapshot::default(), None, None);
+    while whole.is_none() || refused.is_none() {
+        let frame = ws.json(T).await;
+        match frame["type"].as_str() {
+            Some("snapshot" | "snapshot_end") => whole = whole.or(gathered.take(&frame)),
+            Some("error") => refused = Some(frame),
+            _ => {}
+        }
+    }
+    let refused = refused.unwrap();
+    assert_eq!(refused["code"], "busy", "{refused}");
+    assert_eq!(whole.unwrap()["products"].as_array().unwrap().len(), 50);
+    // Asked again once the first has ended, it is served.
+    ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.stock.*"], "snapshot": true}))
+        .await;
+    assert_eq!(ws.snapshot(T).await["parts"], 50);
+    app.stop().await;
+}
+
+fn stopped_at_least(since: tokio::time::Instant, long: Duration) -> bool {
+    since.elapsed() >= long
 }
 
 #[actix_rt::test]
@@ -345,12 +435,12 @@ async fn resubscribing_a_pattern_with_a_snapshot_returns_its_products() {
     fresh
         .subscribe(&["product.price.*", "product.stock.4"], None, true)
         .await;
-    let want = fresh.next_of("snapshot", T).await;
+    let want = fresh.snapshot(T).await;
 
     let mut ws = WsClient::connect(&app.address).await;
     ws.subscribe(&["product.price.*"], None, false).await;
     ws.subscribe(&["product.price.*", "product.stock.4"], None, true).await;
-    let got = ws.next_of("snapshot", T).await;
+    let got = ws.snapshot(T).await;
     println!(
         "fresh snapshot {:?}, re-subscribed snapshot {:?}",
         snapshot_ids(&want),
@@ -429,7 +519,7 @@ async fn a_snapshot_of_named_products_reads_only_their_rows() {
     let mut ws = WsClient::connect(&app.address).await;
     ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.*.7", "product.price.9"], "snapshot": true}))
         .await;
-    let snapshot = ws.next_of("snapshot", T).await;
+    let snapshot = ws.snapshot(T).await;
     let ids: Vec<i64> = snapshot["products"]
         .as_array()
         .unwrap()
@@ -441,7 +531,7 @@ async fn a_snapshot_of_named_products_reads_only_their_rows() {
     // A pattern that leaves the product open reads the whole catalog, by pages.
     ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.stock.*"], "snapshot": true}))
         .await;
-    let all = ws.next_of("snapshot", T).await;
+    let all = ws.snapshot(T).await;
     let catalog = all["products"].as_array().unwrap().len() as f64;
     let open = rows().await - before - named;
     println!("rows read: {named} for two named products, {open} for product.stock.* over {catalog} products");
