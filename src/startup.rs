@@ -180,6 +180,9 @@ impl Application {
                 tracing::debug!(error = %e, "could not set the socket send buffer");
             }
         })
+        // Frames go out as written: with Nagle's algorithm a frame written
+        // behind another waits for the client's delayed ACK (40 ms).
+        .tcp_nodelay(true)
         .disable_signals()
         .shutdown_timeout(5);
         if settings.server.workers > 0 {

@@ -455,9 +455,12 @@ struct Part<'a> {
 /// then `snapshot_end`. One part waits at a time: memory per snapshot stays
 /// a page, and a client that stops reading stops the read. A dropped
 /// receiver ends the task.
-fn stream_snapshot(mut s: SnapshotStream) -> SnapshotFrames {
+fn stream_snapshot(s: SnapshotStream) -> SnapshotFrames {
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
+        // The whole of it, turn included: the block would otherwise capture
+        // only the fields it uses and give the turn back at once.
+        let mut s = s;
         let (mut parts, mut products) = (0u64, 0u64);
         loop {
             let page = match s.read.next_page(s.part_size).await {

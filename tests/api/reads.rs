@@ -169,3 +169,45 @@ async fn snapshot_flood_does_not_starve_the_apply_path() {
     );
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_snapshot_holds_its_turn_until_its_last_part_is_taken() {
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    settings.hub.max_concurrent_snapshots = 1;
+    settings.hub.snapshot_wait = Duration::from_millis(300);
+    let app = spawn_with(iso.clone(), settings).await;
+    // 100,000 products, some 15 MB of snapshot: more than the sockets buffer.
+    let mut conn = app.state.db.get().await.unwrap();
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(
+            "INSERT INTO products (id, name, price_cents, stock) \
+             SELECT g, 'product ' || g, 100, 1 FROM generate_series(51, 100000) AS g",
+        ),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    // A client that asks for everything and reads nothing.
+    let port = app.port;
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head = format!("GET /events?topics=%23&snapshot=true HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Its snapshot is still being sent: the one turn is taken.
+    let Err((status, body)) = SseClient::connect(&app.address, "topics=product.*.7&snapshot=true", None).await else {
+        panic!("a second snapshot was served while the only turn was held");
+    };
+    assert_eq!((status, body["code"].as_str()), (503, Some("busy")), "{body}");
+    // Once that client hangs up, its turn is free again.
+    drop(stalled);
+    testkit::eventually(Duration::from_secs(10), "the turn given back", || async {
+        SseClient::connect(&app.address, "topics=product.*.7&snapshot=true", None)
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    app.stop().await;
+}

@@ -330,6 +330,32 @@ async fn a_snapshot_asked_while_another_is_sent_is_refused_as_busy_and_the_first
     app.stop().await;
 }
 
+#[actix_rt::test]
+async fn frames_written_back_to_back_are_not_held_for_the_clients_ack() {
+    // A subscribe's answer is three frames written one after another
+    // (`subscribed`, a part, `snapshot_end`); with Nagle's algorithm on the
+    // server's socket the later ones wait for the client's delayed ACK,
+    // 40 ms or more each time.
+    let app = spawn_app().await;
+    let mut ws = WsClient::connect(&app.address).await;
+    let mut took = Vec::new();
+    for _ in 0..15 {
+        let started = std::time::Instant::now();
+        ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.*.5"], "snapshot": true}))
+            .await;
+        ws.snapshot(T).await;
+        took.push(started.elapsed());
+    }
+    took.sort();
+    let median = took[took.len() / 2];
+    println!(
+        "subscribe to snapshot_end: median {median:?}, slowest {:?}",
+        took[took.len() - 1]
+    );
+    assert!(median < Duration::from_millis(30), "median {median:?}: {took:?}");
+    app.stop().await;
+}
+
 fn stopped_at_least(since: tokio::time::Instant, long: Duration) -> bool {
     since.elapsed() >= long
 }
