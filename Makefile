@@ -27,23 +27,27 @@ test: export RUST_LOG ?= warn
 
 # Tests that stop and restart the shared services: they run alone, after the
 # others. Integration test targets are tests/*.rs and tests/*/main.rs.
+# The cluster fault run needs the three-node cluster: `make test-cluster`.
 RESTART_TEST  := service_restarts
+CLUSTER_TEST  := cluster
 TEST_TARGETS  := $(sort $(basename $(notdir $(wildcard tests/*.rs))) \
                         $(notdir $(patsubst %/,%,$(dir $(wildcard tests/*/main.rs)))))
 HAS_RESTART   := $(filter $(RESTART_TEST),$(TEST_TARGETS))
-OTHER_TESTS   := $(filter-out $(RESTART_TEST),$(TEST_TARGETS))
+OTHER_TESTS   := $(filter-out $(RESTART_TEST) $(CLUSTER_TEST),$(TEST_TARGETS))
+# The harness's broker for the cluster run: node c1 of scripts/cluster.sh.
+CLUSTER_ENV   := GATEWAY_TEST_AMQP=amqp://guest:guest@127.0.0.1:5701 GATEWAY_TEST_RABBIT_API=http://127.0.0.1:15701
 
 # Evaluated only by the recipes that use it.
 HAVE_NEXTEST = $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
 ifeq ($(HAS_RESTART),)
-NEXTEST_FILTER :=
+NEXTEST_FILTER := -E 'not binary($(CLUSTER_TEST))'
 else
-NEXTEST_FILTER := -E 'not binary($(RESTART_TEST))'
+NEXTEST_FILTER := -E 'not binary($(RESTART_TEST)) and not binary($(CLUSTER_TEST))'
 endif
 CARGO_TEST_SELECTION := --lib --bins $(foreach t,$(OTHER_TESTS),--test $(t))
 
-.PHONY: help services definitions build run test lint deny bench chaos fmt clean
+.PHONY: help services definitions build run test test-cluster lint deny bench chaos cluster cluster-stop cluster-chaos fmt clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -106,6 +110,32 @@ bench: services ## load benchmark, every scenario (< 17 min); table into BENCHMA
 
 chaos: services ## five-minute fault run (tests/service_restarts/chaos.rs); prints lost = 0 and recovery times
 	$(CARGO) test --release --test service_restarts -- --ignored --nocapture full_chaos_run_loses_nothing
+
+test-cluster: services ## cluster fault run (tests/cluster): three RabbitMQ nodes started, a node killed under load, nodes taken down
+	@rc=0; \
+	scripts/cluster.sh nodes || rc=$$?; \
+	if [ $$rc = 0 ]; then \
+		echo "+ $(CLUSTER_ENV) $(CARGO) nextest run --profile ci --test $(CLUSTER_TEST) --test-threads 1"; \
+		$(CLUSTER_ENV) $(CARGO) nextest run --profile ci --test $(CLUSTER_TEST) --test-threads 1 || rc=$$?; \
+	fi; \
+	scripts/cluster.sh down; \
+	exit $$rc
+
+cluster: services ## three RabbitMQ nodes, three gateways behind HAProxy on :8090; prints every URL
+	$(CARGO) build --release --bin product-gateway
+	scripts/cluster.sh up
+
+cluster-stop: ## stops what `make cluster` started
+	scripts/cluster.sh down
+
+cluster-chaos: services ## five-minute fault run on the cluster; prints lost = 0, client gaps and recovery times
+	@rc=0; \
+	scripts/cluster.sh nodes || rc=$$?; \
+	if [ $$rc = 0 ]; then \
+		$(CLUSTER_ENV) $(CARGO) test --release --test $(CLUSTER_TEST) -- --ignored --nocapture full_cluster_chaos_run_loses_nothing || rc=$$?; \
+	fi; \
+	scripts/cluster.sh down; \
+	exit $$rc
 
 deny: ## licences, bans and sources of every dependency (cargo-deny, installed when missing)
 	@command -v cargo-deny >/dev/null 2>&1 || $(CARGO) install cargo-deny --locked

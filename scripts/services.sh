@@ -425,14 +425,23 @@ usage: $0 <command>
                management API
   definitions  load ${DEFINITIONS} into vhost '${RABBIT_VHOST}' via the management API
   chromium     install chromium and tests/browser's npm packages if missing
+  haproxy      install HAProxy if missing (the load balancer of make cluster)
   status       report which services answer (exit 1 if any does not)
   restart-postgres, stop-redis, start-redis, restart-rabbitmq
                faults for the chaos run; each leaves the service as it says
 EOF
 }
 
+# HAProxy, the load balancer of `make cluster`.
+haproxy_installed() {
+    have haproxy && return 0
+    is_debian_root || die "haproxy missing: install it (Debian: sudo apt-get install -y haproxy)"
+    apt_install haproxy
+}
+
 case "${1:-}" in
 ensure) ensure ;;
+haproxy) haproxy_installed ;;
 definitions) definitions ;;
 chromium) chromium ;;
 status) status ;;

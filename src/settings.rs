@@ -130,12 +130,26 @@ pub struct RedisSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct RabbitSettings {
     pub url: Secret,
+    /// Every node of a cluster, tried in turn; when empty, `url` alone.
+    #[serde(default)]
+    pub urls: Vec<Secret>,
     pub management_url: String,
     #[serde(rename = "reconnect_min_ms", deserialize_with = "millis")]
     pub reconnect_min: Duration,
     #[serde(rename = "reconnect_max_ms", deserialize_with = "millis")]
     pub reconnect_max: Duration,
     pub topology: TopologySettings,
+}
+
+impl RabbitSettings {
+    /// The broker endpoints to connect to, in the order given.
+    pub fn endpoints(&self) -> Vec<Secret> {
+        if self.urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.urls.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +165,10 @@ pub struct TopologySettings {
     pub stream_max_age: String,
     pub stream_max_length_bytes: i64,
     pub stream_max_segment_size_bytes: i64,
+    /// Nodes that hold each apply queue and the update stream when they are
+    /// created (`x-quorum-initial-group-size`, `x-initial-cluster-size`): 1
+    /// on a single node, 3 on a three-node cluster; 0 leaves it to the broker.
+    pub replicas: u32,
     /// Largest message body the broker should accept (its `max_message_size`,
     /// node-wide, set in the broker config this project ships); checked
     /// against the broker at start.
@@ -279,7 +297,10 @@ impl Settings {
                 config::Environment::with_prefix("GATEWAY")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    // GATEWAY__RABBIT__URLS=amqp://a,amqp://b
+                    .list_separator(",")
+                    .with_list_parse_key("rabbit.urls"),
             )
             .build()?
             .try_deserialize()?;

@@ -20,11 +20,13 @@ pub fn init() {
 }
 
 /// Drops lapin's error line for a channel the broker closed because a
-/// message was over its size limit. At every start the service probes that
-/// limit on purpose (`broker::topology::probe_message_limit`) and reports
-/// the outcome itself; lapin logs any channel closed by the broker as an
-/// error, which would alarm operators at each start. A publisher refused
-/// for its size still reports the refusal through its own error.
+/// message was over its size limit, or because a queue exists with other
+/// members than the service asks for. At every start the service probes
+/// that limit on purpose (`broker::topology::probe_message_limit`), and
+/// declares its queues with their member counts, and reports either outcome
+/// itself; lapin logs any channel closed by the broker as an error, which
+/// would alarm operators at each start. A publisher refused for its size
+/// still reports the refusal through its own error.
 pub struct ExpectedRefusals;
 
 impl<S: Subscriber> Layer<S> for ExpectedRefusals {
@@ -43,7 +45,9 @@ struct SizeRefusal(bool);
 impl Visit for SizeRefusal {
     fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
         if field.name() == "method" {
-            self.0 |= format!("{value:?}").contains("is larger than configured max size");
+            let text = format!("{value:?}");
+            self.0 |=
+                text.contains("is larger than configured max size") || crate::broker::topology::is_other_members(&text);
         }
     }
 }
@@ -81,7 +85,9 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let refusal = "Close { reply_text: \"PRECONDITION_FAILED - message size 262145 is larger than configured max size 262144\" }";
             let other = "Close { reply_text: \"PRECONDITION_FAILED - inequivalent arg 'x-queue-type'\" }";
+            let members = "Close { reply_text: \"PRECONDITION_FAILED - inequivalent arg 'x-initial-cluster-size' for queue 's'\" }";
             tracing::error!(target: "lapin::channel", method = refusal, "size refusal");
+            tracing::error!(target: "lapin::channel", method = members, "members refusal");
             tracing::error!(target: "lapin::channel", method = other, "other refusal");
             tracing::error!(target: "product_gateway", method = refusal, "not lapin");
         });

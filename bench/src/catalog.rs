@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::Mutex;
 
-use crate::children::PubProc;
+use crate::children::{Args, Child, PubProc};
 use crate::infra::{self, Instance, Isolation, mgmt_json, rss_kib};
 use crate::load::{Pace, pct_ms};
 use crate::report::thousands;
@@ -24,12 +24,13 @@ const S: &str = "8. million-product catalog";
 
 pub const METHOD: &str = r#"- **8. Million-product catalog.** A database and vhost of its own. *Seed*: `seed::seed` of
   1,000,000 products into the empty catalog, timed (the service is up; no photos are stored).
-  *Whole-catalog snapshots*: 10 SSE clients ask `product.#` with `snapshot=true` at once (this
-  instance allows 10 snapshots at a time, `hub.max_concurrent_snapshots`, and 12 read connections);
-  time to the first `snapshot` part and to `snapshot_end`, from the request; *RSS growth* is the bench
-  process's (which runs the service; the clients keep one part at a time) highest RSS, sampled every
-  50 ms while they run, minus its RSS just before. Then the service restarts with the shipped
-  settings. *One-product snapshot*: 300 times each, a new WebSocket connection subscribes to
+  *Whole-catalog snapshots*, in a process of its own (`bench catalog-whole`, so that memory freed by
+  earlier scenarios cannot hide new allocations): the service on that catalog, allowing 10 snapshots
+  at a time (`hub.max_concurrent_snapshots`) and 12 read connections, and 10 SSE clients asking
+  `product.#` with `snapshot=true` at once; time to the first `snapshot` part and to `snapshot_end`,
+  from the request; *RSS growth* is that process's highest RSS, sampled every 50 ms while they run
+  (the clients keep one part at a time), minus its RSS just before. Then the service runs with the
+  shipped settings. *One-product snapshot*: 300 times each, a new WebSocket connection subscribes to
   `product.*.<random id>` with a snapshot (timed from the subscribe frame to `snapshot_end`), and an
   SSE request asks the same (timed from the request, TCP connect included, to `snapshot_end`), one
   at a time. *Apply lag*: the bench publishes 500 events/s over the million products; 5 s in, 50 SSE
@@ -60,11 +61,7 @@ pub async fn scenario(ctx: &mut Ctx) -> Result<()> {
 }
 
 async fn run(ctx: &mut Ctx, iso: &Isolation) -> Result<()> {
-    let mut settings = infra::settings(iso, PRODUCTS)?;
-    settings.hub.max_concurrent_snapshots = WHOLE_CLIENTS;
-    settings.database.read_pool_size = WHOLE_CLIENTS + 2;
-    let inst = Instance::start(settings, false).await?;
-
+    let inst = Instance::start(infra::settings(iso, PRODUCTS)?, false).await?;
     ctx.quiet().await;
     let started = Instant::now();
     product_gateway::seed::seed(&inst.state.db, PRODUCTS)
@@ -79,9 +76,23 @@ async fn run(ctx: &mut Ctx, iso: &Isolation) -> Result<()> {
         Some(seed < Duration::from_secs(60)),
     );
 
+    inst.stop().await.context("stop the seeding instance")?;
+
+    // In a process of its own: this one's allocator keeps what earlier
+    // scenarios freed, and new allocations would reuse it unseen in RSS.
     ctx.quiet().await;
-    whole_snapshots(ctx, &inst).await?;
-    inst.stop().await.context("stop the ten-snapshot instance")?;
+    let mut child = Child::spawn(&[
+        "catalog-whole".into(),
+        "--db".into(),
+        iso.db_name.clone(),
+        "--vhost".into(),
+        iso.vhost.clone(),
+        "--redis-prefix".into(),
+        iso.redis_prefix.clone(),
+    ])?;
+    let whole = child.expect("RESULT", Duration::from_secs(300)).await?;
+    child.stop().await?;
+    report_whole(ctx, &whole)?;
 
     let inst = Instance::start(infra::settings(iso, PRODUCTS)?, false).await?;
     ctx.quiet().await;
@@ -142,7 +153,29 @@ async fn sse_snapshot(addr: std::net::SocketAddr, topics: &str, read_for: Durati
     }
 }
 
-async fn whole_snapshots(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
+/// `bench catalog-whole --db D --vhost V --redis-prefix P`: the service on
+/// that seeded catalog, allowing ten snapshots at a time (and twelve read
+/// connections), and ten SSE clients taking `product.#` at once. Prints
+/// `RESULT {json}` with the times and this process's RSS before and at most.
+pub fn catalog_whole(args: Args) -> Result<()> {
+    let mut iso = Isolation::new();
+    iso.db_name = args.get("db")?;
+    iso.vhost = args.get("vhost")?;
+    iso.redis_prefix = args.get("redis-prefix")?;
+    let mut settings = infra::settings(&iso, PRODUCTS)?;
+    settings.hub.max_concurrent_snapshots = WHOLE_CLIENTS;
+    settings.database.read_pool_size = WHOLE_CLIENTS + 2;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let inst = Instance::start(settings, false).await?;
+        let result = whole_snapshots(&inst).await;
+        inst.stop().await?;
+        println!("RESULT {}", result?);
+        Ok(())
+    })
+}
+
+async fn whole_snapshots(inst: &Instance) -> Result<serde_json::Value> {
     let pid = std::process::id().to_string();
     let before = rss_kib(&pid)?;
     let addr = inst.addr();
@@ -173,13 +206,35 @@ async fn whole_snapshots(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
             t.end.is_some()
         );
     }
-    let secs = |f: fn(&Taken) -> Option<Duration>| {
+    let secs = |f: fn(&Taken) -> Option<Duration>| -> Vec<f64> {
         let mut v: Vec<f64> = taken.iter().filter_map(|t| f(t).map(|d| d.as_secs_f64())).collect();
         v.sort_by(f64::total_cmp);
-        (v[v.len() / 2], v[v.len() - 1])
+        v
     };
-    let (first_med, first_max) = secs(|t| t.first_part);
-    let (end_med, end_max) = secs(|t| t.end);
+    Ok(serde_json::json!({
+        "first": secs(|t| t.first_part),
+        "end": secs(|t| t.end),
+        "rss_before_kib": before,
+        "rss_peak_kib": peak,
+    }))
+}
+
+fn report_whole(ctx: &mut Ctx, whole: &serde_json::Value) -> Result<()> {
+    let list = |k: &str| -> Result<Vec<f64>> {
+        let v: Vec<f64> = whole[k]
+            .as_array()
+            .ok_or_else(|| anyhow!("catalog-whole: no {k} in {whole}"))?
+            .iter()
+            .filter_map(|x| x.as_f64())
+            .collect();
+        if v.is_empty() {
+            bail!("catalog-whole: empty {k}");
+        }
+        Ok(v)
+    };
+    let (first, end) = (list("first")?, list("end")?);
+    let med_max = |v: &[f64]| (v[v.len() / 2], v[v.len() - 1]);
+    let ((first_med, first_max), (end_med, end_max)) = (med_max(&first), med_max(&end));
     ctx.report.row(
         S,
         format!("`product.#` snapshot, {WHOLE_CLIENTS} SSE clients at once: time to first part (median / slowest)"),
@@ -194,11 +249,13 @@ async fn whole_snapshots(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         "",
         None,
     );
-    let growth_mb = (peak.saturating_sub(before)) as f64 / 1024.0;
+    let before = whole["rss_before_kib"].as_u64().unwrap_or(0);
+    let peak = whole["rss_peak_kib"].as_u64().unwrap_or(0);
+    let growth_mb = peak.saturating_sub(before) as f64 / 1024.0;
     ctx.report.row(
         S,
         format!(
-            "gateway RSS growth while {WHOLE_CLIENTS} clients take the whole catalog ({} products each)",
+            "gateway RSS growth while {WHOLE_CLIENTS} clients take the whole catalog ({} products each; a process of its own)",
             thousands(f64::from(PRODUCTS))
         ),
         format!("{growth_mb:.0} MB (from {:.0} MB)", before as f64 / 1024.0),

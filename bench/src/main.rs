@@ -62,12 +62,13 @@ fn main() {
         Some("publish") => child(children::publish_proc(Args::new(args[1..].to_vec()))),
         Some("selective-clients") => child(selective::selective_clients(Args::new(args[1..].to_vec()))),
         Some("storm-clients") => child(storm::storm_clients(Args::new(args[1..].to_vec()))),
+        Some("catalog-whole") => child(catalog::catalog_whole(Args::new(args[1..].to_vec()))),
         None | Some("run") => run_all(),
         Some("-h" | "--help" | "help") => {
             println!(
                 "usage: bench            run every scenario, print the table, write BENCHMARKS.md\n       \
                  BENCH_ONLY=2,8 bench  run some scenarios, 1 to 8 (BENCHMARKS.md left alone)\n       \
-                 (bench fanout-clients / idle-clients / selective-clients / storm-clients / publish are child\n       \
+                 (bench fanout-clients / idle-clients / selective-clients / storm-clients / catalog-whole / publish are child\n       \
                  processes it starts)"
             );
             0

@@ -271,9 +271,8 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
     let scratch = ctx.iso.amqp_url(&ctx.iso.scratch_vhost);
     {
         let conn = lapin::Connection::connect(&scratch, lapin::ConnectionProperties::default()).await?;
-        let ch = conn.create_channel().await?;
         Topology::new(&topo)
-            .declare(&ch)
+            .declare(&conn)
             .await
             .context("declare the topology in the scratch vhost")?;
         let _ = conn.close(200, "declared".into()).await;

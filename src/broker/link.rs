@@ -3,6 +3,7 @@
 //! the topology, so a restarted broker or a fresh vhost is ready at once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
@@ -10,12 +11,21 @@ use tokio_util::sync::CancellationToken;
 
 use super::topology::Topology;
 use crate::metrics::Metrics;
-use crate::settings::RabbitSettings;
+use crate::settings::{RabbitSettings, Secret};
+
+/// How long one endpoint may take to accept a connection before the next
+/// is tried.
+const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a stage needs to (re)connect.
 #[derive(Clone)]
 pub struct Connector {
     settings: RabbitSettings,
+    /// The broker's nodes; connections take them in turn.
+    endpoints: Arc<[Secret]>,
+    /// The endpoint the next connection tries first: stages spread over the
+    /// nodes, and a connection lost with its node tries the next one first.
+    next: Arc<AtomicUsize>,
     topology: Arc<Topology>,
     metrics: Arc<Metrics>,
     /// Prefix of connection names in the management UI, per instance.
@@ -27,6 +37,8 @@ pub struct Connector {
 impl Connector {
     pub fn new(settings: RabbitSettings, topology: Arc<Topology>, metrics: Arc<Metrics>, instance: String) -> Self {
         Self {
+            endpoints: settings.endpoints().into(),
+            next: Arc::default(),
             settings,
             topology,
             metrics,
@@ -39,14 +51,35 @@ impl Connector {
         &self.topology
     }
 
-    /// One attempt: connect and declare the topology.
+    /// One attempt: the endpoints in turn until one accepts the connection
+    /// and the topology is declared; the last failure when none does.
     pub async fn connect(&self, stage: &str) -> lapin::Result<Connection> {
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut failure = None;
+        for i in 0..self.endpoints.len() {
+            let endpoint = &self.endpoints[(first + i) % self.endpoints.len()];
+            let attempt = tokio::time::timeout(ENDPOINT_TIMEOUT, self.connect_to(endpoint, stage)).await;
+            match attempt {
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(e)) => {
+                    tracing::debug!(stage, endpoint = %endpoint_label(endpoint.expose()), error = %e, "endpoint refused");
+                    failure = Some(e);
+                }
+                Err(_) => {
+                    tracing::debug!(stage, endpoint = %endpoint_label(endpoint.expose()), "endpoint timed out");
+                    failure = Some(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)));
+                }
+            }
+        }
+        Err(failure.unwrap_or_else(|| lapin::Error::from(std::io::Error::from(std::io::ErrorKind::NotFound))))
+    }
+
+    async fn connect_to(&self, endpoint: &Secret, stage: &str) -> lapin::Result<Connection> {
         let name = format!("{}/{}", self.instance, stage);
         let props = ConnectionProperties::default().with_connection_name(name.into());
-        let conn = Connection::connect(self.settings.url.expose(), props).await?;
-        let channel = conn.create_channel().await?;
-        self.topology.declare(&channel).await?;
-        let _ = channel.close(200, "declared".into()).await;
+        let conn = Connection::connect(endpoint.expose(), props).await?;
+        self.topology.declare(&conn).await?;
+        tracing::debug!(stage, endpoint = %endpoint_label(endpoint.expose()), "connected");
         Ok(conn)
     }
 
@@ -55,7 +88,8 @@ impl Connector {
         let mut delay = self.settings.reconnect_min;
         let max = self.settings.reconnect_max;
         loop {
-            let attempt = tokio::time::timeout(Duration::from_secs(10), self.connect(stage));
+            let within = ENDPOINT_TIMEOUT * self.endpoints.len() as u32 + Duration::from_secs(5);
+            let attempt = tokio::time::timeout(within, self.connect(stage));
             match tokio::select! { r = attempt => r, _ = shutdown.cancelled() => return None } {
                 Ok(Ok(conn)) => {
                     let fresh = self
@@ -118,5 +152,26 @@ impl Link {
     /// True when the broker answers within `within`.
     pub async fn ready(&self, within: Duration) -> bool {
         matches!(tokio::time::timeout(within, self.get()).await, Ok(Ok(_)))
+    }
+}
+
+/// An AMQP URL without its credentials, for logs: `host:port/vhost`.
+fn endpoint_label(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.rsplit_once('@').map_or(rest, |(_, r)| r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint_label;
+
+    #[test]
+    fn endpoint_labels_leave_the_credentials_out() {
+        assert_eq!(
+            endpoint_label("amqp://guest:s3cret@10.0.0.7:5672/%2f"),
+            "10.0.0.7:5672/%2f"
+        );
+        assert_eq!(endpoint_label("amqps://node-2:5671"), "node-2:5671");
+        assert_eq!(endpoint_label("amqp://u:p@ss@h:1/v"), "h:1/v");
     }
 }

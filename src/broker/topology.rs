@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Connection};
 use serde_json::{Value, json};
 
 use super::message::MAX_UPDATE_BYTES;
@@ -109,6 +109,18 @@ fn refused_limit(text: &str) -> Option<u64> {
     text[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
+/// Members of a quorum queue, and of a stream, when it is created.
+const QUORUM_MEMBERS: &str = "x-quorum-initial-group-size";
+const STREAM_MEMBERS: &str = "x-initial-cluster-size";
+/// Arguments that only count when a queue is created; the broker still
+/// refuses a declare that differs in them from the existing queue.
+const MEMBERS_AT_CREATION: [&str; 2] = [QUORUM_MEMBERS, STREAM_MEMBERS];
+
+/// Whether a refused declare names a member count as the difference.
+pub fn is_other_members(refusal: &str) -> bool {
+    refusal.contains("inequivalent arg") && MEMBERS_AT_CREATION.iter().any(|k| refusal.contains(&format!("'{k}'")))
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Arg {
     Str(String),
@@ -156,6 +168,25 @@ impl Topology {
             // commit order per product even with several instances.
             ("x-single-active-consumer", Arg::Bool(true)),
         ];
+        // Members fixed at creation; 0 leaves the count to the broker.
+        let replicas = |key: &'static str| match t.replicas {
+            0 => Vec::new(),
+            n => vec![(key, Arg::Int(i64::from(n)))],
+        };
+        let mut apply_args = apply_args;
+        apply_args.extend(replicas(QUORUM_MEMBERS));
+        let mut dead_letter_args = vec![("x-queue-type", s("quorum"))];
+        dead_letter_args.extend(replicas(QUORUM_MEMBERS));
+        let mut stream_args = vec![
+            ("x-queue-type", s("stream")),
+            ("x-max-age", s(&t.stream_max_age)),
+            ("x-max-length-bytes", Arg::Int(t.stream_max_length_bytes)),
+            (
+                "x-stream-max-segment-size-bytes",
+                Arg::Int(t.stream_max_segment_size_bytes),
+            ),
+        ];
+        stream_args.extend(replicas(STREAM_MEMBERS));
         let topic = |name: &str| Exchange {
             name: name.to_owned(),
             kind: "topic",
@@ -178,19 +209,11 @@ impl Topology {
                 },
                 Queue {
                     name: t.dead_letter_queue.clone(),
-                    arguments: vec![("x-queue-type", s("quorum"))],
+                    arguments: dead_letter_args,
                 },
                 Queue {
                     name: t.updates_stream.clone(),
-                    arguments: vec![
-                        ("x-queue-type", s("stream")),
-                        ("x-max-age", s(&t.stream_max_age)),
-                        ("x-max-length-bytes", Arg::Int(t.stream_max_length_bytes)),
-                        (
-                            "x-stream-max-segment-size-bytes",
-                            Arg::Int(t.stream_max_segment_size_bytes),
-                        ),
-                    ],
+                    arguments: stream_args,
                 },
             ],
             bindings: vec![
@@ -202,8 +225,12 @@ impl Topology {
         }
     }
 
-    /// Declares everything; idempotent, so it runs on every connection.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    /// Declares everything; idempotent, so it runs on every connection. A
+    /// queue that exists with other members than `replicas` asks for keeps
+    /// them, with a warning: they are fixed when a queue is created, and
+    /// changed with `rabbitmq-queues grow` / `shrink`, not by a declare.
+    pub async fn declare(&self, conn: &Connection) -> lapin::Result<()> {
+        let mut channel = conn.create_channel().await?;
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -218,14 +245,35 @@ impl Topology {
                 )
                 .await?;
         }
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         for q in &self.queues {
-            let options = QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            };
-            channel
+            let declared = channel
                 .queue_declare(q.name.as_str().into(), options, field_table(&q.arguments))
-                .await?;
+                .await;
+            match declared {
+                Ok(_) => {}
+                Err(e) if is_other_members(&e.to_string()) => {
+                    tracing::warn!(
+                        queue = %q.name,
+                        "the queue exists with other members than rabbit.topology.replicas asks for; it keeps them"
+                    );
+                    // The refusal closed the channel.
+                    channel = conn.create_channel().await?;
+                    let kept: Vec<_> = q
+                        .arguments
+                        .iter()
+                        .filter(|(k, _)| !MEMBERS_AT_CREATION.contains(k))
+                        .cloned()
+                        .collect();
+                    channel
+                        .queue_declare(q.name.as_str().into(), options, field_table(&kept))
+                        .await?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         for b in &self.bindings {
             channel
@@ -238,6 +286,7 @@ impl Topology {
                 )
                 .await?;
         }
+        let _ = channel.close(200, "declared".into()).await;
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 //! request, the request reaches the server but its answer never comes back.
 //! And it can be slow: every chunk from the server waits a set delay.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ pub struct Proxy {
     trap: Arc<Mutex<Option<Trap>>>,
     sprung: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    open: Arc<AtomicUsize>,
 }
 
 /// Loses the reply to the first request containing `then` on a connection
@@ -37,9 +38,16 @@ impl Proxy {
         let trap = Arc::new(Mutex::new(None));
         let sprung = Arc::new(AtomicBool::new(false));
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let target = target.to_owned();
-        let (up2, cut2, trap2, sprung2, delay2) =
-            (up.clone(), cut.clone(), trap.clone(), sprung.clone(), delay_ms.clone());
+        let (up2, cut2, trap2, sprung2, delay2, open2) = (
+            up.clone(),
+            cut.clone(),
+            trap.clone(),
+            sprung.clone(),
+            delay_ms.clone(),
+            open.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 if !up2.load(Ordering::SeqCst) {
@@ -48,12 +56,14 @@ impl Proxy {
                 }
                 let target = target.clone();
                 let cut_rx = cut2.subscribe();
-                let (trap, sprung, delay) = (trap2.clone(), sprung2.clone(), delay2.clone());
+                let (trap, sprung, delay, open) = (trap2.clone(), sprung2.clone(), delay2.clone(), open2.clone());
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
                     };
+                    open.fetch_add(1, Ordering::SeqCst);
                     pipe(inbound, outbound, cut_rx, trap, sprung, delay).await;
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -64,7 +74,13 @@ impl Proxy {
             trap,
             sprung,
             delay_ms,
+            open,
         }
+    }
+
+    /// Connections passing through now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Delays every chunk the server sends by this much, on open and new

@@ -4,9 +4,15 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use product_gateway::broker::topology::Topology;
+use std::time::Duration;
+
+use product_gateway::broker::topology::{Topology, field_table};
+use product_gateway::settings::Secret;
 use serde_json::Value;
-use testkit::{rabbit_api_call, spawn_app, spawn_app_with};
+use testkit::clients::WsClient;
+use testkit::{TestPublisher, eventually, rabbit_api_call, spawn_app, spawn_app_with};
+
+const T: Duration = Duration::from_secs(20);
 
 fn definitions_file() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("rabbit/definitions.json");
@@ -132,5 +138,123 @@ async fn broker_refuses_a_body_above_max_message_bytes_at_publish_time() {
     let seen = app.metric("gateway_broker_max_message_bytes", "").await;
     println!("broker limit {broker} (rabbitmqctl), read from its refusal: {seen}");
     assert_eq!(seen, broker as f64);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn every_stage_moves_to_another_endpoint_when_its_node_goes_away() {
+    let iso = testkit::Isolation::new().await;
+    let a = testkit::proxy::Proxy::start(&iso.amqp_address()).await;
+    let b = testkit::proxy::Proxy::start(&iso.amqp_address()).await;
+    let mut settings = iso.settings();
+    // Three endpoints; the first never answers, so connecting starts past it.
+    settings.rabbit.urls = [1, a.port, b.port]
+        .iter()
+        .map(|port| Secret::new(iso.amqp_url_through(*port)))
+        .collect();
+    let app = testkit::spawn_with(iso.clone(), settings).await;
+    let (on_a, on_b) = (a.open(), b.open());
+    println!("connections through endpoint a: {on_a}, b: {on_b}");
+    assert!(
+        on_a > 0 && on_b > 0,
+        "stages spread over the endpoints: a {on_a}, b {on_b}"
+    );
+
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.#"], None, false).await;
+    let publisher = TestPublisher::connect(&iso).await;
+    publisher.burst(&[(1, "price", 111, 1), (2, "stock", 5, 1)]).await;
+    let before = ws.updates(2, T).await;
+
+    // Node a goes away: its connections drop and it takes no new ones.
+    a.cut();
+    eventually(T, "the stages of endpoint a on endpoint b", || async {
+        let moved = app.metric("gateway_broker_reconnects_total", "").await;
+        (a.open() == 0 && b.open() > on_b && moved >= 1.0).then_some(())
+    })
+    .await;
+    publisher.burst(&[(3, "price", 333, 1), (4, "stock", 7, 1)]).await;
+    let after = ws.updates(2, T).await;
+    // Price and stock apply on separate consumers: their order may differ.
+    let mut topics: Vec<&str> = before
+        .iter()
+        .chain(&after)
+        .map(|u| u["topic"].as_str().unwrap())
+        .collect();
+    topics.sort_unstable();
+    assert_eq!(
+        topics,
+        [
+            "product.price.1",
+            "product.price.3",
+            "product.stock.2",
+            "product.stock.4"
+        ],
+        "each update once across the move"
+    );
+    if let Some(testkit::clients::WsEvent::Json(extra)) = ws.next(Duration::from_millis(500)).await {
+        assert_ne!(extra["type"], "update", "no update twice: {extra}");
+    }
+    println!(
+        "after the cut: {} connections through b, {} reconnects",
+        b.open(),
+        app.metric("gateway_broker_reconnects_total", "").await
+    );
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_queue_created_with_other_members_keeps_them_and_the_service_starts() {
+    let iso = testkit::Isolation::new().await;
+    let settings = iso.settings();
+    // The apply queue and the stream as a release without member counts
+    // declared them.
+    let topology = Topology::new(&settings.rabbit.topology);
+    let conn = lapin::Connection::connect(&iso.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let old = [
+        &settings.rabbit.topology.price_queue,
+        &settings.rabbit.topology.updates_stream,
+    ];
+    for q in topology.queues.iter().filter(|q| old.contains(&&q.name)) {
+        let args: Vec<_> = q
+            .arguments
+            .iter()
+            .filter(|(k, _)| !k.contains("initial"))
+            .cloned()
+            .collect();
+        assert!(
+            args.len() < q.arguments.len(),
+            "{} is declared with its members",
+            q.name
+        );
+        let durable = lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(q.name.as_str().into(), durable, field_table(&args))
+            .await
+            .unwrap();
+    }
+    let _ = conn.close(200, "done".into()).await;
+
+    let app = testkit::spawn_with(iso.clone(), settings.clone()).await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.#"], None, false).await;
+    TestPublisher::connect(&iso).await.burst(&[(1, "price", 111, 1)]).await;
+    ws.updates(1, T).await;
+    for q in old {
+        let (status, body) =
+            rabbit_api_call(awc::http::Method::GET, &format!("/api/queues/{}/{q}", iso.vhost), None).await;
+        assert_eq!(status, 200, "{body}");
+        let queue: Value = serde_json::from_str(&body).unwrap();
+        let args = queue["arguments"].as_object().unwrap();
+        assert!(
+            !args.keys().any(|k| k.contains("initial")),
+            "{q} kept the arguments it was created with: {args:?}"
+        );
+    }
     app.stop().await;
 }

@@ -33,6 +33,10 @@ pub struct Plan {
     pub redis_down: Duration,
     pub rate: f64,
     pub products: u32,
+    faults: &'static [Fault],
+    /// Against the three-node cluster of `scripts/cluster.sh` rather than
+    /// the machine's broker.
+    cluster: bool,
 }
 
 impl Plan {
@@ -43,6 +47,8 @@ impl Plan {
             redis_down: Duration::from_secs(8),
             rate: 500.0,
             products: 200,
+            faults: &FAULTS,
+            cluster: false,
         }
     }
 
@@ -53,7 +59,41 @@ impl Plan {
             redis_down: Duration::from_secs(30),
             rate: 500.0,
             products: 1000,
+            faults: &FAULTS,
+            cluster: false,
         }
+    }
+
+    /// About a minute on the cluster: the node leading the apply queue is
+    /// killed under load and started again (`make test-cluster`).
+    pub fn cluster_short() -> Self {
+        Plan {
+            settle: Duration::from_secs(8),
+            redis_down: Duration::ZERO,
+            rate: 300.0,
+            products: 200,
+            faults: &CLUSTER_FAULTS[..1],
+            cluster: true,
+        }
+    }
+
+    /// About five minutes on the cluster: every cluster fault
+    /// (`make cluster-chaos`).
+    pub fn cluster_full() -> Self {
+        Plan {
+            settle: Duration::from_secs(45),
+            redis_down: Duration::ZERO,
+            rate: 300.0,
+            products: 1000,
+            faults: &CLUSTER_FAULTS,
+            cluster: true,
+        }
+    }
+
+    fn has(&self, action: Action) -> bool {
+        self.faults
+            .iter()
+            .any(|f| std::mem::discriminant(&f.action) == std::mem::discriminant(&action))
     }
 }
 
@@ -68,6 +108,17 @@ enum Action {
     RestartPostgres,
     /// Redis is away for `Plan::redis_down`; photos must still be served.
     StopRedis,
+    /// The cluster node leading this queue dies (SIGKILL) and is started again.
+    KillLeaderOf(Led),
+    /// One cluster node is stopped and started again, as in a rolling restart.
+    RestartNode(&'static str),
+}
+
+/// Which queue's leader a cluster fault kills.
+#[derive(Clone, Copy, Debug)]
+enum Led {
+    PriceQueue,
+    Stream,
 }
 
 /// One row of the run: what it is called in the report, the phase name the
@@ -113,6 +164,50 @@ const FAULTS: [Fault; 5] = [
     },
 ];
 
+/// The faults of a cluster run (`scripts/cluster.sh`), in order.
+const CLUSTER_FAULTS: [Fault; 4] = [
+    Fault {
+        name: "SIGKILL the apply queue's leader node, restart it",
+        phase: "kill-apply-leader",
+        after: None,
+        action: Action::KillLeaderOf(Led::PriceQueue),
+    },
+    Fault {
+        name: "SIGKILL the update stream's leader node, restart it",
+        phase: "kill-stream-leader",
+        after: None,
+        action: Action::KillLeaderOf(Led::Stream),
+    },
+    Fault {
+        name: "SIGKILL gateway b, restart",
+        phase: "kill-b",
+        after: None,
+        action: Action::KillGatewayB,
+    },
+    Fault {
+        name: "rolling restart: stop node c2, start it",
+        phase: "restart-c2",
+        after: None,
+        action: Action::RestartNode("c2"),
+    },
+];
+
+/// `scripts/cluster.sh` with these arguments; its standard output.
+pub async fn cluster(args: &[&str]) -> String {
+    let out = tokio::process::Command::new("bash")
+        .arg(repo_root().join("scripts/cluster.sh"))
+        .args(args)
+        .output()
+        .await
+        .expect("scripts/cluster.sh runs");
+    assert!(
+        out.status.success(),
+        "cluster.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 async fn services(cmd: &str) {
     let out = tokio::process::Command::new("bash")
         .arg(repo_root().join("scripts/services.sh"))
@@ -141,7 +236,7 @@ fn free_port() -> u16 {
 }
 
 impl Instance {
-    async fn start(iso: &Isolation, name: &'static str, port: u16, rate: f64) -> Instance {
+    async fn start(iso: &Isolation, name: &'static str, port: u16, plan: &Plan) -> Instance {
         let logs = repo_root().join("target/chaos-logs");
         std::fs::create_dir_all(&logs).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -149,7 +244,20 @@ impl Instance {
             .append(true)
             .open(logs.join(format!("{name}.log")))
             .unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_product-gateway"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_product-gateway"));
+        if plan.cluster {
+            // Every node, each with the isolation's vhost.
+            let urls: Vec<String> = cluster(&["urls"])
+                .await
+                .split(',')
+                .map(|u| format!("{}/{}", u.trim_end_matches("/%2f"), iso.vhost))
+                .collect();
+            command
+                .env("GATEWAY__RABBIT__URLS", urls.join(","))
+                .env("GATEWAY__RABBIT__TOPOLOGY__REPLICAS", "3")
+                .env("GATEWAY__RABBIT__MANAGEMENT_URL", testkit::rabbit_api());
+        }
+        let child = command
             .arg("serve")
             .env("GATEWAY_CONFIG_DIR", repo_root().join("config"))
             .env("GATEWAY__SERVER__PORT", port.to_string())
@@ -162,7 +270,7 @@ impl Instance {
             .env("GATEWAY__REDIS__KEY_PREFIX", &iso.redis_prefix)
             .env("GATEWAY__RABBIT__URL", iso.amqp_url())
             .env("GATEWAY__GENERATOR__ENABLED", "true")
-            .env("GATEWAY__GENERATOR__RATE", rate.to_string())
+            .env("GATEWAY__GENERATOR__RATE", plan.rate.to_string())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -426,8 +534,8 @@ pub async fn run(plan: Plan) -> Report {
     let conn = lapin::Connection::connect(&iso.amqp_url(), Default::default())
         .await
         .unwrap();
+    Topology::new(&settings.rabbit.topology).declare(&conn).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
-    Topology::new(&settings.rabbit.topology).declare(&ch).await.unwrap();
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
     let durable = QueueDeclareOptions {
@@ -448,8 +556,8 @@ pub async fn run(plan: Plan) -> Report {
     drop(conn);
 
     let (pa, pb) = (free_port(), free_port());
-    let mut a = Instance::start(&iso, "a", pa, plan.rate).await;
-    let mut b = Instance::start(&iso, "b", pb, plan.rate).await;
+    let mut a = Instance::start(&iso, "a", pa, &plan).await;
+    let mut b = Instance::start(&iso, "b", pb, &plan).await;
     let stop = CancellationToken::new();
     let clients = vec![
         spawn_client("ws@a product.#".into(), false, "product.#", [pa, pb], stop.clone()),
@@ -485,7 +593,7 @@ pub async fn run(plan: Plan) -> Report {
     let set_phase = |p: &str| *phase.lock().unwrap() = p.to_owned();
 
     let mut photos_ok = 0;
-    for (i, fault) in FAULTS.iter().enumerate() {
+    for (i, fault) in plan.faults.iter().enumerate() {
         set_phase(fault.phase);
         let t = Instant::now();
         match fault.action {
@@ -501,13 +609,29 @@ pub async fn run(plan: Plan) -> Report {
             Action::KillGatewayB => {
                 b.kill().await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                b = Instance::start(&iso, "b", pb, plan.rate).await;
+                b = Instance::start(&iso, "b", pb, &plan).await;
             }
             Action::RestartPostgres => services("restart-postgres").await,
             Action::StopRedis => {
                 services("stop-redis").await;
                 photos_ok += photos_served(&[pa, pb], plan.redis_down).await;
                 services("start-redis").await;
+            }
+            Action::KillLeaderOf(led) => {
+                let queue = match led {
+                    Led::PriceQueue => &settings.rabbit.topology.price_queue,
+                    Led::Stream => &settings.rabbit.topology.updates_stream,
+                };
+                let node = cluster(&["leader", &iso.vhost, queue]).await;
+                lines.push(format!("{}: {queue} led by {node}", fault.phase));
+                cluster(&["kill", &node]).await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                cluster(&["start", &node]).await;
+            }
+            Action::RestartNode(node) => {
+                cluster(&["stop", node]).await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                cluster(&["start", node]).await;
             }
         }
         let took = t.elapsed();
@@ -516,7 +640,7 @@ pub async fn run(plan: Plan) -> Report {
         }
         faults.push((fault.name, took, recovery(&[pa, pb], &db, Instant::now()).await));
         // After the last fault only a short pause before the drain.
-        let last = i + 1 == FAULTS.len();
+        let last = i + 1 == plan.faults.len();
         let settle = if last {
             plan.settle.min(Duration::from_secs(5))
         } else {
@@ -597,10 +721,15 @@ pub async fn run(plan: Plan) -> Report {
     } = verdict::stream_order(&stream_seen);
 
     lines.push(format!(
-        "run: {:.0} s, generator {} events/s, {} products, 2 gateway processes",
+        "run: {:.0} s, generator {} events/s, {} products, 2 gateway processes{}",
         started.elapsed().as_secs_f64(),
         plan.rate,
-        plan.products
+        plan.products,
+        if plan.cluster {
+            ", three-node RabbitMQ cluster"
+        } else {
+            ""
+        }
     ));
     lines.push(format!("confirmed events (audit copy): {}", audit.len()));
     lines.push(format!("dead letters: {}", dead.len()));
@@ -614,7 +743,9 @@ pub async fn run(plan: Plan) -> Report {
         stream_seen.len(),
         stream.len()
     ));
-    lines.push(format!("photos served while Redis was down: {photos_ok}"));
+    if plan.has(Action::StopRedis) {
+        lines.push(format!("photos served while Redis was down: {photos_ok}"));
+    }
     lines.push("fault | took | recovered (ready + applying) after".to_owned());
     for (name, took, rec) in &faults {
         lines.push(format!(
@@ -674,12 +805,16 @@ pub async fn run(plan: Plan) -> Report {
         "every client gap-free, duplicate-free and converged:\n{}",
         lines.join("\n")
     );
-    assert!(rabbit_down_seen, "readiness reported RabbitMQ down during its restart");
-    assert!(
-        redis_degraded_seen && !redis_wrongly_unready,
-        "Redis down is degraded, not unready"
-    );
-    assert!(photos_ok > 0, "photos were served without Redis");
+    if plan.has(Action::RestartRabbitmq) {
+        assert!(rabbit_down_seen, "readiness reported RabbitMQ down during its restart");
+    }
+    if plan.has(Action::StopRedis) {
+        assert!(
+            redis_degraded_seen && !redis_wrongly_unready,
+            "Redis down is degraded, not unready"
+        );
+        assert!(photos_ok > 0, "photos were served without Redis");
+    }
     Report {
         lost,
         confirmed: audit.len(),

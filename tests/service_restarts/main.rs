@@ -2,6 +2,8 @@
 //! `make test` runs this file alone, after every other test; each fault
 //! leaves the service running again.
 
+// Shared with tests/cluster, whose plans and faults go unused here.
+#[allow(dead_code)]
 mod chaos;
 
 use chaos::{Plan, run};
