@@ -107,10 +107,11 @@ nodes() {
             continue
         fi
         log "joining $n to c1"
-        ctl "$n" stop_app
-        ctl "$n" reset
-        ctl "$n" join_cluster c1@localhost
-        ctl "$n" start_app
+        # rabbitmqctl prints the node's boot warnings here; the log has them.
+        ctl "$n" stop_app >/dev/null 2>&1
+        ctl "$n" reset >/dev/null 2>&1
+        ctl "$n" join_cluster c1@localhost >/dev/null
+        ctl "$n" start_app >/dev/null 2>&1
     done
     wait_until "three running nodes" three_running
     log "cluster of c1, c2, c3 up: $(urls)"

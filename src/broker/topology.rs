@@ -260,16 +260,15 @@ impl Topology {
                         queue = %q.name,
                         "the queue exists with other members than rabbit.topology.replicas asks for; it keeps them"
                     );
-                    // The refusal closed the channel.
+                    // The refusal closed the channel. Its member count is
+                    // unknown here, so the queue is only checked to exist.
                     channel = conn.create_channel().await?;
-                    let kept: Vec<_> = q
-                        .arguments
-                        .iter()
-                        .filter(|(k, _)| !MEMBERS_AT_CREATION.contains(k))
-                        .cloned()
-                        .collect();
+                    let passive = QueueDeclareOptions {
+                        passive: true,
+                        ..options
+                    };
                     channel
-                        .queue_declare(q.name.as_str().into(), options, field_table(&kept))
+                        .queue_declare(q.name.as_str().into(), passive, FieldTable::default())
                         .await?;
                 }
                 Err(e) => return Err(e),

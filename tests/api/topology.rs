@@ -6,7 +6,7 @@ use std::path::Path;
 
 use std::time::Duration;
 
-use product_gateway::broker::topology::{Topology, field_table};
+use product_gateway::broker::topology::{Arg, Topology, field_table};
 use product_gateway::settings::Secret;
 use serde_json::Value;
 use testkit::clients::WsClient;
@@ -208,7 +208,7 @@ async fn a_queue_created_with_other_members_keeps_them_and_the_service_starts() 
     let iso = testkit::Isolation::new().await;
     let settings = iso.settings();
     // The apply queue and the stream as a release without member counts
-    // declared them.
+    // declared them; the stream then with another count than the settings' 1.
     let topology = Topology::new(&settings.rabbit.topology);
     let conn = lapin::Connection::connect(&iso.amqp_url(), Default::default())
         .await
@@ -219,7 +219,7 @@ async fn a_queue_created_with_other_members_keeps_them_and_the_service_starts() 
         &settings.rabbit.topology.updates_stream,
     ];
     for q in topology.queues.iter().filter(|q| old.contains(&&q.name)) {
-        let args: Vec<_> = q
+        let mut args: Vec<_> = q
             .arguments
             .iter()
             .filter(|(k, _)| !k.contains("initial"))
@@ -230,6 +230,10 @@ async fn a_queue_created_with_other_members_keeps_them_and_the_service_starts() 
             "{} is declared with its members",
             q.name
         );
+        // The stream with another count than the settings' 1.
+        if q.name == settings.rabbit.topology.updates_stream {
+            args.push(("x-initial-cluster-size", Arg::Int(2)));
+        }
         let durable = lapin::options::QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -251,8 +255,13 @@ async fn a_queue_created_with_other_members_keeps_them_and_the_service_starts() 
         assert_eq!(status, 200, "{body}");
         let queue: Value = serde_json::from_str(&body).unwrap();
         let args = queue["arguments"].as_object().unwrap();
-        assert!(
-            !args.keys().any(|k| k.contains("initial")),
+        let members = args
+            .get("x-quorum-initial-group-size")
+            .or(args.get("x-initial-cluster-size"))
+            .and_then(Value::as_i64);
+        let created_with = (q == &settings.rabbit.topology.updates_stream).then_some(2);
+        assert_eq!(
+            members, created_with,
             "{q} kept the arguments it was created with: {args:?}"
         );
     }
