@@ -9,7 +9,7 @@
 #   scripts/cluster.sh kill NODE    SIGKILL one node (c1, c2 or c3)
 #   scripts/cluster.sh stop NODE    stops one node gracefully
 #   scripts/cluster.sh start NODE   starts one node again (it rejoins)
-#   scripts/cluster.sh leader VHOST QUEUE  the node that leads a queue
+#   scripts/cluster.sh leader VHOST QUEUE  the node that leads a queue (a stream: its writer)
 #   scripts/cluster.sh urls         the nodes' AMQP URLs, comma-separated
 #
 # Node cN: AMQP 127.0.0.1:57N, management 157N, distribution 257N (N = 01..03).
@@ -110,7 +110,7 @@ nodes() {
         # rabbitmqctl prints the node's boot warnings here; the log has them.
         ctl "$n" stop_app >/dev/null 2>&1
         ctl "$n" reset >/dev/null 2>&1
-        ctl "$n" join_cluster c1@localhost >/dev/null
+        ctl "$n" join_cluster c1@localhost >/dev/null 2>&1 || die "$n could not join c1 (see $CLUSTER_DIR/$n/log)"
         ctl "$n" start_app >/dev/null 2>&1
     done
     wait_until "three running nodes" three_running
@@ -141,7 +141,7 @@ leader() {
     for n in "${NODES[@]}"; do
         running "$n" || continue
         curl -sf -u guest:guest "http://127.0.0.1:$(mgmt_port "$n")/api/queues/$vhost/$q" |
-            python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"].split("@")[0])' && return 0
+            python3 -c 'import json,sys; q=json.load(sys.stdin); print((q.get("leader") or q["node"]).split("@")[0])' && return 0
     done
     die "no running node knows queue $q"
 }
@@ -156,7 +156,9 @@ haproxy_cfg() {
 # server time-outs above the gateways' keep-alives (15 s). No sticky sessions:
 # any gateway serves any client, and a resume works on any of them.
 global
-    maxconn 50000
+    # Two open files per connection (client and gateway side), within the
+    # machine's limit of 20,000.
+    maxconn 9000
 defaults
     mode http
     timeout connect 5s

@@ -291,16 +291,26 @@ pub enum SettingsError {
 impl Settings {
     /// Loads `<dir>/default.toml` and the environment overrides.
     pub fn load(dir: &Path) -> Result<Self, SettingsError> {
+        Self::load_with(dir, None)
+    }
+
+    /// [`Settings::load`] with these variables in place of the process's
+    /// environment, when given.
+    pub fn load_with(dir: &Path, env: Option<config::Map<String, String>>) -> Result<Self, SettingsError> {
         let settings: Settings = config::Config::builder()
             .add_source(config::File::from(dir.join("default.toml")))
             .add_source(
                 config::Environment::with_prefix("GATEWAY")
+                    .source(env)
                     .prefix_separator("__")
                     .separator("__")
                     .try_parsing(true)
-                    // GATEWAY__RABBIT__URLS=amqp://a,amqp://b
+                    // Lists from one variable: GATEWAY__RABBIT__URLS=amqp://a,amqp://b
                     .list_separator(",")
-                    .with_list_parse_key("rabbit.urls"),
+                    .with_list_parse_key("rabbit.urls")
+                    .with_list_parse_key("server.trusted_proxies")
+                    .with_list_parse_key("server.allowed_hosts")
+                    .with_list_parse_key("hub.allowed_origins"),
             )
             .build()?
             .try_deserialize()?;
@@ -481,6 +491,25 @@ mod tests {
         assert!(!p.contains("127.0.0.2".parse().unwrap()));
         let e = parse(serde_json::json!(["10.0.0.0/8", "balancer.internal"])).unwrap_err();
         assert!(e.to_string().contains("balancer.internal"), "{e}");
+    }
+
+    #[test]
+    fn lists_come_from_one_variable_separated_by_commas() {
+        let env = [
+            ("GATEWAY__RABBIT__URLS", "amqp://a:5701/%2f,amqp://b:5702/%2f"),
+            ("GATEWAY__SERVER__TRUSTED_PROXIES", "127.0.0.1,10.0.0.0/8"),
+            ("GATEWAY__SERVER__ALLOWED_HOSTS", "shop.example,localhost"),
+            ("GATEWAY__HUB__ALLOWED_ORIGINS", "https://shop.example"),
+        ];
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let s = Settings::load_with(&dir, Some(env)).unwrap();
+        let urls: Vec<String> = s.rabbit.endpoints().iter().map(|u| u.expose().to_owned()).collect();
+        assert_eq!(urls, ["amqp://a:5701/%2f", "amqp://b:5702/%2f"]);
+        assert!(s.server.trusted_proxies.contains("10.1.2.3".parse().unwrap()));
+        assert!(s.server.trusted_proxies.contains("127.0.0.1".parse().unwrap()));
+        assert_eq!(s.server.allowed_hosts, ["shop.example", "localhost"]);
+        assert_eq!(s.hub.allowed_origins, ["https://shop.example"]);
     }
 
     #[test]
