@@ -51,6 +51,7 @@ pub struct Metrics {
     pub broker_reconnects: Counter,
     pub catch_up_resets: Counter,
     pub catch_ups_running: Gauge,
+    pub stream_republished: Counter,
     pub snapshot_rows: Counter,
     pub broker_max_message_bytes: Gauge,
     pub consumer_reconnects: Counter,
@@ -184,6 +185,11 @@ impl Metrics {
             catch_up_resets: reg!(
                 "catch_up_resets",
                 "Stream catch-ups given up (broker unreachable, slow, or no turn in time); each client got a reset",
+                Counter::default()
+            ),
+            stream_republished: reg!(
+                "stream_republished",
+                "Stream messages dropped as a copy the outbox relay published again (its confirm was lost)",
                 Counter::default()
             ),
             catch_ups_running: reg!(

@@ -51,6 +51,10 @@ impl Connector {
         &self.topology
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// One attempt: the endpoints in turn until one accepts the connection
     /// and the topology is declared; the last failure when none does.
     pub async fn connect(&self, stage: &str) -> lapin::Result<Connection> {

@@ -20,6 +20,10 @@ pub const MAX_UPDATE_BYTES: usize = 256;
 /// that committed its updates.
 pub const TXID_HEADER: &str = "x-txid";
 
+/// Header of an update stream message: its row in the update outbox. A
+/// message published again (its confirm lost) carries the same number.
+pub const OUTBOX_SEQ_HEADER: &str = "x-outbox-seq";
+
 pub const REASON_HEADER: &str = "x-reject-reason";
 /// Header carrying a human-readable detail of the reason.
 pub const DETAIL_HEADER: &str = "x-reject-detail";

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::link::Connector;
-use super::message::{BATCH_ROUTING_KEY, TXID_HEADER};
+use super::message::{BATCH_ROUTING_KEY, OUTBOX_SEQ_HEADER, TXID_HEADER};
 use super::publisher::{Outgoing, PublishError, confirm_channel, publish_all};
 use crate::metrics::Metrics;
 use crate::settings::TopologySettings;
@@ -129,6 +129,7 @@ async fn publish_pending(relay: &Relay, channel: &Channel) -> Result<usize, Rela
                 .map(|r| {
                     let mut headers = FieldTable::default();
                     headers.insert(TXID_HEADER.into(), AMQPValue::LongLongInt(r.txid));
+                    headers.insert(OUTBOX_SEQ_HEADER.into(), AMQPValue::LongLongInt(r.seq));
                     Outgoing::json(
                         &relay.exchange,
                         BATCH_ROUTING_KEY.to_owned(),

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tokio::sync::Semaphore;
 
 use super::link::{Connector, Link};
-use super::message::TXID_HEADER;
+use super::message::{OUTBOX_SEQ_HEADER, TXID_HEADER};
 use crate::metrics::Metrics;
 use crate::settings::HubSettings;
 use crate::update::{CatchUpItem, ResetReason, Update, UpdateSink, stream_offset_of, update_id};
@@ -46,6 +46,47 @@ pub fn txid_of(d: &lapin::message::Delivery) -> Option<u64> {
     match d.properties.headers().as_ref()?.inner().get(TXID_HEADER)? {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
         _ => None,
+    }
+}
+
+/// The outbox row a stream message was published from (the relay's
+/// `x-outbox-seq`).
+pub fn outbox_seq_of(d: &lapin::message::Delivery) -> Option<i64> {
+    match d.properties.headers().as_ref()?.inner().get(OUTBOX_SEQ_HEADER)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// Outbox rows remembered to recognise a copy published again: the relay
+/// publishes at most 64 rows per transaction, and a copy follows its first
+/// publication within a few of those.
+const REMEMBERED: usize = 16_384;
+
+/// The outbox rows of the stream messages read last. When a node dies with
+/// a confirm in flight, the relay publishes the row again: the stream then
+/// holds it twice, at two offsets, and the copy is dropped here rather than
+/// broadcast twice.
+#[derive(Default)]
+pub struct Republished {
+    seen: std::collections::HashSet<i64>,
+    order: std::collections::VecDeque<i64>,
+}
+
+impl Republished {
+    /// True when the message from outbox row `seq` was read already.
+    pub fn again(&mut self, seq: Option<i64>) -> bool {
+        let Some(seq) = seq else { return false };
+        if !self.seen.insert(seq) {
+            return true;
+        }
+        self.order.push_back(seq);
+        if self.order.len() > REMEMBERED
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
+        }
+        false
     }
 }
 
@@ -156,6 +197,8 @@ pub fn spawn_live(
         let mut start = None;
         // Offset of the newest message at start, until the reader passes it.
         let mut warming: Option<u64> = None;
+        let mut republished = Republished::default();
+        let metrics = connector.metrics().clone();
         loop {
             let Some(conn) = connector.connect_retry("stream", &shutdown).await else {
                 return;
@@ -209,12 +252,16 @@ pub fn spawn_live(
                 };
                 if let Some(offset) = offset_of(&d) {
                     start = Some(Start::Offset(offset + 1));
-                    let updates = Update::from_message(offset, txid_of(&d), &d.data);
-                    if updates.is_empty() {
-                        tracing::warn!(offset, "unreadable message in the update stream skipped");
-                    }
-                    if !sink.publish(updates).await {
-                        return;
+                    if republished.again(outbox_seq_of(&d)) {
+                        metrics.stream_republished.inc();
+                    } else {
+                        let updates = Update::from_message(offset, txid_of(&d), &d.data);
+                        if updates.is_empty() {
+                            tracing::warn!(offset, "unreadable message in the update stream skipped");
+                        }
+                        if !sink.publish(updates).await {
+                            return;
+                        }
                     }
                     if warming.is_some_and(|newest| offset >= newest) {
                         warming = None;
@@ -325,6 +372,7 @@ impl CatchUpReader {
         let outcome = async {
             let mut acker = Acker::new(self.prefetch);
             let mut first = true;
+            let mut republished = Republished::default();
             loop {
                 let d = tokio::select! {
                     d = tokio::time::timeout(CATCH_UP_STALL, consumer.next()) => d,
@@ -337,7 +385,10 @@ impl CatchUpReader {
                     Err(_) => return Err(Stalled::Silent("reading")),
                 };
                 let Some(offset) = offset_of(&d) else { continue };
-                let updates = Update::from_message(offset, txid_of(&d), &d.data);
+                let updates = match republished.again(outbox_seq_of(&d)) {
+                    true => Vec::new(),
+                    false => Update::from_message(offset, txid_of(&d), &d.data),
+                };
                 if first && offset > from_offset {
                     // Retention removed what was asked for: say so, never a silent gap.
                     let first_available = updates.first().map(|u| u.offset).unwrap_or(update_id(offset, 0));
@@ -384,5 +435,26 @@ impl<'a> Running<'a> {
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.catch_ups_running.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_read_again_is_known_until_newer_rows_push_it_out() {
+        let mut r = Republished::default();
+        assert!(!r.again(Some(1)));
+        assert!(r.again(Some(1)), "the same row twice");
+        assert!(
+            !r.again(None) && !r.again(None),
+            "messages without a row are never copies"
+        );
+        for seq in 2..=(REMEMBERED as i64 + 1) {
+            assert!(!r.again(Some(seq)));
+        }
+        assert!(!r.again(Some(1)), "forgotten after {REMEMBERED} newer rows");
+        assert!(r.order.len() <= REMEMBERED && r.seen.len() == r.order.len());
     }
 }

@@ -566,3 +566,44 @@ async fn a_snapshot_of_named_products_reads_only_their_rows() {
     assert!(catalog >= 50.0);
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_stream_message_published_again_reaches_clients_once() {
+    use lapin::types::{AMQPValue, FieldTable};
+    let app = spawn_app().await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.price.*"], None, false).await;
+    // What the outbox relay does when a node dies with its confirm in
+    // flight: the same outbox row published twice.
+    let conn = lapin::Connection::connect(&app.iso.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let body = br#"[{"product_id":3,"kind":"price","price_cents":777,"version":9,"ts_us":1}]"#;
+    for _ in 0..2 {
+        let mut headers = FieldTable::default();
+        headers.insert("x-outbox-seq".into(), AMQPValue::LongLongInt(4242));
+        headers.insert("x-txid".into(), AMQPValue::LongLongInt(1));
+        ch.basic_publish(
+            app.state.settings.rabbit.topology.updates_exchange.as_str().into(),
+            "product.updates.batch".into(),
+            Default::default(),
+            body,
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let first = ws.updates(1, T).await;
+    assert_eq!(first[0]["data"]["price_cents"], 777);
+    eventually(T, "the copy read and dropped", || async {
+        (app.metric("gateway_stream_republished_total", "").await == 1.0).then_some(())
+    })
+    .await;
+    if let Some(testkit::clients::WsEvent::Json(v)) = ws.next(Duration::from_millis(500)).await {
+        assert_ne!(v["type"], "update", "broadcast twice: {v}");
+    }
+    app.stop().await;
+}
