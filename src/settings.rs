@@ -32,6 +32,9 @@ pub struct ServerSettings {
     /// autotuning). A small one bounds kernel memory per connection and lets
     /// a stalled client reach its conflating buffer sooner.
     pub socket_send_buffer: usize,
+    /// `TCP_NODELAY` on client sockets: frames go out as written, none held
+    /// back for the client's delayed ACK.
+    pub tcp_nodelay: bool,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
     /// Connection attempts the kernel queues before the service accepts

@@ -182,7 +182,7 @@ impl Application {
         })
         // Frames go out as written: with Nagle's algorithm a frame written
         // behind another waits for the client's delayed ACK (40 ms).
-        .tcp_nodelay(true)
+        .tcp_nodelay(settings.server.tcp_nodelay)
         .disable_signals()
         .shutdown_timeout(5);
         if settings.server.workers > 0 {
