@@ -35,6 +35,17 @@ pub struct Photo {
 
 pub async fn list(db: &Db, after: i64, limit: i64, ids: Option<&[i64]>) -> Result<Vec<Product>, StoreError> {
     let mut conn = db.get().await?;
+    Ok(page(&mut conn, after, limit, ids).await?)
+}
+
+/// Up to `limit` products after id `after`, in id order; only those of
+/// `ids` when given. The one keyset page of REST listings and snapshots.
+async fn page(
+    conn: &mut diesel_async::AsyncPgConnection,
+    after: i64,
+    limit: i64,
+    ids: Option<&[i64]>,
+) -> Result<Vec<Product>, diesel::result::Error> {
     let mut query = products::table
         .select(Product::as_select())
         .filter(products::id.gt(after))
@@ -44,7 +55,7 @@ pub async fn list(db: &Db, after: i64, limit: i64, ids: Option<&[i64]>) -> Resul
     if let Some(ids) = ids {
         query = query.filter(products::id.eq_any(ids.to_vec()));
     }
-    Ok(query.load(&mut conn).await?)
+    query.load(conn).await
 }
 
 /// One snapshot's read of the catalog: every page comes from the same
@@ -112,19 +123,12 @@ impl SnapshotRead {
         if self.done {
             return Ok(None);
         }
-        let mut query = products::table
-            .select(Product::as_select())
-            .filter(products::id.gt(self.after))
-            .order(products::id)
-            .limit(limit as i64)
-            .into_boxed();
-        let mut named = 0;
-        if let Some(ids) = &self.ids {
-            let chunk = &ids[self.read..(self.read + limit).min(ids.len())];
-            named = chunk.len();
-            query = query.filter(products::id.eq_any(chunk.to_vec()));
-        }
-        let page: Vec<Product> = query.load(&mut *self.conn).await?;
+        let chunk = self
+            .ids
+            .as_deref()
+            .map(|ids| &ids[self.read..(self.read + limit).min(ids.len())]);
+        let named = chunk.map_or(0, <[i64]>::len);
+        let page = page(&mut self.conn, self.after, limit as i64, chunk).await?;
         // Moved on only once the page is in hand.
         self.after = page.last().map_or(self.after, |p| p.id);
         self.read += named;

@@ -570,40 +570,66 @@ async fn a_snapshot_of_named_products_reads_only_their_rows() {
 #[actix_rt::test]
 async fn a_stream_message_published_again_reaches_clients_once() {
     use lapin::types::{AMQPValue, FieldTable};
-    let app = spawn_app().await;
+    // A memory of one update: a resume from before the copies reads them
+    // back from the stream, through the catch-up reader.
+    let app = testkit::spawn_app_with(|s| s.hub.history = 1).await;
     let mut ws = WsClient::connect(&app.address).await;
     ws.subscribe(&["product.price.*"], None, false).await;
-    // What the outbox relay does when a node dies with its confirm in
-    // flight: the same outbox row published twice.
     let conn = lapin::Connection::connect(&app.iso.amqp_url(), Default::default())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let body = br#"[{"product_id":3,"kind":"price","price_cents":777,"version":9,"ts_us":1}]"#;
-    for _ in 0..2 {
-        let mut headers = FieldTable::default();
-        headers.insert("x-outbox-seq".into(), AMQPValue::LongLongInt(4242));
-        headers.insert("x-txid".into(), AMQPValue::LongLongInt(1));
-        ch.basic_publish(
-            app.state.settings.rabbit.topology.updates_exchange.as_str().into(),
-            "product.updates.batch".into(),
-            Default::default(),
-            body,
-            lapin::BasicProperties::default().with_headers(headers),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    }
-    let first = ws.updates(1, T).await;
-    assert_eq!(first[0]["data"]["price_cents"], 777);
+    let publish = |seq: i64, product: i64| {
+        let ch = ch.clone();
+        let exchange = app.state.settings.rabbit.topology.updates_exchange.clone();
+        async move {
+            let body =
+                format!(r#"[{{"product_id":{product},"kind":"price","price_cents":777,"version":9,"ts_us":1}}]"#);
+            let mut headers = FieldTable::default();
+            headers.insert("x-outbox-seq".into(), AMQPValue::LongLongInt(seq));
+            headers.insert("x-txid".into(), AMQPValue::LongLongInt(1));
+            ch.basic_publish(
+                exchange.as_str().into(),
+                "product.updates.batch".into(),
+                Default::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default().with_headers(headers),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    };
+    publish(4241, 1).await;
+    // What the outbox relay does when a node dies with its confirm in
+    // flight: the same outbox row published twice.
+    publish(4242, 3).await;
+    publish(4242, 3).await;
+    publish(4243, 5).await;
+    let live = ws.updates(3, T).await;
+    let products = |updates: &[Value]| -> Vec<i64> {
+        updates
+            .iter()
+            .map(|u| u["data"]["product_id"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(products(&live), [1, 3, 5], "live: the copy dropped");
     eventually(T, "the copy read and dropped", || async {
         (app.metric("gateway_stream_republished_total", "").await == 1.0).then_some(())
     })
     .await;
     if let Some(testkit::clients::WsEvent::Json(v)) = ws.next(Duration::from_millis(500)).await {
         assert_ne!(v["type"], "update", "broadcast twice: {v}");
+    }
+
+    let mut resumed = WsClient::connect(&app.address).await;
+    let after_first = live[0]["offset"].as_u64().unwrap();
+    resumed.subscribe(&["product.price.*"], Some(after_first), false).await;
+    let replayed = resumed.updates(2, T).await;
+    assert_eq!(products(&replayed), [3, 5], "read back: the copy dropped");
+    if let Some(testkit::clients::WsEvent::Json(v)) = resumed.next(Duration::from_millis(500)).await {
+        assert_ne!(v["type"], "update", "replayed twice: {v}");
     }
     app.stop().await;
 }

@@ -21,18 +21,11 @@ async fn on_the_cluster() {
     chaos::cluster(&["nodes"]).await;
 }
 
-fn print(report: &chaos::Report) {
-    println!("\n== cluster fault run ==");
-    for line in &report.lines {
-        println!("{line}");
-    }
-}
-
 #[actix_rt::test]
 async fn a_cluster_node_killed_under_load_loses_nothing() {
     on_the_cluster().await;
     let report = run(Plan::cluster_short()).await;
-    print(&report);
+    report.print("cluster fault run");
     assert!(report.confirmed > 1000, "the run carried load: {}", report.confirmed);
     assert_eq!(report.lost, 0);
 }
@@ -43,6 +36,6 @@ async fn a_cluster_node_killed_under_load_loses_nothing() {
 async fn full_cluster_chaos_run_loses_nothing() {
     on_the_cluster().await;
     let report = run(Plan::cluster_full()).await;
-    print(&report);
+    report.print("cluster fault run");
     assert_eq!(report.lost, 0);
 }

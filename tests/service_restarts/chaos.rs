@@ -192,34 +192,29 @@ const CLUSTER_FAULTS: [Fault; 4] = [
     },
 ];
 
-/// `scripts/cluster.sh` with these arguments; its standard output.
-pub async fn cluster(args: &[&str]) -> String {
+/// A script of `scripts/` with these arguments; its standard output.
+async fn script(name: &str, args: &[&str]) -> String {
     let out = tokio::process::Command::new("bash")
-        .arg(repo_root().join("scripts/cluster.sh"))
+        .arg(repo_root().join("scripts").join(name))
         .args(args)
         .output()
         .await
-        .expect("scripts/cluster.sh runs");
+        .unwrap_or_else(|e| panic!("scripts/{name} runs: {e}"));
     assert!(
         out.status.success(),
-        "cluster.sh {args:?}: {}",
+        "{name} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// `scripts/cluster.sh` with these arguments; its standard output.
+pub async fn cluster(args: &[&str]) -> String {
+    script("cluster.sh", args).await
+}
+
 async fn services(cmd: &str) {
-    let out = tokio::process::Command::new("bash")
-        .arg(repo_root().join("scripts/services.sh"))
-        .arg(cmd)
-        .output()
-        .await
-        .expect("scripts/services.sh runs");
-    assert!(
-        out.status.success(),
-        "services.sh {cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    script("services.sh", &[cmd]).await;
 }
 
 /// One gateway process, killed when dropped.
@@ -520,6 +515,15 @@ pub struct Report {
     pub lost: usize,
     pub confirmed: usize,
     pub lines: Vec<String>,
+}
+
+impl Report {
+    pub fn print(&self, title: &str) {
+        println!("\n== {title} ==");
+        for line in &self.lines {
+            println!("{line}");
+        }
+    }
 }
 
 pub async fn run(plan: Plan) -> Report {

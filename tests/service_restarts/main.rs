@@ -8,17 +8,10 @@ mod chaos;
 
 use chaos::{Plan, run};
 
-fn print(report: &chaos::Report) {
-    println!("\n== chaos run ==");
-    for line in &report.lines {
-        println!("{line}");
-    }
-}
-
 #[actix_rt::test]
 async fn short_chaos_run_loses_nothing() {
     let report = run(Plan::short()).await;
-    print(&report);
+    report.print("chaos run");
     assert!(report.confirmed > 1000, "the run carried load: {}", report.confirmed);
     assert_eq!(report.lost, 0);
 }
@@ -28,6 +21,6 @@ async fn short_chaos_run_loses_nothing() {
 #[ignore = "five minutes; run by `make chaos`"]
 async fn full_chaos_run_loses_nothing() {
     let report = run(Plan::full()).await;
-    print(&report);
+    report.print("chaos run");
     assert_eq!(report.lost, 0);
 }
