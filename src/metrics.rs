@@ -47,6 +47,7 @@ pub struct Metrics {
     pub e2e_latency: Histogram,
     pub clients_refused: Family<Label, Counter>,
     pub client_errors: Family<Label, Counter>,
+    pub auth_refused: Family<Label, Counter>,
     // Broker links.
     pub broker_reconnects: Counter,
     pub catch_up_resets: Counter,
@@ -175,6 +176,11 @@ impl Metrics {
             client_errors: reg!(
                 "client_errors",
                 "Error frames sent to clients, by code",
+                Family::default()
+            ),
+            auth_refused: reg!(
+                "auth_refused",
+                "Subscriber tokens and subscribes refused, by reason (unauthorized, token_expired, forbidden)",
                 Family::default()
             ),
             broker_reconnects: reg!(

@@ -11,6 +11,7 @@ use serde::{Deserialize, Deserializer};
 pub struct Settings {
     pub server: ServerSettings,
     pub admin: AdminSettings,
+    pub auth: AuthSettings,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub rabbit: RabbitSettings,
@@ -104,6 +105,33 @@ pub struct AdminSettings {
     pub token: Secret,
     /// Allows a short or default token; never on in production.
     pub dev_mode: bool,
+}
+
+/// Subscriber tokens (JWTs) and what anyone may subscribe to without one.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    /// Patterns open to every connection, token or not.
+    pub anonymous_patterns: Vec<String>,
+    /// HS256 secret; empty: HS256 tokens are refused.
+    pub hs256_secret: Secret,
+    /// A PEM public key or a folder of `*.pem` ones; empty: none.
+    pub public_keys: String,
+    /// Required `iss` and `aud` claims; empty: not checked.
+    pub issuer: String,
+    pub audience: String,
+    #[serde(rename = "leeway_secs", deserialize_with = "seconds")]
+    pub leeway: Duration,
+}
+
+impl AuthSettings {
+    /// The anonymous patterns; an empty entry (as an empty environment
+    /// variable gives) is none.
+    pub fn anonymous(&self) -> impl Iterator<Item = &str> {
+        self.anonymous_patterns
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -313,7 +341,8 @@ impl Settings {
                     .with_list_parse_key("rabbit.urls")
                     .with_list_parse_key("server.trusted_proxies")
                     .with_list_parse_key("server.allowed_hosts")
-                    .with_list_parse_key("hub.allowed_origins"),
+                    .with_list_parse_key("hub.allowed_origins")
+                    .with_list_parse_key("auth.anonymous_patterns"),
             )
             .build()?
             .try_deserialize()?;

@@ -62,6 +62,12 @@ impl Application {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
+        // Keys first: a subscriber key that does not load stops the start
+        // before anything connects.
+        let auth = Arc::new(http::auth::Verifier::new(
+            &settings.auth,
+            settings.hub.max_pattern_words,
+        )?);
 
         store::migrate(settings.database.url.expose()).await?;
         let db = store::pool(&settings.database)?;
@@ -149,6 +155,7 @@ impl Application {
             broker,
             generator,
             hub,
+            auth,
             catch_up,
             shutdown: shutdown.clone(),
         });

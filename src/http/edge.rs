@@ -159,7 +159,7 @@ pub async fn preflight(req: HttpRequest, state: web::Data<AppState>) -> Result<H
         Origin::Allowed(origin) => {
             res.insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin))
                 .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "GET"))
-                .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, "Last-Event-ID"))
+                .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, "Last-Event-ID, Authorization"))
                 .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"));
         }
     }

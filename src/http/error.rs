@@ -17,6 +17,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("a valid admin bearer token is required")]
     Unauthorized,
+    /// A subscriber token that does not verify or has expired.
+    #[error(transparent)]
+    BadToken(#[from] super::auth::TokenError),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -43,6 +46,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::BadToken(e) => e.code(),
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Forbidden(_) => "forbidden",
@@ -73,7 +77,7 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::BadToken(_) => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -93,8 +97,14 @@ impl ResponseError for ApiError {
             other => other.to_string(),
         };
         let mut response = HttpResponse::build(self.status_code());
-        if matches!(self, ApiError::Unauthorized) {
-            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        match self {
+            ApiError::Unauthorized => {
+                response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            ApiError::BadToken(_) => {
+                response.insert_header((header::WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#));
+            }
+            _ => {}
         }
         if matches!(self, ApiError::Busy(_)) {
             response.insert_header((header::RETRY_AFTER, "1"));

@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod auth;
 pub mod edge;
 pub mod error;
 pub mod health;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub broker: Arc<Link>,
     pub generator: GeneratorHandle,
     pub hub: HubHandle,
+    /// Checks subscriber tokens.
+    pub auth: Arc<auth::Verifier>,
     /// Reads the stream back for resumes older than the hub's memory.
     pub catch_up: CatchUpReader,
     pub shutdown: tokio_util::sync::CancellationToken,

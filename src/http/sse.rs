@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use super::AppState;
 use super::access::connection_span;
+use super::auth;
 use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::error::ApiError;
 use crate::hub::Refused;
@@ -25,6 +26,8 @@ pub struct EventsQuery {
     topics: Option<String>,
     since: Option<String>,
     snapshot: Option<String>,
+    /// A subscriber token, for clients that cannot send `Authorization`.
+    token: Option<String>,
 }
 
 fn parse_offset(raw: &str, what: &str) -> Result<u64, ApiError> {
@@ -63,8 +66,15 @@ pub async fn events(
         Some("true") | Some("1") | Some("") => true,
         Some(_) => return Err(ApiError::BadRequest("snapshot must be true or false".into())),
     };
+    let grant = match auth::request_token(&req, query.token.as_deref()) {
+        Some(token) => state
+            .auth
+            .verify(token)
+            .inspect_err(|e| auth::count_refusal(&state.metrics, e.code()))?,
+        None => state.auth.anonymous(),
+    };
     let ip = client_ip(&req, &state.settings.server.trusted_proxies);
-    let mut sub = match Session::open(state.realtime(), Transport::Sse, ip) {
+    let mut sub = match Session::open(state.realtime(), Transport::Sse, ip, grant) {
         Ok(sub) => sub,
         Err(Refused::Instance) => {
             return Err(ApiError::Unavailable(
@@ -82,6 +92,7 @@ pub async fn events(
         .subscribe(&topics, since, snapshot)
         .instrument(span.clone())
         .await
+        .inspect_err(|e| auth::count_refusal(&state.metrics, e.code.as_str()))
         .map_err(ApiError::from)?;
 
     let settings = state.hub.settings();
@@ -92,8 +103,10 @@ pub async fn events(
         tokio::time::Instant::now() + settings.sse_keepalive,
         settings.sse_keepalive,
     );
+    let expiry = sub.grant().remaining().map(|left| Box::pin(tokio::time::sleep(left)));
     let body = futures_util::stream::unfold(
         Stream {
+            expiry,
             sub,
             snapshot,
             pending,
@@ -128,6 +141,8 @@ struct Stream {
     pending: VecDeque<Bytes>,
     out: Vec<FeedItem>,
     keepalive: tokio::time::Interval,
+    /// When the token runs out; the stream then ends with an error event.
+    expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     shutdown: CancellationToken,
     done: bool,
 }
@@ -143,6 +158,10 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
         if let Some(frames) = &mut s.snapshot {
             tokio::select! {
                 _ = s.shutdown.cancelled() => s.done = true,
+                _ = expired(&mut s.expiry) => {
+                    s.pending.push_back(token_expired_event());
+                    s.done = true;
+                }
                 _ = s.keepalive.tick() => s.pending.push_back(Bytes::from_static(b": keep-alive\n\n")),
                 frame = frames.recv() => match frame {
                     Some(Ok(f)) => s.pending.push_back(snapshot_event(f)),
@@ -158,6 +177,10 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
         }
         tokio::select! {
             _ = s.shutdown.cancelled() => s.done = true,
+            _ = expired(&mut s.expiry) => {
+                s.pending.push_back(token_expired_event());
+                s.done = true;
+            }
             _ = s.keepalive.tick() => s.pending.push_back(Bytes::from_static(b": keep-alive\n\n")),
             open = s.sub.next(&mut s.out) => {
                 for item in s.out.drain(..) {
@@ -177,6 +200,24 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
     }
 }
 
+/// Resolves when the token has run out; never without one.
+async fn expired(expiry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match expiry {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The last event of a stream whose token ran out: the client reconnects
+/// with a fresh token (and its `Last-Event-ID`, so nothing is missed).
+fn token_expired_event() -> Bytes {
+    let e = ClientError::new(
+        ClientErrorCode::TokenExpired,
+        "the token has expired; reconnect with a fresh one",
+    );
+    Bytes::from(format!("event: error\ndata: {}\n\n", e.to_json()))
+}
+
 /// A snapshot frame as an event; `snapshot_end` carries the offset updates
 /// follow as the event id, so a reconnect resumes after the snapshot.
 fn snapshot_event(f: crate::hub::session::SnapshotFrame) -> Bytes {
@@ -193,6 +234,7 @@ impl From<ClientError> for ApiError {
         match e.code {
             ClientErrorCode::Unavailable => ApiError::Unavailable(e.message),
             ClientErrorCode::Busy => ApiError::Busy(e.message),
+            ClientErrorCode::Forbidden => ApiError::Forbidden(e.message),
             code => ApiError::BadRequest(format!("{}: {}", code.as_str(), e.message)),
         }
     }

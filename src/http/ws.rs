@@ -15,7 +15,9 @@ use tracing::Instrument;
 
 use super::AppState;
 use super::access::connection_span;
+use super::auth::{self, TokenError};
 use super::edge::{Origin, check_origin, client_ip, origin_refused};
+use super::error::ApiError;
 use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
 use crate::hub::session::{
@@ -36,6 +38,20 @@ pub enum ClientFrame {
     Unsubscribe {
         topics: Vec<String>,
     },
+    /// A (fresh) subscriber token: replaces the connection's grant.
+    Auth {
+        token: String,
+    },
+}
+
+/// Close code of a connection whose token ran out (private-use range).
+pub const TOKEN_EXPIRED: u16 = 4001;
+
+#[derive(Deserialize)]
+struct WsQuery {
+    /// A subscriber token given at connect time (browsers cannot set
+    /// `Authorization` on a WebSocket).
+    token: Option<String>,
 }
 
 /// Frames per second a client may send (burst of twice that); past it
@@ -48,9 +64,19 @@ pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>
     if check_origin(&req, &settings.allowed_origins) == Origin::Refused {
         return Err(origin_refused(&state, "a WebSocket").into());
     }
+    // A bad token is refused before the upgrade, as a 401 with a JSON body.
+    let query = web::Query::<WsQuery>::from_query(req.query_string()).ok();
+    let grant = match auth::request_token(&req, query.as_ref().and_then(|q| q.token.as_deref())) {
+        Some(token) => state
+            .auth
+            .verify(token)
+            .inspect_err(|e| auth::count_refusal(&state.metrics, e.code()))
+            .map_err(ApiError::from)?,
+        None => state.auth.anonymous(),
+    };
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let ip = client_ip(&req, &state.settings.server.trusted_proxies);
-    let sub = match Session::open(state.realtime(), Transport::WebSocket, ip) {
+    let sub = match Session::open(state.realtime(), Transport::WebSocket, ip, grant) {
         Ok(sub) => sub,
         Err(refused) => {
             let text = match refused {
@@ -103,10 +129,15 @@ async fn run(
     // and the heartbeat below must still see it and close it.
     let mut writer = session.clone();
     let mut pending: VecDeque<(ByteString, Option<i64>)> = VecDeque::new();
+    let mut expiry = sub.grant().remaining().map(|left| Box::pin(tokio::time::sleep(left)));
     let close = loop {
         let next_frame = pending.front().map(|(frame, _)| frame.clone());
         tokio::select! {
             _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),
+            _ = expired(&mut expiry) => {
+                auth::count_refusal(&metrics, "token_expired");
+                break Some(reason(CloseCode::Other(TOKEN_EXPIRED), "token expired"));
+            }
             msg = stream.recv() => {
                 let text = match msg {
                     None | Some(Ok(AggregatedMessage::Close(_))) => break None,
@@ -144,7 +175,7 @@ async fn run(
                         // large state that every idle connection would otherwise carry.
                         // Bounded: its answer waits on the socket too.
                         Some(t) => {
-                            let handled = handle(&mut sub, &mut session, &t, snapshot.is_some());
+                            let handled = handle(&mut sub, &mut session, &state.auth, &t, snapshot.is_some());
                             match tokio::time::timeout(timeout, Box::pin(handled)).await {
                                 Ok(r) => r,
                                 Err(_) => break Some(not_reading(&refuse)),
@@ -155,9 +186,13 @@ async fn run(
                 match result {
                     Ok(Handled::Done) => {}
                     Ok(Handled::Snapshot(frames)) => snapshot = Some(frames),
+                    Ok(Handled::Authorized) => {
+                        expiry = sub.grant().remaining().map(|left| Box::pin(tokio::time::sleep(left)));
+                    }
                     Ok(Handled::Gone) => break None,
                     Err(e) => {
                         metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
+                        auth::count_refusal(&metrics, e.code.as_str());
                         match tokio::time::timeout(timeout, session.text(e.to_json())).await {
                             Ok(Ok(())) => {}
                             Ok(Err(_)) => break None,
@@ -216,6 +251,14 @@ async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), session.close(close)).await;
 }
 
+/// Resolves when the connection's token has run out; never without one.
+async fn expired(expiry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match expiry {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Closes a client that lets the socket fill up and answers nothing.
 fn not_reading<R>(refuse: &impl Fn(Dropped) -> R) -> CloseReason {
     refuse(Dropped::HeartbeatTimeout);
@@ -251,10 +294,10 @@ pub fn parse_frame(text: &str) -> Result<ClientFrame, ClientError> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| ClientError::new(ClientErrorCode::BadJson, format!("not JSON: {e}")))?;
     let op = value.get("op").and_then(|o| o.as_str()).unwrap_or("");
-    if !matches!(op, "subscribe" | "unsubscribe") {
+    if !matches!(op, "subscribe" | "unsubscribe" | "auth") {
         return Err(ClientError::new(
             ClientErrorCode::UnknownOp,
-            format!("op must be \"subscribe\" or \"unsubscribe\", not {:.40?}", op),
+            format!("op must be \"subscribe\", \"unsubscribe\" or \"auth\", not {:.40?}", op),
         ));
     }
     serde_json::from_value(value).map_err(|e| ClientError::new(ClientErrorCode::BadFrame, format!("{e}")))
@@ -265,6 +308,8 @@ enum Handled {
     Done,
     /// A subscribe whose snapshot is to be sent.
     Snapshot(SnapshotFrames),
+    /// A new token was taken: its expiry replaces the old one's.
+    Authorized,
     /// The socket has gone.
     Gone,
 }
@@ -274,10 +319,30 @@ enum Handled {
 async fn handle(
     sub: &mut Session,
     session: &mut actix_ws::Session,
+    verifier: &auth::Verifier,
     text: &str,
     sending_snapshot: bool,
 ) -> Result<Handled, ClientError> {
     match parse_frame(text)? {
+        ClientFrame::Auth { token } => {
+            let grant = verifier.verify(&token).map_err(|e| {
+                let code = match e {
+                    TokenError::Expired => ClientErrorCode::TokenExpired,
+                    TokenError::Invalid(_) => ClientErrorCode::Unauthorized,
+                };
+                ClientError::new(code, e.to_string())
+            })?;
+            let ack = json!({
+                "type": "authorized",
+                "expires": grant.expires_unix(),
+                "topics": grant.scope.patterns().collect::<Vec<_>>(),
+            });
+            sub.authorize(grant)?;
+            if session.text(ack.to_string()).await.is_err() {
+                return Ok(Handled::Gone);
+            }
+            return Ok(Handled::Authorized);
+        }
         ClientFrame::Subscribe {
             topics,
             since,

@@ -13,6 +13,7 @@ pub mod feed;
 pub mod history;
 pub mod index;
 pub mod pattern;
+pub mod scope;
 pub mod session;
 
 use std::collections::HashMap;

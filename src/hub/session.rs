@@ -14,6 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use super::feed::{CatchUpFilter, Feed, FeedItem};
 use super::history::Replay;
 use super::pattern::Pattern;
+use super::scope::Grant;
 use super::{CatchUp, ConnectionSlot, HubHandle, Refused};
 use crate::broker::stream::CatchUpReader;
 use crate::domain::Kind;
@@ -51,6 +52,11 @@ pub enum ClientErrorCode {
     BinaryNotSupported,
     Busy,
     Unavailable,
+    /// A pattern outside the connection's grant.
+    Forbidden,
+    /// A token that does not verify.
+    Unauthorized,
+    TokenExpired,
 }
 
 impl ClientErrorCode {
@@ -65,6 +71,9 @@ impl ClientErrorCode {
             ClientErrorCode::BinaryNotSupported => "binary_not_supported",
             ClientErrorCode::Busy => "busy",
             ClientErrorCode::Unavailable => "unavailable",
+            ClientErrorCode::Forbidden => "forbidden",
+            ClientErrorCode::Unauthorized => "unauthorized",
+            ClientErrorCode::TokenExpired => "token_expired",
         }
     }
 }
@@ -167,6 +176,8 @@ pub struct Session {
     /// Per pattern, the offset after which this connection gets all of its
     /// updates (None: from the first update the hub receives).
     covered: HashMap<String, (Pattern, Option<u64>)>,
+    /// What this connection may subscribe to, and until when.
+    grant: Grant,
     transport: Transport,
     _slot: ConnectionSlot,
 }
@@ -179,7 +190,7 @@ impl Session {
 
     /// Refused when this instance or this client address is at its limit
     /// (counted).
-    pub fn open(rt: Realtime, transport: Transport, ip: Option<IpAddr>) -> Result<Session, Refused> {
+    pub fn open(rt: Realtime, transport: Transport, ip: Option<IpAddr>, grant: Grant) -> Result<Session, Refused> {
         let metrics = rt.hub.metrics().clone();
         let slot = rt.hub.connect(ip).inspect_err(|r| {
             metrics.clients_refused.get_or_create(&[("reason", r.as_str())]).inc();
@@ -198,6 +209,7 @@ impl Session {
             feed: Feed::new(queue),
             patterns: Vec::new(),
             covered: HashMap::new(),
+            grant,
             transport,
             _slot: slot,
         })
@@ -209,6 +221,21 @@ impl Session {
 
     pub fn patterns(&self) -> &[String] {
         &self.patterns
+    }
+
+    pub fn grant(&self) -> &Grant {
+        &self.grant
+    }
+
+    /// Replaces the grant (a refreshed token). Refused, the old one kept,
+    /// when it does not cover every pattern already subscribed: the client
+    /// unsubscribes those first.
+    pub fn authorize(&mut self, grant: Grant) -> Result<(), ClientError> {
+        if let Some((_, (p, _))) = self.covered.iter().find(|(_, (p, _))| !grant.scope.allows(p)) {
+            return Err(forbidden(p, "the new token does not cover it; unsubscribe it first"));
+        }
+        self.grant = grant;
+        Ok(())
     }
 
     fn too_many(&self) -> ClientError {
@@ -241,6 +268,9 @@ impl Session {
             }
             let p = Pattern::parse(t, settings.max_pattern_words)
                 .map_err(|e| ClientError::new(ClientErrorCode::BadPattern, format!("{:.80}: {e}", t)))?;
+            if !self.grant.scope.allows(&p) {
+                return Err(forbidden(&p, "not granted to this connection"));
+            }
             if !self.covered.contains_key(t) {
                 new.push(p.clone());
             }
@@ -387,6 +417,10 @@ fn named_products(patterns: &[Pattern]) -> Option<Vec<i64>> {
     ids.sort_unstable();
     ids.dedup();
     Some(ids)
+}
+
+fn forbidden(p: &Pattern, why: &str) -> ClientError {
+    ClientError::new(ClientErrorCode::Forbidden, format!("{:.80}: {why}", p.as_str()))
 }
 
 fn snapshot_unavailable() -> ClientError {

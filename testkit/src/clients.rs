@@ -25,10 +25,19 @@ impl WsClient {
     }
 
     pub async fn try_connect(base: &str) -> Option<WsClient> {
-        let url = format!("{}/ws", base.replace("http://", "ws://"));
+        Self::connect_to(base, "/ws").await.ok()
+    }
+
+    /// Connects to `path` (with its query); Err with the HTTP status of a
+    /// refused upgrade (0: no answer).
+    pub async fn connect_to(base: &str, path: &str) -> Result<WsClient, u16> {
+        let url = format!("{}{path}", base.replace("http://", "ws://"));
         let connect = awc::Client::new().ws(url).max_frame_size(16 << 20).connect();
-        let (_, framed) = tokio::time::timeout(Duration::from_secs(5), connect).await.ok()?.ok()?;
-        Some(WsClient { framed })
+        match tokio::time::timeout(Duration::from_secs(5), connect).await {
+            Ok(Ok((_, framed))) => Ok(WsClient { framed }),
+            Ok(Err(awc::error::WsClientError::InvalidResponseStatus(status))) => Err(status.as_u16()),
+            _ => Err(0),
+        }
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -191,10 +200,23 @@ pub struct SseClient {
 
 impl SseClient {
     pub async fn connect(base: &str, query: &str, last_event_id: Option<u64>) -> Result<SseClient, (u16, Value)> {
+        Self::connect_with(base, query, last_event_id, None).await
+    }
+
+    /// [`SseClient::connect`] with `Authorization: Bearer <token>`.
+    pub async fn connect_with(
+        base: &str,
+        query: &str,
+        last_event_id: Option<u64>,
+        bearer: Option<&str>,
+    ) -> Result<SseClient, (u16, Value)> {
         let mut req = awc::Client::builder()
             .timeout(Duration::from_secs(3600))
             .finish()
             .get(format!("{base}/events?{query}"));
+        if let Some(token) = bearer {
+            req = req.insert_header(("Authorization", format!("Bearer {token}")));
+        }
         if let Some(id) = last_event_id {
             req = req.insert_header(("Last-Event-ID", id.to_string()));
         }

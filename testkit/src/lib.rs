@@ -156,6 +156,9 @@ impl Isolation {
         s.rabbit.management_url = rabbit_api();
         s.generator.enabled = false;
         s.seed.products = 50;
+        // Test clients are anonymous and subscribe to anything; the tests of
+        // subscriber tokens set their own grants.
+        s.auth.anonymous_patterns = vec!["#".into()];
         s
     }
 }

@@ -1,6 +1,7 @@
 //! The integration tests: one binary, one module per area. Each test starts
 //! its own isolated instance of the service (see the `testkit` crate).
 
+mod auth;
 mod bad_input;
 mod catalog;
 mod delivery_limits;

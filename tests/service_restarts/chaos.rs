@@ -259,6 +259,8 @@ impl Instance {
             .env("GATEWAY__SERVER__STATIC_DIR", repo_root().join("static"))
             .env("GATEWAY__ADMIN__TOKEN", ADMIN_TOKEN)
             .env("GATEWAY__ADMIN__DEV_MODE", "false")
+            // The run's clients are anonymous and watch `product.#` too.
+            .env("GATEWAY__AUTH__ANONYMOUS_PATTERNS", "#")
             .env("GATEWAY__DATABASE__URL", &iso.database_url)
             .env("GATEWAY__DATABASE__ACQUIRE_TIMEOUT_MS", "1000")
             .env("GATEWAY__REDIS__URL", redis_url())
