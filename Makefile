@@ -15,6 +15,8 @@ SERVICES := scripts/services.sh
 # environment variable the service reads.
 GATEWAY__SERVER__PORT ?= 8080
 PORT := $(GATEWAY__SERVER__PORT)
+# The ingest API's token for `make run` (dev mode accepts a short one).
+INGEST_TOKEN ?= dev-ingest-token
 
 # Where the tests find the services; the environment or the command line
 # overrides each.
@@ -69,8 +71,9 @@ run: services definitions ## services, seed, then serve (prints the URLs)
 	@echo "  management UI   http://127.0.0.1:15672/   (login guest / guest)"
 	@echo
 	@echo "  admin dev mode ON (GATEWAY__ADMIN__DEV_MODE=true): the default admin token is accepted; local use only"
+	@echo "  ingest token    $(INGEST_TOKEN)   (POST /products/{id}/price and /stock)"
 	@echo
-	GATEWAY__ADMIN__DEV_MODE=true $(CARGO) run --release --bin product-gateway -- serve
+	GATEWAY__ADMIN__DEV_MODE=true GATEWAY__INGEST__TOKEN=$(INGEST_TOKEN) $(CARGO) run --release --bin product-gateway -- serve
 
 test: services ## every test; service-restart tests alone, afterwards
 	$(SERVICES) chromium

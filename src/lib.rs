@@ -7,6 +7,7 @@ pub mod domain;
 pub mod generator;
 pub mod http;
 pub mod hub;
+pub mod ingest;
 pub mod metrics;
 pub mod photos;
 pub mod seed;

@@ -1,13 +1,13 @@
 //! Entry point: load settings, start logs, run a subcommand.
 //! `serve` (default) runs the service; `seed` fills the catalog; `migrate`
-//! only applies migrations.
+//! only applies migrations; `token` prints an HS256 subscriber token.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
 use product_gateway::settings::Settings;
 use product_gateway::startup::{self, Application};
-use product_gateway::{seed, store, telemetry};
+use product_gateway::{http, seed, store, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -36,7 +36,26 @@ async fn main() -> anyhow::Result<()> {
             seed::seed(&db, products).await?;
             Ok(())
         }
-        other => anyhow::bail!("unknown command {other:?}; use serve, seed or migrate"),
+        "token" => {
+            // `token --topics product.*.42,product.stock.# [--ttl 3600] [--sub NAME]`
+            let topics: Vec<String> = flag("--topics")
+                .ok_or_else(|| anyhow::anyhow!("token needs --topics PATTERN[,PATTERN…]"))?
+                .split(',')
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect();
+            let ttl = match flag("--ttl") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--ttl takes seconds, got {n:?}"))?,
+                None => 3600,
+            };
+            let sub = flag("--sub").unwrap_or_else(|| "cli".into());
+            let token = http::auth::sign_hs256(&settings.auth, &sub, &topics, std::time::Duration::from_secs(ttl))?;
+            println!("{token}");
+            Ok(())
+        }
+        other => anyhow::bail!("unknown command {other:?}; use serve, seed, migrate or token"),
     }
 }
 

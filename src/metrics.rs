@@ -48,6 +48,7 @@ pub struct Metrics {
     pub clients_refused: Family<Label, Counter>,
     pub client_errors: Family<Label, Counter>,
     pub auth_refused: Family<Label, Counter>,
+    pub ingest_requests: Family<Label, Counter>,
     // Broker links.
     pub broker_reconnects: Counter,
     pub catch_up_resets: Counter,
@@ -181,6 +182,11 @@ impl Metrics {
             auth_refused: reg!(
                 "auth_refused",
                 "Subscriber tokens and subscribes refused, by reason (unauthorized, token_expired, forbidden)",
+                Family::default()
+            ),
+            ingest_requests: reg!(
+                "ingest_requests",
+                "Ingest API calls by outcome (accepted, replayed, refused, failed)",
                 Family::default()
             ),
             broker_reconnects: reg!(

@@ -12,6 +12,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub admin: AdminSettings,
     pub auth: AuthSettings,
+    pub ingest: IngestSettings,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub rabbit: RabbitSettings,
@@ -105,6 +106,13 @@ pub struct AdminSettings {
     pub token: Secret,
     /// Allows a short or default token; never on in production.
     pub dev_mode: bool,
+}
+
+/// The ingest API's callers.
+#[derive(Debug, Clone, Deserialize)]
+pub struct IngestSettings {
+    /// Their bearer token; empty: the ingest API refuses every call.
+    pub token: Secret,
 }
 
 /// Subscriber tokens (JWTs) and what anyone may subscribe to without one.
@@ -315,6 +323,11 @@ pub enum SettingsError {
          random secret, or for a local run only enable dev mode (GATEWAY__ADMIN__DEV_MODE=true)"
     )]
     WeakAdminToken,
+    #[error(
+        "ingest token is shorter than 24 characters: set GATEWAY__INGEST__TOKEN to a long random secret \
+         (or leave it empty to keep the ingest API off)"
+    )]
+    WeakIngestToken,
     #[error("setting {key} {reason}")]
     Invalid { key: &'static str, reason: &'static str },
 }
@@ -359,6 +372,10 @@ impl Settings {
         let weak = token.len() < 24 || token.starts_with("dev-admin-token");
         if weak && !self.admin.dev_mode {
             return Err(SettingsError::WeakAdminToken);
+        }
+        let ingest = self.ingest.token.expose();
+        if !ingest.is_empty() && ingest.len() < 24 && !self.admin.dev_mode {
+            return Err(SettingsError::WeakIngestToken);
         }
         Ok(())
     }
@@ -435,6 +452,21 @@ mod tests {
 
     fn defaults() -> Settings {
         Settings::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config")).unwrap()
+    }
+
+    #[test]
+    fn a_short_ingest_token_is_refused_outside_dev_mode_and_an_empty_one_is_off() {
+        let mut s = defaults();
+        s.admin.dev_mode = false;
+        s.admin.token = Secret::new("a-long-random-production-token-42");
+        assert!(s.check_serving().is_ok(), "no ingest token: the API is off");
+        s.ingest.token = Secret::new("short");
+        assert!(matches!(s.check_serving(), Err(SettingsError::WeakIngestToken)));
+        s.ingest.token = Secret::new("a-long-random-ingest-token-0042");
+        assert!(s.check_serving().is_ok());
+        s.ingest.token = Secret::new("short");
+        s.admin.dev_mode = true;
+        assert!(s.check_serving().is_ok());
     }
 
     #[test]

@@ -144,6 +144,13 @@ impl Application {
             shutdown.clone(),
             &tracker,
         );
+        // Its own connection, opened on the first call: a stage of its own.
+        let ingest = Arc::new(crate::ingest::Ingest::new(
+            db.clone(),
+            Arc::new(Link::new(connector.clone(), "ingest")),
+            settings.rabbit.topology.events_exchange.clone(),
+            settings.generator.confirm_timeout,
+        ));
 
         let state = web::Data::new(AppState {
             settings: settings.clone(),
@@ -155,6 +162,7 @@ impl Application {
             broker,
             generator,
             hub,
+            ingest,
             auth,
             catch_up,
             shutdown: shutdown.clone(),

@@ -25,9 +25,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::link::Connector;
-use crate::broker::message::encode_event;
-use crate::broker::publisher::{Confirmed, Outgoing, confirm_channel, publish_one};
-use crate::domain::{Change, Event, PriceCents, ProductId, Stock, now_us};
+use crate::broker::publisher::{Confirmed, confirm_channel, publish_one};
+use crate::domain::{Change, Event, PriceCents, ProductId, Stock};
+use crate::ingest;
 use crate::metrics::Metrics;
 use crate::settings::{GeneratorSettings, Settings};
 use crate::store::{self, Db};
@@ -316,13 +316,9 @@ async fn publish_loop(
 type ConfirmOutcome = Result<lapin::Confirmation, String>;
 
 async fn publish(channel: &lapin::Channel, exchange: &str, p: &Pending) -> lapin::Result<lapin::PublisherConfirm> {
-    let mut event = p.event.clone();
-    // ts_us is the publish time: set at each attempt so latency is measured
-    // from the publish that reached the broker.
-    event.ts_us = now_us();
     // Never expected; an error is a failed publish, never an empty body.
-    let body = encode_event(&event).map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
-    let out = Outgoing::json(exchange, event.topic(), body, p.message_id.clone(), None);
+    let out =
+        ingest::message(exchange, &p.event, &p.message_id).map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
     publish_one(channel, &out).await
 }
 
@@ -407,36 +403,23 @@ async fn make_events(db: &Db, id: i64) -> Result<Vec<Event>, store::StoreError> 
         return Ok(vec![]);
     };
     let (price, stock) = (what != 1, what != 0);
-    let Some(issued) = versions::issue(db, id, price, stock).await? else {
+    let Some(issued) = ingest::issue(db, id, price, stock).await? else {
         return Ok(vec![]);
     };
     let mut rng = rand::rng();
-    let now = chrono::Utc::now();
     let mut events = Vec::with_capacity(2);
     if price {
         // A move of up to ±5%, kept within sane bounds.
         let factor = 1.0 + rng.random_range(-0.05..=0.05);
         let cents = ((issued.price_cents as f64 * factor).round() as i64).clamp(99, 10_000_000);
         if let Ok(p) = PriceCents::try_from(cents) {
-            events.push(Event {
-                product_id: id,
-                change: Change::Price(p),
-                version: issued.price_issued,
-                occurred_at: now,
-                ts_us: now_us(),
-            });
+            events.push(ingest::event(id, Change::Price(p), issued.price_issued));
         }
     }
     if stock {
         let delta = rng.random_range(-20..=25);
         if let Ok(s) = Stock::try_from((issued.stock + delta).clamp(0, 100_000)) {
-            events.push(Event {
-                product_id: id,
-                change: Change::Stock(s),
-                version: issued.stock_issued,
-                occurred_at: now,
-                ts_us: now_us(),
-            });
+            events.push(ingest::event(id, Change::Stock(s), issued.stock_issued));
         }
     }
     Ok(events)

@@ -17,9 +17,8 @@ use super::error::ApiError;
 /// argument cannot run for anyone else, and the `/admin` scope requires it
 /// in its middleware (`require`), so no route mounted there can forget it.
 ///
-/// Accepts only `Authorization: Bearer <token>` with the configured token.
-/// Both sides are hashed first so the comparison takes the same time
-/// whatever the presented token's length or content.
+/// Accepts only `Authorization: Bearer <token>` with the configured token
+/// (see [`bearer_is`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Admin(());
 
@@ -35,19 +34,28 @@ impl FromRequest for Admin {
 fn check(req: &HttpRequest) -> Result<Admin, ApiError> {
     // Without the state there is no token to compare with: refuse.
     let state = req.app_data::<web::Data<AppState>>().ok_or(ApiError::Unauthorized)?;
-    let presented = req
+    match bearer_is(req, state.settings.admin.token.expose()) {
+        true => Ok(Admin(())),
+        false => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Whether the request carries `Authorization: Bearer <expected>`. Both
+/// sides are hashed first so the comparison takes the same time whatever
+/// the presented token's length or content. An empty `expected` matches
+/// nothing.
+pub fn bearer_is(req: &HttpRequest, expected: &str) -> bool {
+    let Some(presented) = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::Unauthorized)?;
+    else {
+        return false;
+    };
     let a = Sha256::digest(presented.trim().as_bytes());
-    let b = Sha256::digest(state.settings.admin.token.expose().as_bytes());
-    if bool::from(a.ct_eq(&b)) {
-        Ok(Admin(()))
-    } else {
-        Err(ApiError::Unauthorized)
-    }
+    let b = Sha256::digest(expected.as_bytes());
+    !expected.is_empty() && bool::from(a.ct_eq(&b))
 }
 
 /// Middleware of the `/admin` scope: the token is checked before routing,

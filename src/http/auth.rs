@@ -178,6 +178,23 @@ impl Verifier {
     }
 }
 
+/// An HS256 subscriber token granting `topics` for `ttl`, signed with the
+/// configured secret: what `product-gateway token` prints, for trying the
+/// service and for backends that sign with the shared secret.
+pub fn sign_hs256(settings: &AuthSettings, subject: &str, topics: &[String], ttl: Duration) -> anyhow::Result<String> {
+    let secret = settings.hs256_secret.expose();
+    anyhow::ensure!(!secret.is_empty(), "auth.hs256_secret is not set: no key to sign with");
+    let exp = (std::time::SystemTime::now() + ttl)
+        .duration_since(UNIX_EPOCH)?
+        .as_secs();
+    let claims = serde_json::json!({ "sub": subject, "exp": exp, "topics": topics });
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
 /// Public keys from one PEM file or every `*.pem` of a folder, each named
 /// by its file stem (the `kid` a token may ask for).
 fn load_public_keys(path: &Path) -> anyhow::Result<Vec<Key>> {
@@ -290,5 +307,19 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(v.verify(&token), Err(TokenError::Invalid(m)) if m.contains("no key here checks HS256")));
+    }
+
+    #[test]
+    fn a_token_of_the_token_command_verifies_and_grants_its_topics() {
+        let mut s = settings();
+        s.hs256_secret = Secret::new("0123456789abcdef0123456789abcdef");
+        let v = Verifier::new(&s, 32).unwrap();
+        let token = sign_hs256(&s, "cli", &["product.*.42".into()], Duration::from_secs(60)).unwrap();
+        let grant = v.verify(&token).unwrap();
+        assert_eq!(grant.subject.as_deref(), Some("cli"));
+        let p = |t| Pattern::parse(t, 32).unwrap();
+        assert!(grant.scope.allows(&p("product.stock.42")));
+        assert!(!grant.scope.allows(&p("product.stock.43")));
+        assert!((50..=60).contains(&grant.remaining().unwrap().as_secs()));
     }
 }

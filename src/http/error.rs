@@ -17,6 +17,11 @@ pub enum ApiError {
     NotFound(String),
     #[error("a valid admin bearer token is required")]
     Unauthorized,
+    /// A call of the ingest API without its token.
+    #[error("{0}")]
+    ServiceUnauthorized(&'static str),
+    #[error("{0}")]
+    Conflict(String),
     /// A subscriber token that does not verify or has expired.
     #[error(transparent)]
     BadToken(#[from] super::auth::TokenError),
@@ -47,6 +52,8 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Unauthorized => "unauthorized",
             ApiError::BadToken(e) => e.code(),
+            ApiError::ServiceUnauthorized(_) => "unauthorized",
+            ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Forbidden(_) => "forbidden",
@@ -77,7 +84,10 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Unauthorized | ApiError::BadToken(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::BadToken(_) | ApiError::ServiceUnauthorized(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -98,7 +108,7 @@ impl ResponseError for ApiError {
         };
         let mut response = HttpResponse::build(self.status_code());
         match self {
-            ApiError::Unauthorized => {
+            ApiError::Unauthorized | ApiError::ServiceUnauthorized(_) => {
                 response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
             }
             ApiError::BadToken(_) => {

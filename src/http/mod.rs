@@ -6,6 +6,7 @@ pub mod auth;
 pub mod edge;
 pub mod error;
 pub mod health;
+pub mod ingest;
 pub mod products;
 pub mod sse;
 pub mod ws;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub broker: Arc<Link>,
     pub generator: GeneratorHandle,
     pub hub: HubHandle,
+    /// Publishes the ingest API's changes.
+    pub ingest: Arc<crate::ingest::Ingest>,
     /// Checks subscriber tokens.
     pub auth: Arc<auth::Verifier>,
     /// Reads the stream back for resumes older than the hub's memory.
@@ -90,6 +93,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/products", web::get().to(products::list))
         .route("/products/{id}", web::get().to(products::get))
+        .route("/products/{id}/price", web::post().to(ingest::price))
+        .route("/products/{id}/stock", web::post().to(ingest::stock))
         .service(
             web::resource("/products/{id}/photo")
                 .route(web::get().to(products::photo))

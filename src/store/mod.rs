@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod catalog;
+pub mod idempotency;
 pub mod outbox;
 pub mod schema;
 

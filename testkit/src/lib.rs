@@ -20,6 +20,7 @@ use product_gateway::store;
 use tokio_util::sync::CancellationToken;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+pub const INGEST_TOKEN: &str = "test-ingest-token-0123456789abcdef";
 
 /// The workspace root (the product crate's folder): config, static files,
 /// scripts and `rabbit/definitions.json` live there.
@@ -147,6 +148,7 @@ impl Isolation {
         let mut s = Settings::load(&dir).expect("load config");
         s.server.static_dir = repo_root().join("static").display().to_string();
         s.admin.token = Secret::new(ADMIN_TOKEN);
+        s.ingest.token = Secret::new(INGEST_TOKEN);
         s.admin.dev_mode = false;
         s.database.url = Secret::new(self.database_url.clone());
         s.database.pool_size = 8;
@@ -436,6 +438,29 @@ impl TestApp {
         }
         self.admin(awc::http::Method::POST, "/admin/generator", Some(body))
             .await
+    }
+
+    /// `POST /products/{id}/{kind}` with the ingest token, `body` and an
+    /// optional idempotency key: the status, the JSON answer, and whether
+    /// it was marked as a replay.
+    pub async fn ingest(
+        &self,
+        kind: &str,
+        id: i64,
+        body: serde_json::Value,
+        key: Option<&str>,
+    ) -> (u16, serde_json::Value, bool) {
+        let mut req = self
+            .client()
+            .post(self.url(&format!("/products/{id}/{kind}")))
+            .insert_header(("Authorization", format!("Bearer {INGEST_TOKEN}")));
+        if let Some(key) = key {
+            req = req.insert_header(("Idempotency-Key", key));
+        }
+        let mut res = req.send_json(&body).await.expect("ingest request");
+        let replayed = res.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+        let json = res.json().await.unwrap_or(serde_json::Value::Null);
+        (res.status().as_u16(), json, replayed)
     }
 
     pub async fn product(&self, id: i64) -> serde_json::Value {

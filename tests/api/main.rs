@@ -9,6 +9,7 @@ mod echo_page;
 mod edge;
 mod health;
 mod hostile_http;
+mod ingest;
 mod outbox;
 mod photos;
 mod pipeline;

@@ -295,13 +295,13 @@ async fn version_issuing_refuses_a_product_at_the_version_bound_instead_of_overf
     .unwrap();
     drop(conn);
     let id = product_gateway::domain::ProductId::new(7).unwrap();
-    let issued = product_gateway::generator::versions::issue(&app.state.db, id, true, false).await;
+    let issued = product_gateway::ingest::issue(&app.state.db, id, true, false).await;
     assert!(
         matches!(issued, Ok(None)),
         "no version issued past the bound: {issued:?}"
     );
     // Its other kind is still issued normally.
-    let stock = product_gateway::generator::versions::issue(&app.state.db, id, false, true)
+    let stock = product_gateway::ingest::issue(&app.state.db, id, false, true)
         .await
         .unwrap()
         .unwrap();

@@ -1,0 +1,133 @@
+//! The ingest API: `POST /products/{id}/price` and `/stock` for upstream
+//! systems (bearer `ingest.token`). The answer, `202 Accepted`, comes only
+//! after the broker confirmed the event; the consumer applies it and the
+//! realtime clients see it like any other change.
+
+use std::future::{Ready, ready};
+
+use actix_web::dev::Payload;
+use actix_web::http::header::HeaderName;
+use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+
+use super::AppState;
+use super::admin::bearer_is;
+use super::error::ApiError;
+use super::products::parse_id;
+use crate::domain::{Change, PriceCents, Stock};
+use crate::ingest::IngestError;
+
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// Set on an answer given again for a repeated idempotency key.
+pub const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// Longest idempotency key accepted.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// Proof that the request carries the ingest token; the first argument of
+/// each handler, so it is checked before the body is read.
+pub struct Service(());
+
+impl FromRequest for Service {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let Some(state) = req.app_data::<web::Data<AppState>>() else {
+            return ready(Err(ApiError::Unauthorized));
+        };
+        let token = state.settings.ingest.token.expose();
+        ready(match (token.is_empty(), bearer_is(req, token)) {
+            (true, _) => Err(ApiError::ServiceUnauthorized(
+                "the ingest API is off: ingest.token is not set",
+            )),
+            (false, true) => Ok(Service(())),
+            (false, false) => Err(ApiError::ServiceUnauthorized("a valid ingest bearer token is required")),
+        })
+    }
+}
+
+/// Body of `POST /products/{id}/price`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPrice {
+    price_cents: i64,
+}
+
+/// Body of `POST /products/{id}/stock`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewStock {
+    stock: i64,
+}
+
+pub async fn price(
+    _: Service,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Json<NewPrice>,
+) -> Result<HttpResponse, ApiError> {
+    let change = PriceCents::try_from(body.price_cents)
+        .map(Change::Price)
+        .map_err(|e| ApiError::BadRequest(format!("price_cents: {e}")))?;
+    submit(&state, &path, &req, change).await
+}
+
+pub async fn stock(
+    _: Service,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Json<NewStock>,
+) -> Result<HttpResponse, ApiError> {
+    let change = Stock::try_from(body.stock)
+        .map(Change::Stock)
+        .map_err(|e| ApiError::BadRequest(format!("stock: {e}")))?;
+    submit(&state, &path, &req, change).await
+}
+
+async fn submit(state: &AppState, raw_id: &str, req: &HttpRequest, change: Change) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(raw_id)?;
+    let key = idempotency_key(req)?;
+    let outcome = state.ingest.submit(id, change, key).await;
+    let label = match &outcome {
+        Ok((_, true)) => "replayed",
+        Ok((_, false)) => "accepted",
+        Err(IngestError::Store(_) | IngestError::Broker(_)) => "failed",
+        Err(_) => "refused",
+    };
+    state.metrics.ingest_requests.get_or_create(&[("outcome", label)]).inc();
+    let (accepted, replayed) = outcome.map_err(|e| match e {
+        IngestError::NoProduct(_) => ApiError::NotFound(e.to_string()),
+        IngestError::VersionBound(_) | IngestError::KeyReused => ApiError::Conflict(e.to_string()),
+        IngestError::KeyInProgress => ApiError::Busy(e.to_string()),
+        IngestError::Store(e) => e.into(),
+        IngestError::Broker(why) => {
+            tracing::warn!(error = %why, "ingest publish failed");
+            ApiError::Unavailable("the broker did not confirm the event; retry (with the same Idempotency-Key)".into())
+        }
+    })?;
+    let mut res = HttpResponse::Accepted();
+    if replayed {
+        res.insert_header((REPLAYED, "true"));
+    }
+    Ok(res.json(accepted))
+}
+
+/// The `Idempotency-Key` header: 1 to [`MAX_KEY_LEN`] visible ASCII
+/// characters, or absent.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<&str>, ApiError> {
+    let Some(raw) = req.headers().get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = raw
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| (1..=MAX_KEY_LEN).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()));
+    key.map(Some).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+        ))
+    })
+}

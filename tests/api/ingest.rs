@@ -1,0 +1,152 @@
+//! The ingest API end to end: a change posted by an upstream system is
+//! confirmed by the broker (202), applied, and delivered to subscribers;
+//! idempotency keys, validation and the service token.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use testkit::clients::{SseClient, WsClient};
+use testkit::{eventually, spawn_app, spawn_app_with};
+
+const T: Duration = Duration::from_secs(20);
+
+#[actix_rt::test]
+async fn a_posted_change_is_confirmed_applied_and_delivered() {
+    let app = spawn_app().await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.price.3"], None, false).await;
+    let mut sse = SseClient::connect(&app.address, "topics=product.stock.3", None)
+        .await
+        .unwrap();
+    let before = app.product(3).await;
+
+    let (status, price, _) = app.ingest("price", 3, json!({ "price_cents": 4242 }), None).await;
+    assert_eq!(status, 202, "{price}");
+    assert_eq!(price["topic"], "product.price.3");
+    assert_eq!(price["value"], 4242);
+    let version = price["version"].as_i64().unwrap();
+    assert!(
+        version > before["price_version"].as_i64().unwrap(),
+        "{price} after {before}"
+    );
+    let (status, stock, _) = app.ingest("stock", 3, json!({ "stock": 17 }), None).await;
+    assert_eq!((status, &stock["topic"]), (202, &json!("product.stock.3")), "{stock}");
+
+    let update = ws.next_of("update", T).await;
+    assert_eq!(update["data"]["price_cents"], 4242, "{update}");
+    assert_eq!(update["data"]["version"], version);
+    let e = &sse.updates(1, T).await[0];
+    assert_eq!(
+        (e.data["stock"].as_i64(), e.data["version"].as_i64()),
+        (Some(17), stock["version"].as_i64())
+    );
+    let p = app.product(3).await;
+    assert_eq!(
+        (p["price_cents"].as_i64(), p["price_version"].as_i64()),
+        (Some(4242), Some(version))
+    );
+    assert_eq!(p["stock"], 17);
+    assert_eq!(app.metric("gateway_ingest_requests_total", "accepted").await, 2.0);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_repeated_idempotency_key_returns_the_first_answer_and_publishes_once() {
+    let app = spawn_app().await;
+    let body = json!({ "price_cents": 1999 });
+    let (status, first, replayed) = app.ingest("price", 5, body.clone(), Some("order-77-reprice")).await;
+    assert_eq!((status, replayed), (202, false), "{first}");
+    let (status, again, replayed) = app.ingest("price", 5, body.clone(), Some("order-77-reprice")).await;
+    assert_eq!((status, replayed), (202, true), "{again}");
+    assert_eq!(again, first, "the first answer, message id included");
+
+    // The same key for another request is a conflict, not a silent replay.
+    let (status, other, _) = app
+        .ingest("price", 5, json!({ "price_cents": 2999 }), Some("order-77-reprice"))
+        .await;
+    assert_eq!((status, other["code"].as_str()), (409, Some("conflict")), "{other}");
+
+    // The replay issued no version: the next change gets the one after.
+    let (_, next, _) = app.ingest("price", 5, json!({ "price_cents": 2100 }), None).await;
+    assert_eq!(
+        next["version"].as_i64(),
+        first["version"].as_i64().map(|v| v + 1),
+        "{next}"
+    );
+
+    // Retries racing each other: one publish, every answer the same or
+    // "retry in a moment".
+    let tries = (0..6).map(|_| app.ingest("stock", 5, json!({ "stock": 3 }), Some("restock-5")));
+    let answers = futures_util::future::join_all(tries).await;
+    let versions: std::collections::HashSet<i64> = answers
+        .iter()
+        .filter(|(s, _, _)| *s == 202)
+        .map(|(_, a, _)| a["version"].as_i64().unwrap())
+        .collect();
+    assert_eq!(versions.len(), 1, "{answers:?}");
+    assert!(answers.iter().all(|(s, _, _)| *s == 202 || *s == 503), "{answers:?}");
+    eventually(T, "the price applied", || async {
+        (app.product(5).await["price_cents"] == 2100).then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.metric("gateway_ingest_requests_total", "replayed").await as usize,
+        1 + answers.iter().filter(|a| a.2).count()
+    );
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn bad_ingest_calls_get_4xx_json_and_publish_nothing() {
+    let app = spawn_app().await;
+    let before = app.product(1).await;
+    let cases: [(&str, i64, Value, Option<&str>, u16); 8] = [
+        ("price", 0, json!({ "price_cents": 100 }), None, 400),
+        ("price", 999_999, json!({ "price_cents": 100 }), None, 404),
+        ("price", 1, json!({ "price_cents": 0 }), None, 400),
+        ("price", 1, json!({ "price_cents": 100_000_000_000i64 }), None, 400),
+        ("stock", 1, json!({ "stock": -1 }), None, 400),
+        ("stock", 1, json!({ "stock": 1, "price_cents": 5 }), None, 400),
+        ("stock", 1, json!({ "stock": "ten" }), None, 400),
+        ("stock", 1, json!({ "stock": 1 }), Some(&"k".repeat(300)), 400),
+    ];
+    for (kind, id, body, key, want) in cases {
+        let (status, answer, _) = app.ingest(kind, id, body.clone(), key).await;
+        assert_eq!(status, want, "{kind} {id} {body}: {answer}");
+        assert!(answer["code"].is_string() && answer["message"].is_string(), "{answer}");
+    }
+    let url = app.url("/products/1/price");
+    for auth in [None, Some("Bearer wrong-token"), Some("Basic Zm9vOmJhcg==")] {
+        let mut req = app.client().post(&url);
+        if let Some(a) = auth {
+            req = req.insert_header(("Authorization", a));
+        }
+        let mut res = req.send_json(&json!({ "price_cents": 100 })).await.unwrap();
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(
+            (res.status().as_u16(), body["code"].as_str()),
+            (401, Some("unauthorized")),
+            "{auth:?}"
+        );
+    }
+    assert_eq!(app.metric("gateway_ingest_requests_total", "accepted").await, 0.0);
+    // No refused call issued a version: the next good one takes the next.
+    let (status, ok, _) = app.ingest("price", 1, json!({ "price_cents": 100 }), None).await;
+    assert_eq!(status, 202, "{ok}");
+    assert_eq!(
+        ok["version"].as_i64(),
+        before["price_version"].as_i64().map(|v| v + 1),
+        "{ok} after {before}"
+    );
+    app.stop().await;
+
+    // Without a configured token the API is off for everyone.
+    let off = spawn_app_with(|s| s.ingest.token = product_gateway::settings::Secret::new("")).await;
+    let (status, answer, _) = off.ingest("price", 1, json!({ "price_cents": 100 }), None).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("ingest.token is not set"),
+        "{answer}"
+    );
+    off.stop().await;
+}
