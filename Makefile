@@ -77,6 +77,7 @@ run: services definitions ## services, seed, then serve (prints the URLs)
 
 test: services ## every test; service-restart tests alone, afterwards
 	$(SERVICES) chromium
+	$(SERVICES) tools
 	@rc=0; \
 	if [ "$(HAVE_NEXTEST)" = yes ]; then \
 		echo "+ $(CARGO) nextest run --workspace --no-fail-fast --profile ci $(NEXTEST_FILTER)"; \

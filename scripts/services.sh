@@ -425,11 +425,39 @@ usage: $0 <command>
                management API
   definitions  load ${DEFINITIONS} into vhost '${RABBIT_VHOST}' via the management API
   chromium     install chromium and tests/browser's npm packages if missing
+  tools        contract checkers of make test (promtool) into target/tools/bin
   haproxy      install HAProxy if missing (the load balancer of make cluster)
   status       report which services answer (exit 1 if any does not)
   restart-postgres, stop-redis, start-redis, restart-rabbitmq
                faults for the chaos run; each leaves the service as it says
 EOF
+}
+
+# Contract checkers of `make test`, under target/tools/bin: promtool, from
+# Debian's prometheus package unpacked (only the linter is wanted, not the
+# server the package would install and start).
+TOOLS_BIN="$ROOT/target/tools/bin"
+tools() {
+    mkdir -p "$TOOLS_BIN"
+    if [[ -x "$TOOLS_BIN/promtool" ]]; then
+        log "promtool present ($TOOLS_BIN/promtool)"
+    elif have promtool; then
+        log "promtool present ($(command -v promtool))"
+        ln -sf "$(command -v promtool)" "$TOOLS_BIN/promtool"
+    elif have apt-get && have dpkg-deb; then
+        log "promtool missing: unpacking it from Debian's prometheus package"
+        local tmp
+        tmp=$(mktemp -d)
+        if ! (cd "$tmp" && apt-get download prometheus >&2 2>/dev/null); then
+            apt-get update -qq >&2
+            (cd "$tmp" && apt-get download prometheus >&2)
+        fi
+        dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
+        cp "$tmp/x/usr/bin/promtool" "$TOOLS_BIN/promtool"
+        rm -rf "$tmp"
+    else
+        die "promtool missing: install Prometheus's promtool (Debian: apt-get install prometheus)"
+    fi
 }
 
 # HAProxy, the load balancer of `make cluster`.
@@ -444,6 +472,7 @@ ensure) ensure ;;
 haproxy) haproxy_installed ;;
 definitions) definitions ;;
 chromium) chromium ;;
+tools) tools ;;
 status) status ;;
 restart-postgres) restart_postgres ;;
 stop-redis) stop_redis ;;

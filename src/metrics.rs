@@ -236,6 +236,15 @@ impl Metrics {
         out
     }
 
+    /// The same samples in Prometheus's classic text format (0.0.4), for
+    /// scrapers and tools that do not ask for OpenMetrics (`promtool check
+    /// metrics` among them). The two differ only in names and markers: a
+    /// classic counter's `HELP` and `TYPE` name its `_total` sample, and
+    /// there is no `UNIT` line or `EOF` marker.
+    pub fn render_classic(&self) -> String {
+        classic_text(&self.render())
+    }
+
     /// Raises the high-water gauge if `len` is above it.
     pub fn observe_buffer(&self, len: usize) {
         let len = len as i64;
@@ -244,4 +253,35 @@ impl Metrics {
             g.set(len);
         }
     }
+}
+
+/// Rewrites OpenMetrics text as classic text (see [`Metrics::render_classic`]).
+fn classic_text(open_metrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in open_metrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, "counter")) = rest.split_once(' ')
+        {
+            counters.insert(name.to_owned());
+        }
+    }
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|m| Some((m, line.strip_prefix(m)?)));
+        match meta {
+            Some((marker, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(&format!("{marker}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }

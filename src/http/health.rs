@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use actix_web::{HttpResponse, web};
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use super::AppState;
@@ -39,8 +40,21 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        .body(state.metrics.render())
+/// OpenMetrics for a scraper that asks for it (Prometheus does), the
+/// classic text format for anyone else.
+pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let open_metrics = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let mut res = HttpResponse::Ok();
+    res.insert_header((header::VARY, "Accept"));
+    if open_metrics {
+        res.content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+            .body(state.metrics.render())
+    } else {
+        res.content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(state.metrics.render_classic())
+    }
 }

@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod catalog;
+mod contracts;
 mod delivery_limits;
 mod echo_page;
 mod edge;
