@@ -425,7 +425,8 @@ usage: $0 <command>
                management API
   definitions  load ${DEFINITIONS} into vhost '${RABBIT_VHOST}' via the management API
   chromium     install chromium and tests/browser's npm packages if missing
-  tools        contract checkers of make test (promtool) into target/tools/bin
+  tools        contract checkers of make test into target/tools: promtool
+               (from Debian's prometheus package), schemathesis (PyPI)
   haproxy      install HAProxy if missing (the load balancer of make cluster)
   status       report which services answer (exit 1 if any does not)
   restart-postgres, stop-redis, start-redis, restart-rabbitmq
@@ -433,10 +434,11 @@ usage: $0 <command>
 EOF
 }
 
-# Contract checkers of `make test`, under target/tools/bin: promtool, from
+# Contract checkers of `make test`, under target/tools: promtool, from
 # Debian's prometheus package unpacked (only the linter is wanted, not the
-# server the package would install and start).
+# server the package would install and start), and schemathesis.
 TOOLS_BIN="$ROOT/target/tools/bin"
+SCHEMATHESIS_VERSION=4.32.5
 tools() {
     mkdir -p "$TOOLS_BIN"
     if [[ -x "$TOOLS_BIN/promtool" ]]; then
@@ -457,6 +459,16 @@ tools() {
         rm -rf "$tmp"
     else
         die "promtool missing: install Prometheus's promtool (Debian: apt-get install prometheus)"
+    fi
+    # schemathesis, from PyPI, pinned, in a virtualenv of its own.
+    local venv="$ROOT/target/tools/venv"
+    if [[ -x "$venv/bin/schemathesis" ]] && "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+        log "schemathesis $SCHEMATHESIS_VERSION present ($venv)"
+    else
+        have python3 || die "python3 missing: needed for schemathesis"
+        log "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
+        python3 -m venv "$venv" >&2
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" >&2
     fi
 }
 

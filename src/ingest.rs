@@ -91,7 +91,7 @@ pub fn message(exchange: &str, event: &Event, message_id: &str) -> Result<Outgoi
 }
 
 /// What a submitted change became: the answer of the ingest API.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Accepted {
     pub product_id: i64,
     pub kind: String,

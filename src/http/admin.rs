@@ -76,10 +76,12 @@ use serde_json::json;
 use crate::broker::dead_letters;
 use crate::generator::Control;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GeneratorChange {
     running: Option<bool>,
+    /// Events per second.
+    #[schema(minimum = 0, maximum = 100_000)]
     rate: Option<f64>,
 }
 
@@ -88,11 +90,22 @@ fn generator_status(state: &AppState) -> serde_json::Value {
     json!({ "running": c.running, "rate": c.rate, "active_here": state.generator.is_leader() })
 }
 
+#[utoipa::path(get, path = "/admin/generator", tag = "admin", security(("admin" = [])),
+    responses(
+        (status = 200, description = "Whether the generator runs, its rate, and whether it runs here", body = Object),
+        (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn get_generator(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(generator_status(&state)))
 }
 
 /// `POST /admin/generator {"rate": 50, "running": true}`: either field may be left out.
+#[utoipa::path(post, path = "/admin/generator", tag = "admin", security(("admin" = [])),
+    request_body = GeneratorChange,
+    responses(
+        (status = 200, description = "The generator's state after the change", body = Object),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody), (status = 413, description = "Body too large", body = crate::http::openapi::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn set_generator(
     state: web::Data<AppState>,
     body: web::Json<GeneratorChange>,
@@ -131,6 +144,12 @@ fn broker_down(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable(format!("RabbitMQ: {e}"))
 }
 
+#[utoipa::path(get, path = "/admin/dead-letters", tag = "admin", security(("admin" = [])),
+    params(("limit" = Option<i64>, Query, minimum = 1, maximum = 10000, description = "At most this many, 1 to 10000")),
+    responses(
+        (status = 200, description = "Dead letters with reason, detail, routing key and body; left in the queue", body = Object),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn list_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>) -> Result<HttpResponse, ApiError> {
     let letters = dead_letters::list(&state.broker, &state.settings.rabbit.topology, limit(&q)?)
         .await
@@ -138,6 +157,12 @@ pub async fn list_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>)
     Ok(HttpResponse::Ok().json(json!({ "dead_letters": letters })))
 }
 
+#[utoipa::path(post, path = "/admin/dead-letters/replay", tag = "admin", security(("admin" = [])),
+    params(("limit" = Option<i64>, Query, minimum = 1, maximum = 10000, description = "At most this many, 1 to 10000")),
+    responses(
+        (status = 200, description = "Republished with confirms, each removed after its confirm", body = Object),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn replay_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>) -> Result<HttpResponse, ApiError> {
     let report = dead_letters::replay(&state.broker, &state.settings.rabbit.topology, limit(&q)?)
         .await
@@ -145,6 +170,11 @@ pub async fn replay_dead_letters(state: web::Data<AppState>, q: web::Query<Limit
     Ok(HttpResponse::Ok().json(report))
 }
 
+#[utoipa::path(delete, path = "/admin/dead-letters", tag = "admin", security(("admin" = [])),
+    responses(
+        (status = 200, description = "The queue purged", body = Object),
+        (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn purge_dead_letters(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let purged = dead_letters::purge(&state.broker, &state.settings.rabbit.topology)
         .await

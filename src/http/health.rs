@@ -9,12 +9,19 @@ use serde_json::json;
 use super::AppState;
 use crate::store;
 
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = Object)))]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
 /// PostgreSQL and RabbitMQ are required; Redis only speeds photos up, so
 /// without it the service is degraded but ready.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "PostgreSQL and RabbitMQ answer (Redis may not: `degraded`)", body = Object),
+        (status = 503, description = "PostgreSQL or RabbitMQ does not answer", body = Object),
+    ))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let within = Duration::from_secs(2);
     let (pg, redis, rabbit) = tokio::join!(
@@ -42,6 +49,9 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 
 /// OpenMetrics for a scraper that asks for it (Prometheus does), the
 /// classic text format for anyone else.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text (OpenMetrics when asked for in `Accept`)",
+        content_type = "text/plain", body = String)))]
 pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let open_metrics = req
         .headers()

@@ -47,19 +47,35 @@ impl FromRequest for Service {
 }
 
 /// Body of `POST /products/{id}/price`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPrice {
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     price_cents: i64,
 }
 
 /// Body of `POST /products/{id}/stock`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewStock {
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     stock: i64,
 }
 
+#[utoipa::path(post, path = "/products/{id}/price", tag = "ingest",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "Product id, a positive integer"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "1 to 255 visible ASCII characters; a retry with it gets the first answer"),
+    ),
+    request_body = NewPrice,
+    security(("ingest" = [])),
+    responses(
+        (status = 202, description = "Confirmed by the broker; applied and delivered next", body = crate::ingest::Accepted),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "No or a wrong ingest token, or the ingest API is off", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such product", body = crate::http::openapi::ErrorBody), (status = 409, description = "Idempotency-Key used for another request, or no version left", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::http::openapi::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "Not confirmed by the broker, or the same key is being published: retry", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn price(
     _: Service,
     state: web::Data<AppState>,
@@ -73,6 +89,20 @@ pub async fn price(
     submit(&state, &path, &req, change).await
 }
 
+#[utoipa::path(post, path = "/products/{id}/stock", tag = "ingest",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "Product id, a positive integer"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "1 to 255 visible ASCII characters; a retry with it gets the first answer"),
+    ),
+    request_body = NewStock,
+    security(("ingest" = [])),
+    responses(
+        (status = 202, description = "Confirmed by the broker; applied and delivered next", body = crate::ingest::Accepted),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "No or a wrong ingest token, or the ingest API is off", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such product", body = crate::http::openapi::ErrorBody), (status = 409, description = "Idempotency-Key used for another request, or no version left", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::http::openapi::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "Not confirmed by the broker, or the same key is being published: retry", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn stock(
     _: Service,
     state: web::Data<AppState>,

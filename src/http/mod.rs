@@ -7,6 +7,7 @@ pub mod edge;
 pub mod error;
 pub mod health;
 pub mod ingest;
+pub mod openapi;
 pub mod products;
 pub mod sse;
 pub mod ws;
@@ -85,6 +86,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(health::metrics))
+        .route("/openapi.json", web::get().to(openapi::openapi_json))
         .route("/ws", web::get().to(ws::ws))
         .service(
             web::resource("/events")

@@ -28,7 +28,25 @@ pub struct ListQuery {
     ids: Option<String>,
 }
 
+/// A page of the catalog and where the next one starts (null: the last).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ProductPage {
+    products: Vec<catalog::Product>,
+    next_after: Option<i64>,
+}
+
 /// `GET /products?limit=100&after=ID&ids=1,2,3` — keyset pagination by id.
+#[utoipa::path(get, path = "/products", tag = "catalog",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size, 1 to 1000 (default 100)"),
+        ("after" = Option<i64>, Query, minimum = 0, description = "The `next_after` of the previous page (0: the first)"),
+        ("ids" = Option<String>, Query, pattern = "^[1-9][0-9]{0,17}(,[1-9][0-9]{0,17}){0,999}$", description = "Comma-separated product ids, at most 1000"),
+    ),
+    responses(
+        (status = 200, description = "A page of products, by id", body = ProductPage),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "The catalog is unavailable", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
     let limit = match &query.limit {
         None => 100,
@@ -60,9 +78,17 @@ pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> R
     let next_after = (products.len() as i64 == limit)
         .then(|| products.last().map(|p| p.id))
         .flatten();
-    Ok(HttpResponse::Ok().json(json!({ "products": products, "next_after": next_after })))
+    Ok(HttpResponse::Ok().json(ProductPage { products, next_after }))
 }
 
+#[utoipa::path(get, path = "/products/{id}", tag = "catalog",
+    params(("id" = i64, Path, minimum = 1, description = "Product id, a positive integer")),
+    responses(
+        (status = 200, description = "The product", body = catalog::Product),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such product", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "The catalog is unavailable", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
     let product = catalog::get(&state.read_db, id)
@@ -71,6 +97,18 @@ pub async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<
     Ok(HttpResponse::Ok().json(product))
 }
 
+#[utoipa::path(get, path = "/products/{id}/photo", tag = "catalog",
+    params(
+        ("id" = i64, Path, minimum = 1, description = "Product id, a positive integer"),
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer"),
+    ),
+    responses(
+        (status = 200, description = "The photo, with `ETag` and `Cache-Control`", content_type = "image/png", body = Vec<u8>),
+        (status = 304, description = "Unchanged since the given ETag"),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such product, or no photo", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "The catalog is unavailable", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn photo(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -102,6 +140,19 @@ pub async fn photo(
 }
 
 /// `PUT /products/{id}/photo` (admin): the body is the image.
+#[utoipa::path(put, path = "/products/{id}/photo", tag = "catalog",
+    params(("id" = i64, Path, minimum = 1, description = "Product id, a positive integer")),
+    request_body(description = "The image: PNG, JPEG, GIF or WebP", content_type = "image/png", content = Vec<u8>),
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "Stored; the cached copies are replaced", body = Object),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such product", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "Larger than photos.max_upload_bytes", body = crate::http::openapi::ErrorBody),
+        (status = 415, description = "Not an image of a supported type, or not the declared one", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "The catalog is unavailable", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn put_photo(
     _: Admin,
     state: web::Data<AppState>,

@@ -36,6 +36,22 @@ fn parse_offset(raw: &str, what: &str) -> Result<u64, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("{what} must be a stream offset (a non-negative integer)")))
 }
 
+#[utoipa::path(get, path = "/events", tag = "realtime",
+    params(
+        ("topics" = String, Query, description = "Comma-separated topic patterns (`*` one word, `#` any)"),
+        ("since" = Option<i64>, Query, description = "Resume after this stream offset"),
+        ("snapshot" = Option<bool>, Query, description = "Start with the current state of the patterns' products"),
+        ("token" = Option<String>, Query, description = "Subscriber token, for clients that cannot send Authorization"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this offset (browsers send it on reconnect)"),
+    ),
+    security((), ("subscriber" = [])),
+    responses(
+        (status = 200, description = "The event stream (see docs/asyncapi.yaml)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "Bad or expired subscriber token", body = crate::http::openapi::ErrorBody),
+        (status = 403, description = "A pattern outside the grant, or a foreign Origin", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many connections from this address", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "Connection limit, snapshots busy, or the catalog unavailable", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn events(
     req: HttpRequest,
     state: web::Data<AppState>,

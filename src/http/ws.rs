@@ -59,6 +59,15 @@ struct WsQuery {
 const FRAMES_PER_SEC: f64 = 20.0;
 const MAX_STRIKES: u32 = 50;
 
+#[utoipa::path(get, path = "/ws", tag = "realtime",
+    params(("token" = Option<String>, Query, description = "Subscriber token (or send an `auth` frame)")),
+    security((), ("subscriber" = [])),
+    responses(
+        (status = 101, description = "Upgraded to a WebSocket (frames: docs/asyncapi.yaml)"),
+        (status = 400, description = "Not a WebSocket upgrade", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "Bad or expired subscriber token", body = crate::http::openapi::ErrorBody),
+        (status = 403, description = "A foreign Origin", body = crate::http::openapi::ErrorBody),
+    ))]
 pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> actix_web::Result<HttpResponse> {
     let settings = state.hub.settings().clone();
     if check_origin(&req, &settings.allowed_origins) == Origin::Refused {

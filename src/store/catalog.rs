@@ -13,7 +13,7 @@ use crate::update::Visibility;
 
 /// A product as clients see it, with the version of each attribute so that
 /// snapshot and updates can be merged without gaps or duplicates.
-#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[diesel(table_name = products)]
 pub struct Product {
     #[serde(rename = "product_id")]

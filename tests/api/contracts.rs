@@ -85,3 +85,74 @@ async fn metrics_pass_promtool_check_with_every_family_in_use() {
     assert!(open.ends_with("# EOF\n") && open.contains("# TYPE gateway_updates_delivered counter"));
     app.stop().await;
 }
+
+/// schemathesis: `GATEWAY_TEST_SCHEMATHESIS`, else the virtualenv `make
+/// test` installs it into.
+fn schemathesis() -> String {
+    std::env::var("GATEWAY_TEST_SCHEMATHESIS").unwrap_or_else(|_| {
+        testkit::repo_root()
+            .join("target/tools/venv/bin/schemathesis")
+            .display()
+            .to_string()
+    })
+}
+
+#[actix_rt::test]
+async fn the_http_api_answers_as_its_openapi_document_says_under_schemathesis() {
+    // One bearer token for the admin and ingest operations alike, so the
+    // tool's one header reaches both.
+    let app = testkit::spawn_app_with(|s| {
+        s.ingest.token = product_gateway::settings::Secret::new(testkit::ADMIN_TOKEN);
+    })
+    .await;
+    let (status, doc) = app.get_json("/openapi.json").await;
+    assert_eq!((status, doc["openapi"].as_str()), (200, Some("3.1.0")), "{doc}");
+    let report = testkit::repo_root().join("target/schemathesis");
+    let tool = schemathesis();
+    let run = tokio::process::Command::new(&tool)
+        .arg("run")
+        .arg(app.url("/openapi.json"))
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,\
+             response_headers_conformance,response_schema_conformance",
+            "--max-examples",
+            "30",
+            "--request-timeout",
+            "10",
+            // Streams never end: their answers are checked in tests/api/realtime.rs.
+            "--exclude-path",
+            "/events",
+            "--exclude-path",
+            "/ws",
+            "--generation-database",
+            "none",
+            "--no-color",
+            "--report",
+            "junit",
+        ])
+        .arg("--report-dir")
+        .arg(&report)
+        .arg("--header")
+        .arg(format!("Authorization: Bearer {}", testkit::ADMIN_TOKEN))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("schemathesis finishes within 5 minutes")
+        .unwrap_or_else(|e| panic!("{tool} does not run ({e}): `make test` installs it into target/tools/venv"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.contains(" passed") || l.contains(" failed") || l.starts_with("Test cases:") || l.contains("generated")
+        })
+        .collect();
+    println!("schemathesis: {}", summary.join(" | "));
+    assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    app.stop().await;
+}
