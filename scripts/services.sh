@@ -367,8 +367,8 @@ chromium() {
 
     if [[ ! -f tests/browser/package.json ]]; then
         log "tests/browser/package.json absent: skipping npm install"
-    elif [[ -d tests/browser/node_modules/playwright-core ]]; then
-        log "playwright-core present in tests/browser/node_modules"
+    elif [[ -d tests/browser/node_modules/playwright-core && -d tests/browser/node_modules/@asyncapi/parser ]]; then
+        log "playwright-core and @asyncapi/parser present in tests/browser/node_modules"
     else
         if ! have npm; then
             if is_debian_root; then

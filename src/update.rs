@@ -178,6 +178,8 @@ pub enum ResetReason {
 }
 
 impl ResetReason {
+    pub const ALL: [ResetReason; 2] = [ResetReason::OffsetExpired, ResetReason::CatchUpFailed];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ResetReason::OffsetExpired => "offset_expired",

@@ -60,6 +60,22 @@ pub enum ClientErrorCode {
 }
 
 impl ClientErrorCode {
+    /// Every code, as the protocol's schema lists them.
+    pub const ALL: [ClientErrorCode; 12] = [
+        ClientErrorCode::BadJson,
+        ClientErrorCode::BadFrame,
+        ClientErrorCode::UnknownOp,
+        ClientErrorCode::BadPattern,
+        ClientErrorCode::TooManySubscriptions,
+        ClientErrorCode::RateLimited,
+        ClientErrorCode::BinaryNotSupported,
+        ClientErrorCode::Busy,
+        ClientErrorCode::Unavailable,
+        ClientErrorCode::Forbidden,
+        ClientErrorCode::Unauthorized,
+        ClientErrorCode::TokenExpired,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ClientErrorCode::BadJson => "bad_json",

@@ -1,5 +1,8 @@
 //! Contracts checked by tools nobody here wrote: `/metrics` by Prometheus's
-//! own linter (promtool).
+//! own linter (promtool), the HTTP API by schemathesis against
+//! `/openapi.json`, `docs/asyncapi.yaml` by the AsyncAPI parser, and real
+//! messages and frames by a JSON Schema validator against
+//! `docs/schemas/gateway.schema.json`.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -155,4 +158,279 @@ async fn the_http_api_answers_as_its_openapi_document_says_under_schemathesis() 
     println!("schemathesis: {}", summary.join(" | "));
     assert!(out.status.success(), "schemathesis found problems:\n{text}");
     app.stop().await;
+}
+
+/// The JSON Schemas of docs/schemas, one validator per definition.
+struct Schemas {
+    doc: serde_json::Value,
+}
+
+impl Schemas {
+    fn load() -> Self {
+        let path = testkit::repo_root().join("docs/schemas/gateway.schema.json");
+        let doc = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        Schemas { doc }
+    }
+
+    fn of(&self, def: &str) -> jsonschema::Validator {
+        assert!(self.doc["$defs"][def].is_object(), "no definition {def}");
+        let mut schema = self.doc.clone();
+        schema["$ref"] = json!(format!("#/$defs/{def}"));
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .unwrap()
+    }
+}
+
+/// Counts what was validated, by kind, and fails on the first mismatch.
+#[derive(Default)]
+struct Tally(std::collections::BTreeMap<&'static str, usize>);
+
+impl Tally {
+    fn check(&mut self, kind: &'static str, v: &jsonschema::Validator, instance: &serde_json::Value) {
+        let errors: Vec<String> = v
+            .iter_errors(instance)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{kind} does not match its schema: {instance}\n{errors:#?}"
+        );
+        *self.0.entry(kind).or_default() += 1;
+    }
+}
+
+#[actix_rt::test]
+async fn real_messages_and_frames_match_the_published_schemas() {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+
+    const SECRET: &str = "a-schema-test-secret-of-32-bytes-or-more";
+    let schemas = Schemas::load();
+    let (event, batch, update, server, client, dead) = (
+        schemas.of("Event"),
+        schemas.of("UpdateBatch"),
+        schemas.of("Update"),
+        schemas.of("ServerFrame"),
+        schemas.of("ClientFrame"),
+        schemas.of("DeadLetterHeaders"),
+    );
+    let sse_data = |name: &str| match name {
+        "price" | "stock" => schemas.of("Update"),
+        "snapshot" => schemas.of("SnapshotPart"),
+        "snapshot_end" => schemas.of("SnapshotEnd"),
+        "reset" => schemas.of("Reset"),
+        "error" => schemas.of("Error"),
+        other => panic!("an SSE event the schema does not name: {other}"),
+    };
+    // The schemas are not vacuous: malformed instances fail them.
+    assert!(!client.is_valid(&json!({ "op": "subscribe" })));
+    assert!(!client.is_valid(&json!({ "op": "subscribe", "topics": ["#"], "extra": 1 })));
+    assert!(!update.is_valid(&json!({ "product_id": 1, "kind": "price", "price_cents": 5, "occurred_at": "2026-11-26T00:00:00Z", "ts_us": 1 })));
+    assert!(!event.is_valid(&json!({ "schema": 1, "product_id": 1, "kind": "price", "price_cents": 5, "stock": 1, "version": 1, "occurred_at": "2026-11-26T00:00:00Z", "ts_us": 1 })));
+    assert!(!server.is_valid(&json!({ "type": "update", "offset": 1, "topic": "product.price.1", "data": {} })));
+
+    let app = testkit::spawn_app_with(|s| {
+        s.auth.hs256_secret = product_gateway::settings::Secret::new(SECRET);
+    })
+    .await;
+    let topology = app.iso.settings().rabbit.topology;
+    let mut tally = Tally::default();
+
+    // A tap on the events exchange: every event published from here on.
+    let conn = lapin::Connection::connect(&app.iso.amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let tap = ch
+        .queue_declare("".into(), exclusive, FieldTable::default())
+        .await
+        .unwrap();
+    ch.queue_bind(
+        tap.name().clone(),
+        topology.events_exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let mut ws = WsClient::connect(&app.address).await;
+    let sent = [
+        json!({ "op": "subscribe", "topics": ["#"], "snapshot": true }),
+        json!({ "op": "subscribe", "topics": ["product.price.4"], "since": 0 }),
+    ];
+    for frame in &sent {
+        tally.check("client frame", &client, frame);
+        ws.send(frame.clone()).await;
+    }
+    let mut sse = SseClient::connect(&app.address, "topics=%23&snapshot=true", None)
+        .await
+        .unwrap();
+
+    // Traffic through every producer: the generator, the ingest API, and a
+    // poison message for a dead letter.
+    app.generator(true, Some(40)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.generator(false, None).await;
+    let (status, _, _) = app.ingest("price", 4, json!({ "price_cents": 777 }), None).await;
+    assert_eq!(status, 202);
+    TestPublisher::connect(&app.iso)
+        .await
+        .raw("product.price.4", b"{\"not\": \"an event\"}", Some("application/json"))
+        .await;
+
+    // WebSocket: everything up to a good number of updates, then the other
+    // frames a client can cause.
+    let mut updates = 0;
+    while updates < 20 {
+        match ws.next(T).await {
+            Some(testkit::clients::WsEvent::Json(frame)) => {
+                updates += usize::from(frame["type"] == "update");
+                tally.check("WebSocket frame", &server, &frame);
+            }
+            other => panic!("the socket ended: {other:?}"),
+        }
+    }
+    let token = product_gateway::http::auth::sign_hs256(
+        &app.state.settings.auth,
+        "schema-test",
+        &["product.#".into()],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    for frame in [
+        json!({ "op": "auth", "token": token }),
+        json!({ "op": "unsubscribe", "topics": ["product.price.4"] }),
+    ] {
+        tally.check("client frame", &client, &frame);
+        ws.send(frame).await;
+    }
+    ws.send_text("{not json").await;
+    for ty in ["authorized", "unsubscribed", "error"] {
+        let frame = ws.next_of(ty, T).await;
+        tally.check("WebSocket frame", &server, &frame);
+    }
+    // Frames the service builds for conditions a test cannot cheaply cause,
+    // from the same serialisers: every reset reason and error code.
+    for reason in product_gateway::update::ResetReason::ALL {
+        let frame = product_gateway::hub::session::reset_json(42, reason);
+        tally.check("WebSocket frame", &server, &frame);
+    }
+    for code in product_gateway::hub::session::ClientErrorCode::ALL {
+        let e = product_gateway::hub::session::ClientError::new(code, "m");
+        tally.check("WebSocket frame", &server, &serde_json::from_str(&e.to_json()).unwrap());
+    }
+
+    // SSE: each event's data by its event name.
+    let mut sse_updates = 0;
+    while sse_updates < 20 {
+        let e = sse.next(T).await.expect("SSE events");
+        sse_updates += usize::from(e.event == "price" || e.event == "stock");
+        tally.check("SSE event", &sse_data(&e.event), &e.data);
+    }
+
+    // The events exchange, as tapped.
+    while let Some(m) = ch
+        .basic_get(tap.name().clone(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let body: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+        if body.get("not").is_none() {
+            tally.check("AMQP event", &event, &body);
+        }
+    }
+
+    // The update stream from its first message, headers included.
+    let stream_ch = conn.create_channel().await.unwrap();
+    stream_ch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+    let mut consumer = stream_ch
+        .basic_consume(
+            topology.updates_stream.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+    let mut messages = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+        let headers = d.properties.headers().clone().unwrap_or_default();
+        for h in ["x-txid", "x-outbox-seq"] {
+            assert!(
+                matches!(headers.inner().get(h), Some(AMQPValue::LongLongInt(_))),
+                "{h} on a stream message"
+            );
+        }
+        tally.check("stream message", &batch, &serde_json::from_slice(&d.data).unwrap());
+        messages += 1;
+    }
+    assert!(messages > 0, "no stream message read");
+
+    // The dead letter's headers.
+    let dead_letter = testkit::eventually(T, "the poison message dead-lettered", || async {
+        ch.basic_get(
+            topology.dead_letter_queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    })
+    .await;
+    let headers = dead_letter.delivery.properties.headers().clone().unwrap_or_default();
+    let mut as_json = serde_json::Map::new();
+    for (k, v) in headers.inner() {
+        if let AMQPValue::LongString(s) = v {
+            as_json.insert(k.to_string(), json!(String::from_utf8_lossy(s.as_bytes())));
+        }
+    }
+    tally.check("dead letter", &dead, &serde_json::Value::Object(as_json));
+
+    println!("validated against docs/schemas/gateway.schema.json: {:?}", tally.0);
+    for kind in [
+        "AMQP event",
+        "stream message",
+        "WebSocket frame",
+        "SSE event",
+        "client frame",
+        "dead letter",
+    ] {
+        assert!(tally.0.get(kind).is_some_and(|n| *n > 0), "nothing validated of {kind}");
+    }
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn the_asyncapi_document_passes_the_asyncapi_parser() {
+    let root = testkit::repo_root();
+    let run = tokio::process::Command::new("node")
+        .arg(root.join("tests/browser/asyncapi.mjs"))
+        .arg(root.join("docs/asyncapi.yaml"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the parser finishes within a minute")
+        .expect("node runs (`make test` installs tests/browser's packages)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", said.trim());
+    assert!(out.status.success(), "docs/asyncapi.yaml:\n{said}");
+    assert!(said.contains("5 channels, 7 operations, 10 messages"), "{said}");
 }
