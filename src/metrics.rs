@@ -226,7 +226,30 @@ impl Metrics {
             ),
             registry,
         };
+        metrics.prime();
         Arc::new(metrics)
+    }
+
+    /// Creates the series of the label values known in advance at zero, so
+    /// they exist from the first scrape: a rate over them works at once,
+    /// and dashboards and alerts do not see them appear out of nowhere.
+    fn prime(&self) {
+        for transport in ["ws", "sse"] {
+            let _ = self.clients_connected.get_or_create(&[("transport", transport)]);
+            let _ = self.updates_delivered.get_or_create(&[("transport", transport)]);
+        }
+        for kind in ["price", "stock"] {
+            let _ = self.events_applied.get_or_create(&[("kind", kind)]);
+        }
+        for reason in ["unauthorized", "token_expired", "forbidden"] {
+            let _ = self.auth_refused.get_or_create(&[("reason", reason)]);
+        }
+        for outcome in ["accepted", "replayed", "refused", "failed"] {
+            let _ = self.ingest_requests.get_or_create(&[("outcome", outcome)]);
+        }
+        for reason in ["connection_limit", "per_ip_limit", "origin"] {
+            let _ = self.clients_refused.get_or_create(&[("reason", reason)]);
+        }
     }
 
     pub fn render(&self) -> String {

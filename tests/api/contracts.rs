@@ -434,3 +434,71 @@ async fn the_asyncapi_document_passes_the_asyncapi_parser() {
     assert!(out.status.success(), "docs/asyncapi.yaml:\n{said}");
     assert!(said.contains("5 channels, 7 operations, 10 messages"), "{said}");
 }
+
+/// Every `gateway_*` metric name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("gateway_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[actix_rt::test]
+async fn alert_rules_and_the_dashboard_pass_promtool_and_name_only_metrics_the_service_has() {
+    let root = testkit::repo_root();
+    let out = Command::new(promtool())
+        .args(["check", "rules"])
+        .arg(root.join("docs/alerts.yml"))
+        .output()
+        .expect("promtool runs (`make test` unpacks it into target/tools)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("promtool check rules: {}", said.trim().replace('\n', " | "));
+    assert!(out.status.success(), "{said}");
+
+    let app = spawn_app().await;
+    // Labelled families show once they have a sample: a dead letter, and
+    // the lag sampler's first round (every 2 s).
+    TestPublisher::connect(&app.iso)
+        .await
+        .raw("product.price.1", b"not json", Some("application/json"))
+        .await;
+    let exposed = testkit::eventually(T, "every family sampled", || async {
+        let text = app.metrics_text().await;
+        (text.contains("gateway_events_dead_lettered_total{") && text.contains("gateway_consumer_lag_messages{"))
+            .then_some(text)
+    })
+    .await;
+    let has = |name: &str| {
+        exposed.contains(&format!("# TYPE {name} "))
+            || ["_bucket", "_sum", "_count"].iter().any(|s| {
+                name.strip_suffix(s)
+                    .is_some_and(|base| exposed.contains(&format!("# TYPE {base} histogram")))
+            })
+    };
+    for file in ["docs/alerts.yml", "docs/grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let names = metric_names(&text);
+        assert!(names.len() >= 4, "{file}: {names:?}");
+        let unknown: Vec<&String> = names.iter().filter(|n| !has(n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} names metrics the service does not have: {unknown:?}"
+        );
+        println!("{file}: {} metric names, all exposed", names.len());
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("docs/grafana-dashboard.json")).unwrap()).unwrap();
+    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 6));
+    app.stop().await;
+}
