@@ -70,6 +70,16 @@ pub async fn require(
 }
 
 use actix_web::{HttpResponse, web};
+
+/// `GET /admin/`: the operator console's page (`static/admin.html`). It
+/// holds no data and is served without the token; every call it makes
+/// carries the token the operator types in.
+#[utoipa::path(get, path = "/admin", tag = "admin",
+    responses((status = 200, description = "The operator console (HTML)", content_type = "text/html", body = String)))]
+pub async fn console(state: web::Data<AppState>) -> actix_web::Result<actix_files::NamedFile> {
+    let page = std::path::Path::new(&state.settings.server.static_dir).join("admin.html");
+    Ok(actix_files::NamedFile::open_async(page).await?)
+}
 use serde::Deserialize;
 use serde_json::json;
 

@@ -102,6 +102,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(products::photo))
                 .route(web::put().to(products::put_photo)),
         )
+        // The console's page, before the scope: it carries no data.
+        .route("/admin", web::get().to(admin::console))
         .service(
             // Every admin route lives in this scope, behind the token check.
             web::scope("/admin")

@@ -39,6 +39,7 @@ pub struct ErrorBody {
         super::ingest::stock,
         super::sse::events,
         super::ws::ws,
+        super::admin::console,
         super::admin::get_generator,
         super::admin::set_generator,
         super::admin::list_dead_letters,

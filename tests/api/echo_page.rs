@@ -192,3 +192,70 @@ async fn the_client_module_rides_out_five_seconds_offline_and_ends_equal_to_the_
     assert!(png.starts_with(b"\x89PNG"));
     app.stop().await;
 }
+
+/// The operator console in Chromium: started from the page, the generator's
+/// rates show above zero within seconds; the dead letter published for the
+/// test is listed with its reason and replayed. The screenshot is kept in
+/// `artifacts/console.png`.
+#[actix_rt::test]
+async fn the_operator_console_shows_rates_and_replays_a_dead_letter() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let app = spawn_app().await;
+    let mut watcher = testkit::clients::WsClient::connect(&app.address).await;
+    watcher.subscribe(&["#"], None, false).await;
+    testkit::TestPublisher::connect(&app.iso)
+        .await
+        .raw("product.price.7", b"{\"price\": \"cheap\"}", Some("application/json"))
+        .await;
+    testkit::eventually(Duration::from_secs(20), "the test's dead letter", || async {
+        (!app.dead_letters().await.is_empty()).then_some(())
+    })
+    .await;
+
+    let shot = root.join("artifacts/console.png");
+    let _ = std::fs::remove_file(&shot);
+    let run = tokio::process::Command::new("node")
+        .arg(root.join("tests/browser/console.mjs"))
+        .arg(&app.address)
+        .arg(testkit::ADMIN_TOKEN)
+        .arg(&shot)
+        .kill_on_drop(true)
+        .output();
+    // The socket must keep reading for delivered updates to count.
+    let drain = async {
+        loop {
+            let _ = watcher.next(Duration::from_secs(1)).await;
+        }
+    };
+    let out = tokio::select! {
+        out = tokio::time::timeout(Duration::from_secs(90), run) => out.expect("browser run stops by itself").expect("node runs"),
+        _ = drain => unreachable!(),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "console check failed:\n{stdout}\n{stderr}");
+    let shown: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("JSON summary");
+    println!("the console showed: {shown}");
+    for rate in ["published", "applied", "delivered"] {
+        let v: f64 = shown["shown"][rate].as_str().unwrap().parse().unwrap();
+        assert!(v > 0.0, "{rate}: {shown}");
+    }
+    let letters = shown["letters"].as_array().unwrap();
+    assert!(
+        letters
+            .iter()
+            .any(|row| row[0] == "invalid_value" || row[0] == "wrong_schema" || row[0] == "not_json"),
+        "the dead letter with its reason: {letters:?}"
+    );
+    assert!(
+        letters
+            .iter()
+            .any(|row| row[2] == "product.price.7" && row[3].as_str().unwrap().contains("cheap"))
+    );
+    assert!(shown["replay"].as_str().unwrap().starts_with("replayed 1"), "{shown}");
+    let png = std::fs::read(&shot).expect("screenshot saved");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
+    let (_, generator) = app.admin(awc::http::Method::GET, "/admin/generator", None).await;
+    assert_eq!(generator["running"], false, "stopped from the page: {generator}");
+    app.stop().await;
+}
