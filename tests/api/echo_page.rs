@@ -22,7 +22,10 @@ async fn echo_page_shows_updates_over_both_transports() {
     let mut res = app.client().get(app.url("/")).send().await.unwrap();
     assert_eq!(res.status().as_u16(), 200);
     let html = res.body().await.unwrap();
-    assert!(String::from_utf8_lossy(&html).contains("EventSource"));
+    assert!(
+        String::from_utf8_lossy(&html).contains("/gateway-client.js"),
+        "the page runs on the client module"
+    );
 
     let shot = root.join("artifacts/echo-page.png");
     let _ = std::fs::remove_file(&shot);
@@ -44,6 +47,10 @@ async fn echo_page_shows_updates_over_both_transports() {
     assert!(summary["sse"].as_u64().unwrap() >= 3, "{summary}");
     assert!(summary["console_ws"].as_u64().unwrap() >= 1, "{summary}");
     assert!(summary["console_sse"].as_u64().unwrap() >= 1, "{summary}");
+    assert_eq!(
+        summary["photo_revalidation"], 304,
+        "photos revalidate by ETag: {summary}"
+    );
     let png = std::fs::read(&shot).expect("screenshot saved");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
     assert!(

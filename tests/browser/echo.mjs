@@ -31,6 +31,7 @@ const consoleWs = [];
 const consoleSse = [];
 const otherLogs = [];   // errors, warnings, page errors, failed requests
 let lastSeen = null;    // last snapshot of the page state while waiting
+let photoRevalidation = null;   // status of the photo asked again with If-None-Match
 
 // Whatever happens (a hung browser, a stuck close), stop by ourselves.
 const hardKill = setTimeout(() => {
@@ -46,6 +47,7 @@ function report(ok, reason) {
     sse: lastSeen?.sseCount ?? 0,
     console_ws: consoleWs.length,
     console_sse: consoleSse.length,
+    photo_revalidation: photoRevalidation,
   };
   if (ok) {
     console.log(JSON.stringify(summary));
@@ -135,7 +137,25 @@ try {
   }
 
   // Console events are delivered asynchronously; give the last ones a moment.
-  if (!consoleWs.length || !consoleSse.length) await page.waitForTimeout(500);
+  if (!consoleWs.length || !consoleSse.length) await page.waitForTimeout(1500);
+  // Photos: shown in the state table, and revalidated by ETag (304) when
+  // the browser asks again.
+  await page.waitForFunction(() => [...document.querySelectorAll('#state-body img')].some((i) => i.complete && i.naturalWidth > 0),
+    null, { timeout: Math.max(1000, deadline - Date.now()) });
+  const firstPhoto = await page.evaluate(() => new URL(document.querySelector('#state-body img').src).pathname);
+  // The status on the wire, as DevTools sees it (the page itself is handed
+  // the cached copy, as 200).
+  const cdp = await page.context().newCDPSession(page);
+  await cdp.send('Network.enable');
+  const onWire = new Promise((resolve) => {
+    const ids = new Set();
+    cdp.on('Network.requestWillBeSent', (e) => { if (e.request.url.endsWith(firstPhoto)) ids.add(e.requestId); });
+    // The raw answer, before the cache turns a 304 into its stored 200.
+    cdp.on('Network.responseReceivedExtraInfo', (e) => { if (ids.has(e.requestId)) resolve(e.statusCode); });
+  });
+  await page.evaluate((path) => fetch(path, { cache: 'no-cache' }), firstPhoto);
+  photoRevalidation = await Promise.race([onWire, new Promise((r) => setTimeout(() => r('no response'), 10_000))]);
+  if (photoRevalidation !== 304) throw new Error(`photo revalidation answered ${photoRevalidation}, not 304`);
   if (!consoleWs.length) throw new Error('no console line starting with [ws]');
   if (!consoleSse.length) throw new Error('no console line starting with [sse]');
 
