@@ -116,6 +116,7 @@ async fn the_client_module_rides_out_five_seconds_offline_and_ends_equal_to_the_
 
     // Offline: open connections dropped, new ones refused, for five seconds.
     let delivered = app.metric("gateway_updates_delivered_total", "ws").await;
+    let delivered_sse = app.metric("gateway_updates_delivered_total", "sse").await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(5)).await;
     proxy.restore();
@@ -152,6 +153,7 @@ async fn the_client_module_rides_out_five_seconds_offline_and_ends_equal_to_the_
     drop(stdin);
     let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
 
+    let stream = stream_update_ids(&app).await;
     let (_, page) = app.get_json("/products?limit=1000").await;
     let catalog: std::collections::HashMap<i64, &serde_json::Value> = page["products"]
         .as_array()
@@ -174,9 +176,9 @@ async fn the_client_module_rides_out_five_seconds_offline_and_ends_equal_to_the_
                 assert_eq!(p[field], db[field], "{transport}: {field} of {p} vs the database {db}");
             }
         }
-        // Offsets strictly increase: a resume replays nothing twice and,
-        // with every topic subscribed, any gap would show as a version
-        // behind the database above.
+        // Offsets strictly increase (nothing twice), and up to the reset
+        // every update the stream holds between the first and the last one
+        // received was received: the cut left no gap.
         let offsets: Vec<u64> = run["offsets"]
             .as_array()
             .unwrap()
@@ -186,6 +188,25 @@ async fn the_client_module_rides_out_five_seconds_offline_and_ends_equal_to_the_
         assert!(
             offsets.windows(2).all(|w| w[0] < w[1]),
             "{transport}: offsets out of order"
+        );
+        let before = &offsets[..run["before_reset"].as_u64().unwrap() as usize];
+        let (first, last) = (before[0], *before.last().unwrap());
+        let got: std::collections::HashSet<u64> = before.iter().copied().collect();
+        let expected: Vec<u64> = stream
+            .iter()
+            .copied()
+            .filter(|id| (first..=last).contains(id))
+            .collect();
+        let missing: Vec<u64> = expected.iter().copied().filter(|id| !got.contains(id)).collect();
+        assert!(
+            missing.is_empty(),
+            "{transport}: {} of {} updates missing: {missing:?}",
+            missing.len(),
+            expected.len()
+        );
+        println!(
+            "{transport}: {} stream updates from offset {first} to {last}, none missing",
+            expected.len()
         );
         println!(
             "{transport}: {} updates applied, {} products equal to the database, statuses {:?}",
@@ -265,4 +286,44 @@ async fn the_operator_console_shows_rates_and_replays_a_dead_letter() {
     let (_, generator) = app.admin(awc::http::Method::GET, "/admin/generator", None).await;
     assert_eq!(generator["running"], false, "stopped from the page: {generator}");
     app.stop().await;
+}
+
+/// Every update id on the instance's update stream, in order: a message at
+/// stream offset `o` holding `n` updates has ids `o × 1024 + 0..n`. A copy
+/// the relay published again (same `x-outbox-seq`) is counted once.
+async fn stream_update_ids(app: &testkit::TestApp) -> Vec<u64> {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let conn = lapin::Connection::connect(&app.iso.amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+    let stream = app.iso.settings().rabbit.topology.updates_stream;
+    let mut consumer = ch
+        .basic_consume(stream.as_str().into(), "".into(), BasicConsumeOptions::default(), args)
+        .await
+        .unwrap();
+    let (mut ids, mut seqs) = (Vec::new(), std::collections::HashSet::new());
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+        let seq = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-outbox-seq").cloned());
+        if let Some(AMQPValue::LongLongInt(seq)) = seq
+            && !seqs.insert(seq)
+        {
+            continue;
+        }
+        let offset = product_gateway::broker::stream::offset_of(&d).expect("a stream offset");
+        let updates: Vec<serde_json::Value> = serde_json::from_slice(&d.data).unwrap();
+        ids.extend((0..updates.len()).map(|i| product_gateway::update::update_id(offset, i)));
+        d.ack(lapin::options::BasicAckOptions::default()).await.unwrap();
+    }
+    ids
 }

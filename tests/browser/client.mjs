@@ -58,6 +58,7 @@ try {
       // Delivered through the socket's own message handler, as a frame from
       // the service arrives; the snapshot that follows is the service's.
       await page.evaluate((offset) => {
+        for (const run of Object.values(window.runs)) run.beforeReset = run.offsets.length;
         const ws = window.runs.ws.client._conn;
         const frame = { type: 'reset', offset, reason: 'catch_up_failed', message: 'resumed with a gap' };
         ws.onmessage({ data: JSON.stringify(frame) });
@@ -75,6 +76,7 @@ try {
             statuses: run.statuses,
             errors: run.errors,
             offset: run.client.offset,
+            before_reset: run.beforeReset ?? run.offsets.length,
           };
           run.client.close();
         }
