@@ -121,12 +121,16 @@ async fn the_client_module_rides_out_five_seconds_offline_and_ends_equal_to_the_
     tokio::time::sleep(Duration::from_secs(5)).await;
     proxy.restore();
     eprintln!("client module: network restored");
-    testkit::eventually(
-        Duration::from_secs(30),
-        "the WebSocket client back and receiving",
-        || async { (app.metric("gateway_updates_delivered_total", "ws").await > delivered + 30.0).then_some(()) },
-    )
-    .await;
+    // Both clients catch up with what was published during and after the
+    // cut; the gap check below covers that whole window.
+    let after_cut = *stream_update_ids(&app, Duration::from_secs(5))
+        .await
+        .last()
+        .expect("updates on the stream");
+    stdin.write_all(format!("WAIT {after_cut}\n").as_bytes()).await.unwrap();
+    read_until(&mut lines, Duration::from_secs(40), |l| l == "CAUGHT UP").await;
+    assert!(app.metric("gateway_updates_delivered_total", "ws").await > delivered);
+    assert!(app.metric("gateway_updates_delivered_total", "sse").await > delivered_sse);
 
     // A reset: the client takes a new snapshot and goes on.
     let last = app.metric("gateway_updates_broadcast_total", "").await as u64;
@@ -153,7 +157,7 @@ async fn the_client_module_rides_out_five_seconds_offline_and_ends_equal_to_the_
     drop(stdin);
     let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
 
-    let stream = stream_update_ids(&app).await;
+    let stream = stream_update_ids(&app, Duration::from_secs(30)).await;
     let (_, page) = app.get_json("/products?limit=1000").await;
     let catalog: std::collections::HashMap<i64, &serde_json::Value> = page["products"]
         .as_array()
@@ -191,6 +195,10 @@ async fn the_client_module_rides_out_five_seconds_offline_and_ends_equal_to_the_
         );
         let before = &offsets[..run["before_reset"].as_u64().unwrap() as usize];
         let (first, last) = (before[0], *before.last().unwrap());
+        assert!(
+            last >= after_cut,
+            "{transport}: the window ends at {last}, before the cut's end {after_cut}"
+        );
         let got: std::collections::HashSet<u64> = before.iter().copied().collect();
         let expected: Vec<u64> = stream
             .iter()
@@ -290,8 +298,10 @@ async fn the_operator_console_shows_rates_and_replays_a_dead_letter() {
 
 /// Every update id on the instance's update stream, in order: a message at
 /// stream offset `o` holding `n` updates has ids `o × 1024 + 0..n`. A copy
-/// the relay published again (same `x-outbox-seq`) is counted once.
-async fn stream_update_ids(app: &testkit::TestApp) -> Vec<u64> {
+/// the relay published again (same `x-outbox-seq`) is counted once. Reads
+/// until the stream is quiet for 2 s, or for `at_most` while it is not.
+async fn stream_update_ids(app: &testkit::TestApp, at_most: Duration) -> Vec<u64> {
+    let deadline = tokio::time::Instant::now() + at_most;
     use futures_util::StreamExt;
     use lapin::options::{BasicConsumeOptions, BasicQosOptions};
     use lapin::types::{AMQPValue, FieldTable};
@@ -309,7 +319,9 @@ async fn stream_update_ids(app: &testkit::TestApp) -> Vec<u64> {
         .await
         .unwrap();
     let (mut ids, mut seqs) = (Vec::new(), std::collections::HashSet::new());
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+    while tokio::time::Instant::now() < deadline
+        && let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+    {
         let seq = d
             .properties
             .headers()

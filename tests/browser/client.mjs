@@ -7,6 +7,7 @@
 //
 // Prints `READY` once both clients hold a snapshot and updates; then reads
 // commands on stdin, one per line:
+//   WAIT <offset>   answers `CAUGHT UP` once both clients are at <offset>
 //   RESET <offset>  gives the WebSocket client a reset at <offset>, as the
 //                   service sends one, through the client's frame handler
 //   DUMP            prints one JSON line: each client's products, the
@@ -53,7 +54,12 @@ try {
   const lines = readline.createInterface({ input: process.stdin });
   for await (const line of lines) {
     const [command, arg] = line.trim().split(' ');
-    if (command === 'RESET') {
+    if (command === 'WAIT') {
+      // Until both clients hold every update up to <id>.
+      await page.waitForFunction((id) => Object.values(window.runs).every((r) => r.client.offset >= id),
+        Number(arg), { timeout: 30_000 });
+      console.log('CAUGHT UP');
+    } else if (command === 'RESET') {
       // The frame the service sends when a catch-up cannot complete.
       // Delivered through the socket's own message handler, as a frame from
       // the service arrives; the snapshot that follows is the service's.
