@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use diesel::OptionalExtension;
 use diesel::sql_types::{BigInt, Bool};
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
@@ -55,11 +56,7 @@ pub async fn issue(db: &Db, id: ProductId, price: bool, stock: bool) -> Result<O
     .bind::<BigInt, _>(MAX_VERSION)
     .get_result::<Issued>(&mut conn)
     .await
-    .map(Some)
-    .or_else(|e| match e {
-        diesel::result::Error::NotFound => Ok(None),
-        e => Err(e),
-    })?;
+    .optional()?;
     Ok(issued)
 }
 

@@ -2,6 +2,7 @@
 //! issues a version, holds the answer once the broker confirmed, and is
 //! forgotten after [`KEEP`].
 
+use diesel::OptionalExtension;
 use diesel::sql_types::{Jsonb, Nullable, Text};
 use diesel_async::RunQueryDsl;
 
@@ -55,11 +56,7 @@ pub async fn claim(db: &Db, key: &str, request: &str) -> Result<Claim, StoreErro
         .bind::<Text, _>(key)
         .get_result(&mut conn)
         .await
-        .map(Some)
-        .or_else(|e| match e {
-            diesel::result::Error::NotFound => Ok(None),
-            e => Err(e),
-        })?;
+        .optional()?;
     Ok(match row {
         // Forgotten between the two statements: claim it again next time.
         None => Claim::InProgress,

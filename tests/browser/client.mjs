@@ -12,7 +12,7 @@
 //                   service sends one, through the client's frame handler
 //   DUMP            prints one JSON line: each client's products, the
 //                   offsets it received, its statuses and errors; then exits
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 import readline from 'node:readline';
 
 const [base, shot] = process.argv.slice(2);
@@ -21,11 +21,7 @@ if (!base || !shot) {
   process.exit(2);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 const deadline = setTimeout(() => { console.error('client.mjs: no command in time'); process.exit(3); }, 120_000);
 try {
   const page = await browser.newPage();

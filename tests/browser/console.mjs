@@ -5,18 +5,14 @@
 //   node console.mjs <base_url> <admin_token> <screenshot_path>
 //
 // Prints one JSON line with what the console showed.
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const [base, token, shot] = process.argv.slice(2);
 if (!base || !token || !shot) {
   console.error('usage: node console.mjs <base_url> <admin_token> <screenshot_path>');
   process.exit(2);
 }
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 let code = 0;
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
