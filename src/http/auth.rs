@@ -249,6 +249,22 @@ pub fn request_token<'a>(req: &'a HttpRequest, query_token: Option<&'a str>) -> 
         .filter(|t| !t.is_empty())
 }
 
+/// When a grant runs out: a timer per connection, set from
+/// [`Grant::remaining`]; none for a grant that does not expire.
+pub type Expiry = Option<std::pin::Pin<Box<tokio::time::Sleep>>>;
+
+pub fn expiry(grant: &Grant) -> Expiry {
+    grant.remaining().map(|left| Box::pin(tokio::time::sleep(left)))
+}
+
+/// Resolves when the grant has run out; never without an expiry.
+pub async fn expired(expiry: &mut Expiry) {
+    match expiry {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Counts a refused token or subscribe by its error code; other codes are
 /// not about authorisation and are left alone.
 pub fn count_refusal(metrics: &Metrics, code: &'static str) {

@@ -119,7 +119,7 @@ pub async fn events(
         tokio::time::Instant::now() + settings.sse_keepalive,
         settings.sse_keepalive,
     );
-    let expiry = sub.grant().remaining().map(|left| Box::pin(tokio::time::sleep(left)));
+    let expiry = auth::expiry(sub.grant());
     let body = futures_util::stream::unfold(
         Stream {
             expiry,
@@ -158,7 +158,7 @@ struct Stream {
     out: Vec<FeedItem>,
     keepalive: tokio::time::Interval,
     /// When the token runs out; the stream then ends with an error event.
-    expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    expiry: auth::Expiry,
     shutdown: CancellationToken,
     done: bool,
 }
@@ -174,7 +174,7 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
         if let Some(frames) = &mut s.snapshot {
             tokio::select! {
                 _ = s.shutdown.cancelled() => s.done = true,
-                _ = expired(&mut s.expiry) => {
+                _ = auth::expired(&mut s.expiry) => {
                     s.pending.push_back(token_expired_event());
                     s.done = true;
                 }
@@ -193,7 +193,7 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
         }
         tokio::select! {
             _ = s.shutdown.cancelled() => s.done = true,
-            _ = expired(&mut s.expiry) => {
+            _ = auth::expired(&mut s.expiry) => {
                 s.pending.push_back(token_expired_event());
                 s.done = true;
             }
@@ -213,14 +213,6 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
                 if !open { s.done = true; }
             }
         }
-    }
-}
-
-/// Resolves when the token has run out; never without one.
-async fn expired(expiry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
-    match expiry {
-        Some(sleep) => sleep.await,
-        None => std::future::pending().await,
     }
 }
 

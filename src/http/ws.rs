@@ -138,12 +138,12 @@ async fn run(
     // and the heartbeat below must still see it and close it.
     let mut writer = session.clone();
     let mut pending: VecDeque<(ByteString, Option<i64>)> = VecDeque::new();
-    let mut expiry = sub.grant().remaining().map(|left| Box::pin(tokio::time::sleep(left)));
+    let mut expiry = auth::expiry(sub.grant());
     let close = loop {
         let next_frame = pending.front().map(|(frame, _)| frame.clone());
         tokio::select! {
             _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),
-            _ = expired(&mut expiry) => {
+            _ = auth::expired(&mut expiry) => {
                 auth::count_refusal(&metrics, "token_expired");
                 break Some(reason(CloseCode::Other(TOKEN_EXPIRED), "token expired"));
             }
@@ -196,7 +196,7 @@ async fn run(
                     Ok(Handled::Done) => {}
                     Ok(Handled::Snapshot(frames)) => snapshot = Some(frames),
                     Ok(Handled::Authorized) => {
-                        expiry = sub.grant().remaining().map(|left| Box::pin(tokio::time::sleep(left)));
+                        expiry = auth::expiry(sub.grant());
                     }
                     Ok(Handled::Gone) => break None,
                     Err(e) => {
@@ -258,14 +258,6 @@ async fn run(
     drop(writer);
     // The close frame waits for room in the socket, but not for long.
     let _ = tokio::time::timeout(Duration::from_secs(1), session.close(close)).await;
-}
-
-/// Resolves when the connection's token has run out; never without one.
-async fn expired(expiry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
-    match expiry {
-        Some(sleep) => sleep.await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Closes a client that lets the socket fill up and answers nothing.
