@@ -10,6 +10,7 @@
 //! does is a refusal.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::pattern::{Pattern, WordRef};
@@ -18,22 +19,25 @@ use super::pattern::{Pattern, WordRef};
 /// decide. Patterns of the configured lengths stay far below it.
 const MAX_STATES: usize = 100_000;
 
-/// The patterns a connection holds a grant for.
+/// The patterns a connection holds a grant for. Shared: every anonymous
+/// connection holds the one anonymous scope, not a copy.
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
-    granted: Vec<Pattern>,
+    granted: Arc<[Pattern]>,
 }
 
 impl Scope {
     pub fn new(granted: Vec<Pattern>) -> Self {
-        Self { granted }
+        Self {
+            granted: granted.into(),
+        }
     }
 
     /// This scope and `more`.
     pub fn with(&self, more: impl IntoIterator<Item = Pattern>) -> Scope {
-        let mut granted = self.granted.clone();
+        let mut granted = self.granted.to_vec();
         granted.extend(more);
-        Scope { granted }
+        Scope::new(granted)
     }
 
     pub fn patterns(&self) -> impl Iterator<Item = &str> {
