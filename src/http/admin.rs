@@ -45,17 +45,21 @@ fn check(req: &HttpRequest) -> Result<Admin, ApiError> {
 /// the presented token's length or content. An empty `expected` matches
 /// nothing.
 pub fn bearer_is(req: &HttpRequest, expected: &str) -> bool {
-    let Some(presented) = req
-        .headers()
+    let Some(presented) = bearer(req) else {
+        return false;
+    };
+    let a = Sha256::digest(presented.as_bytes());
+    let b = Sha256::digest(expected.as_bytes());
+    !expected.is_empty() && bool::from(a.ct_eq(&b))
+}
+
+/// The token of `Authorization: Bearer <token>`, trimmed.
+pub fn bearer(req: &HttpRequest) -> Option<&str> {
+    req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    let a = Sha256::digest(presented.trim().as_bytes());
-    let b = Sha256::digest(expected.as_bytes());
-    !expected.is_empty() && bool::from(a.ct_eq(&b))
+        .map(str::trim)
 }
 
 /// Middleware of the `/admin` scope: the token is checked before routing,

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use actix_web::HttpRequest;
-use actix_web::http::header;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
@@ -240,13 +239,7 @@ fn load_public_keys(path: &Path) -> anyhow::Result<Vec<Key>> {
 /// `token` query parameter (EventSource and browsers' WebSocket cannot set
 /// headers).
 pub fn request_token<'a>(req: &'a HttpRequest, query_token: Option<&'a str>) -> Option<&'a str> {
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .or(query_token)
-        .filter(|t| !t.is_empty())
+    super::admin::bearer(req).or(query_token).filter(|t| !t.is_empty())
 }
 
 /// When a grant runs out: a timer per connection, set from

@@ -15,9 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::pattern::{Pattern, WordRef};
 
-/// Pairs of states explored before a request is refused as too costly to
-/// decide. Patterns of the configured lengths stay far below it.
-const MAX_STATES: usize = 100_000;
+/// Pairs of states one subscribe may explore, over all its patterns, before
+/// the rest is refused as too costly to decide: a pattern of many `#`
+/// against grants of many `#` can take millions, and the check runs on the
+/// connection's worker. Ordinary patterns take a few dozen.
+pub const CHECK_BUDGET: usize = 4096;
 
 /// The patterns a connection holds a grant for. Shared: every anonymous
 /// connection holds the one anonymous scope, not a copy.
@@ -47,6 +49,12 @@ impl Scope {
     /// Whether every topic `requested` matches is matched by a granted
     /// pattern.
     pub fn allows(&self, requested: &Pattern) -> bool {
+        self.allows_within(requested, &mut { CHECK_BUDGET })
+    }
+
+    /// [`Scope::allows`], exploring at most `budget` pairs of states (taken
+    /// from it); false once the budget is spent.
+    pub fn allows_within(&self, requested: &Pattern, budget: &mut usize) -> bool {
         if self.granted.is_empty() {
             return false;
         }
@@ -57,7 +65,7 @@ impl Scope {
         if !requested.has_wildcard() {
             return self.granted.iter().any(|g| g.matches(requested.as_str()));
         }
-        Containment::new(requested, &self.granted).holds()
+        Containment::new(requested, &self.granted).holds(budget)
     }
 }
 
@@ -168,7 +176,7 @@ impl<'a> Containment<'a> {
         }
     }
 
-    fn holds(&self) -> bool {
+    fn holds(&self, budget: &mut usize) -> bool {
         // A topic has at least one word (`"".split('.')` is one empty word),
         // so the start, before any word, is never a counterexample: a
         // state is checked only once reached by reading a word.
@@ -194,9 +202,10 @@ impl<'a> Containment<'a> {
                 let mut next = Vec::new();
                 self.request.step(p, s, &mut |q| next.push(q));
                 for q in next {
-                    if seen.len() >= MAX_STATES {
+                    if *budget == 0 {
                         return false;
                     }
+                    *budget -= 1;
                     if seen.insert((q, next_grants.clone(), true)) {
                         queue.push_back((q, next_grants.clone(), true));
                     }
@@ -318,5 +327,22 @@ mod tests {
                 .find(|t| req.matches(t) && !scope.granted.iter().any(|g| g.matches(t)));
             proptest::prop_assert_eq!(scope.allows(&req), escaping.is_none(), "escaping topic: {:?}", escaping);
         }
+    }
+
+    #[test]
+    fn a_pattern_too_costly_to_check_is_refused_within_the_budget() {
+        let words: Vec<String> = (0..32)
+            .map(|i| if i % 2 == 0 { "#".into() } else { format!("w{i}") })
+            .collect();
+        let hostile = Pattern::parse(&words.join("."), 32).unwrap();
+        let grants: Vec<String> = (0..8).map(|i| format!("#.g{i}.#.*.#")).collect();
+        let grants: Vec<&str> = grants.iter().map(String::as_str).collect();
+        let mut budget = CHECK_BUDGET;
+        assert!(!scope(&grants).allows_within(&hostile, &mut budget));
+        assert_eq!(budget, 0, "refused because the budget ran out");
+        // An ordinary check costs a few dozen pairs.
+        let mut budget = CHECK_BUDGET;
+        assert!(scope(&["product.#"]).allows_within(&Pattern::parse("product.*.42", 32).unwrap(), &mut budget));
+        assert!(CHECK_BUDGET - budget < 64, "{} pairs", CHECK_BUDGET - budget);
     }
 }

@@ -247,7 +247,12 @@ impl Session {
     /// when it does not cover every pattern already subscribed: the client
     /// unsubscribes those first.
     pub fn authorize(&mut self, grant: Grant) -> Result<(), ClientError> {
-        if let Some((_, (p, _))) = self.covered.iter().find(|(_, (p, _))| !grant.scope.allows(p)) {
+        let mut budget = super::scope::CHECK_BUDGET;
+        if let Some((_, (p, _))) = self
+            .covered
+            .iter()
+            .find(|(_, (p, _))| !grant.scope.allows_within(p, &mut budget))
+        {
             return Err(forbidden(p, "the new token does not cover it; unsubscribe it first"));
         }
         self.grant = grant;
@@ -278,14 +283,21 @@ impl Session {
         }
         let mut seen = HashSet::with_capacity(topics.len());
         let (mut all, mut new) = (Vec::new(), Vec::new());
+        let mut budget = super::scope::CHECK_BUDGET;
         for t in topics {
             if !seen.insert(t.as_str()) {
                 continue;
             }
             let p = Pattern::parse(t, settings.max_pattern_words)
                 .map_err(|e| ClientError::new(ClientErrorCode::BadPattern, format!("{:.80}: {e}", t)))?;
-            if !self.grant.scope.allows(&p) {
-                return Err(forbidden(&p, "not granted to this connection"));
+            // One budget for the whole frame: no list of patterns can make
+            // the check expensive.
+            if !self.grant.scope.allows_within(&p, &mut budget) {
+                let why = match budget {
+                    0 => "too costly to check against this connection's grant",
+                    _ => "not granted to this connection",
+                };
+                return Err(forbidden(&p, why));
             }
             if !self.covered.contains_key(t) {
                 new.push(p.clone());
