@@ -142,16 +142,23 @@ try {
   // the browser asks again.
   await page.waitForFunction(() => [...document.querySelectorAll('#state-body img')].some((i) => i.complete && i.naturalWidth > 0),
     null, { timeout: Math.max(1000, deadline - Date.now()) });
-  const firstPhoto = await page.evaluate(() => new URL(document.querySelector('#state-body img').src).pathname);
+  const firstPhoto = await page.evaluate(() => new URL([...document.querySelectorAll('#state-body img')]
+    .find((i) => i.complete && i.naturalWidth > 0).src).pathname);
   // The status on the wire, as DevTools sees it (the page itself is handed
   // the cached copy, as 200).
   const cdp = await page.context().newCDPSession(page);
   await cdp.send('Network.enable');
   const onWire = new Promise((resolve) => {
+    // Chromium may send a request's ExtraInfo before its requestWillBeSent,
+    // so both sides are kept and matched whichever comes first.
     const ids = new Set();
-    cdp.on('Network.requestWillBeSent', (e) => { if (e.request.url.endsWith(firstPhoto)) ids.add(e.requestId); });
+    const statuses = new Map();
+    const settle = (id) => { if (ids.has(id) && statuses.has(id)) resolve(statuses.get(id)); };
+    cdp.on('Network.requestWillBeSent', (e) => {
+      if (e.request.url.endsWith(firstPhoto)) { ids.add(e.requestId); settle(e.requestId); }
+    });
     // The raw answer, before the cache turns a 304 into its stored 200.
-    cdp.on('Network.responseReceivedExtraInfo', (e) => { if (ids.has(e.requestId)) resolve(e.statusCode); });
+    cdp.on('Network.responseReceivedExtraInfo', (e) => { statuses.set(e.requestId, e.statusCode); settle(e.requestId); });
   });
   await page.evaluate((path) => fetch(path, { cache: 'no-cache' }), firstPhoto);
   photoRevalidation = await Promise.race([onWire, new Promise((r) => setTimeout(() => r('no response'), 10_000))]);
