@@ -245,8 +245,8 @@ pub async fn connections(ctx: &mut Ctx, inst: &Instance, ws: usize, sse: usize) 
             before / 1024,
             after / 1024
         ),
-        "≤ 16 KiB",
-        Some(per_conn <= 16.0),
+        "≤ 8 KiB",
+        Some(per_conn <= 8.0),
     );
     ctx.report.note(format!(
         "Connections: RSS {} MiB before, {} MiB with {ws} WebSocket, {} MiB with all {}, {} MiB after they closed \

@@ -83,7 +83,7 @@ pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>
             .map_err(ApiError::from)?,
         None => state.auth.anonymous(),
     };
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let (response, session, stream) = actix_ws::handle(&req, detached(&req, body).await?)?;
     let ip = client_ip(&req, &state.settings.server.trusted_proxies);
     let sub = match Session::open(state.realtime(), Transport::WebSocket, ip, grant) {
         Ok(sub) => sub,
@@ -106,6 +106,18 @@ pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>
     let span = connection_span(sub.id(), "ws", ip);
     actix_web::rt::spawn(run(sub, session, stream, state, shutdown).instrument(span));
     Ok(response)
+}
+
+/// The client's bytes, each chunk copied out of the connection's read
+/// buffer: actix-ws keeps the last chunk's allocation as its own buffer,
+/// and a chunk shares the whole read buffer, which an idle connection then
+/// could not release (vendor/README.md). Client frames are few and small.
+async fn detached(req: &HttpRequest, body: web::Payload) -> actix_web::Result<web::Payload> {
+    use futures_util::{Stream, TryStreamExt};
+    type Chunks = std::pin::Pin<Box<dyn Stream<Item = Result<bytes::Bytes, actix_web::error::PayloadError>>>>;
+    let chunks: Chunks = Box::pin(body.into_inner().map_ok(|chunk| bytes::Bytes::copy_from_slice(&chunk)));
+    let mut payload = actix_web::dev::Payload::from(chunks);
+    <web::Payload as actix_web::FromRequest>::from_request(req, &mut payload).await
 }
 
 async fn run(
