@@ -163,15 +163,38 @@ struct Stream {
     done: bool,
 }
 
-async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infallible>, Stream)> {
-    loop {
-        if let Some(chunk) = s.pending.pop_front() {
-            return Some((Ok(chunk), s));
-        }
-        if s.done {
-            return None;
-        }
-        if let Some(frames) = &mut s.snapshot {
+/// An async block rather than an async fn, which would hold the stream's
+/// state twice (as argument and as local) on every idle connection.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn next_chunk(mut s: Stream) -> impl Future<Output = Option<(Result<Bytes, std::convert::Infallible>, Stream)>> {
+    async move {
+        loop {
+            if let Some(chunk) = s.pending.pop_front() {
+                return Some((Ok(chunk), s));
+            }
+            if s.done {
+                return None;
+            }
+            if let Some(frames) = &mut s.snapshot {
+                tokio::select! {
+                    _ = s.shutdown.cancelled() => s.done = true,
+                    _ = auth::expired(&mut s.expiry) => {
+                        s.pending.push_back(token_expired_event());
+                        s.done = true;
+                    }
+                    _ = s.keepalive.tick() => s.pending.push_back(Bytes::from_static(b": keep-alive\n\n")),
+                    frame = frames.recv() => match frame {
+                        Some(Ok(f)) => s.pending.push_back(snapshot_event(f)),
+                        Some(Err(e)) => {
+                            // The client reconnects without an event id: a fresh snapshot.
+                            s.pending.push_back(Bytes::from(format!("event: error\ndata: {}\n\n", e.to_json())));
+                            s.done = true;
+                        }
+                        None => s.snapshot = None,
+                    },
+                }
+                continue;
+            }
             tokio::select! {
                 _ = s.shutdown.cancelled() => s.done = true,
                 _ = auth::expired(&mut s.expiry) => {
@@ -179,38 +202,20 @@ async fn next_chunk(mut s: Stream) -> Option<(Result<Bytes, std::convert::Infall
                     s.done = true;
                 }
                 _ = s.keepalive.tick() => s.pending.push_back(Bytes::from_static(b": keep-alive\n\n")),
-                frame = frames.recv() => match frame {
-                    Some(Ok(f)) => s.pending.push_back(snapshot_event(f)),
-                    Some(Err(e)) => {
-                        // The client reconnects without an event id: a fresh snapshot.
-                        s.pending.push_back(Bytes::from(format!("event: error\ndata: {}\n\n", e.to_json())));
-                        s.done = true;
-                    }
-                    None => s.snapshot = None,
-                },
-            }
-            continue;
-        }
-        tokio::select! {
-            _ = s.shutdown.cancelled() => s.done = true,
-            _ = auth::expired(&mut s.expiry) => {
-                s.pending.push_back(token_expired_event());
-                s.done = true;
-            }
-            _ = s.keepalive.tick() => s.pending.push_back(Bytes::from_static(b": keep-alive\n\n")),
-            open = s.sub.next(&mut s.out) => {
-                for item in s.out.drain(..) {
-                    match item {
-                        FeedItem::Update(u) => {
-                            s.sub.delivered(u.ts_us);
-                            s.pending.push_back(u.sse_event.clone());
-                        }
-                        FeedItem::Reset { offset, reason } => {
-                            s.pending.push_back(Bytes::from(format!("event: reset\ndata: {}\n\n", reset_json(offset, reason))));
+                open = s.sub.next(&mut s.out) => {
+                    for item in s.out.drain(..) {
+                        match item {
+                            FeedItem::Update(u) => {
+                                s.sub.delivered(u.ts_us);
+                                s.pending.push_back(u.sse_event.clone());
+                            }
+                            FeedItem::Reset { offset, reason } => {
+                                s.pending.push_back(Bytes::from(format!("event: reset\ndata: {}\n\n", reset_json(offset, reason))));
+                            }
                         }
                     }
+                    if !open { s.done = true; }
                 }
-                if !open { s.done = true; }
             }
         }
     }

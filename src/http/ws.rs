@@ -120,156 +120,163 @@ async fn detached(req: &HttpRequest, body: web::Payload) -> actix_web::Result<we
     <web::Payload as actix_web::FromRequest>::from_request(req, &mut payload).await
 }
 
-async fn run(
+/// An async block rather than an async fn: an async fn's future holds its
+/// arguments twice (as arguments and as locals), and every idle connection
+/// carries this future.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn run(
     mut sub: Session,
     mut session: actix_ws::Session,
     mut stream: AggregatedMessageStream,
     state: web::Data<AppState>,
     shutdown: CancellationToken,
-) {
-    let settings = state.hub.settings().clone();
-    let metrics = state.metrics.clone();
-    let refuse = |reason: Dropped| {
-        metrics
-            .clients_refused
-            .get_or_create(&[("reason", reason.as_str())])
-            .inc()
-    };
-    let mut ping = tokio::time::interval(settings.ping_interval);
-    let timeout = settings.client_timeout;
-    let ping_every = settings.ping_interval;
-    let mut last_seen = Instant::now();
-    let mut tokens = 2.0 * FRAMES_PER_SEC;
-    let mut last_frame = Instant::now();
-    let mut strikes = 0u32;
-    let mut out = Vec::new();
-    // A snapshot being sent: its parts go out before any live update.
-    let mut snapshot: Option<SnapshotFrames> = None;
-    // Updates go out through their own handle, one at a time and without
-    // holding up the loop: a client that stops reading fills the socket,
-    // and the heartbeat below must still see it and close it.
-    let mut writer = session.clone();
-    let mut pending: VecDeque<(ByteString, Option<i64>)> = VecDeque::new();
-    let mut expiry = auth::expiry(sub.grant());
-    let close = loop {
-        let next_frame = pending.front().map(|(frame, _)| frame.clone());
-        tokio::select! {
-            _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),
-            _ = auth::expired(&mut expiry) => {
-                auth::count_refusal(&metrics, "token_expired");
-                break Some(reason(CloseCode::Other(TOKEN_EXPIRED), "token expired"));
-            }
-            msg = stream.recv() => {
-                let text = match msg {
-                    None | Some(Ok(AggregatedMessage::Close(_))) => break None,
-                    Some(Err(ProtocolError::Overflow)) => {
-                        refuse(Dropped::FrameTooLarge);
-                        break Some(reason(CloseCode::Size, "frame too large"));
-                    }
-                    Some(Err(_)) => {
-                        refuse(Dropped::ProtocolError);
-                        break Some(reason(CloseCode::Protocol, "protocol error"));
-                    }
-                    Some(Ok(AggregatedMessage::Ping(b))) => {
-                        last_seen = Instant::now();
-                        match tokio::time::timeout(timeout, session.pong(&b)).await {
-                            Ok(Ok(())) => continue,
-                            Ok(Err(_)) => break None,
-                            Err(_) => break Some(not_reading(&refuse)),
+) -> impl Future<Output = ()> {
+    async move {
+        let (timeout, ping_every) = {
+            let settings = state.hub.settings();
+            (settings.client_timeout, settings.ping_interval)
+        };
+        let metrics = state.metrics.clone();
+        let refuse = |reason: Dropped| {
+            metrics
+                .clients_refused
+                .get_or_create(&[("reason", reason.as_str())])
+                .inc()
+        };
+        let mut ping = tokio::time::interval(ping_every);
+        let mut last_seen = Instant::now();
+        let mut tokens = 2.0 * FRAMES_PER_SEC;
+        let mut last_frame = Instant::now();
+        let mut strikes = 0u32;
+        let mut out = Vec::new();
+        // A snapshot being sent: its parts go out before any live update.
+        let mut snapshot: Option<SnapshotFrames> = None;
+        // Updates go out through their own handle, one at a time and without
+        // holding up the loop: a client that stops reading fills the socket,
+        // and the heartbeat below must still see it and close it.
+        let mut writer = session.clone();
+        let mut pending: VecDeque<(ByteString, Option<i64>)> = VecDeque::new();
+        let mut expiry = auth::expiry(sub.grant());
+        let close = loop {
+            let next_frame = pending.front().map(|(frame, _)| frame.clone());
+            tokio::select! {
+                _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),
+                _ = auth::expired(&mut expiry) => {
+                    auth::count_refusal(&metrics, "token_expired");
+                    break Some(reason(CloseCode::Other(TOKEN_EXPIRED), "token expired"));
+                }
+                msg = stream.recv() => {
+                    let text = match msg {
+                        None | Some(Ok(AggregatedMessage::Close(_))) => break None,
+                        Some(Err(ProtocolError::Overflow)) => {
+                            refuse(Dropped::FrameTooLarge);
+                            break Some(reason(CloseCode::Size, "frame too large"));
                         }
-                    }
-                    Some(Ok(AggregatedMessage::Pong(_))) => { last_seen = Instant::now(); continue; }
-                    Some(Ok(AggregatedMessage::Binary(_))) => None,
-                    Some(Ok(AggregatedMessage::Text(t))) => Some(t),
-                };
-                last_seen = Instant::now();
-                // Token bucket against floods.
-                tokens = (tokens + last_frame.elapsed().as_secs_f64() * FRAMES_PER_SEC).min(2.0 * FRAMES_PER_SEC);
-                last_frame = Instant::now();
-                let result = if tokens < 1.0 {
-                    Err(ClientError::new(ClientErrorCode::RateLimited, "too many frames; slow down"))
-                } else {
-                    tokens -= 1.0;
-                    match text {
-                        None => Err(ClientError::new(ClientErrorCode::BinaryNotSupported, "send JSON text frames")),
-                        // Boxed: a subscribe (snapshot query, stream catch-up) has a
-                        // large state that every idle connection would otherwise carry.
-                        // Bounded: its answer waits on the socket too.
-                        Some(t) => {
-                            let handled = handle(&mut sub, &mut session, &state.auth, &t, snapshot.is_some());
-                            match tokio::time::timeout(timeout, Box::pin(handled)).await {
-                                Ok(r) => r,
+                        Some(Err(_)) => {
+                            refuse(Dropped::ProtocolError);
+                            break Some(reason(CloseCode::Protocol, "protocol error"));
+                        }
+                        Some(Ok(AggregatedMessage::Ping(b))) => {
+                            last_seen = Instant::now();
+                            match tokio::time::timeout(timeout, session.pong(&b)).await {
+                                Ok(Ok(())) => continue,
+                                Ok(Err(_)) => break None,
                                 Err(_) => break Some(not_reading(&refuse)),
                             }
                         }
-                    }
-                };
-                match result {
-                    Ok(Handled::Done) => {}
-                    Ok(Handled::Snapshot(frames)) => snapshot = Some(frames),
-                    Ok(Handled::Authorized) => {
-                        expiry = auth::expiry(sub.grant());
-                    }
-                    Ok(Handled::Gone) => break None,
-                    Err(e) => {
-                        metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
-                        auth::count_refusal(&metrics, e.code.as_str());
-                        match tokio::time::timeout(timeout, session.text(e.to_json())).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(_)) => break None,
-                            Err(_) => break Some(not_reading(&refuse)),
+                        Some(Ok(AggregatedMessage::Pong(_))) => { last_seen = Instant::now(); continue; }
+                        Some(Ok(AggregatedMessage::Binary(_))) => None,
+                        Some(Ok(AggregatedMessage::Text(t))) => Some(t),
+                    };
+                    last_seen = Instant::now();
+                    // Token bucket against floods.
+                    tokens = (tokens + last_frame.elapsed().as_secs_f64() * FRAMES_PER_SEC).min(2.0 * FRAMES_PER_SEC);
+                    last_frame = Instant::now();
+                    let result = if tokens < 1.0 {
+                        Err(ClientError::new(ClientErrorCode::RateLimited, "too many frames; slow down"))
+                    } else {
+                        tokens -= 1.0;
+                        match text {
+                            None => Err(ClientError::new(ClientErrorCode::BinaryNotSupported, "send JSON text frames")),
+                            // Boxed: a subscribe (snapshot query, stream catch-up) has a
+                            // large state that every idle connection would otherwise carry.
+                            // Bounded: its answer waits on the socket too.
+                            Some(t) => {
+                                let handled = handle(&mut sub, &mut session, &state.auth, &t, snapshot.is_some());
+                                match tokio::time::timeout(timeout, Box::pin(handled)).await {
+                                    Ok(r) => r,
+                                    Err(_) => break Some(not_reading(&refuse)),
+                                }
+                            }
                         }
-                        strikes += 1;
-                        if strikes >= MAX_STRIKES {
-                            refuse(Dropped::TooManyErrors);
-                            break Some(reason(CloseCode::Policy, "too many bad frames"));
+                    };
+                    match result {
+                        Ok(Handled::Done) => {}
+                        Ok(Handled::Snapshot(frames)) => snapshot = Some(frames),
+                        Ok(Handled::Authorized) => {
+                            expiry = auth::expiry(sub.grant());
+                        }
+                        Ok(Handled::Gone) => break None,
+                        Err(e) => {
+                            metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
+                            auth::count_refusal(&metrics, e.code.as_str());
+                            match tokio::time::timeout(timeout, session.text(e.to_json())).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => break None,
+                                Err(_) => break Some(not_reading(&refuse)),
+                            }
+                            strikes += 1;
+                            if strikes >= MAX_STRIKES {
+                                refuse(Dropped::TooManyErrors);
+                                break Some(reason(CloseCode::Policy, "too many bad frames"));
+                            }
                         }
                     }
                 }
-            }
-            _ = ping.tick() => {
-                if last_seen.elapsed() > timeout {
-                    refuse(Dropped::HeartbeatTimeout);
-                    break Some(reason(CloseCode::Policy, "no answer to pings"));
-                }
-                // With the socket full the ping waits for room, but never past
-                // the next tick, where the timeout above is checked again.
-                if let Ok(Err(_)) = tokio::time::timeout(ping_every, session.ping(b"")).await {
-                    break None;
-                }
-            }
-            frame = next_snapshot_frame(&mut snapshot), if pending.is_empty() => {
-                match frame {
-                    Some(Ok(f)) => pending.push_back((f.json.into(), None)),
-                    Some(Err(e)) => {
-                        metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
-                        pending.push_back((e.to_json().into(), None));
-                        snapshot = None;
+                _ = ping.tick() => {
+                    if last_seen.elapsed() > timeout {
+                        refuse(Dropped::HeartbeatTimeout);
+                        break Some(reason(CloseCode::Policy, "no answer to pings"));
                     }
-                    None => snapshot = None,
+                    // With the socket full the ping waits for room, but never past
+                    // the next tick, where the timeout above is checked again.
+                    if let Ok(Err(_)) = tokio::time::timeout(ping_every, session.ping(b"")).await {
+                        break None;
+                    }
+                }
+                frame = next_snapshot_frame(&mut snapshot), if pending.is_empty() => {
+                    match frame {
+                        Some(Ok(f)) => pending.push_back((f.json.into(), None)),
+                        Some(Err(e)) => {
+                            metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
+                            pending.push_back((e.to_json().into(), None));
+                            snapshot = None;
+                        }
+                        None => snapshot = None,
+                    }
+                }
+                open = sub.next(&mut out), if pending.is_empty() && snapshot.is_none() => {
+                    for item in out.drain(..) {
+                        pending.push_back(match item {
+                            FeedItem::Update(u) => (u.ws_frame.clone(), Some(u.ts_us)),
+                            FeedItem::Reset { offset, reason } => (reset_json(offset, reason).to_string().into(), None),
+                        });
+                    }
+                    if !open { break Some(reason(CloseCode::Away, "server shutting down")); }
+                }
+                // Cancel-safe: an unsent frame stays at the front of `pending`.
+                sent = send_frame(&mut writer, next_frame), if !pending.is_empty() => {
+                    if !sent { break None; }
+                    if let Some((_, Some(ts_us))) = pending.pop_front() {
+                        count_delivery(&metrics, sub.transport(), ts_us);
+                    }
                 }
             }
-            open = sub.next(&mut out), if pending.is_empty() && snapshot.is_none() => {
-                for item in out.drain(..) {
-                    pending.push_back(match item {
-                        FeedItem::Update(u) => (u.ws_frame.clone(), Some(u.ts_us)),
-                        FeedItem::Reset { offset, reason } => (reset_json(offset, reason).to_string().into(), None),
-                    });
-                }
-                if !open { break Some(reason(CloseCode::Away, "server shutting down")); }
-            }
-            // Cancel-safe: an unsent frame stays at the front of `pending`.
-            sent = send_frame(&mut writer, next_frame), if !pending.is_empty() => {
-                if !sent { break None; }
-                if let Some((_, Some(ts_us))) = pending.pop_front() {
-                    count_delivery(&metrics, sub.transport(), ts_us);
-                }
-            }
-        }
-    };
-    drop(writer);
-    // The close frame waits for room in the socket, but not for long.
-    let _ = tokio::time::timeout(Duration::from_secs(1), session.close(close)).await;
+        };
+        drop(writer);
+        // The close frame waits for room in the socket, but not for long.
+        let _ = tokio::time::timeout(Duration::from_secs(1), session.close(close)).await;
+    }
 }
 
 /// Closes a client that lets the socket fill up and answers nothing.
