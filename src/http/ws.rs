@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
 use bytestring::ByteString;
+use futures_util::future::OptionFuture;
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -158,7 +159,12 @@ fn run(
         let mut pending: VecDeque<(ByteString, Option<i64>)> = VecDeque::new();
         let mut expiry = auth::expiry(sub.grant());
         let close = loop {
-            let next_frame = pending.front().map(|(frame, _)| frame.clone());
+            // The send of the next frame, boxed and only when there is one:
+            // an idle connection then carries no send state.
+            let send: OptionFuture<_> = pending
+                .front()
+                .map(|(frame, _)| Box::pin(send_frame(&mut writer, frame.clone())))
+                .into();
             tokio::select! {
                 _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),
                 _ = auth::expired(&mut expiry) => {
@@ -265,7 +271,7 @@ fn run(
                     if !open { break Some(reason(CloseCode::Away, "server shutting down")); }
                 }
                 // Cancel-safe: an unsent frame stays at the front of `pending`.
-                sent = send_frame(&mut writer, next_frame), if !pending.is_empty() => {
+                Some(sent) = send => {
                     if !sent { break None; }
                     if let Some((_, Some(ts_us))) = pending.pop_front() {
                         count_delivery(&metrics, sub.transport(), ts_us);
@@ -295,11 +301,8 @@ async fn next_snapshot_frame(
     }
 }
 
-async fn send_frame(writer: &mut actix_ws::Session, frame: Option<ByteString>) -> bool {
-    match frame {
-        Some(frame) => writer.text(frame).await.is_ok(),
-        None => true,
-    }
+async fn send_frame(writer: &mut actix_ws::Session, frame: ByteString) -> bool {
+    writer.text(frame).await.is_ok()
 }
 
 fn reason(code: CloseCode, text: &str) -> CloseReason {

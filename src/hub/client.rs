@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::update::Update;
@@ -14,8 +14,10 @@ pub struct ClientQueue {
     inner: Mutex<Inner>,
     notify: Notify,
     /// Signalled when the oldest waiting update changes, for a reader that
-    /// waits on something else meanwhile (a catch-up) and must know.
-    front_changed: watch::Sender<()>,
+    /// waits on something else meanwhile (a catch-up) and must know. A
+    /// `Notify` lives inline; a watch channel would cost every connection
+    /// an allocation of its own.
+    front_changed: Notify,
     capacity: usize,
     metrics: Arc<Metrics>,
 }
@@ -31,7 +33,7 @@ impl ClientQueue {
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
-            front_changed: watch::Sender::new(()),
+            front_changed: Notify::new(),
             capacity: capacity.max(1),
             metrics,
         })
@@ -67,7 +69,9 @@ impl ClientQueue {
         self.metrics.observe_buffer(len);
         self.notify.notify_one();
         if front_changed {
-            self.front_changed.send_replace(());
+            // One permit is kept when nobody waits: a change between the
+            // reader's `front_offset` and its wait is not missed.
+            self.front_changed.notify_one();
         }
     }
 
@@ -87,9 +91,10 @@ impl ClientQueue {
         }
     }
 
-    /// Says when the oldest waiting update changes (see `front_offset`).
-    pub fn watch_front(&self) -> watch::Receiver<()> {
-        self.front_changed.subscribe()
+    /// Completes when the oldest waiting update has changed (see
+    /// `front_offset`) since this last completed; for the queue's one reader.
+    pub async fn front_changed(&self) {
+        self.front_changed.notified().await
     }
 
     /// Offset of the oldest waiting update.

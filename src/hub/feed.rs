@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::client::ClientQueue;
 use super::index::SubscriptionIndex;
@@ -77,9 +77,6 @@ struct CatchUp {
 
 pub struct Feed {
     queue: Arc<ClientQueue>,
-    /// Wakes an open-ended catch-up when a live update becomes the queue's
-    /// front: it may be where the catch-up ends.
-    front_changed: watch::Receiver<()>,
     catch_ups: VecDeque<CatchUp>,
     /// Offset of the last update handed out from an open-ended catch-up.
     last_caught_up: Option<u64>,
@@ -94,7 +91,6 @@ pub struct Feed {
 impl Feed {
     pub fn new(queue: Arc<ClientQueue>) -> Self {
         Self {
-            front_changed: queue.watch_front(),
             queue,
             catch_ups: VecDeque::new(),
             last_caught_up: None,
@@ -163,13 +159,13 @@ impl Feed {
                 }
                 // Live updates queued from the hub take over once the stream
                 // reader reaches the first of them.
-                self.front_changed.borrow_and_update();
                 let front = self.queue.front_offset();
                 {
                     let item = tokio::select! {
                         item = c.rx.recv() => item,
-                        // Something arrived live: re-check whether we are caught up.
-                        Ok(()) = self.front_changed.changed() => continue,
+                        // A live update became the queue's front: it may be
+                        // where the catch-up ends, so check again.
+                        () = self.queue.front_changed() => continue,
                     };
                     match item {
                         Some(CatchUpItem::Update(u)) => {

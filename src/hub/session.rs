@@ -3,7 +3,7 @@
 //! snapshots, and the limits that protect the hub. `http::ws` and
 //! `http::sse` only translate frames and events into calls on a [`Session`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,10 +188,11 @@ pub struct Session {
     snapshots: SnapshotLimit,
     catch_up: CatchUpReader,
     feed: Feed,
-    patterns: Vec<String>,
-    /// Per pattern, the offset after which this connection gets all of its
-    /// updates (None: from the first update the hub receives).
-    covered: HashMap<String, (Pattern, Option<u64>)>,
+    /// The connection's patterns in the order subscribed, each with the
+    /// offset after which it gets all of their updates (None: from the
+    /// first update the hub receives). A list: a connection has a few
+    /// patterns, and every idle connection would carry a map's table.
+    covered: Vec<(Pattern, Option<u64>)>,
     /// What this connection may subscribe to, and until when.
     grant: Grant,
     transport: Transport,
@@ -223,8 +224,7 @@ impl Session {
             snapshots: rt.snapshots,
             catch_up: rt.catch_up,
             feed: Feed::new(queue),
-            patterns: Vec::new(),
-            covered: HashMap::new(),
+            covered: Vec::new(),
             grant,
             transport,
             _slot: slot,
@@ -235,8 +235,8 @@ impl Session {
         self.transport
     }
 
-    pub fn patterns(&self) -> &[String] {
-        &self.patterns
+    pub fn patterns(&self) -> Vec<&str> {
+        self.covered.iter().map(|(p, _)| p.as_str()).collect()
     }
 
     pub fn grant(&self) -> &Grant {
@@ -248,10 +248,10 @@ impl Session {
     /// unsubscribes those first.
     pub fn authorize(&mut self, grant: Grant) -> Result<(), ClientError> {
         let mut budget = super::scope::CHECK_BUDGET;
-        if let Some((_, (p, _))) = self
+        if let Some((p, _)) = self
             .covered
             .iter()
-            .find(|(_, (p, _))| !grant.scope.allows_within(p, &mut budget))
+            .find(|(p, _)| !grant.scope.allows_within(p, &mut budget))
         {
             return Err(forbidden(p, "the new token does not cover it; unsubscribe it first"));
         }
@@ -282,6 +282,7 @@ impl Session {
             return Err(self.too_many());
         }
         let mut seen = HashSet::with_capacity(topics.len());
+        let subscribed: HashSet<&str> = self.covered.iter().map(|(p, _)| p.as_str()).collect();
         let (mut all, mut new) = (Vec::new(), Vec::new());
         let mut budget = super::scope::CHECK_BUDGET;
         for t in topics {
@@ -299,12 +300,12 @@ impl Session {
                 };
                 return Err(forbidden(&p, why));
             }
-            if !self.covered.contains_key(t) {
+            if !subscribed.contains(t.as_str()) {
                 new.push(p.clone());
             }
             all.push(p);
         }
-        if self.patterns.len() + new.len() > settings.max_subscriptions {
+        if self.covered.len() + new.len() > settings.max_subscriptions {
             return Err(self.too_many());
         }
         Ok((all, new))
@@ -336,13 +337,12 @@ impl Session {
         let origin = subscribed.origin.map(|o| o.saturating_sub(1));
         let covered: Vec<(Pattern, u64)> = self
             .covered
-            .values()
+            .iter()
             .filter_map(|(p, after)| Some((p.clone(), after.or(origin)?)))
             .collect();
         let after = since.or(subscribed.last_offset);
         for p in &fresh {
-            self.patterns.push(p.as_str().to_owned());
-            self.covered.insert(p.as_str().to_owned(), (p.clone(), after));
+            self.covered.push((p.clone(), after));
         }
         if since.is_some() && !fresh.is_empty() {
             let open_ended = subscribed.last_offset.is_none();
@@ -380,8 +380,7 @@ impl Session {
             return Err(self.too_many());
         }
         let gone: HashSet<&str> = topics.iter().map(String::as_str).collect();
-        self.patterns.retain(|p| !gone.contains(p.as_str()));
-        self.covered.retain(|p, _| !gone.contains(p.as_str()));
+        self.covered.retain(|(p, _)| !gone.contains(p.as_str()));
         self.feed.forget_snapshots(topics);
         self.hub.unsubscribe(self.id, topics.to_vec()).await;
         Ok(())

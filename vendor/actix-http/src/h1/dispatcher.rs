@@ -1464,11 +1464,12 @@ where
                     }
 
                     // An idle connection holds no buffer: release the read and write buffers
-                    // once they are empty (the next read or write allocates again).
+                    // once they are empty (the next read or write allocates again). A read
+                    // reserves a whole 8 KiB buffer; a write only what it encodes.
                     if inner_p.read_buf.is_empty() && inner_p.read_buf.capacity() > LW_BUFFER_SIZE {
                         *inner_p.read_buf = BytesMut::new();
                     }
-                    if inner_p.write_buf.is_empty() && inner_p.write_buf.capacity() > LW_BUFFER_SIZE {
+                    if inner_p.write_buf.is_empty() && inner_p.write_buf.capacity() > 0 {
                         *inner_p.write_buf = BytesMut::new();
                     }
                     Poll::Pending
