@@ -435,7 +435,12 @@ impl Instance {
 
     /// Sum of a metric's samples whose line contains `label`.
     pub fn metric(&self, name: &str, label: &str) -> f64 {
-        testkit::metric_value(&self.state.metrics.render(), name, label)
+        testkit::metric_value(&self.metrics_text(), name, label)
+    }
+
+    /// The service's metrics, as `/metrics` serves them.
+    pub fn metrics_text(&self) -> String {
+        self.state.metrics.render()
     }
 
     pub async fn stop(self) -> Result<()> {

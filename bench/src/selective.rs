@@ -386,9 +386,11 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
         let end = start + WINDOW.as_micros() as i64;
         tokio::time::sleep(WARMUP).await;
         let cpu0 = cpu_sample();
+        let inside0 = inside_latency(inst);
         let perf = ctx.perf(&format!("selective-{proto}-{n}-{rate}"), 8);
         tokio::time::sleep(WINDOW).await;
         let cpu1 = cpu_sample();
+        let inside = bucket_quantiles(&inside0, &inside_latency(inst));
         tokio::time::sleep(GRACE).await;
         let (mut expected, mut delivered, mut short) = (0.0, 0.0, 0.0);
         let (mut p50, mut p99, mut p999) = (0.0f64, 0.0f64, 0.0f64);
@@ -450,6 +452,20 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
         ctx.report.row(
             S,
             format!(
+                "{label}, {} clients, {} events/s: of that, inside the service (publish → handed to the socket; the service's histogram, so bucket bounds) p50 / p99",
+                thousands(n as f64),
+                thousands(rate)
+            ),
+            match inside {
+                Some((b50, b99)) => format!("≤ {} / ≤ {}", ms(b50), ms(b99)),
+                None => "no deliveries counted".to_owned(),
+            },
+            "",
+            None,
+        );
+        ctx.report.row(
+            S,
+            format!(
                 "{label}, {} clients, {} events/s: service CPU",
                 thousands(n as f64),
                 thousands(rate)
@@ -475,4 +491,34 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
     }
     wait_clients_gone(inst).await?;
     Ok(out)
+}
+
+/// The service's publish → hand-off histogram: (upper bound in ms,
+/// cumulative count) per bucket.
+fn inside_latency(inst: &Instance) -> Vec<(f64, f64)> {
+    let text = inst.metrics_text();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("gateway_e2e_latency_seconds_bucket{le=\""))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse::<f64>().ok()? * 1000.0
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// p50 and p99 of what was counted between two histogram readings, as the
+/// upper bounds of the buckets they fall in; None when nothing was.
+fn bucket_quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let delta: Vec<(f64, f64)> = after.iter().zip(before).map(|((le, a), (_, b))| (*le, a - b)).collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let at = |q: f64| delta.iter().find(|(_, c)| *c >= q * total).map(|(le, _)| *le);
+    Some((at(0.5)?, at(0.99)?))
 }
