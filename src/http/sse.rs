@@ -18,7 +18,9 @@ use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::error::ApiError;
 use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
-use crate::hub::session::{ClientError, ClientErrorCode, Session, SnapshotFrames, Transport, reset_json};
+use crate::hub::session::{
+    ClientError, ClientErrorCode, Session, SnapshotFrames, Transport, next_snapshot_frame, reset_json,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,26 +177,6 @@ fn next_chunk(mut s: Stream) -> impl Future<Output = Option<(Result<Bytes, std::
             if s.done {
                 return None;
             }
-            if let Some(frames) = &mut s.snapshot {
-                tokio::select! {
-                    _ = s.shutdown.cancelled() => s.done = true,
-                    _ = auth::expired(&mut s.expiry) => {
-                        s.pending.push_back(token_expired_event());
-                        s.done = true;
-                    }
-                    _ = s.keepalive.tick() => s.pending.push_back(Bytes::from_static(b": keep-alive\n\n")),
-                    frame = frames.recv() => match frame {
-                        Some(Ok(f)) => s.pending.push_back(snapshot_event(f)),
-                        Some(Err(e)) => {
-                            // The client reconnects without an event id: a fresh snapshot.
-                            s.pending.push_back(Bytes::from(format!("event: error\ndata: {}\n\n", e.to_json())));
-                            s.done = true;
-                        }
-                        None => s.snapshot = None,
-                    },
-                }
-                continue;
-            }
             tokio::select! {
                 _ = s.shutdown.cancelled() => s.done = true,
                 _ = auth::expired(&mut s.expiry) => {
@@ -202,7 +184,17 @@ fn next_chunk(mut s: Stream) -> impl Future<Output = Option<(Result<Bytes, std::
                     s.done = true;
                 }
                 _ = s.keepalive.tick() => s.pending.push_back(Bytes::from_static(b": keep-alive\n\n")),
-                open = s.sub.next(&mut s.out) => {
+                // A snapshot's parts go out before any live update.
+                frame = next_snapshot_frame(&mut s.snapshot) => match frame {
+                    Some(Ok(f)) => s.pending.push_back(snapshot_event(f)),
+                    Some(Err(e)) => {
+                        // The client reconnects without an event id: a fresh snapshot.
+                        s.pending.push_back(Bytes::from(format!("event: error\ndata: {}\n\n", e.to_json())));
+                        s.done = true;
+                    }
+                    None => s.snapshot = None,
+                },
+                open = s.sub.next(&mut s.out), if s.snapshot.is_none() => {
                     for item in s.out.drain(..) {
                         match item {
                             FeedItem::Update(u) => {

@@ -22,7 +22,8 @@ use super::error::ApiError;
 use crate::hub::Refused;
 use crate::hub::feed::FeedItem;
 use crate::hub::session::{
-    ClientError, ClientErrorCode, Dropped, Session, SnapshotFrames, Transport, count_delivery, reset_json,
+    ClientError, ClientErrorCode, Dropped, Session, SnapshotFrames, Transport, count_delivery, next_snapshot_frame,
+    reset_json,
 };
 
 /// Frames a client may send.
@@ -289,16 +290,6 @@ fn run(
 fn not_reading<R>(refuse: &impl Fn(Dropped) -> R) -> CloseReason {
     refuse(Dropped::HeartbeatTimeout);
     reason(CloseCode::Policy, "not reading")
-}
-
-/// The next frame of the snapshot being sent; never, when none is.
-async fn next_snapshot_frame(
-    snapshot: &mut Option<SnapshotFrames>,
-) -> Option<Result<crate::hub::session::SnapshotFrame, ClientError>> {
-    match snapshot {
-        Some(frames) => frames.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn send_frame(writer: &mut actix_ws::Session, frame: ByteString) -> bool {

@@ -470,6 +470,15 @@ pub struct SnapshotFrame {
 /// ends them: the client is told the snapshot was cut short.
 pub type SnapshotFrames = mpsc::Receiver<Result<SnapshotFrame, ClientError>>;
 
+/// The next frame of the snapshot being sent; never, when none is (a
+/// transport's select branch). None once the snapshot has ended.
+pub async fn next_snapshot_frame(snapshot: &mut Option<SnapshotFrames>) -> Option<Result<SnapshotFrame, ClientError>> {
+    match snapshot {
+        Some(frames) => frames.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A snapshot being read: its transaction, its patterns, and its turn among
 /// the snapshots that run at once (held until the last frame is taken).
 struct SnapshotStream {
