@@ -112,6 +112,10 @@ async fn the_http_api_answers_as_its_openapi_document_says_under_schemathesis() 
     assert_eq!((status, doc["openapi"].as_str()), (200, Some("3.1.0")), "{doc}");
     let report = testkit::repo_root().join("target/schemathesis");
     std::fs::create_dir_all(&report).expect("create target/schemathesis");
+    // A cache left in the source tree by an older run (it is ignored) would
+    // hide a new one: gone first, checked after.
+    let stray = testkit::repo_root().join(".schemathesis");
+    let _ = std::fs::remove_dir_all(&stray);
     let tool = schemathesis();
     // Run from under target/: schemathesis keeps a cache in its working
     // folder, which must not land in the source tree.
@@ -161,6 +165,7 @@ async fn the_http_api_answers_as_its_openapi_document_says_under_schemathesis() 
         .collect();
     println!("schemathesis: {}", summary.join(" | "));
     assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    assert!(!stray.exists(), "schemathesis wrote its cache into the source tree");
     app.stop().await;
 }
 

@@ -11,6 +11,7 @@
 // always closed and a hard timer makes sure the process ends by itself.
 
 import { chromium } from 'playwright-core';
+import { CHROMIUM_ARGS, EXECUTABLE } from './chromium.mjs';
 import { mkdtemp, rm, mkdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -25,7 +26,6 @@ if (!baseUrl || !screenshotArg) {
   process.exit(2);
 }
 const screenshotPath = resolve(screenshotArg);
-const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
 
 const consoleWs = [];
 const consoleSse = [];
@@ -101,18 +101,11 @@ try {
   const deadline = Date.now() + TOTAL_MS;
   userDataDir = await mkdtemp(join(tmpdir(), 'echo-chromium-'));
   context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath,
+    // A profile of its own in a temporary folder; the browser and flags
+    // are chromium.mjs's.
+    executablePath: EXECUTABLE,
     headless: true,
-    args: [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
+    args: CHROMIUM_ARGS,
     viewport: { width: 1400, height: 1000 },
     timeout: TOTAL_MS,
   });
