@@ -44,6 +44,7 @@ pub struct Metrics {
     pub updates_conflated: Counter,
     pub resumes: Family<Label, Counter>,
     pub client_buffer_high_water: Gauge,
+    pub hub_latency: Histogram,
     pub e2e_latency: Histogram,
     pub clients_refused: Family<Label, Counter>,
     pub client_errors: Family<Label, Counter>,
@@ -163,6 +164,11 @@ impl Metrics {
                 "client_buffer_high_water",
                 "Largest client buffer seen",
                 Gauge::default()
+            ),
+            hub_latency: reg!(
+                "hub_latency_seconds",
+                "Generator publish to the hub holding the update (applied, streamed, read back): the pipeline's share of e2e_latency",
+                Histogram::new(latency_buckets())
             ),
             e2e_latency: reg!(
                 "e2e_latency_seconds",

@@ -323,9 +323,10 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         ));
     }
 
-    // Open loop for 30 s at 90% of saturation; 70%, then 50% if it does not hold.
+    // Open loop for 30 s at 90% of saturation; 80%, 70%, 60%, then 50% if
+    // it does not hold.
     let mut outcome = None;
-    for (attempt, share) in [0.9, 0.7, 0.5].into_iter().enumerate() {
+    for (attempt, share) in [0.9, 0.8, 0.7, 0.6, 0.5].into_iter().enumerate() {
         let rate = ((share * saturation / 100.0).floor() * 100.0).max(100.0);
         ctx.quiet().await;
         let applied0 = inst.metric("gateway_events_applied", "");
@@ -372,13 +373,16 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         let mean_batch = (inst.metric("gateway_apply_batch_size_sum", "") - bsum0) / batches;
         let lat = tracker.latencies(run.first_seq, run.end_seq);
         let db_mismatch = check_db(inst, ctx.products, run.first_seq, run.end_seq).await?;
-        // Held: nothing lost, the publisher kept the rate, and the client
-        // was never more than a second of events behind after warm-up.
+        // Held: nothing lost, and the client was never more than a second
+        // of events behind after warm-up. The rate held is what was
+        // published: the publisher shares the machine with the pipeline and
+        // may fall a little short of the rate asked, which says nothing of
+        // the pipeline; far short, the run did not test the rate asked.
         let held = loss == 0
             && db_mismatch == 0
-            && achieved >= 0.98 * rate
-            && max_backlog as f64 <= rate
-            && end_backlog as f64 <= rate
+            && achieved >= 0.9 * rate
+            && max_backlog as f64 <= achieved
+            && end_backlog as f64 <= achieved
             && drain.is_some_and(|d| d <= Duration::from_secs(5));
         if let (Some(a), Some(b)) = (&cpu0, &cpu1) {
             let title = format!("1. pipeline at {} events/s (attempt {})", thousands(rate), attempt + 1);
@@ -403,7 +407,7 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
             ms(pct_ms(&lat, 99.0)),
             if held { "yes" } else { "no" }
         ));
-        let this = (rate, held, run.count(), loss, applied, dups, db_mismatch, lat);
+        let this = (achieved, held, run.count(), loss, applied, dups, db_mismatch, lat);
         let done = held;
         outcome = Some(this);
         if done {
@@ -434,7 +438,7 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
     );
     ctx.report.row(
         S,
-        "pipeline: highest rate held 30 s, zero loss (publisher → apply → stream → hub → 1 WS client)",
+        "pipeline: highest rate held 30 s, zero loss (events/s published; publisher → apply → stream → hub → 1 WS client)",
         format!(
             "{} events/s{}",
             thousands(rate),

@@ -13,8 +13,10 @@ pub mod sse;
 pub mod ws;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::web;
+use rand::Rng;
 
 use crate::broker::link::Link;
 use crate::broker::stream::CatchUpReader;
@@ -120,4 +122,45 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 )
                 .route("/dead-letters/replay", web::post().to(admin::replay_dead_letters)),
         );
+}
+
+/// A connection's heartbeat (WebSocket pings, SSE keep-alive comments):
+/// every `period`, the first at a random point of the first period. Clients
+/// that connect together, as every client of an instance that restarted
+/// does, would otherwise be pinged together for as long as they stay: one
+/// write per client in the same instant, which delays every update sent
+/// beside it.
+pub fn heartbeat(period: Duration) -> tokio::time::Interval {
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + first_beat(period), period);
+    // A beat held up (a full socket) is not made up for in a burst.
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat
+}
+
+/// When a new connection's first heartbeat is due: uniformly within the
+/// first period.
+fn first_beat(period: Duration) -> Duration {
+    period.mul_f64(rand::rng().random_range(0.0..1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_of_connections_opened_together_are_spread_over_the_period() {
+        let period = Duration::from_secs(15);
+        let firsts: Vec<Duration> = (0..500).map(|_| first_beat(period)).collect();
+        assert!(firsts.iter().all(|f| *f < period), "{firsts:?}");
+        // Spread evenly: each tenth of the period gets some (a fixed first
+        // beat puts them all in one).
+        let mut tenths = [0usize; 10];
+        for f in &firsts {
+            tenths[(f.as_secs_f64() / period.as_secs_f64() * 10.0) as usize] += 1;
+        }
+        assert!(
+            tenths.iter().all(|&n| n >= 20),
+            "first beats per tenth of the period: {tenths:?}"
+        );
+    }
 }

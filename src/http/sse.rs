@@ -117,10 +117,7 @@ pub async fn events(
     let first = format!(": product-gateway\nretry: {}\n\n", settings.sse_retry.as_millis());
     let mut pending = VecDeque::new();
     pending.push_back(Bytes::from(first));
-    let keepalive = tokio::time::interval_at(
-        tokio::time::Instant::now() + settings.sse_keepalive,
-        settings.sse_keepalive,
-    );
+    let keepalive = super::heartbeat(settings.sse_keepalive);
     let expiry = auth::expiry(sub.grant());
     let body = futures_util::stream::unfold(
         Stream {

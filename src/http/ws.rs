@@ -145,7 +145,7 @@ fn run(
                 .get_or_create(&[("reason", reason.as_str())])
                 .inc()
         };
-        let mut ping = tokio::time::interval(ping_every);
+        let mut ping = super::heartbeat(ping_every);
         let mut last_seen = Instant::now();
         let mut tokens = 2.0 * FRAMES_PER_SEC;
         let mut last_frame = Instant::now();
