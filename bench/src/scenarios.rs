@@ -323,10 +323,15 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         ));
     }
 
-    // Open loop for 30 s at 90% of saturation; 80%, 70%, 60%, then 50% if
-    // it does not hold.
+    // Open loop for 30 s at 90% of saturation. The closed loop's rate is
+    // bounded by its window over the latency, so an open loop may hold
+    // more: while runs hold, the next asks 10% of saturation more (up to
+    // 150%); if the first does not hold, the next asks 10% less (down to
+    // 50%) until one holds.
     let mut outcome = None;
-    for (attempt, share) in [0.9, 0.8, 0.7, 0.6, 0.5].into_iter().enumerate() {
+    let mut held_best = None;
+    let mut share = 0.9f64;
+    for attempt in 0.. {
         let rate = ((share * saturation / 100.0).floor() * 100.0).max(100.0);
         ctx.quiet().await;
         let applied0 = inst.metric("gateway_events_applied", "");
@@ -408,12 +413,23 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
             if held { "yes" } else { "no" }
         ));
         let this = (achieved, held, run.count(), loss, applied, dups, db_mismatch, lat);
-        let done = held;
-        outcome = Some(this);
-        if done {
+        let going_up = held_best.is_some() || (attempt == 0 && held);
+        if held {
+            held_best = Some(this);
+        } else {
+            outcome = Some(this);
+        }
+        share += if going_up { 0.1 } else { -0.1 };
+        let stop = if going_up {
+            !held || share > 1.55
+        } else {
+            held || share < 0.45
+        };
+        if stop {
             break;
         }
     }
+    let outcome = held_best.or(outcome);
     tstop.cancel();
     tracking.await.context("tracking client")?;
 
