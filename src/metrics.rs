@@ -167,7 +167,7 @@ impl Metrics {
             ),
             hub_latency: reg!(
                 "hub_latency_seconds",
-                "Generator publish to the hub holding the update (applied, streamed, read back): the pipeline's share of e2e_latency",
+                "Generator publish to the update read back from the stream for the hub (applied, streamed; live updates only): the pipeline's share of e2e_latency",
                 Histogram::new(latency_buckets())
             ),
             e2e_latency: reg!(

@@ -183,11 +183,6 @@ impl HubHandle {
         if updates.is_empty() {
             return true;
         }
-        let now = crate::domain::now_us();
-        for u in updates.iter().filter(|u| u.ts_us > 0) {
-            let latency = (now - u.ts_us).max(0) as f64 / 1e6;
-            self.metrics.hub_latency.observe(latency);
-        }
         let updates: Arc<[Arc<Update>]> = updates.into_iter().map(Arc::new).collect();
         for shard in self.shards.iter() {
             if shard.tx.send(Command::Updates(updates.clone())).await.is_err() {

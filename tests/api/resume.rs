@@ -79,8 +79,17 @@ async fn a_restarted_instance_serves_a_resume_from_memory() {
     let stream = app.metric("gateway_resumes_total", "stream").await;
     println!("resumes after the restart: memory {memory}, stream {stream}");
     assert_eq!((memory, stream), (1.0, 0.0), "served from the warm memory");
+    // What the warm start read back is as old as the downtime: the
+    // pipeline's latency counts live updates only.
+    let pipeline = "gateway_hub_latency_seconds_count";
+    assert_eq!(
+        app.metric(pipeline, "").await,
+        0.0,
+        "warm-start updates counted as latency"
+    );
     p.event(4, "stock", 44, 1).await;
     assert_eq!(sse.updates(1, T).await[0].data["product_id"], 4);
+    assert_eq!(app.metric(pipeline, "").await, 1.0, "the live update counted");
     app.stop().await;
 }
 
