@@ -378,16 +378,16 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         let mean_batch = (inst.metric("gateway_apply_batch_size_sum", "") - bsum0) / batches;
         let lat = tracker.latencies(run.first_seq, run.end_seq);
         let db_mismatch = check_db(inst, ctx.products, run.first_seq, run.end_seq).await?;
-        // Held: nothing lost, and the client was never more than a second
-        // of events behind after warm-up. The rate held is what was
-        // published: the publisher shares the machine with the pipeline and
-        // may fall a little short of the rate asked, which says nothing of
-        // the pipeline; far short, the run did not test the rate asked.
+        // Held: nothing lost, the publisher kept the rate, and the client
+        // was never more than a second of events behind after warm-up. The
+        // publisher waits for the broker's confirms, so a publisher that
+        // falls short was held back by the system under test, and the
+        // events it could not send are lag no latency figure shows.
         let held = loss == 0
             && db_mismatch == 0
-            && achieved >= 0.9 * rate
-            && max_backlog as f64 <= achieved
-            && end_backlog as f64 <= achieved
+            && achieved >= 0.98 * rate
+            && max_backlog as f64 <= rate
+            && end_backlog as f64 <= rate
             && drain.is_some_and(|d| d <= Duration::from_secs(5));
         if let (Some(a), Some(b)) = (&cpu0, &cpu1) {
             let title = format!("1. pipeline at {} events/s (attempt {})", thousands(rate), attempt + 1);
@@ -415,7 +415,13 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         let this = (achieved, held, run.count(), loss, applied, dups, db_mismatch, lat);
         let going_up = held_best.is_some() || (attempt == 0 && held);
         if held {
-            held_best = Some(this);
+            // The best run that held, should a later one publish less.
+            if held_best
+                .as_ref()
+                .is_none_or(|best: &(f64, _, _, _, _, _, _, _)| achieved > best.0)
+            {
+                held_best = Some(this);
+            }
         } else {
             outcome = Some(this);
         }
