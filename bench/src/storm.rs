@@ -542,6 +542,8 @@ struct Verdict {
     caught_at_us: Option<i64>,
     /// Updates it missed while away and got after the resume.
     replayed: usize,
+    /// Updates of its topics it never received: (id, ts_us).
+    missed: Vec<(u64, i64)>,
 }
 
 fn judge(log: &Log, want: &[(u64, i64)]) -> Verdict {
@@ -567,7 +569,12 @@ fn judge(log: &Log, want: &[(u64, i64)]) -> Verdict {
     v.duplicate = fresh < judged.len();
     let wanted: HashSet<u64> = want.iter().map(|w| w.0).collect();
     v.foreign = judged.iter().any(|id| !wanted.contains(id));
-    v.gap = got.is_empty() || want.iter().any(|(id, _)| *id >= start && !seen.contains(id));
+    v.missed = want
+        .iter()
+        .filter(|(id, _)| *id >= start && !seen.contains(id))
+        .copied()
+        .collect();
+    v.gap = got.is_empty() || !v.missed.is_empty();
     v.out_of_order = judged.windows(2).any(|w| w[0] >= w[1]);
 
     if log.resume_us > 0 && log.headers_us > 0 {
@@ -589,6 +596,46 @@ fn judge(log: &Log, want: &[(u64, i64)]) -> Verdict {
             .count();
     }
     v
+}
+
+/// Where the missed updates lie, to tell a lost stream message (every
+/// client of its products misses the same ids) from a client that stopped
+/// reading (the ids it misses are its last ones).
+fn describe_gaps(logs: &[Log], verdicts: &[Verdict]) -> String {
+    let mut ids: HashMap<u64, (i64, usize)> = HashMap::new();
+    let (mut inside, mut tail, mut empty) = (0usize, 0usize, 0usize);
+    let mut resume_us = i64::MAX;
+    for (log, v) in logs.iter().zip(verdicts).filter(|(_, v)| v.gap) {
+        resume_us = resume_us.min(log.resume_us);
+        let last = log.after.last().map(|a| a.0).or(log.before.last().copied());
+        match last {
+            None => empty += 1,
+            Some(last) if v.missed.iter().any(|(id, _)| *id < last) => inside += 1,
+            Some(_) => tail += 1,
+        }
+        for (id, ts) in &v.missed {
+            ids.entry(*id).or_insert((*ts, 0)).1 += 1;
+        }
+    }
+    let mut listed: Vec<(u64, (i64, usize))> = ids.into_iter().collect();
+    listed.sort_unstable();
+    let shown: Vec<String> = listed
+        .iter()
+        .take(8)
+        .map(|(id, (ts, clients))| {
+            format!(
+                "{id} (offset {}, published {:+.0} ms from the first resume, missed by {clients})",
+                stream_offset_of(*id),
+                (*ts - resume_us) as f64 / 1000.0
+            )
+        })
+        .collect();
+    format!(
+        "Resume storm, gaps: {} distinct updates missed; {inside} clients missed one before their last \
+         received, {tail} only after it, {empty} received nothing. First missed: {}.",
+        listed.len(),
+        shown.join("; ")
+    )
 }
 
 /// Percentile `p` of `us`, sorted, where None (never) sorts last.
@@ -794,6 +841,9 @@ async fn storm(ctx: &mut Ctx, inst: Instance) -> Result<Instance> {
     }
     let count = |f: fn(&Verdict) -> bool| verdicts.iter().filter(|v| f(v)).count();
     let gaps = count(|v| v.gap);
+    if gaps > 0 {
+        ctx.report.note(describe_gaps(&logs, &verdicts));
+    }
     let dups = count(|v| v.duplicate);
     let resets = count(|v| v.reset);
     let failed = count(|v| v.failed);
@@ -989,6 +1039,12 @@ mod tests {
         assert_eq!(ok.replayed, 1);
         let gap = judge(&log(&[20], &[(40, 60)], None), &want);
         assert!(gap.gap && gap.caught_us.is_none());
+        assert_eq!(gap.missed, [(30, 900)]);
+        let gaps = describe_gaps(&[log(&[20], &[(40, 60)], None)], &[gap]);
+        assert!(
+            gaps.contains("1 distinct updates missed; 1 clients missed one before their last received"),
+            "{gaps}"
+        );
         let dup = judge(&log(&[20, 30], &[(30, 7), (40, 60)], None), &want);
         assert!(dup.duplicate && !dup.gap);
         assert_eq!(dup.caught_us, Some(5));
