@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use futures_util::future::try_join_all;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use product_gateway::broker::stream::{offset_of, txid_of};
+use product_gateway::broker::stream::{Republished, offset_of, outbox_seq_of, txid_of};
 use product_gateway::update::{Update, stream_offset_of};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
@@ -464,14 +464,17 @@ async fn poll_connections(vhost: String, stop: CancellationToken) -> (Vec<ConnSa
 }
 
 /// Every update of the stream from message `from` on, by topic: (id,
-/// ts_us) in id order. Reads until the stream has passed message
-/// `through` and then stays quiet.
+/// ts_us) in id order, with the number of messages read and of copies
+/// skipped. Reads until the stream has passed message `through` and then
+/// stays quiet. A copy (an outbox row the relay published again after a
+/// restart, at a second offset) is skipped as the service skips it: no
+/// client is meant to receive it.
 async fn read_stream(
     url: &str,
     stream: &str,
     from: u64,
     through: u64,
-) -> Result<(HashMap<Box<str>, Vec<(u64, i64)>>, u64)> {
+) -> Result<(HashMap<Box<str>, Vec<(u64, i64)>>, u64, u64)> {
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
         .await
         .context("connect to read the update stream")?;
@@ -487,6 +490,7 @@ async fn read_stream(
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut topics: HashMap<Box<str>, Vec<(u64, i64)>> = HashMap::new();
     let (mut messages, mut last, mut unacked) = (0u64, None::<u64>, 0u32);
+    let (mut republished, mut copies) = (Republished::default(), 0u64);
     loop {
         let passed = last.is_some_and(|l| l >= through);
         let idle = if passed {
@@ -506,8 +510,12 @@ async fn read_stream(
         if let Some(offset) = offset_of(&d)
             && offset >= from
         {
-            for u in Update::from_message(offset, txid_of(&d), &d.data) {
-                topics.entry(u.topic.clone()).or_default().push((u.offset, u.ts_us));
+            if republished.again(outbox_seq_of(&d)) {
+                copies += 1;
+            } else {
+                for u in Update::from_message(offset, txid_of(&d), &d.data) {
+                    topics.entry(u.topic.clone()).or_default().push((u.offset, u.ts_us));
+                }
             }
             messages += 1;
             last = Some(offset);
@@ -524,7 +532,7 @@ async fn read_stream(
     for ids in topics.values_mut() {
         ids.sort_unstable();
     }
-    Ok((topics, messages))
+    Ok((topics, messages, copies))
 }
 
 /// One client's verdict.
@@ -820,7 +828,7 @@ async fn storm(ctx: &mut Ctx, inst: Instance) -> Result<Instance> {
     if lo == u64::MAX {
         bail!("no storm client received any update");
     }
-    let (topics, messages) = read_stream(
+    let (topics, messages, copies) = read_stream(
         &ctx.iso.amqp_url(&ctx.iso.vhost),
         &ctx.settings.rabbit.topology.updates_stream,
         stream_offset_of(lo),
@@ -979,7 +987,8 @@ async fn storm(ctx: &mut Ctx, inst: Instance) -> Result<Instance> {
     ));
     ctx.report.note(format!(
         "Resume storm: the publisher sent {} events in {:.1} s; the stream held {} updates in {} messages from the \
-         earliest id a client received on; {foreign} clients received an update of another topic, {out_of_order} \
+         earliest id a client received on ({copies} of them copies of a message published again across the \
+         restart, skipped as the service skips them); {foreign} clients received an update of another topic, {out_of_order} \
          received ids out of order, {failed} ended with an error; {} connection polls ({} failed) until {}.",
         thousands(run.count() as f64),
         run.secs,
