@@ -803,6 +803,9 @@ async fn storm(ctx: &mut Ctx, inst: Instance) -> Result<Instance> {
     let from_memory = inst.metric("gateway_resumes", "memory") - m0;
     let from_stream = inst.metric("gateway_resumes", "stream") - s0;
     let catch_up_resets = inst.metric("gateway_catch_up_resets", "") - resets0;
+    // Copies the restarted service's stream reader skipped (its count
+    // starts with it).
+    let skipped_by_service = inst.metric("gateway_stream_republished", "");
 
     let results = all(&mut fleets, Some("REPORT"), "RESULT", Duration::from_secs(60)).await?;
     for f in fleets {
@@ -988,7 +991,7 @@ async fn storm(ctx: &mut Ctx, inst: Instance) -> Result<Instance> {
     ctx.report.note(format!(
         "Resume storm: the publisher sent {} events in {:.1} s; the stream held {} updates in {} messages from the \
          earliest id a client received on ({copies} of them copies of a message published again across the \
-         restart, skipped as the service skips them); {foreign} clients received an update of another topic, {out_of_order} \
+         restart, skipped as the service skips them; the restarted service skipped {skipped_by_service}); {foreign} clients received an update of another topic, {out_of_order} \
          received ids out of order, {failed} ended with an error; {} connection polls ({} failed) until {}.",
         thousands(run.count() as f64),
         run.secs,
