@@ -285,6 +285,14 @@ impl Metrics {
 }
 
 /// Rewrites OpenMetrics text as classic text (see [`Metrics::render_classic`]).
+/// Observes the time since an event's publish time `ts_us` in one of the
+/// latency histograms; an event without one (0) is not counted.
+pub fn observe_since(histogram: &Histogram, ts_us: i64) {
+    if ts_us > 0 {
+        histogram.observe((crate::domain::now_us() - ts_us).max(0) as f64 / 1e6);
+    }
+}
+
 fn classic_text(open_metrics: &str) -> String {
     let mut counters = std::collections::HashSet::new();
     for line in open_metrics.lines() {

@@ -262,7 +262,9 @@ pub fn spawn_live(
                         // Live updates only: those a warm start reads back
                         // are as old as the instance's downtime.
                         if warming.is_none() {
-                            observe_pipeline_latency(&metrics, &updates);
+                            for u in &updates {
+                                crate::metrics::observe_since(&metrics.hub_latency, u.ts_us);
+                            }
                         }
                         if !sink.publish(updates).await {
                             return;
@@ -281,15 +283,6 @@ pub fn spawn_live(
         }
     });
     ready
-}
-
-/// Publish → read back from the stream, per update: the pipeline's share of
-/// the end-to-end latency.
-fn observe_pipeline_latency(metrics: &Metrics, updates: &[Update]) {
-    let now = crate::domain::now_us();
-    for u in updates.iter().filter(|u| u.ts_us > 0) {
-        metrics.hub_latency.observe((now - u.ts_us).max(0) as f64 / 1e6);
-    }
 }
 
 /// How long a catch-up may wait for its next delivery before giving up.

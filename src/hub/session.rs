@@ -402,10 +402,7 @@ pub fn count_delivery(m: &Metrics, transport: Transport, ts_us: i64) {
     m.updates_delivered
         .get_or_create(&[("transport", transport.as_str())])
         .inc();
-    if ts_us > 0 {
-        let latency = (crate::domain::now_us() - ts_us).max(0) as f64 / 1e6;
-        m.e2e_latency.observe(latency);
-    }
+    crate::metrics::observe_since(&m.e2e_latency, ts_us);
 }
 
 impl Drop for Session {
