@@ -543,7 +543,8 @@ pub fn publish_proc(args: Args) -> Result<()> {
         let run = publish(job).await?;
         println!(
             "RESULT {}",
-            json!({ "first_seq": run.first_seq, "end_seq": run.end_seq, "secs": run.secs })
+            json!({ "first_seq": run.first_seq, "end_seq": run.end_seq, "secs": run.secs,
+                "confirmed_secs": run.confirmed_secs })
         );
         Ok(())
     });
@@ -645,6 +646,7 @@ impl PubProc {
                                     first_seq: g("first_seq")?,
                                     end_seq: g("end_seq")?,
                                     secs: v["secs"].as_f64().unwrap_or(f64::NAN),
+                                    confirmed_secs: v["confirmed_secs"].as_f64().unwrap_or(f64::NAN),
                                 })
                             });
                         break;

@@ -590,13 +590,15 @@ const METHOD: &str = r#"### How each figure is measured
   without a database: messages consumed per second over 7 s, with at most 4,000 messages in flight
   (closed loop, so the queues do not grow). *Saturation*: the same closed loop through the whole
   pipeline to one WebSocket client subscribed to `product.#`. *Held rate*: an open-loop run of 30 s at
-  90% of saturation (rounded down to 100/s); it holds when the publisher kept the rate (≥ 98%; it
-  waits for the broker's confirms, so falling short means the system held it back), every confirmed
+  90% of saturation (rounded down to 100/s); it holds when the publisher kept the rate (≥ 98% of it
+  published over the 30 s, the wait for the last confirms not counted; it keeps at most 2,048 publishes
+  unconfirmed, so falling short means the system held it back), every confirmed
   event was delivered and applied, the client was never more than one second of events behind after
   the first 5 s nor at the end, and all was delivered within 5 s after. The closed loop's rate is
   bounded by its window over the latency, so an open loop may hold more: while runs hold, the next asks
   10% of saturation more (up to 150%); if the first does not hold, the next asks 10% less (down to 50%)
-  until one holds. The figure is the rate published in the best run that held.
+  until one holds; then one more asks halfway between the highest that held and the lowest that did
+  not. The figure is the rate published in the best run that held.
 - **2. Fan-out.** 1,000 clients subscribed to `product.#`; the bench publishes 100 events/s (the
   built-in generator's rate counts changes of one or two events, so it cannot give exactly 100 events/s).
   Clients count what they receive during a 15 s window after 3 s of warm-up; latency is the client's

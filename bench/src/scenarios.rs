@@ -327,10 +327,12 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
     // bounded by its window over the latency, so an open loop may hold
     // more: while runs hold, the next asks 10% of saturation more (up to
     // 150%); if the first does not hold, the next asks 10% less (down to
-    // 50%) until one holds.
+    // 50%) until one holds. Once a run held and another did not, one more
+    // asks halfway between them.
     let mut outcome = None;
     let mut held_best = None;
     let mut share = 0.9f64;
+    let (mut held_share, mut failed_share) = (None::<f64>, None::<f64>);
     for attempt in 0.. {
         let rate = ((share * saturation / 100.0).floor() * 100.0).max(100.0);
         ctx.quiet().await;
@@ -394,7 +396,8 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
             ctx.profile(&title, a, b, perf.take(), false).await;
         }
         ctx.report.note(format!(
-            "Pipeline attempt {}: {} events/s asked, {:.0}/s published for {:.1} s, {} confirmed; \
+            "Pipeline attempt {}: {} events/s asked, {:.0}/s published for {:.1} s, {} confirmed (the last {:.2} s \
+             after the last publish); \
              delivered {} (loss {loss}); applied +{applied}, duplicates +{dups}; DB rows not at their \
              last version: {db_mismatch}; backlog at the end {end_backlog} (max {max_backlog} after 5 s); \
              drained in {}; e2e latency p50 {} p99 {}; {batches} apply batches of {mean_batch:.1} events \
@@ -404,6 +407,7 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
             achieved,
             run.secs,
             run.count(),
+            run.confirmed_secs - run.secs,
             received,
             drain
                 .map(|d| format!("{} ms", d.as_millis()))
@@ -413,8 +417,8 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
             if held { "yes" } else { "no" }
         ));
         let this = (achieved, held, run.count(), loss, applied, dups, db_mismatch, lat);
-        let going_up = held_best.is_some() || (attempt == 0 && held);
         if held {
+            held_share = Some(held_share.map_or(share, |h| h.max(share)));
             // The best run that held, should a later one publish less.
             if held_best
                 .as_ref()
@@ -423,17 +427,13 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
                 held_best = Some(this);
             }
         } else {
+            failed_share = Some(failed_share.map_or(share, |f| f.min(share)));
             outcome = Some(this);
         }
-        share += if going_up { 0.1 } else { -0.1 };
-        let stop = if going_up {
-            !held || share > 1.55
-        } else {
-            held || share < 0.45
+        share = match next_share(held_share, failed_share) {
+            Some(next) => next,
+            None => break,
         };
-        if stop {
-            break;
-        }
     }
     let outcome = held_best.or(outcome);
     tstop.cancel();
@@ -949,6 +949,19 @@ struct Wrk {
     problems: Vec<String>,
 }
 
+/// The share of saturation the next held-rate attempt asks for, given the
+/// highest share that held and the lowest that did not; None ends the
+/// search. Steps of 10% up while runs hold (to 150%) or down while they do
+/// not (to 50%), then one step halfway between a hold and a miss.
+fn next_share(held: Option<f64>, failed: Option<f64>) -> Option<f64> {
+    match (held, failed) {
+        (Some(h), None) => Some(h + 0.1).filter(|&s| s <= 1.55),
+        (None, Some(f)) => Some(f - 0.1).filter(|&s| s >= 0.45),
+        (Some(h), Some(f)) => (f - h > 0.06).then_some((h + f) / 2.0),
+        (None, None) => None,
+    }
+}
+
 async fn wrk(url: String, conns: u32, secs: u32) -> Result<Wrk> {
     let out = tokio::process::Command::new("wrk")
         .args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", &url])
@@ -1145,4 +1158,35 @@ pub async fn photos(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         Some(ratio >= 0.5 && gw.problems.is_empty()),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_share;
+
+    /// The shares asked in turn when every share up to `limit` holds.
+    fn search(limit: f64) -> Vec<f64> {
+        let (mut held, mut failed, mut share, mut asked) = (None::<f64>, None::<f64>, 0.9, vec![]);
+        loop {
+            asked.push((share * 100.0f64).round() / 100.0);
+            if share <= limit + 1e-9 {
+                held = Some(held.map_or(share, |h: f64| h.max(share)));
+            } else {
+                failed = Some(failed.map_or(share, |f: f64| f.min(share)));
+            }
+            match next_share(held, failed) {
+                Some(next) => share = next,
+                None => return asked,
+            }
+        }
+    }
+
+    #[test]
+    fn the_held_rate_search_steps_then_halves_the_last_step() {
+        assert_eq!(search(0.82), vec![0.9, 0.8, 0.85]);
+        assert_eq!(search(0.87), vec![0.9, 0.8, 0.85]);
+        assert_eq!(search(1.02), vec![0.9, 1.0, 1.1, 1.05]);
+        assert_eq!(search(2.0), vec![0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5]);
+        assert_eq!(search(0.1), vec![0.9, 0.8, 0.7, 0.6, 0.5]);
+    }
 }
