@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use diesel::sql_types::{Array, BigInt, Bool};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
+use super::prepared::prepared;
 use super::{Db, StoreError, outbox};
 use crate::domain::{Event, Kind, ProductId};
 
@@ -60,7 +61,7 @@ pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, Stor
             let mut ids: Vec<i64> = newest.keys().map(|(id, _)| id.get()).collect();
             ids.sort_unstable();
             ids.dedup();
-            diesel::sql_query("SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            prepared("SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
                 .bind::<Array<BigInt>, _>(ids)
                 .execute(conn)
                 .await?;
@@ -69,7 +70,7 @@ pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, Stor
                 let ids: Vec<i64> = idx.iter().map(|&i| events[i].product_id.get()).collect();
                 let values: Vec<i64> = idx.iter().map(|&i| events[i].change.value()).collect();
                 let versions: Vec<i64> = idx.iter().map(|&i| events[i].version).collect();
-                let rs: Vec<Row> = diesel::sql_query(apply_sql(*kind))
+                let rs: Vec<Row> = prepared(apply_sql(*kind))
                     .bind::<Array<BigInt>, _>(ids)
                     .bind::<Array<BigInt>, _>(values)
                     .bind::<Array<BigInt>, _>(versions)
@@ -126,18 +127,30 @@ fn outcomes_of(
 
 /// One statement per kind: update the rows whose version is older, and
 /// report for every input whether it applied and whether the product exists.
-fn apply_sql(kind: Kind) -> String {
+fn apply_sql(kind: Kind) -> &'static str {
+    macro_rules! apply {
+        ($value:literal, $version:literal) => {
+            concat!(
+                "WITH input(id, value, version) AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[])), ",
+                "upd AS (UPDATE products p SET ",
+                $value,
+                " = i.value, ",
+                $version,
+                " = i.version, updated_at = now() ",
+                "FROM input i WHERE p.id = i.id AND p.",
+                $version,
+                " < i.version RETURNING p.id) ",
+                "SELECT i.id, (u.id IS NOT NULL) AS applied, (p.id IS NOT NULL) AS known, ",
+                "COALESCE(p.",
+                $version,
+                ", 0) AS current ",
+                "FROM input i LEFT JOIN upd u ON u.id = i.id LEFT JOIN products p ON p.id = i.id"
+            )
+        };
+    }
     // Column names come from this fixed match, never from input.
-    let (value, version) = match kind {
-        Kind::Price => ("price_cents", "price_version"),
-        Kind::Stock => ("stock", "stock_version"),
-    };
-    format!(
-        "WITH input(id, value, version) AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[])), \
-         upd AS (UPDATE products p SET {value} = i.value, {version} = i.version, updated_at = now() \
-                 FROM input i WHERE p.id = i.id AND p.{version} < i.version RETURNING p.id) \
-         SELECT i.id, (u.id IS NOT NULL) AS applied, (p.id IS NOT NULL) AS known, \
-                COALESCE(p.{version}, 0) AS current \
-         FROM input i LEFT JOIN upd u ON u.id = i.id LEFT JOIN products p ON p.id = i.id"
-    )
+    match kind {
+        Kind::Price => apply!("price_cents", "price_version"),
+        Kind::Stock => apply!("stock", "stock_version"),
+    }
 }

@@ -4,6 +4,7 @@ pub mod apply;
 pub mod catalog;
 pub mod idempotency;
 pub mod outbox;
+pub mod prepared;
 pub mod schema;
 
 use std::time::Duration;

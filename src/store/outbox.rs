@@ -5,6 +5,7 @@
 use diesel::sql_types::{Array, BigInt, Bool, Bytea, Integer, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
+use super::prepared::prepared;
 use crate::broker::message::encode_update;
 use crate::domain::Event;
 use crate::update::MAX_UPDATES_PER_MESSAGE;
@@ -49,7 +50,7 @@ pub async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> Result<
             .first()
             .map(|e| format!("{}:{}", e.topic(), e.version))
             .unwrap_or_default();
-        diesel::sql_query("INSERT INTO update_outbox (message_id, body, updates) VALUES ($1, $2, $3)")
+        prepared("INSERT INTO update_outbox (message_id, body, updates) VALUES ($1, $2, $3)")
             .bind::<Text, _>(message_id)
             .bind::<Bytea, _>(body)
             .bind::<Integer, _>(chunk.len() as i32)
@@ -67,7 +68,8 @@ pub async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diesel::resu
         #[diesel(sql_type = Bool)]
         locked: bool,
     }
-    let l: Locked = diesel::sql_query(format!("SELECT pg_try_advisory_xact_lock({RELAY_LOCK}) AS locked"))
+    let l: Locked = prepared("SELECT pg_try_advisory_xact_lock($1) AS locked")
+        .bind::<BigInt, _>(RELAY_LOCK)
         .get_result(conn)
         .await?;
     Ok(l.locked)
@@ -75,7 +77,7 @@ pub async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diesel::resu
 
 /// The oldest pending messages, in commit order.
 pub async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Pending>, diesel::result::Error> {
-    diesel::sql_query("SELECT seq, message_id, body, updates, txid FROM update_outbox ORDER BY seq LIMIT $1")
+    prepared("SELECT seq, message_id, body, updates, txid FROM update_outbox ORDER BY seq LIMIT $1")
         .bind::<BigInt, _>(limit)
         .load(conn)
         .await
@@ -83,7 +85,7 @@ pub async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Pen
 
 /// Forgets messages the broker confirmed.
 pub async fn delete(conn: &mut AsyncPgConnection, seqs: Vec<i64>) -> Result<(), diesel::result::Error> {
-    diesel::sql_query("DELETE FROM update_outbox WHERE seq = ANY($1)")
+    prepared("DELETE FROM update_outbox WHERE seq = ANY($1)")
         .bind::<Array<BigInt>, _>(seqs)
         .execute(conn)
         .await?;

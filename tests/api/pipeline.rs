@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use awc::http::Method;
-use testkit::{TestApp, TestPublisher, eventually, spawn_app};
+use testkit::{TestApp, TestPublisher, eventually, spawn_app, spawn_app_with};
 
 /// Stops the generator and waits until every issued version was confirmed
 /// and applied: then the catalog holds the newest version of everything.
@@ -73,6 +73,44 @@ async fn generated_events_are_confirmed_and_applied() {
     )
     .await;
     assert!(changed > 10, "many products changed: {changed}");
+    app.stop().await;
+}
+
+/// The apply and outbox statements are prepared once per connection and
+/// planned from PostgreSQL's plan cache: a statement sent as unnamed text
+/// is parsed and planned again on every batch.
+#[actix_rt::test]
+async fn apply_and_outbox_statements_are_prepared_once_per_connection() {
+    // One pooled connection, so the statements the pipeline prepared are
+    // the ones this test's session can see.
+    let app = spawn_app_with(|s| s.database.pool_size = 1).await;
+    let publisher = TestPublisher::connect(&app.iso).await;
+    for version in 1..=3 {
+        publisher.event(5, "price", 500 + version, version).await;
+        eventually(Duration::from_secs(20), "the event applied and relayed", || async {
+            let applied = app.metric("gateway_events_applied_total", "price").await;
+            let relayed = app.metric("gateway_updates_broadcast_total", "").await;
+            (applied as i64 == version && relayed as i64 >= version).then_some(())
+        })
+        .await;
+    }
+    let prepared = |pattern: &'static str| {
+        let app = &app;
+        async move {
+            sql_i64(
+                app,
+                &format!(
+                    "SELECT COALESCE(SUM(generic_plans + custom_plans), 0)::int8 AS v \
+                     FROM pg_prepared_statements WHERE statement LIKE '{pattern}%'"
+                ),
+            )
+            .await
+        }
+    };
+    // Each ran once per batch, on the one statement prepared for it.
+    assert!(prepared("WITH input(id, value, version)").await >= 3, "apply statement");
+    assert!(prepared("INSERT INTO update_outbox").await >= 3, "outbox insert");
+    assert!(prepared("SELECT seq, message_id").await >= 3, "relay read");
     app.stop().await;
 }
 
