@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use diesel::sql_types::{Array, BigInt, Bool};
+use diesel::sql_types::{Array, BigInt};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::prepared::prepared;
@@ -23,16 +23,24 @@ pub enum Outcome {
     UnknownProduct,
 }
 
+/// A product's versions, read under its row lock.
 #[derive(diesel::QueryableByName)]
-struct Row {
+struct Locked {
     #[diesel(sql_type = BigInt)]
     id: i64,
-    #[diesel(sql_type = Bool)]
-    applied: bool,
-    #[diesel(sql_type = Bool)]
-    known: bool,
     #[diesel(sql_type = BigInt)]
-    current: i64,
+    price_version: i64,
+    #[diesel(sql_type = BigInt)]
+    stock_version: i64,
+}
+
+impl Locked {
+    fn version(&self, kind: Kind) -> i64 {
+        match kind {
+            Kind::Price => self.price_version,
+            Kind::Stock => self.stock_version,
+        }
+    }
 }
 
 /// Applies a batch in one transaction; the outcome of each event, in order.
@@ -61,24 +69,40 @@ pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, Stor
             let mut ids: Vec<i64> = newest.keys().map(|(id, _)| id.get()).collect();
             ids.sort_unstable();
             ids.dedup();
-            prepared("SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-                .bind::<Array<BigInt>, _>(ids)
-                .execute(conn)
-                .await?;
-            let mut rows = Vec::new();
+            // The versions read under the lock are the ones the update
+            // compares with, so they say which events apply.
+            let locked: Vec<Locked> = prepared(
+                "SELECT id, price_version, stock_version FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            )
+            .bind::<Array<BigInt>, _>(ids)
+            .load(conn)
+            .await?;
+            let locked: HashMap<i64, Locked> = locked.into_iter().map(|l| (l.id, l)).collect();
             for (kind, idx) in &by_kind {
-                let ids: Vec<i64> = idx.iter().map(|&i| events[i].product_id.get()).collect();
-                let values: Vec<i64> = idx.iter().map(|&i| events[i].change.value()).collect();
-                let versions: Vec<i64> = idx.iter().map(|&i| events[i].version).collect();
-                let rs: Vec<Row> = prepared(apply_sql(*kind))
+                let newer: Vec<usize> = idx
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        let e = &events[i];
+                        locked
+                            .get(&e.product_id.get())
+                            .is_some_and(|l| l.version(*kind) < e.version)
+                    })
+                    .collect();
+                if newer.is_empty() {
+                    continue;
+                }
+                let ids: Vec<i64> = newer.iter().map(|&i| events[i].product_id.get()).collect();
+                let values: Vec<i64> = newer.iter().map(|&i| events[i].change.value()).collect();
+                let versions: Vec<i64> = newer.iter().map(|&i| events[i].version).collect();
+                prepared(update_sql(*kind))
                     .bind::<Array<BigInt>, _>(ids)
                     .bind::<Array<BigInt>, _>(values)
                     .bind::<Array<BigInt>, _>(versions)
-                    .load(conn)
+                    .execute(conn)
                     .await?;
-                rows.push((*kind, rs));
             }
-            let outcomes = outcomes_of(events, &newest, &rows);
+            let outcomes = outcomes_of(events, &newest, &locked);
             // The stream message commits with the change it reports, so no
             // failure between commit and publish can lose it.
             let applied: Vec<&Event> = events
@@ -94,63 +118,60 @@ pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, Stor
     Ok(outcomes)
 }
 
-/// Each event's outcome, from the rows the apply statements returned.
+/// Each event's outcome, from the versions its product held under the lock:
+/// the newest event of its product and kind applies when it is newer.
 fn outcomes_of(
     events: &[Event],
     newest: &HashMap<(ProductId, Kind), usize>,
-    rows: &[(Kind, Vec<Row>)],
+    locked: &HashMap<i64, Locked>,
 ) -> Vec<Outcome> {
-    let mut outcomes = vec![Outcome::Duplicate { current: 0 }; events.len()];
-    let mut by_key: HashMap<(i64, Kind), &Row> = HashMap::new();
-    for (kind, rs) in rows {
-        for r in rs {
-            by_key.insert((r.id, *kind), r);
-        }
-    }
-    for (i, e) in events.iter().enumerate() {
-        let Some(row) = by_key.get(&(e.product_id.get(), e.kind())) else {
-            continue;
-        };
-        outcomes[i] = if !row.known {
-            Outcome::UnknownProduct
-        } else if row.applied && newest.get(&(e.product_id, e.kind())) == Some(&i) {
-            Outcome::Applied
-        } else if row.applied {
-            // Superseded by a newer version in the same batch.
-            Outcome::Duplicate { current: i64::MAX }
-        } else {
-            Outcome::Duplicate { current: row.current }
-        };
-    }
-    outcomes
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let Some(row) = locked.get(&e.product_id.get()) else {
+                return Outcome::UnknownProduct;
+            };
+            let current = row.version(e.kind());
+            let Some(&winner) = newest.get(&(e.product_id, e.kind())) else {
+                return Outcome::Duplicate { current };
+            };
+            if events[winner].version <= current {
+                Outcome::Duplicate { current }
+            } else if winner == i {
+                Outcome::Applied
+            } else {
+                // Superseded by a newer version in the same batch.
+                Outcome::Duplicate { current: i64::MAX }
+            }
+        })
+        .collect()
 }
 
-/// One statement per kind: update the rows whose version is older, and
-/// report for every input whether it applied and whether the product exists.
-fn apply_sql(kind: Kind) -> &'static str {
-    macro_rules! apply {
+/// One statement per kind, for the events known to be newer: the version
+/// check is kept so that the statement alone can never move a version back.
+/// No join on the update's own output: a cached (generic) plan guesses ten
+/// input rows, and a self-join planned for ten compares every pair of a
+/// batch of hundreds.
+fn update_sql(kind: Kind) -> &'static str {
+    macro_rules! update {
         ($value:literal, $version:literal) => {
             concat!(
-                "WITH input(id, value, version) AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[])), ",
-                "upd AS (UPDATE products p SET ",
+                "UPDATE products p SET ",
                 $value,
                 " = i.value, ",
                 $version,
                 " = i.version, updated_at = now() ",
-                "FROM input i WHERE p.id = i.id AND p.",
+                "FROM unnest($1::int8[], $2::int8[], $3::int8[]) AS i(id, value, version) ",
+                "WHERE p.id = i.id AND p.",
                 $version,
-                " < i.version RETURNING p.id) ",
-                "SELECT i.id, (u.id IS NOT NULL) AS applied, (p.id IS NOT NULL) AS known, ",
-                "COALESCE(p.",
-                $version,
-                ", 0) AS current ",
-                "FROM input i LEFT JOIN upd u ON u.id = i.id LEFT JOIN products p ON p.id = i.id"
+                " < i.version"
             )
         };
     }
     // Column names come from this fixed match, never from input.
     match kind {
-        Kind::Price => apply!("price_cents", "price_version"),
-        Kind::Stock => apply!("stock", "stock_version"),
+        Kind::Price => update!("price_cents", "price_version"),
+        Kind::Stock => update!("stock", "stock_version"),
     }
 }

@@ -76,14 +76,21 @@ async fn generated_events_are_confirmed_and_applied() {
     app.stop().await;
 }
 
-/// The apply and outbox statements are prepared once per connection and
-/// planned from PostgreSQL's plan cache: a statement sent as unnamed text
-/// is parsed and planned again on every batch.
+/// The pipeline's statements are prepared once per connection and planned
+/// from PostgreSQL's plan cache (a statement sent as unnamed text is parsed
+/// and planned again on every batch), and the cached plan of the apply
+/// update looks each product up by index rather than comparing every pair
+/// of rows in a batch.
 #[actix_rt::test]
-async fn apply_and_outbox_statements_are_prepared_once_per_connection() {
+async fn apply_and_outbox_statements_are_prepared_once_and_cached_plans_stay_linear() {
+    const PRODUCTS: i64 = 500;
     // One pooled connection, so the statements the pipeline prepared are
     // the ones this test's session can see.
-    let app = spawn_app_with(|s| s.database.pool_size = 1).await;
+    let app = spawn_app_with(|s| {
+        s.database.pool_size = 1;
+        s.seed.products = PRODUCTS as u32;
+    })
+    .await;
     let publisher = TestPublisher::connect(&app.iso).await;
     for version in 1..=3 {
         publisher.event(5, "price", 500 + version, version).await;
@@ -94,23 +101,98 @@ async fn apply_and_outbox_statements_are_prepared_once_per_connection() {
         })
         .await;
     }
-    let prepared = |pattern: &'static str| {
+    // (prepared statements, executions) whose text starts with `prefix`.
+    let prepared = |prefix: &'static str| {
         let app = &app;
         async move {
-            sql_i64(
+            let sql = format!("FROM pg_prepared_statements WHERE statement LIKE '{prefix}%'");
+            let count = sql_i64(app, &format!("SELECT COUNT(*)::int8 AS v {sql}")).await;
+            let runs = sql_i64(
                 app,
-                &format!(
-                    "SELECT COALESCE(SUM(generic_plans + custom_plans), 0)::int8 AS v \
-                     FROM pg_prepared_statements WHERE statement LIKE '{pattern}%'"
-                ),
+                &format!("SELECT COALESCE(SUM(generic_plans + custom_plans), 0)::int8 AS v {sql}"),
             )
-            .await
+            .await;
+            (count, runs)
         }
     };
     // Each ran once per batch, on the one statement prepared for it.
-    assert!(prepared("WITH input(id, value, version)").await >= 3, "apply statement");
-    assert!(prepared("INSERT INTO update_outbox").await >= 3, "outbox insert");
-    assert!(prepared("SELECT seq, message_id").await >= 3, "relay read");
+    for prefix in [
+        "SELECT id, price_version, stock_version FROM products",
+        "UPDATE products p SET price_cents",
+        "INSERT INTO update_outbox",
+        "SELECT seq, message_id",
+        "DELETE FROM update_outbox",
+    ] {
+        let (count, runs) = prepared(prefix).await;
+        assert_eq!(count, 1, "one prepared statement for {prefix}");
+        assert!(runs >= 3, "{prefix}: prepared once, run {runs} times");
+    }
+
+    // The apply update's text as the pipeline prepared it, planned as a
+    // cached plan is (for ten input rows, whatever the batch), and run on
+    // a whole catalog's batch in a transaction rolled back.
+    #[derive(diesel::QueryableByName)]
+    struct Text {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        statement: String,
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Plan {
+        #[diesel(sql_type = diesel::sql_types::Json, column_name = "QUERY PLAN")]
+        plan: serde_json::Value,
+    }
+    let mut conn = app.state.db.get().await.unwrap();
+    let update: Text = diesel_async::RunQueryDsl::get_result(
+        diesel::sql_query(
+            "SELECT statement FROM pg_prepared_statements WHERE statement LIKE 'UPDATE products p SET price_cents%'",
+        ),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    let list = |f: &dyn Fn(i64) -> i64| {
+        format!(
+            "'{{{}}}'",
+            (1..=PRODUCTS).map(|i| f(i).to_string()).collect::<Vec<_>>().join(",")
+        )
+    };
+    let setup = format!(
+        "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+         PREPARE linear_probe(int8[], int8[], int8[]) AS {}",
+        update.statement
+    );
+    diesel_async::SimpleAsyncConnection::batch_execute(&mut *conn, &setup)
+        .await
+        .unwrap();
+    let plan: Result<Plan, _> = diesel_async::RunQueryDsl::get_result(
+        diesel::sql_query(format!(
+            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE linear_probe({}, {}, {})",
+            list(&|i| i),
+            list(&|i| 1_000 + i),
+            list(&|_| 1_000_000),
+        )),
+        &mut conn,
+    )
+    .await;
+    diesel_async::SimpleAsyncConnection::batch_execute(&mut *conn, "ROLLBACK; DEALLOCATE linear_probe")
+        .await
+        .unwrap();
+    let plan = plan.unwrap().plan;
+    fn removed_by_join_filter(node: &serde_json::Value) -> i64 {
+        let here = node["Rows Removed by Join Filter"].as_i64().unwrap_or(0);
+        let below: i64 = node["Plans"]
+            .as_array()
+            .map(|plans| plans.iter().map(removed_by_join_filter).sum())
+            .unwrap_or(0);
+        here + below
+    }
+    let root = &plan[0]["Plan"];
+    assert_eq!(
+        removed_by_join_filter(root),
+        0,
+        "the cached plan compares rows pairwise: {plan:#}"
+    );
+    drop(conn);
     app.stop().await;
 }
 
