@@ -591,7 +591,7 @@ const METHOD: &str = r#"### How each figure is measured
   (closed loop, so the queues do not grow). *Saturation*: the same closed loop through the whole
   pipeline to one WebSocket client subscribed to `product.#`. *Held rate*: an open-loop run of 30 s at
   90% of saturation (rounded down to 100/s); it holds when the publisher kept the rate (≥ 98% of it
-  published over the 30 s, the wait for the last confirms not counted; it keeps at most 2,048 publishes
+  published over the 30 s, and the last confirms within 1 s after; it keeps at most 2,048 publishes
   unconfirmed, so falling short means the system held it back), every confirmed
   event was delivered and applied, the client was never more than one second of events behind after
   the first 5 s nor at the end, and all was delivered within 5 s after. The closed loop's rate is

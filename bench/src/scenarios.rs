@@ -332,7 +332,7 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
     let mut outcome = None;
     let mut held_best = None;
     let mut share = 0.9f64;
-    let (mut held_share, mut failed_share) = (None::<f64>, None::<f64>);
+    let mut search = HeldSearch::default();
     for attempt in 0.. {
         let rate = ((share * saturation / 100.0).floor() * 100.0).max(100.0);
         ctx.quiet().await;
@@ -385,9 +385,12 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         // publisher waits for the broker's confirms, so a publisher that
         // falls short was held back by the system under test, and the
         // events it could not send are lag no latency figure shows.
+        // Publishes still unconfirmed at the end count as published, so
+        // their confirms must follow within a second.
         let held = loss == 0
             && db_mismatch == 0
             && achieved >= 0.98 * rate
+            && run.confirmed_secs - run.secs <= 1.0
             && max_backlog as f64 <= rate
             && end_backlog as f64 <= rate
             && drain.is_some_and(|d| d <= Duration::from_secs(5));
@@ -418,7 +421,6 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         ));
         let this = (achieved, held, run.count(), loss, applied, dups, db_mismatch, lat);
         if held {
-            held_share = Some(held_share.map_or(share, |h| h.max(share)));
             // The best run that held, should a later one publish less.
             if held_best
                 .as_ref()
@@ -427,10 +429,9 @@ pub async fn pipeline(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
                 held_best = Some(this);
             }
         } else {
-            failed_share = Some(failed_share.map_or(share, |f| f.min(share)));
             outcome = Some(this);
         }
-        share = match next_share(held_share, failed_share) {
+        share = match search.next(share, held) {
             Some(next) => next,
             None => break,
         };
@@ -949,16 +950,31 @@ struct Wrk {
     problems: Vec<String>,
 }
 
-/// The share of saturation the next held-rate attempt asks for, given the
-/// highest share that held and the lowest that did not; None ends the
-/// search. Steps of 10% up while runs hold (to 150%) or down while they do
-/// not (to 50%), then one step halfway between a hold and a miss.
-fn next_share(held: Option<f64>, failed: Option<f64>) -> Option<f64> {
-    match (held, failed) {
-        (Some(h), None) => Some(h + 0.1).filter(|&s| s <= 1.55),
-        (None, Some(f)) => Some(f - 0.1).filter(|&s| s >= 0.45),
-        (Some(h), Some(f)) => (f - h > 0.06).then_some((h + f) / 2.0),
-        (None, None) => None,
+/// The held-rate search: the highest share of saturation that held and the
+/// lowest that did not.
+#[derive(Default)]
+struct HeldSearch {
+    held: Option<f64>,
+    failed: Option<f64>,
+}
+
+impl HeldSearch {
+    /// Records whether the run at `share` held; the share the next run
+    /// asks for, or None when the search is over. Steps of 10% up while
+    /// runs hold (to 150%) or down while they do not (to 50%), then one
+    /// step halfway between a hold and a miss.
+    fn next(&mut self, share: f64, held: bool) -> Option<f64> {
+        if held {
+            self.held = Some(self.held.map_or(share, |h| h.max(share)));
+        } else {
+            self.failed = Some(self.failed.map_or(share, |f| f.min(share)));
+        }
+        match (self.held, self.failed) {
+            (Some(h), None) => Some(h + 0.1).filter(|&s| s <= 1.55),
+            (None, Some(f)) => Some(f - 0.1).filter(|&s| s >= 0.45),
+            (Some(h), Some(f)) => (f - h > 0.06).then_some((h + f) / 2.0),
+            (None, None) => None,
+        }
     }
 }
 
@@ -1162,19 +1178,14 @@ pub async fn photos(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::next_share;
+    use super::HeldSearch;
 
     /// The shares asked in turn when every share up to `limit` holds.
     fn search(limit: f64) -> Vec<f64> {
-        let (mut held, mut failed, mut share, mut asked) = (None::<f64>, None::<f64>, 0.9, vec![]);
+        let (mut search, mut share, mut asked) = (HeldSearch::default(), 0.9, vec![]);
         loop {
             asked.push((share * 100.0f64).round() / 100.0);
-            if share <= limit + 1e-9 {
-                held = Some(held.map_or(share, |h: f64| h.max(share)));
-            } else {
-                failed = Some(failed.map_or(share, |f: f64| f.min(share)));
-            }
-            match next_share(held, failed) {
+            match search.next(share, share <= limit + 1e-9) {
                 Some(next) => share = next,
                 None => return asked,
             }
@@ -1188,5 +1199,14 @@ mod tests {
         assert_eq!(search(1.02), vec![0.9, 1.0, 1.1, 1.05]);
         assert_eq!(search(2.0), vec![0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5]);
         assert_eq!(search(0.1), vec![0.9, 0.8, 0.7, 0.6, 0.5]);
+    }
+
+    #[test]
+    fn after_a_miss_and_a_hold_one_run_halfway_ends_the_search() {
+        let mut search = HeldSearch::default();
+        assert_eq!(search.next(0.9, false).map(|s| (s * 100.0).round()), Some(80.0));
+        assert_eq!(search.next(0.8, true).map(|s| (s * 100.0).round()), Some(85.0));
+        // 0.85 fails: the bracket 0.8–0.85 is narrow enough.
+        assert_eq!(search.next(0.85, false), None);
     }
 }
