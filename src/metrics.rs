@@ -284,7 +284,6 @@ impl Metrics {
     }
 }
 
-/// Rewrites OpenMetrics text as classic text (see [`Metrics::render_classic`]).
 /// Observes the time since an event's publish time `ts_us` in one of the
 /// latency histograms; an event without one (0) is not counted.
 pub fn observe_since(histogram: &Histogram, ts_us: i64) {
@@ -293,6 +292,7 @@ pub fn observe_since(histogram: &Histogram, ts_us: i64) {
     }
 }
 
+/// Rewrites OpenMetrics text as classic text (see [`Metrics::render_classic`]).
 fn classic_text(open_metrics: &str) -> String {
     let mut counters = std::collections::HashSet::new();
     for line in open_metrics.lines() {
