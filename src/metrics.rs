@@ -253,7 +253,13 @@ impl Metrics {
         for outcome in ["accepted", "replayed", "refused", "failed"] {
             let _ = self.ingest_requests.get_or_create(&[("outcome", outcome)]);
         }
-        for reason in ["connection_limit", "per_ip_limit", "origin"] {
+        for reason in [
+            "connection_limit",
+            "per_ip_limit",
+            "origin",
+            "slow_consumer",
+            "heartbeat_timeout",
+        ] {
             let _ = self.clients_refused.get_or_create(&[("reason", reason)]);
         }
     }

@@ -248,7 +248,11 @@ pub struct HubSettings {
     /// Tasks the clients are spread over; 0: one per core.
     pub shards: usize,
     pub history: usize,
+    /// Updates one client may have waiting; past it they conflate, and a
+    /// client with more distinct keys waiting is cut off (`slow_consumer`).
     pub client_buffer: usize,
+    /// Frame bytes one client may have waiting before it is cut off.
+    pub client_buffer_bytes: usize,
     pub max_subscriptions: usize,
     pub max_pattern_words: usize,
     pub max_connections: usize,
@@ -274,6 +278,13 @@ pub struct HubSettings {
     /// retry later.
     #[serde(rename = "snapshot_wait_ms", deserialize_with = "millis")]
     pub snapshot_wait: Duration,
+    /// How long a snapshot waits for its client to take the next part
+    /// before it ends with `unavailable`, giving back its turn, read
+    /// connection and transaction.
+    #[serde(rename = "snapshot_stall_ms", deserialize_with = "millis")]
+    pub snapshot_stall: Duration,
+    /// Snapshots one client address may have read at once.
+    pub max_snapshots_per_ip: usize,
     /// Catalog rows read per page of a snapshot, and products per
     /// `snapshot` part at most.
     pub snapshot_part_products: usize,
@@ -283,6 +294,15 @@ pub struct HubSettings {
     /// How long a catch-up waits for a turn before its client gets a reset.
     #[serde(rename = "catch_up_wait_ms", deserialize_with = "millis")]
     pub catch_up_wait: Duration,
+    /// How long a catch-up waits for its client to take the next update
+    /// before it gives back its turn (the client gets a `reset`).
+    #[serde(rename = "catch_up_stall_ms", deserialize_with = "millis")]
+    pub catch_up_stall: Duration,
+    /// Stream catch-ups one client address may run at once.
+    pub max_catch_ups_per_ip: usize,
+    /// Stream messages a catch-up has in flight from the broker: little, as
+    /// a client that stops reading holds them until its catch-up gives up.
+    pub catch_up_prefetch: u16,
     /// Load the last `history` updates from the stream before serving, so
     /// clients resuming after a restart are served from memory.
     pub warm_start: bool,
@@ -386,7 +406,7 @@ impl Settings {
     /// `tokio::time::interval` when a connection starts, a zero back-off
     /// retries in a hot loop, a zero pool or timeout fails every request.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let zero: [(&'static str, bool); 23] = [
+        let zero: [(&'static str, bool); 30] = [
             ("database.pool_size", self.database.pool_size == 0),
             ("database.read_pool_size", self.database.read_pool_size == 0),
             ("database.acquire_timeout_ms", self.database.acquire_timeout.is_zero()),
@@ -408,6 +428,13 @@ impl Settings {
             ("server.listen_backlog", self.server.listen_backlog == 0),
             ("hub.max_concurrent_catch_ups", self.hub.max_concurrent_catch_ups == 0),
             ("hub.catch_up_wait_ms", self.hub.catch_up_wait.is_zero()),
+            ("hub.client_buffer", self.hub.client_buffer == 0),
+            ("hub.client_buffer_bytes", self.hub.client_buffer_bytes == 0),
+            ("hub.snapshot_stall_ms", self.hub.snapshot_stall.is_zero()),
+            ("hub.max_snapshots_per_ip", self.hub.max_snapshots_per_ip == 0),
+            ("hub.catch_up_stall_ms", self.hub.catch_up_stall.is_zero()),
+            ("hub.max_catch_ups_per_ip", self.hub.max_catch_ups_per_ip == 0),
+            ("hub.catch_up_prefetch", self.hub.catch_up_prefetch == 0),
             ("photos.cache_ttl_secs", self.photos.cache_ttl.is_zero()),
             ("photos.max_upload_bytes", self.photos.max_upload_bytes == 0),
         ];
@@ -433,6 +460,14 @@ impl Settings {
             return Err(SettingsError::Invalid {
                 key,
                 reason: "must not exceed its maximum",
+            });
+        }
+        // One stream message (a committed batch) is pushed to a client at
+        // once: a buffer that cannot hold it would cut off healthy clients.
+        if self.hub.client_buffer < self.consumer.batch_size {
+            return Err(SettingsError::Invalid {
+                key: "hub.client_buffer",
+                reason: "must hold at least consumer.batch_size updates",
             });
         }
         let rate = self.generator.rate;

@@ -173,6 +173,7 @@ impl Application {
         let static_dir = settings.server.static_dir.clone();
         let max_body = settings.server.max_body_bytes;
         let send_buffer = settings.server.socket_send_buffer;
+        let client_timeout = settings.hub.client_timeout;
         let hosts = web::Data::new(http::edge::HostPolicy::new(&settings.server));
         let mut server = HttpServer::new(move || {
             App::new()
@@ -188,11 +189,21 @@ impl Application {
                 .service(actix_files::Files::new("/", &static_dir).index_file("index.html"))
         })
         .on_connect(move |conn, _| {
+            let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+                return;
+            };
+            let socket = socket2::SockRef::from(tcp);
             if send_buffer > 0
-                && let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>()
-                && let Err(e) = socket2::SockRef::from(tcp).set_send_buffer_size(send_buffer)
+                && let Err(e) = socket.set_send_buffer_size(send_buffer)
             {
                 tracing::debug!(error = %e, "could not set the socket send buffer");
+            }
+            // A peer that takes nothing (a zero window) or acknowledges
+            // nothing (gone without a FIN) for client_timeout is dropped by
+            // the kernel: an event stream whose body is not even polled
+            // while the socket is full is closed too.
+            if let Err(e) = socket.set_tcp_user_timeout(Some(client_timeout)) {
+                tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
             }
         })
         // Frames go out as written: with Nagle's algorithm a frame written

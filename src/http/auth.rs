@@ -250,6 +250,14 @@ pub fn expiry(grant: &Grant) -> Expiry {
     grant.remaining().map(|left| Box::pin(tokio::time::sleep(left)))
 }
 
+/// Whether the grant has run out, by the clock (a timer not polled since
+/// may not have fired yet).
+pub fn has_expired(expiry: &Expiry) -> bool {
+    expiry
+        .as_ref()
+        .is_some_and(|sleep| sleep.deadline() <= tokio::time::Instant::now())
+}
+
 /// Resolves when the grant has run out; never without an expiry.
 pub async fn expired(expiry: &mut Expiry) {
     match expiry {

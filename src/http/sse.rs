@@ -17,6 +17,7 @@ use super::auth;
 use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::error::ApiError;
 use crate::hub::Refused;
+use crate::hub::client::Ended;
 use crate::hub::feed::FeedItem;
 use crate::hub::session::{
     ClientError, ClientErrorCode, Session, SnapshotFrames, Transport, next_snapshot_frame, reset_json,
@@ -168,7 +169,16 @@ struct Stream {
 fn next_chunk(mut s: Stream) -> impl Future<Output = Option<(Result<Bytes, std::convert::Infallible>, Stream)>> {
     async move {
         loop {
+            if !s.done && auth::has_expired(&s.expiry) {
+                // Nothing queued after the token ran out is sent, whether or
+                // not the client was reading when it did.
+                s.pending.clear();
+                s.pending.push_back(token_expired_event());
+                s.done = true;
+            }
             if let Some(chunk) = s.pending.pop_front() {
+                // Being polled means the last chunk was taken: progress.
+                s.sub.progressed();
                 return Some((Ok(chunk), s));
             }
             if s.done {
@@ -186,7 +196,7 @@ fn next_chunk(mut s: Stream) -> impl Future<Output = Option<(Result<Bytes, std::
                     Some(Ok(f)) => s.pending.push_back(snapshot_event(f)),
                     Some(Err(e)) => {
                         // The client reconnects without an event id: a fresh snapshot.
-                        s.pending.push_back(Bytes::from(format!("event: error\ndata: {}\n\n", e.to_json())));
+                        s.pending.push_back(error_event(&e));
                         s.done = true;
                     }
                     None => s.snapshot = None,
@@ -203,7 +213,15 @@ fn next_chunk(mut s: Stream) -> impl Future<Output = Option<(Result<Bytes, std::
                             }
                         }
                     }
-                    if !open { s.done = true; }
+                    if !open {
+                        if s.sub.ended() == Ended::SlowConsumer {
+                            s.pending.push_back(error_event(&ClientError::new(
+                                ClientErrorCode::SlowConsumer,
+                                "this client fell too far behind; reconnect to resume",
+                            )));
+                        }
+                        s.done = true;
+                    }
                 }
             }
         }
@@ -213,10 +231,13 @@ fn next_chunk(mut s: Stream) -> impl Future<Output = Option<(Result<Bytes, std::
 /// The last event of a stream whose token ran out: the client reconnects
 /// with a fresh token (and its `Last-Event-ID`, so nothing is missed).
 fn token_expired_event() -> Bytes {
-    let e = ClientError::new(
+    error_event(&ClientError::new(
         ClientErrorCode::TokenExpired,
         "the token has expired; reconnect with a fresh one",
-    );
+    ))
+}
+
+fn error_event(e: &ClientError) -> Bytes {
     Bytes::from(format!("event: error\ndata: {}\n\n", e.to_json()))
 }
 

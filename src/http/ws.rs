@@ -20,6 +20,7 @@ use super::auth::{self, TokenError};
 use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::error::ApiError;
 use crate::hub::Refused;
+use crate::hub::client::Ended;
 use crate::hub::feed::FeedItem;
 use crate::hub::session::{
     ClientError, ClientErrorCode, Dropped, Session, SnapshotFrames, Transport, count_delivery, next_snapshot_frame,
@@ -146,7 +147,12 @@ fn run(
                 .inc()
         };
         let mut ping = super::heartbeat(ping_every);
-        let mut last_seen = Instant::now();
+        // Liveness is a pong to one of our last two pings (a ping's payload
+        // is random, so no pong sent unasked can pass for an answer), and
+        // frames that leave: nothing else the client sends counts.
+        let mut pings = [0u64; 2];
+        let mut last_pong = Instant::now();
+        let mut last_progress = Instant::now();
         let mut tokens = 2.0 * FRAMES_PER_SEC;
         let mut last_frame = Instant::now();
         let mut strikes = 0u32;
@@ -184,18 +190,24 @@ fn run(
                             break Some(reason(CloseCode::Protocol, "protocol error"));
                         }
                         Some(Ok(AggregatedMessage::Ping(b))) => {
-                            last_seen = Instant::now();
                             match tokio::time::timeout(timeout, session.pong(&b)).await {
                                 Ok(Ok(())) => continue,
                                 Ok(Err(_)) => break None,
-                                Err(_) => break Some(not_reading(&refuse)),
+                                Err(_) => {
+                                    sub.cut_off();
+                                    break Some(slow_consumer());
+                                }
                             }
                         }
-                        Some(Ok(AggregatedMessage::Pong(_))) => { last_seen = Instant::now(); continue; }
+                        Some(Ok(AggregatedMessage::Pong(b))) => {
+                            if answers(&pings, &b) {
+                                last_pong = Instant::now();
+                            }
+                            continue;
+                        }
                         Some(Ok(AggregatedMessage::Binary(_))) => None,
                         Some(Ok(AggregatedMessage::Text(t))) => Some(t),
                     };
-                    last_seen = Instant::now();
                     // Token bucket against floods.
                     tokens = (tokens + last_frame.elapsed().as_secs_f64() * FRAMES_PER_SEC).min(2.0 * FRAMES_PER_SEC);
                     last_frame = Instant::now();
@@ -212,7 +224,10 @@ fn run(
                                 let handled = handle(&mut sub, &mut session, &state.auth, &t, snapshot.is_some());
                                 match tokio::time::timeout(timeout, Box::pin(handled)).await {
                                     Ok(r) => r,
-                                    Err(_) => break Some(not_reading(&refuse)),
+                                    Err(_) => {
+                                    sub.cut_off();
+                                    break Some(slow_consumer());
+                                }
                                 }
                             }
                         }
@@ -230,7 +245,10 @@ fn run(
                             match tokio::time::timeout(timeout, session.text(e.to_json())).await {
                                 Ok(Ok(())) => {}
                                 Ok(Err(_)) => break None,
-                                Err(_) => break Some(not_reading(&refuse)),
+                                Err(_) => {
+                                    sub.cut_off();
+                                    break Some(slow_consumer());
+                                }
                             }
                             strikes += 1;
                             if strikes >= MAX_STRIKES {
@@ -241,17 +259,25 @@ fn run(
                     }
                 }
                 _ = ping.tick() => {
-                    if last_seen.elapsed() > timeout {
+                    // A buffer cut off while frames wait for the socket: the
+                    // loop is not reading the hub meanwhile, so look here.
+                    if sub.is_cut_off() || (!pending.is_empty() && last_progress.elapsed() > timeout) {
+                        sub.cut_off();
+                        break Some(slow_consumer());
+                    }
+                    if last_pong.elapsed() > timeout {
                         refuse(Dropped::HeartbeatTimeout);
                         break Some(reason(CloseCode::Policy, "no answer to pings"));
                     }
+                    pings = [rand::random(), pings[0]];
                     // With the socket full the ping waits for room, but never past
-                    // the next tick, where the timeout above is checked again.
-                    if let Ok(Err(_)) = tokio::time::timeout(ping_every, session.ping(b"")).await {
+                    // the next tick, where the timeouts above are checked again.
+                    if let Ok(Err(_)) = tokio::time::timeout(ping_every, session.ping(&pings[0].to_be_bytes())).await {
                         break None;
                     }
                 }
                 frame = next_snapshot_frame(&mut snapshot), if pending.is_empty() => {
+                    last_progress = Instant::now();
                     match frame {
                         Some(Ok(f)) => pending.push_back((f.json.into(), None)),
                         Some(Err(e)) => {
@@ -263,17 +289,25 @@ fn run(
                     }
                 }
                 open = sub.next(&mut out), if pending.is_empty() && snapshot.is_none() => {
+                    last_progress = Instant::now();
                     for item in out.drain(..) {
                         pending.push_back(match item {
                             FeedItem::Update(u) => (u.ws_frame.clone(), Some(u.ts_us)),
                             FeedItem::Reset { offset, reason } => (reset_json(offset, reason).to_string().into(), None),
                         });
                     }
-                    if !open { break Some(reason(CloseCode::Away, "server shutting down")); }
+                    if !open {
+                        break Some(match sub.ended() {
+                            Ended::SlowConsumer => slow_consumer(),
+                            Ended::Closed => reason(CloseCode::Away, "server shutting down"),
+                        });
+                    }
                 }
                 // Cancel-safe: an unsent frame stays at the front of `pending`.
                 Some(sent) = send => {
                     if !sent { break None; }
+                    last_progress = Instant::now();
+                    sub.progressed();
                     if let Some((_, Some(ts_us))) = pending.pop_front() {
                         count_delivery(&metrics, sub.transport(), ts_us);
                     }
@@ -286,10 +320,20 @@ fn run(
     }
 }
 
-/// Closes a client that lets the socket fill up and answers nothing.
-fn not_reading<R>(refuse: &impl Fn(Dropped) -> R) -> CloseReason {
-    refuse(Dropped::HeartbeatTimeout);
-    reason(CloseCode::Policy, "not reading")
+/// Whether a pong's payload is that of one of our last two pings.
+fn answers(pings: &[u64; 2], payload: &[u8]) -> bool {
+    <[u8; 8]>::try_from(payload).is_ok_and(|b| {
+        let n = u64::from_be_bytes(b);
+        n != 0 && pings.contains(&n)
+    })
+}
+
+/// Close code of a connection cut off as a slow consumer (private-use
+/// range): it reconnects and resumes from its last offset.
+pub const SLOW_CONSUMER: u16 = 4002;
+
+fn slow_consumer() -> CloseReason {
+    reason(CloseCode::Other(SLOW_CONSUMER), "slow consumer")
 }
 
 async fn send_frame(writer: &mut actix_ws::Session, frame: ByteString) -> bool {

@@ -86,6 +86,8 @@ pub struct Feed {
     /// this never holds more than the connection's patterns.
     snapshots: HashMap<Box<str>, (Pattern, Arc<Visibility>)>,
     buf: Vec<Arc<Update>>,
+    /// Told the queue that live updates wait on a catch-up.
+    catching_up: bool,
 }
 
 impl Feed {
@@ -96,6 +98,7 @@ impl Feed {
             last_caught_up: None,
             snapshots: HashMap::new(),
             buf: Vec::new(),
+            catching_up: false,
         }
     }
 
@@ -107,6 +110,15 @@ impl Feed {
     /// it ends at the first live update rather than by itself.
     pub fn start_catch_up(&mut self, rx: mpsc::Receiver<CatchUpItem>, open_ended: bool) {
         self.catch_ups.push_back(CatchUp { rx, open_ended });
+        if !self.catching_up {
+            self.catching_up = true;
+            self.queue.catching_up(true);
+        }
+    }
+
+    /// Catch-ups queued or running on this connection.
+    pub fn catch_ups(&self) -> usize {
+        self.catch_ups.len()
     }
 
     /// Records what a snapshot of `patterns` holds, so the updates it
@@ -201,6 +213,9 @@ impl Feed {
                 }
                 self.catch_ups.pop_front();
                 continue;
+            }
+            if std::mem::take(&mut self.catching_up) {
+                self.queue.catching_up(false);
             }
             self.buf.clear();
             let open = self.queue.drain_into(&mut self.buf).await;

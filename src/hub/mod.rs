@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::client::ClientQueue;
+use self::client::{ClientQueue, QueueLimits};
 use self::history::{History, Replay};
 use self::index::SubscriptionIndex;
 use self::pattern::Pattern;
@@ -173,7 +173,12 @@ impl HubHandle {
 
     pub fn new_client(&self) -> (u64, Arc<ClientQueue>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        (id, ClientQueue::new(self.settings.client_buffer, self.metrics.clone()))
+        let limits = QueueLimits {
+            entries: self.settings.client_buffer,
+            bytes: self.settings.client_buffer_bytes,
+            stall: self.settings.client_timeout,
+        };
+        (id, ClientQueue::new(limits, self.metrics.clone()))
     }
 
     /// Hands the updates of one stream message to every shard (waits only

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
+use super::client::Ended;
 use super::feed::{CatchUpFilter, Feed, FeedItem};
 use super::history::Replay;
 use super::pattern::Pattern;
@@ -57,11 +58,14 @@ pub enum ClientErrorCode {
     /// A token that does not verify.
     Unauthorized,
     TokenExpired,
+    /// The client fell too far behind and was cut off; it resumes from its
+    /// last offset when it reconnects.
+    SlowConsumer,
 }
 
 impl ClientErrorCode {
     /// Every code, as the protocol's schema lists them.
-    pub const ALL: [ClientErrorCode; 12] = [
+    pub const ALL: [ClientErrorCode; 13] = [
         ClientErrorCode::BadJson,
         ClientErrorCode::BadFrame,
         ClientErrorCode::UnknownOp,
@@ -74,6 +78,7 @@ impl ClientErrorCode {
         ClientErrorCode::Forbidden,
         ClientErrorCode::Unauthorized,
         ClientErrorCode::TokenExpired,
+        ClientErrorCode::SlowConsumer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -90,6 +95,7 @@ impl ClientErrorCode {
             ClientErrorCode::Forbidden => "forbidden",
             ClientErrorCode::Unauthorized => "unauthorized",
             ClientErrorCode::TokenExpired => "token_expired",
+            ClientErrorCode::SlowConsumer => "slow_consumer",
         }
     }
 }
@@ -386,9 +392,31 @@ impl Session {
         Ok(())
     }
 
-    /// Next items to send; false when the hub has let go (shutdown).
+    /// Next items to send; false when the hub has let go (shutdown, or the
+    /// client cut off: see [`Session::ended`]).
     pub async fn next(&mut self, out: &mut Vec<FeedItem>) -> bool {
         self.feed.next(out).await
+    }
+
+    /// Why the hub let go of this connection, once `next` said it had.
+    pub fn ended(&self) -> Ended {
+        self.feed.queue().ended().unwrap_or(Ended::Closed)
+    }
+
+    /// Whether the hub has cut this client off as a slow consumer.
+    pub fn is_cut_off(&self) -> bool {
+        self.feed.queue().ended() == Some(Ended::SlowConsumer)
+    }
+
+    /// The transport wrote something to the client: it is not stalled.
+    pub fn progressed(&self) {
+        self.feed.queue().progressed();
+    }
+
+    /// Cuts the client off as a slow consumer (its frames made no
+    /// progress); counted once, however it was found out.
+    pub fn cut_off(&self) {
+        self.feed.queue().cut_off();
     }
 
     /// Counts a hand-off and its end-to-end latency.

@@ -7,6 +7,7 @@
 
 pub mod clients;
 pub mod proxy;
+pub mod rawsse;
 pub mod rawws;
 pub mod verdict;
 

@@ -49,6 +49,13 @@ impl RawWs {
         self.stream.write_all(&frame).await.unwrap();
     }
 
+    /// Sends a masked pong with this payload (unasked, unless it echoes a ping).
+    pub async fn send_pong(&mut self, payload: &[u8]) {
+        let mut frame = vec![0x8A, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
     /// Next text frame's payload, answering pings; None on close or timeout.
     pub async fn next_text(&mut self, within: Duration) -> Option<String> {
         let deadline = tokio::time::Instant::now() + within;

@@ -38,6 +38,7 @@ async fn a_client_that_never_reads_does_not_delay_others_and_converges() {
     let iso = Isolation::new().await;
     let mut settings = iso.settings();
     settings.hub.client_buffer = 32;
+    settings.consumer.batch_size = 32;
     // Small kernel buffers, so the stalled socket fills within the test.
     settings.server.socket_send_buffer = 8192;
     let app = spawn_with(iso, settings).await;
@@ -354,6 +355,7 @@ async fn a_websocket_client_that_stops_reading_is_closed_by_the_heartbeat() {
     let iso = Isolation::new().await;
     let mut settings = iso.settings();
     settings.hub.client_buffer = 32;
+    settings.consumer.batch_size = 32;
     settings.hub.ping_interval = Duration::from_millis(200);
     settings.hub.client_timeout = Duration::from_millis(2000);
     settings.seed.products = 200;

@@ -18,4 +18,5 @@ mod properties;
 mod reads;
 mod realtime;
 mod resume;
+mod slow_clients;
 mod topology;
