@@ -2,12 +2,13 @@
 //! process against the real PostgreSQL, RabbitMQ and Redis on loopback, in
 //! a database, vhosts and Redis prefix of its own, runs each scenario, prints
 //! one table and writes it to BENCHMARKS.md. Bounded: the whole run stops
-//! itself before 15 minutes, and on any failure, with a message, after
+//! itself before 25 minutes, and on any failure, with a message, after
 //! removing what it created.
 //!
 //! `bench` runs everything; `bench fanout-clients …`, `bench idle-clients …`,
-//! `bench storm-clients …` and `bench publish …` are the client fleets and
-//! the event publisher it starts as child processes.
+//! `bench storm-clients …`, `bench slow-healthy …`, `bench slow-stalled …`
+//! and `bench publish …` are the client fleets and the event publisher it
+//! starts as child processes.
 
 mod catalog;
 mod children;
@@ -16,6 +17,8 @@ mod load;
 mod report;
 mod scenarios;
 mod selective;
+mod slow;
+mod slow_clients;
 mod storm;
 mod wire;
 
@@ -35,7 +38,7 @@ use crate::report::{Report, thousands};
 use crate::scenarios::Ctx;
 
 /// Scenarios, numbered from 1.
-const SCENARIOS: u8 = 8;
+const SCENARIOS: u8 = 9;
 /// Products in the catalog: above the consumer's batch size (see `load`).
 const PRODUCTS: u32 = 1000;
 const FANOUT_CLIENTS: usize = 1000;
@@ -43,7 +46,7 @@ const IDLE_WS: usize = 5000;
 const IDLE_SSE: usize = 5000;
 const MISSED: u64 = 10_000;
 /// The scenarios stop at this age of the run, leaving time to clean up.
-const BUDGET: Duration = Duration::from_secs(16 * 60);
+const BUDGET: Duration = Duration::from_secs(25 * 60);
 const WEB_STOMP: &str = "127.0.0.1:15674";
 /// Longest the whole run waits, before its measurements, for programs that
 /// are not part of the bench (a compiler, a test run) to go quiet.
@@ -63,13 +66,15 @@ fn main() {
         Some("selective-clients") => child(selective::selective_clients(Args::new(args[1..].to_vec()))),
         Some("storm-clients") => child(storm::storm_clients(Args::new(args[1..].to_vec()))),
         Some("catalog-whole") => child(catalog::catalog_whole(Args::new(args[1..].to_vec()))),
+        Some("slow-healthy") => child(slow_clients::healthy(Args::new(args[1..].to_vec()))),
+        Some("slow-stalled") => child(slow_clients::stalled(Args::new(args[1..].to_vec()))),
         None | Some("run") => run_all(),
         Some("-h" | "--help" | "help") => {
             println!(
                 "usage: bench            run every scenario, print the table, write BENCHMARKS.md\n       \
-                 BENCH_ONLY=2,8 bench  run some scenarios, 1 to 8 (BENCHMARKS.md left alone)\n       \
-                 (bench fanout-clients / idle-clients / selective-clients / storm-clients / catalog-whole / publish are child\n       \
-                 processes it starts)"
+                 BENCH_ONLY=2,9 bench  run some scenarios, 1 to 9 (BENCHMARKS.md left alone)\n       \
+                 (bench fanout-clients / idle-clients / selective-clients / storm-clients / catalog-whole / slow-healthy /\n       \
+                 slow-stalled / publish are child processes it starts)"
             );
             0
         }
@@ -365,6 +370,11 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
         eprintln!("bench: 8. a catalog of 1,000,000 products: seed, snapshots, apply lag under snapshots");
         catalog::scenario(ctx).await?;
     }
+
+    if only.contains(&9) {
+        eprintln!("bench: 9. slow consumers: 10,000 healthy clients beside 1,036 stalled connections, A/B");
+        slow::scenario(ctx).await?;
+    }
     Ok(())
 }
 
@@ -560,6 +570,7 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
     md.push_str(selective::METHOD);
     md.push_str(storm::METHOD);
     md.push_str(catalog::METHOD);
+    md.push_str(slow::METHOD);
     md
 }
 
