@@ -165,6 +165,10 @@ pub enum CatchUpItem {
         first_available: u64,
         reason: ResetReason,
     },
+    /// Everything asked for was handed over. A catch-up whose channel closes
+    /// without this was cut short (its client took nothing for too long),
+    /// and the reader resets its client past it.
+    Done,
 }
 
 /// Why a resume could not replay everything; the `reason` of a `reset`.

@@ -3,6 +3,7 @@
 //! hub's memory; a resuming client whose offset is older than that memory
 //! is read back by the instance's [`CatchUpReader`].
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use tokio::sync::Semaphore;
+
+use crate::turns::PerAddress;
 
 use super::link::{Connector, Link};
 use super::message::{OUTBOX_SEQ_HEADER, TXID_HEADER};
@@ -297,7 +300,12 @@ const CATCH_UP_STALL: Duration = Duration::from_secs(10);
 pub struct CatchUpReader {
     link: Arc<Link>,
     turns: Arc<Semaphore>,
+    /// At most this many of the turns to one client address.
+    per_address: Arc<PerAddress>,
     wait: Duration,
+    /// How long a catch-up waits for its client to take an update before
+    /// it gives its turn back.
+    stall: Duration,
     stream: String,
     prefetch: u16,
     metrics: Arc<Metrics>,
@@ -312,6 +320,18 @@ enum Stalled {
     Broker(#[from] lapin::Error),
     #[error("{0} without a delivery")]
     Silent(&'static str),
+    #[error("the client took nothing for {0:?}")]
+    Client(Duration),
+}
+
+/// Hands `item` to a catch-up's client: false when it went away, an error
+/// when it took nothing for `stall` (a turn is never held for a client that
+/// does not read).
+async fn hand(tx: &mpsc::Sender<CatchUpItem>, item: CatchUpItem, stall: Duration) -> Result<bool, Stalled> {
+    match tokio::time::timeout(stall, tx.send(item)).await {
+        Ok(sent) => Ok(sent.is_ok()),
+        Err(_) => Err(Stalled::Client(stall)),
+    }
 }
 
 impl CatchUpReader {
@@ -319,9 +339,11 @@ impl CatchUpReader {
         Self {
             link: Arc::new(Link::new(connector, "catch-up")),
             turns: Arc::new(Semaphore::new(settings.max_concurrent_catch_ups)),
+            per_address: PerAddress::new(settings.max_catch_ups_per_ip),
             wait: settings.catch_up_wait,
+            stall: settings.catch_up_stall,
             stream,
-            prefetch: settings.stream_prefetch,
+            prefetch: settings.catch_up_prefetch,
             metrics,
         }
     }
@@ -330,15 +352,23 @@ impl CatchUpReader {
     /// (exclusive; None: until the receiver goes away), with a reset first
     /// when retention removed what was asked for. A read that cannot finish
     /// ends in a reset at `until` (where the hub's memory takes over), never
-    /// in a silent gap. False when the receiver went away.
+    /// in a silent gap. False when the receiver went away, or took nothing
+    /// for `catch_up_stall` (it then finds its catch-up cut short). `ip` is
+    /// the client's address, which may hold only so many turns.
     pub async fn read_range(
         &self,
         (from, until): (u64, Option<u64>),
+        ip: Option<IpAddr>,
         wants: &(dyn Fn(&Update) -> bool + Sync),
         tx: &mpsc::Sender<CatchUpItem>,
     ) -> bool {
-        match self.read(from, until, wants, tx).await {
+        match self.read(from, until, ip, wants, tx).await {
             Ok(open) => open,
+            Err(stalled @ Stalled::Client(_)) => {
+                tracing::info!(from, error = %stalled, "catch-up given up; its turn goes back");
+                self.metrics.catch_up_resets.inc();
+                false
+            }
             Err(stalled) => {
                 tracing::warn!(from, error = %stalled, "catch-up given up; the client gets a reset");
                 self.metrics.catch_up_resets.inc();
@@ -346,7 +376,7 @@ impl CatchUpReader {
                     first_available: until.unwrap_or(from),
                     reason: ResetReason::CatchUpFailed,
                 };
-                tx.send(reset).await.is_ok()
+                hand(tx, reset, self.stall).await.unwrap_or(false)
             }
         }
     }
@@ -355,11 +385,17 @@ impl CatchUpReader {
         &self,
         from: u64,
         until: Option<u64>,
+        ip: Option<IpAddr>,
         wants: &(dyn Fn(&Update) -> bool + Sync),
         tx: &mpsc::Sender<CatchUpItem>,
     ) -> Result<bool, Stalled> {
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let _address_turn = tokio::select! {
+            turn = self.per_address.take(ip, deadline) => turn.ok_or(Stalled::NoTurn(self.wait))?,
+            _ = tx.closed() => return Ok(false),
+        };
         let _turn = tokio::select! {
-            turn = tokio::time::timeout(self.wait, self.turns.acquire()) => match turn {
+            turn = tokio::time::timeout_at(deadline, self.turns.acquire()) => match turn {
                 Ok(Ok(turn)) => turn,
                 _ => return Err(Stalled::NoTurn(self.wait)),
             },
@@ -403,7 +439,7 @@ impl CatchUpReader {
                         first_available,
                         reason: ResetReason::OffsetExpired,
                     };
-                    if tx.send(reset).await.is_err() {
+                    if !hand(tx, reset, self.stall).await? {
                         return Ok(false);
                     }
                 }
@@ -415,7 +451,7 @@ impl CatchUpReader {
                     if until.is_some_and(|until| u.offset >= until) {
                         return Ok(true);
                     }
-                    if wants(&u) && tx.send(CatchUpItem::Update(Arc::new(u))).await.is_err() {
+                    if wants(&u) && !hand(tx, CatchUpItem::Update(Arc::new(u)), self.stall).await? {
                         return Ok(false);
                     }
                 }

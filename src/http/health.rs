@@ -15,12 +15,16 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-/// PostgreSQL and RabbitMQ are required; Redis only speeds photos up, so
-/// without it the service is degraded but ready.
+/// How long the stream reader may wait on a full hub shard before the
+/// instance says it is not ready.
+const HUB_LAG_READY: Duration = Duration::from_secs(2);
+
+/// PostgreSQL, RabbitMQ and a hub that keeps up are required; Redis only
+/// speeds photos up, so without it the service is degraded but ready.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "PostgreSQL and RabbitMQ answer (Redis may not: `degraded`)", body = Object),
-        (status = 503, description = "PostgreSQL or RabbitMQ does not answer", body = Object),
+        (status = 503, description = "PostgreSQL or RabbitMQ does not answer, or the hub is behind", body = Object),
     ))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let within = Duration::from_secs(2);
@@ -30,7 +34,10 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         state.broker.ready(within),
     );
     let word = |up: bool| if up { "up" } else { "down" };
-    let ready = pg && rabbit;
+    // A hub that cannot keep up would only make new clients wait: a
+    // balancer should send them elsewhere until it has caught up.
+    let hub_keeps_up = state.hub.keeps_up(HUB_LAG_READY);
+    let ready = pg && rabbit && hub_keeps_up;
     let status = match (ready, redis) {
         (false, _) => "unavailable",
         (true, false) => "degraded",
@@ -38,7 +45,12 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     };
     let body = json!({
         "status": status,
-        "checks": { "postgres": word(pg), "rabbitmq": word(rabbit), "redis": word(redis) },
+        "checks": {
+            "postgres": word(pg),
+            "rabbitmq": word(rabbit),
+            "redis": word(redis),
+            "hub": if hub_keeps_up { "up" } else { "behind" },
+        },
     });
     if ready {
         HttpResponse::Ok().json(body)

@@ -49,11 +49,10 @@ fn parse_offset(raw: &str, what: &str) -> Result<u64, ApiError> {
     ),
     security((), ("subscriber" = [])),
     responses(
-        (status = 200, description = "The event stream (see docs/asyncapi.yaml)", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The event stream (see docs/asyncapi.yaml). Refused only for now (snapshots busy, the catalog unavailable, the connection limit): a `retry:` of when to come back, one `error` event (`busy` or `unavailable`, with `retry_ms`), and the end of the stream, so an EventSource reconnects by itself", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "Bad or expired subscriber token", body = crate::http::openapi::ErrorBody),
         (status = 403, description = "A pattern outside the grant, or a foreign Origin", body = crate::http::openapi::ErrorBody),
         (status = 429, description = "Too many connections from this address", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "Connection limit, snapshots busy, or the catalog unavailable", body = crate::http::openapi::ErrorBody),
     ))]
 pub async fn events(
     req: HttpRequest,
@@ -93,12 +92,12 @@ pub async fn events(
         None => state.auth.anonymous(),
     };
     let ip = client_ip(&req, &state.settings.server.trusted_proxies);
+    let retry = state.hub.settings().sse_retry;
     let mut sub = match Session::open(state.realtime(), Transport::Sse, ip, grant) {
         Ok(sub) => sub,
         Err(Refused::Instance) => {
-            return Err(ApiError::Unavailable(
-                "connection limit reached, try again later".into(),
-            ));
+            let e = ClientError::new(ClientErrorCode::Busy, "connection limit reached, try again later");
+            return Ok(retry_later(e.retry_after(retry), origin));
         }
         Err(Refused::PerIp) => {
             return Err(ApiError::TooManyRequests(
@@ -107,12 +106,23 @@ pub async fn events(
         }
     };
     let span = connection_span(sub.id(), "sse", ip);
-    let snapshot = sub
-        .subscribe(&topics, since, snapshot)
-        .instrument(span.clone())
-        .await
-        .inspect_err(|e| auth::count_refusal(&state.metrics, e.code.as_str()))
-        .map_err(ApiError::from)?;
+    let snapshot = match sub.subscribe(&topics, since, snapshot).instrument(span.clone()).await {
+        Ok(snapshot) => snapshot,
+        // Only for now: an EventSource told so comes back by itself.
+        Err(e) if matches!(e.code, ClientErrorCode::Busy | ClientErrorCode::Unavailable) => {
+            state
+                .metrics
+                .client_errors
+                .get_or_create(&[("code", e.code.as_str())])
+                .inc();
+            let after = e.retry.unwrap_or(retry);
+            return Ok(retry_later(e.retry_after(after), origin));
+        }
+        Err(e) => {
+            auth::count_refusal(&state.metrics, e.code.as_str());
+            return Err(ApiError::from(e));
+        }
+    };
 
     let settings = state.hub.settings();
     let first = format!(": product-gateway\nretry: {}\n\n", settings.sse_retry.as_millis());
@@ -137,6 +147,10 @@ pub async fn events(
             next_chunk(s).instrument(span)
         },
     );
+    Ok(stream_response(origin).streaming(body))
+}
+
+fn stream_response(origin: Option<header::HeaderValue>) -> actix_web::HttpResponseBuilder {
     let mut res = HttpResponse::Ok();
     res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
@@ -145,7 +159,17 @@ pub async fn events(
     if let Some(origin) = origin {
         res.insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, origin));
     }
-    Ok(res.streaming(body))
+    res
+}
+
+/// A refusal that is only for now (`busy`, `unavailable`), as a stream of
+/// one `error` event after a `retry:` of when to come back: a 503 would make
+/// an EventSource give up for good, an ended stream makes it reconnect by
+/// itself after that long.
+fn retry_later(e: ClientError, origin: Option<header::HeaderValue>) -> HttpResponse {
+    let retry = e.retry.map_or(0, |r| r.as_millis());
+    let body = format!("retry: {retry}\n\nevent: error\ndata: {}\n\n", e.to_json());
+    stream_response(origin).body(body)
 }
 
 struct Stream {

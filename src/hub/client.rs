@@ -156,6 +156,14 @@ impl ClientQueue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` with the buffer locked: a push meanwhile waits, as a shard
+    /// stuck on one client would.
+    #[cfg(test)]
+    pub(crate) fn while_held<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _held = self.lock();
+        f()
+    }
+
     pub fn push(&self, update: Arc<Update>) {
         let (len, front_changed) = {
             let mut inner = self.lock();

@@ -68,11 +68,30 @@ impl CatchUpFilter {
     }
 }
 
+/// Starts a catch-up's replay and returns what it hands over.
+pub type StartCatchUp = Box<dyn FnOnce() -> mpsc::Receiver<CatchUpItem> + Send>;
+
 struct CatchUp {
-    rx: mpsc::Receiver<CatchUpItem>,
+    /// Started only when the catch-ups before it have ended: one replay
+    /// runs per connection at a time, and one queued behind another cannot
+    /// time out waiting for its client to read the first.
+    start: Option<StartCatchUp>,
+    rx: Option<mpsc::Receiver<CatchUpItem>>,
     /// Ends where the live buffer begins (the hub had nothing yet when it
     /// started), rather than at a known offset.
     open_ended: bool,
+    /// Where live delivery takes over (the hub's newest offset at the
+    /// resume, plus one): a catch-up cut short resets its client there.
+    live_from: Option<u64>,
+}
+
+impl CatchUp {
+    fn rx(&mut self) -> &mut mpsc::Receiver<CatchUpItem> {
+        if let Some(start) = self.start.take() {
+            self.rx = Some(start());
+        }
+        self.rx.get_or_insert_with(|| mpsc::channel(1).1)
+    }
 }
 
 pub struct Feed {
@@ -88,6 +107,9 @@ pub struct Feed {
     buf: Vec<Arc<Update>>,
     /// Told the queue that live updates wait on a catch-up.
     catching_up: bool,
+    /// A catch-up was cut short with no known place where live delivery
+    /// takes over: the first live update comes after a reset.
+    owed_reset: bool,
 }
 
 impl Feed {
@@ -99,6 +121,7 @@ impl Feed {
             snapshots: HashMap::new(),
             buf: Vec::new(),
             catching_up: false,
+            owed_reset: false,
         }
     }
 
@@ -107,9 +130,14 @@ impl Feed {
     }
 
     /// Queues a catch-up behind those already running. `open_ended` when
-    /// it ends at the first live update rather than by itself.
-    pub fn start_catch_up(&mut self, rx: mpsc::Receiver<CatchUpItem>, open_ended: bool) {
-        self.catch_ups.push_back(CatchUp { rx, open_ended });
+    /// it ends at the first live update rather than at `live_from`.
+    pub fn start_catch_up(&mut self, start: StartCatchUp, open_ended: bool, live_from: Option<u64>) {
+        self.catch_ups.push_back(CatchUp {
+            start: Some(start),
+            rx: None,
+            open_ended,
+            live_from,
+        });
         if !self.catching_up {
             self.catching_up = true;
             self.queue.catching_up(true);
@@ -146,7 +174,7 @@ impl Feed {
                     // Ends by itself, at the last update the hub had when the
                     // resume started; the live buffer holds only newer ones
                     // of its patterns.
-                    match c.rx.recv().await {
+                    match c.rx().recv().await {
                         Some(CatchUpItem::Update(u)) => {
                             if self.wanted(&u) {
                                 out.push(FeedItem::Update(u));
@@ -163,8 +191,23 @@ impl Feed {
                             });
                             return true;
                         }
-                        None => {
+                        Some(CatchUpItem::Done) => {
                             self.catch_ups.pop_front();
+                        }
+                        None => {
+                            // Cut short: what it had not replayed is missing.
+                            let live_from = c.live_from;
+                            self.catch_ups.pop_front();
+                            match live_from {
+                                Some(offset) => {
+                                    out.push(FeedItem::Reset {
+                                        offset,
+                                        reason: ResetReason::CatchUpFailed,
+                                    });
+                                    return true;
+                                }
+                                None => self.owed_reset = true,
+                            }
                         }
                     }
                     continue;
@@ -174,7 +217,7 @@ impl Feed {
                 let front = self.queue.front_offset();
                 {
                     let item = tokio::select! {
-                        item = c.rx.recv() => item,
+                        item = c.rx().recv() => item,
                         // A live update became the queue's front: it may be
                         // where the catch-up ends, so check again.
                         () = self.queue.front_changed() => continue,
@@ -208,7 +251,14 @@ impl Feed {
                             out.push(FeedItem::Reset { offset, reason });
                             return true;
                         }
-                        None => {}
+                        Some(CatchUpItem::Done) => {}
+                        None => {
+                            // Cut short: live delivery takes over, after a
+                            // reset at its first update.
+                            self.catch_ups.pop_front();
+                            self.owed_reset = true;
+                            continue;
+                        }
                     }
                 }
                 self.catch_ups.pop_front();
@@ -221,6 +271,14 @@ impl Feed {
             let open = self.queue.drain_into(&mut self.buf).await;
             let before = out.len();
             let mut buf = std::mem::take(&mut self.buf);
+            if let Some(first) = buf.first()
+                && std::mem::take(&mut self.owed_reset)
+            {
+                out.push(FeedItem::Reset {
+                    offset: first.offset,
+                    reason: ResetReason::CatchUpFailed,
+                });
+            }
             for u in buf.drain(..) {
                 let old = self.last_caught_up.is_some_and(|l| u.offset <= l);
                 if !old && self.wanted(&u) {

@@ -76,6 +76,10 @@ enum Command {
 #[derive(Clone)]
 pub struct HubHandle {
     shards: Arc<[Shard]>,
+    /// Since when `publish` has waited for a full shard, in milliseconds
+    /// after `epoch` plus one; 0 while it is not waiting.
+    blocked_since: Arc<AtomicU64>,
+    epoch: std::time::Instant,
     next_id: Arc<AtomicU64>,
     connections: Arc<AtomicUsize>,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -189,12 +193,39 @@ impl HubHandle {
             return true;
         }
         let updates: Arc<[Arc<Update>]> = updates.into_iter().map(Arc::new).collect();
+        let mut blocked = false;
         for shard in self.shards.iter() {
-            if shard.tx.send(Command::Updates(updates.clone())).await.is_err() {
+            let cmd = match shard.tx.try_send(Command::Updates(updates.clone())) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(cmd)) => cmd,
+            };
+            if !blocked {
+                blocked = true;
+                let since = self.epoch.elapsed().as_millis() as u64 + 1;
+                let _ = self
+                    .blocked_since
+                    .compare_exchange(0, since, Ordering::SeqCst, Ordering::SeqCst);
+            }
+            if shard.tx.send(cmd).await.is_err() {
                 return false;
             }
         }
+        if blocked {
+            self.blocked_since.store(0, Ordering::SeqCst);
+        }
         true
+    }
+
+    /// Whether the hub keeps up: the stream reader has not waited on a
+    /// full shard for `max_wait`, and no shard's backlog is nearly full.
+    /// Readiness turns on it.
+    pub fn keeps_up(&self, max_wait: std::time::Duration) -> bool {
+        let since = self.blocked_since.load(Ordering::SeqCst);
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let waited = std::time::Duration::from_millis(now.saturating_sub(since));
+        let blocked = since > 0 && waited >= max_wait;
+        !blocked && self.shards.iter().all(|s| s.tx.capacity() >= SHARD_BACKLOG / 10)
     }
 
     pub async fn subscribe(
@@ -226,6 +257,9 @@ impl HubHandle {
     }
 }
 
+/// Stream messages a shard may have waiting before the stream reader waits.
+const SHARD_BACKLOG: usize = 8192;
+
 /// `hub.shards`, with 0 meaning one per core.
 fn shard_count(settings: &HubSettings) -> usize {
     match settings.shards {
@@ -242,7 +276,7 @@ pub fn spawn(
 ) -> HubHandle {
     let shards: Arc<[Shard]> = (0..shard_count(settings))
         .map(|n| {
-            let (tx, rx) = mpsc::channel(8192);
+            let (tx, rx) = mpsc::channel(SHARD_BACKLOG);
             let (leave_tx, leave_rx) = mpsc::unbounded_channel();
             let task = ShardTask {
                 clients: HashMap::new(),
@@ -258,6 +292,8 @@ pub fn spawn(
         .collect();
     HubHandle {
         shards,
+        blocked_since: Arc::new(AtomicU64::new(0)),
+        epoch: std::time::Instant::now(),
         next_id: Arc::new(AtomicU64::new(1)),
         connections: Arc::new(AtomicUsize::new(0)),
         per_ip: Arc::new(Mutex::new(HashMap::new())),
@@ -440,6 +476,47 @@ mod tests {
             seen.extend(live);
             let want: Vec<u64> = (10..200).filter(|o| (o % 5) as i64 + 1 == product).collect();
             assert_eq!(seen, want, "product {product}: history then live, each once, in order");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hub_whose_shard_cannot_keep_up_says_so_until_it_has_caught_up() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut settings = crate::settings::Settings::load(&dir).unwrap().hub;
+        settings.shards = 1;
+        let hub = spawn(&settings, Metrics::new(), CancellationToken::new(), &TaskTracker::new());
+        let (id, queue) = hub.new_client();
+        let every = Pattern::parse("#", 32).unwrap();
+        hub.subscribe(id, &queue, vec![every], None).await.unwrap();
+        let wait = std::time::Duration::from_millis(200);
+        assert!(hub.keeps_up(wait));
+        // The shard's one client stuck for two seconds: its backlog fills.
+        let held = queue.clone();
+        let holder =
+            std::thread::spawn(move || held.while_held(|| std::thread::sleep(std::time::Duration::from_secs(2))));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let publisher = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                for o in 0..SHARD_BACKLOG as u64 + 100 {
+                    assert!(hub.publish(vec![update(o, 1)]).await);
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        while hub.keeps_up(wait) {
+            assert!(
+                started.elapsed() < std::time::Duration::from_millis(1500),
+                "never said it was behind"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        holder.join().unwrap();
+        publisher.await.unwrap();
+        let started = std::time::Instant::now();
+        while !hub.keeps_up(wait) {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "never caught up");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::client::Ended;
-use super::feed::{CatchUpFilter, Feed, FeedItem};
+use super::feed::{CatchUpFilter, Feed, FeedItem, StartCatchUp};
 use super::history::Replay;
 use super::pattern::Pattern;
 use super::scope::Grant;
@@ -22,6 +22,7 @@ use crate::domain::Kind;
 use crate::metrics::Metrics;
 use crate::settings::HubSettings;
 use crate::store::{Db, catalog};
+use crate::turns::{AddressTurn, PerAddress};
 use crate::update::{CatchUpItem, ResetReason};
 
 /// How a client is connected; also the `transport` metric label.
@@ -105,6 +106,9 @@ impl ClientErrorCode {
 pub struct ClientError {
     pub code: ClientErrorCode,
     pub message: String,
+    /// When to ask again, for a refusal that is only for now (`busy`,
+    /// `unavailable`): the frame's `retry_ms`.
+    pub retry: Option<Duration>,
 }
 
 impl ClientError {
@@ -112,11 +116,21 @@ impl ClientError {
         Self {
             code,
             message: message.into(),
+            retry: None,
         }
     }
 
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.retry = Some(after);
+        self
+    }
+
     pub fn to_json(&self) -> String {
-        json!({ "type": "error", "code": self.code.as_str(), "message": self.message }).to_string()
+        let mut v = json!({ "type": "error", "code": self.code.as_str(), "message": self.message });
+        if let Some(retry) = self.retry {
+            v["retry_ms"] = json!(retry.as_millis() as u64);
+        }
+        v.to_string()
     }
 }
 
@@ -155,36 +169,59 @@ pub struct Realtime {
 
 /// Bounds the snapshots read and serialised at once: each holds a read
 /// connection and a copy of the catalog, so a flood of them would otherwise
-/// take every connection and much memory.
+/// take every connection and much memory. One client address holds only a
+/// few of them.
 #[derive(Clone)]
 pub struct SnapshotLimit {
     permits: Arc<Semaphore>,
+    per_address: Arc<PerAddress>,
     wait: Duration,
+}
+
+/// A snapshot's turn: the instance's and its address's, given back together.
+struct SnapshotTurn {
+    _instance: OwnedSemaphorePermit,
+    _address: Option<AddressTurn>,
 }
 
 impl SnapshotLimit {
     pub fn new(settings: &HubSettings) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(settings.max_concurrent_snapshots)),
+            per_address: PerAddress::new(settings.max_snapshots_per_ip),
             wait: settings.snapshot_wait,
         }
     }
 
-    /// A turn, released when the permit drops; `busy` after the wait.
-    async fn acquire(&self) -> Result<OwnedSemaphorePermit, ClientError> {
-        match tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
+    /// A turn for a client at `ip`, released when dropped; `busy` after the
+    /// wait, with when to come back.
+    async fn acquire(&self, ip: Option<IpAddr>) -> Result<SnapshotTurn, ClientError> {
+        let busy = || {
+            ClientError::new(
+                ClientErrorCode::Busy,
+                "too many snapshots are being served; retry in a moment",
+            )
+            .retry_after(self.wait)
+        };
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let address = self.per_address.take(ip, deadline).await.ok_or_else(busy)?;
+        match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(SnapshotTurn {
+                _instance: permit,
+                _address: address,
+            }),
             Ok(Err(_)) => Err(ClientError::new(
                 ClientErrorCode::Unavailable,
                 "the service is shutting down",
             )),
-            Err(_) => Err(ClientError::new(
-                ClientErrorCode::Busy,
-                "too many snapshots are being served; retry in a moment",
-            )),
+            Err(_) => Err(busy()),
         }
     }
 }
+
+/// Catch-ups one connection may have queued or running: each pins the
+/// history it replays.
+const MAX_CATCH_UPS_QUEUED: usize = 4;
 
 /// One client connection's subscription state.
 pub struct Session {
@@ -202,6 +239,9 @@ pub struct Session {
     /// What this connection may subscribe to, and until when.
     grant: Grant,
     transport: Transport,
+    /// The client's address (forwarded, behind trusted proxies): how many
+    /// snapshot and catch-up turns it holds is capped.
+    ip: Option<IpAddr>,
     _slot: ConnectionSlot,
 }
 
@@ -233,6 +273,7 @@ impl Session {
             covered: Vec::new(),
             grant,
             transport,
+            ip,
             _slot: slot,
         })
     }
@@ -327,12 +368,19 @@ impl Session {
         snapshot: bool,
     ) -> Result<Option<SnapshotFrames>, ClientError> {
         let (patterns, fresh) = self.parse(topics)?;
+        let since = if snapshot { None } else { since };
+        if since.is_some() && !fresh.is_empty() && self.feed.catch_ups() >= MAX_CATCH_UPS_QUEUED {
+            return Err(ClientError::new(
+                ClientErrorCode::Busy,
+                "earlier resumes are still being replayed on this connection; ask again after them",
+            )
+            .retry_after(Duration::from_secs(1)));
+        }
         // Taken before subscribing, so a client told to retry is left as it was.
         let turn = match snapshot {
-            true => Some(self.snapshots.acquire().await?),
+            true => Some(self.snapshots.acquire(self.ip).await?),
             false => None,
         };
-        let since = if snapshot { None } else { since };
         let subscribed = self
             .hub
             .subscribe(self.id, self.feed.queue(), fresh.clone(), since)
@@ -352,13 +400,16 @@ impl Session {
         }
         if since.is_some() && !fresh.is_empty() {
             let open_ended = subscribed.last_offset.is_none();
-            let rx = catch_up(
+            let start = catch_up(
                 self.catch_up.clone(),
                 subscribed.catch_up,
                 subscribed.replay,
                 CatchUpFilter::new(&fresh, &covered),
+                self.ip,
+                self.hub.settings().catch_up_stall,
             );
-            self.feed.start_catch_up(rx, open_ended);
+            self.feed
+                .start_catch_up(start, open_ended, subscribed.last_offset.map(|o| o + 1));
         }
         let Some(turn) = turn else { return Ok(None) };
         // Registered first, read second: an update committed after the
@@ -376,6 +427,7 @@ impl Session {
             offset: subscribed.last_offset,
             part_size: self.hub.settings().snapshot_part_products,
             metrics: self.hub.metrics().clone(),
+            stall: self.hub.settings().snapshot_stall,
             _turn: turn,
         })))
     }
@@ -480,7 +532,11 @@ fn snapshot_unavailable() -> ClientError {
         ClientErrorCode::Unavailable,
         "snapshots are unavailable; retry in a moment",
     )
+    .retry_after(SNAPSHOT_RETRY)
 }
+
+/// When a client whose snapshot was cut short may ask again.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 
 /// One frame of a snapshot, serialised: a `snapshot` part, or the
 /// `snapshot_end` that closes them with the stream offset updates follow.
@@ -492,14 +548,32 @@ pub struct SnapshotFrame {
 }
 
 /// A snapshot's frames in order, read a page ahead of the socket. An error
-/// ends them: the client is told the snapshot was cut short.
-pub type SnapshotFrames = mpsc::Receiver<Result<SnapshotFrame, ClientError>>;
+/// ends them: the client is told the snapshot was cut short, also when the
+/// reader gave up on a client that took no part for `snapshot_stall`.
+pub struct SnapshotFrames {
+    rx: mpsc::Receiver<Result<SnapshotFrame, ClientError>>,
+    /// The last frame (`snapshot_end` or an error) was taken.
+    ended: bool,
+}
+
+impl SnapshotFrames {
+    /// The next frame; an `unavailable` error when the reader stopped
+    /// before the end; None after the last.
+    pub async fn next(&mut self) -> Option<Result<SnapshotFrame, ClientError>> {
+        if self.ended {
+            return None;
+        }
+        let frame = self.rx.recv().await.unwrap_or_else(|| Err(snapshot_unavailable()));
+        self.ended = frame.as_ref().map_or(true, |f| f.end_offset.is_some());
+        Some(frame)
+    }
+}
 
 /// The next frame of the snapshot being sent; never, when none is (a
 /// transport's select branch). None once the snapshot has ended.
 pub async fn next_snapshot_frame(snapshot: &mut Option<SnapshotFrames>) -> Option<Result<SnapshotFrame, ClientError>> {
     match snapshot {
-        Some(frames) => frames.recv().await,
+        Some(frames) => frames.next().await,
         None => std::future::pending().await,
     }
 }
@@ -512,15 +586,19 @@ struct SnapshotStream {
     offset: Option<u64>,
     part_size: usize,
     metrics: Arc<Metrics>,
-    _turn: OwnedSemaphorePermit,
+    /// How long the client may leave a part untaken.
+    stall: Duration,
+    _turn: SnapshotTurn,
 }
 
-/// Sends one `snapshot` part; false when it cannot go (the receiver left
-/// or the part does not serialise, which the receiver is then told).
+/// Sends one `snapshot` part; false when it cannot go (the receiver left,
+/// took nothing for `stall`, or the part does not serialise, which the
+/// receiver is then told).
 async fn send_part(
     tx: &mpsc::Sender<Result<SnapshotFrame, ClientError>>,
     part: u64,
     products: &[catalog::Product],
+    stall: Duration,
 ) -> bool {
     let part = Part {
         kind: "snapshot",
@@ -534,7 +612,17 @@ async fn send_part(
             snapshot_unavailable()
         });
     let ok = frame.is_ok();
-    tx.send(frame).await.is_ok() && ok
+    hand(tx, frame, stall).await && ok
+}
+
+/// Hands a frame to the snapshot's client: false when it left or took
+/// nothing for `stall`.
+async fn hand(
+    tx: &mpsc::Sender<Result<SnapshotFrame, ClientError>>,
+    frame: Result<SnapshotFrame, ClientError>,
+    stall: Duration,
+) -> bool {
+    matches!(tokio::time::timeout(stall, tx.send(frame)).await, Ok(Ok(())))
 }
 
 #[derive(serde::Serialize)]
@@ -548,55 +636,62 @@ struct Part<'a> {
 /// Reads the snapshot page by page in a task of its own, each page's rows
 /// that the patterns cover becoming a `snapshot` part; at least one part,
 /// then `snapshot_end`. One part waits at a time: memory per snapshot stays
-/// a page, and a client that stops reading stops the read. A dropped
-/// receiver ends the task.
+/// a page, and a client that stops reading stops the read. A receiver that
+/// leaves, or takes no part for `stall`, ends the task: its transaction is
+/// rolled back and its turn given back at once.
 fn stream_snapshot(s: SnapshotStream) -> SnapshotFrames {
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         // The whole of it, turn included: the block would otherwise capture
         // only the fields it uses and give the turn back at once.
         let mut s = s;
-        let (mut parts, mut products) = (0u64, 0u64);
-        loop {
-            let page = match s.read.next_page(s.part_size).await {
-                Ok(Some(page)) => page,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, part = parts, "snapshot read failed");
-                    let _ = tx.send(Err(snapshot_unavailable())).await;
-                    return;
-                }
-            };
-            s.metrics.snapshot_rows.inc_by(page.len() as u64);
-            let rows: Vec<catalog::Product> = page
-                .into_iter()
-                .filter(|p| Kind::ALL.iter().any(|k| covers(&s.patterns, *k, p.id)))
-                .collect();
-            if rows.is_empty() {
-                continue;
-            }
-            if !send_part(&tx, parts, &rows).await {
-                return;
-            }
-            parts += 1;
-            products += rows.len() as u64;
+        if !send_snapshot(&mut s, &tx).await {
+            s.read.abandon().await;
         }
-        // Every snapshot has a first part, if empty, so a client can await it.
-        if parts == 0 {
-            if !send_part(&tx, 0, &[]).await {
-                return;
-            }
-            parts = 1;
-        }
-        let end = json!({ "type": "snapshot_end", "parts": parts, "products": products, "offset": s.offset });
-        let _ = tx
-            .send(Ok(SnapshotFrame {
-                json: end.to_string(),
-                end_offset: Some(s.offset),
-            }))
-            .await;
     });
-    rx
+    SnapshotFrames { rx, ended: false }
+}
+
+/// Sends every part then the end; false when it stopped before the end.
+async fn send_snapshot(s: &mut SnapshotStream, tx: &mpsc::Sender<Result<SnapshotFrame, ClientError>>) -> bool {
+    let (mut parts, mut products) = (0u64, 0u64);
+    loop {
+        let page = match s.read.next_page(s.part_size).await {
+            Ok(Some(page)) => page,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, part = parts, "snapshot read failed");
+                hand(tx, Err(snapshot_unavailable()), s.stall).await;
+                return false;
+            }
+        };
+        s.metrics.snapshot_rows.inc_by(page.len() as u64);
+        let rows: Vec<catalog::Product> = page
+            .into_iter()
+            .filter(|p| Kind::ALL.iter().any(|k| covers(&s.patterns, *k, p.id)))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        if !send_part(tx, parts, &rows, s.stall).await {
+            return false;
+        }
+        parts += 1;
+        products += rows.len() as u64;
+    }
+    // Every snapshot has a first part, if empty, so a client can await it.
+    if parts == 0 {
+        if !send_part(tx, 0, &[], s.stall).await {
+            return false;
+        }
+        parts = 1;
+    }
+    let end = json!({ "type": "snapshot_end", "parts": parts, "products": products, "offset": s.offset });
+    let end = SnapshotFrame {
+        json: end.to_string(),
+        end_offset: Some(s.offset),
+    };
+    hand(tx, Ok(end), s.stall).await
 }
 
 pub fn reset_json(offset: u64, reason: ResetReason) -> serde_json::Value {
@@ -605,31 +700,43 @@ pub fn reset_json(offset: u64, reason: ResetReason) -> serde_json::Value {
 
 /// Replays for one resuming client what its filter wants: first from the
 /// stream, from update id `read.from` until `read.until` (exclusive; the
-/// hub's memory starts there), then from the hub's memory. Ends when done
-/// or when the receiver goes away.
+/// hub's memory starts there), then from the hub's memory; `Done` at the
+/// end. Started when the connection's earlier catch-ups have ended. Ends
+/// early when the receiver goes away or takes nothing for `stall` (the
+/// reader then resets its client), never holding a turn for it.
 fn catch_up(
     reader: CatchUpReader,
     read: Option<CatchUp>,
     replay: Replay,
     filter: CatchUpFilter,
-) -> mpsc::Receiver<CatchUpItem> {
-    let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(async move {
-        let wants = |u: &crate::update::Update| filter.wants(u);
-        if let Some(CatchUp { from, until }) = read
-            && !reader.read_range((from, until), &wants, &tx).await
-        {
-            return;
-        }
-        for (i, u) in replay.iter().enumerate() {
-            if filter.wants(u) && tx.send(CatchUpItem::Update(u.clone())).await.is_err() {
+    ip: Option<IpAddr>,
+    stall: Duration,
+) -> StartCatchUp {
+    Box::new(move || {
+        // Little in flight: a client that stops reading pins no more.
+        let (tx, rx) = mpsc::channel(CATCH_UP_CHANNEL);
+        tokio::spawn(async move {
+            let wants = |u: &crate::update::Update| filter.wants(u);
+            if let Some(CatchUp { from, until }) = read
+                && !reader.read_range((from, until), ip, &wants, &tx).await
+            {
                 return;
             }
-            // A long replay of updates nobody wants must not hog the thread.
-            if i % 1024 == 1023 {
-                tokio::task::yield_now().await;
+            let hand = |item| async { matches!(tokio::time::timeout(stall, tx.send(item)).await, Ok(Ok(()))) };
+            for (i, u) in replay.iter().enumerate() {
+                if filter.wants(u) && !hand(CatchUpItem::Update(u.clone())).await {
+                    return;
+                }
+                // A long replay of updates nobody wants must not hog the thread.
+                if i % 1024 == 1023 {
+                    tokio::task::yield_now().await;
+                }
             }
-        }
-    });
-    rx
+            hand(CatchUpItem::Done).await;
+        });
+        rx
+    })
 }
+
+/// Updates a catch-up hands over ahead of its client.
+const CATCH_UP_CHANNEL: usize = 64;

@@ -145,6 +145,25 @@ impl SnapshotRead {
         }
         Ok(Some(page))
     }
+
+    /// Ends a read given up before its last page: the transaction is rolled
+    /// back now, so its snapshot holds back no vacuum and its connection
+    /// goes back to the pool clean; a connection that does not answer
+    /// within a second is closed instead.
+    pub async fn abandon(mut self) {
+        use diesel_async::{AnsiTransactionManager, TransactionManager};
+        if self.done {
+            return;
+        }
+        let rolled_back = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            AnsiTransactionManager::rollback_transaction(&mut *self.conn),
+        )
+        .await;
+        if !matches!(rolled_back, Ok(Ok(()))) {
+            drop(deadpool::managed::Object::take(self.conn));
+        }
+    }
 }
 
 pub async fn get(db: &Db, id: ProductId) -> Result<Option<Product>, StoreError> {

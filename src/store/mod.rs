@@ -12,8 +12,8 @@ use std::time::Duration;
 use diesel::Connection;
 use diesel_async::AsyncPgConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 use crate::settings::DatabaseSettings;
@@ -43,18 +43,49 @@ impl From<diesel_async::pooled_connection::deadpool::PoolError> for StoreError {
 
 /// The pool the pipeline writes with (apply, version issuing, admin).
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Db> {
-    build_pool(settings.url.expose(), settings.pool_size, settings.acquire_timeout)
+    build_pool(
+        settings.url.expose(),
+        settings.pool_size,
+        settings.acquire_timeout,
+        None,
+    )
 }
+
+/// Set on every read connection: a read transaction left idle this long
+/// (a snapshot whose task was lost) is ended by PostgreSQL itself, so no
+/// client can hold back vacuum. Snapshots end their own much sooner
+/// (`hub.snapshot_stall_ms`); this is the backstop.
+const READ_SESSION_SETUP: &str = "SET idle_in_transaction_session_timeout = '30s'";
 
 /// The pool client reads (REST, snapshots) use, on a replica when one is
 /// set: a flood of reads waits here, never for the apply path's connections.
 pub fn read_pool(settings: &DatabaseSettings) -> anyhow::Result<Db> {
     let url = settings.read_url.as_ref().unwrap_or(&settings.url);
-    build_pool(url.expose(), settings.read_pool_size, settings.acquire_timeout)
+    build_pool(
+        url.expose(),
+        settings.read_pool_size,
+        settings.acquire_timeout,
+        Some(READ_SESSION_SETUP),
+    )
 }
 
-fn build_pool(url: &str, size: usize, acquire_timeout: Duration) -> anyhow::Result<Db> {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+fn build_pool(url: &str, size: usize, acquire_timeout: Duration, setup: Option<&'static str>) -> anyhow::Result<Db> {
+    let mut config = ManagerConfig::<AsyncPgConnection>::default();
+    if let Some(setup) = setup {
+        config.custom_setup = Box::new(move |url| {
+            let url = url.to_owned();
+            Box::pin(async move {
+                use diesel_async::{AsyncConnection, RunQueryDsl};
+                let mut conn = AsyncPgConnection::establish(&url).await?;
+                diesel::sql_query(setup)
+                    .execute(&mut conn)
+                    .await
+                    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                Ok(conn)
+            })
+        });
+    }
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
     let timeout = Some(acquire_timeout);
     let pool = Pool::builder(manager)
         .max_size(size)

@@ -236,6 +236,21 @@ impl SseClient {
         })
     }
 
+    /// The refusal of a stream that is refused only for now (`busy`,
+    /// `unavailable`): answered 200 with one `error` event, then ended, so
+    /// an EventSource comes back by itself. None when the stream was served.
+    pub async fn retry_later(base: &str, query: &str) -> Option<Value> {
+        let Ok(mut sse) = Self::connect(base, query, None).await else {
+            panic!("a refusal for now is not an HTTP error")
+        };
+        let first = sse.next(Duration::from_secs(2)).await?;
+        if first.event != "error" {
+            return None;
+        }
+        assert!(sse.next(Duration::from_secs(5)).await.is_none() && sse.ended, "the refusal ends its stream");
+        Some(first.data)
+    }
+
     /// Next event (comments and `retry:` skipped); None on timeout or end.
     pub async fn next(&mut self, within: Duration) -> Option<SseEvent> {
         let deadline = tokio::time::Instant::now() + within;

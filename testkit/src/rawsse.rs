@@ -25,11 +25,17 @@ impl RawSse {
     /// Connects and sends `GET <path_and_query>`; returns the status line
     /// and the client, which reads nothing further until told to.
     pub async fn connect(port: u16, path_and_query: &str) -> (String, RawSse) {
+        Self::connect_as(port, path_and_query, None).await
+    }
+
+    /// [`RawSse::connect`] through a proxy that forwards for `forwarded_for`.
+    pub async fn connect_as(port: u16, path_and_query: &str, forwarded_for: Option<&str>) -> (String, RawSse) {
         let socket = TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(2048).unwrap();
         let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let forwarded = forwarded_for.map_or(String::new(), |ip| format!("X-Forwarded-For: {ip}\r\n"));
         let req = format!(
-            "GET {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\r\n"
+            "GET {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n{forwarded}\r\n"
         );
         stream.write_all(req.as_bytes()).await.unwrap();
         let mut head = Vec::new();

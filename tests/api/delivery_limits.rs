@@ -171,7 +171,7 @@ async fn malformed_frames_get_their_error_and_the_server_stays_up() {
 }
 
 #[actix_rt::test]
-async fn connections_over_the_limit_are_refused_with_1013_and_503() {
+async fn connections_over_the_limit_are_refused_with_1013_and_an_event_saying_when_to_come_back() {
     let iso = Isolation::new().await;
     let mut settings = iso.settings();
     settings.hub.max_connections = 2;
@@ -184,16 +184,14 @@ async fn connections_over_the_limit_are_refused_with_1013_and_503() {
         Some(WsEvent::Closed(code)) => assert_eq!(code, Some(1013)),
         other => panic!("expected close 1013, got {other:?}"),
     }
-    match SseClient::connect(&app.address, "topics=%23", None).await {
-        Err((503, body)) => assert_eq!(body["code"], "unavailable"),
-        _ => panic!("third connection accepted"),
-    }
+    let refused = SseClient::retry_later(&app.address, "topics=%23")
+        .await
+        .expect("third connection accepted");
+    assert_eq!(refused["code"], "busy", "{refused}");
+    assert!(refused["retry_ms"].as_u64().is_some_and(|ms| ms > 0), "{refused}");
     drop(a);
     eventually(T, "a slot frees up", || async {
-        SseClient::connect(&app.address, "topics=%23", None)
-            .await
-            .ok()
-            .map(|_| ())
+        SseClient::retry_later(&app.address, "topics=%23").await.is_none().then_some(())
     })
     .await;
     assert!(app.metric("gateway_clients_refused_total", "connection_limit").await >= 2.0);

@@ -18,5 +18,6 @@ mod properties;
 mod reads;
 mod realtime;
 mod resume;
+mod shared_turns;
 mod slow_clients;
 mod topology;

@@ -57,8 +57,9 @@ async fn a_client_with_more_waiting_products_than_its_buffer_is_cut_off_as_a_slo
     let started = Instant::now();
     for round in 1..=12i64 {
         let first = (round % 4) * 100 + 1;
-        let events: Vec<(i64, &str, i64, i64)> =
-            (first..first + 100).map(|id| (id, "price", 100 * round + id, round)).collect();
+        let events: Vec<(i64, &str, i64, i64)> = (first..first + 100)
+            .map(|id| (id, "price", 100 * round + id, round))
+            .collect();
         p.burst(&events).await;
         assert_eq!(healthy.updates(100, T).await.len(), 100, "round {round}");
         if slow_consumers(&app).await >= 1.0 {
@@ -82,8 +83,7 @@ async fn a_client_with_more_waiting_products_than_its_buffer_is_cut_off_as_a_slo
 async fn a_websocket_peer_that_sends_unsolicited_pongs_but_never_reads_is_closed() {
     let app = spawn_impatient(|_| {}).await;
     let mut ws = RawWs::connect(app.port).await;
-    ws.send_text(r#"{"op":"subscribe","topics":["product.price.1"]}"#)
-        .await;
+    ws.send_text(r#"{"op":"subscribe","topics":["product.price.1"]}"#).await;
     assert!(ws.next_text(T).await.unwrap().contains("subscribed"));
     assert_eq!(connected(&app, "ws").await, 1.0);
     // Pongs are legal unasked; they must not pass for answers to our pings.
@@ -100,7 +100,10 @@ async fn a_websocket_peer_that_sends_unsolicited_pongs_but_never_reads_is_closed
     }
     let closed_after = closed_after.expect("closed while sending unasked pongs");
     // client_timeout + one ping interval, and some slack for a busy machine.
-    assert!(closed_after < Duration::from_millis(1500 + 500 + 1000), "{closed_after:?}");
+    assert!(
+        closed_after < Duration::from_millis(1500 + 500 + 1000),
+        "{closed_after:?}"
+    );
     assert!(
         app.metric("gateway_clients_refused", "reason=\"heartbeat_timeout\"")
             .await
@@ -113,8 +116,7 @@ async fn a_websocket_peer_that_sends_unsolicited_pongs_but_never_reads_is_closed
 async fn a_websocket_client_that_answers_pings_stays_connected() {
     let app = spawn_impatient(|_| {}).await;
     let mut ws = RawWs::connect(app.port).await;
-    ws.send_text(r#"{"op":"subscribe","topics":["product.price.1"]}"#)
-        .await;
+    ws.send_text(r#"{"op":"subscribe","topics":["product.price.1"]}"#).await;
     assert!(ws.next_text(T).await.unwrap().contains("subscribed"));
     // Reading answers each ping with its own payload: alive for 4 timeouts.
     assert_eq!(ws.next_text(Duration::from_secs(6)).await, None, "no frame but pings");
