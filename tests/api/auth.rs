@@ -298,3 +298,48 @@ async fn a_websocket_refreshes_its_token_in_place() {
     assert_eq!(update["topic"], "product.price.5");
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn an_sse_stream_whose_client_stalls_sends_nothing_queued_after_its_token_expired() {
+    let app = spawn_app_with(|s| {
+        s.auth.anonymous_patterns = vec![];
+        s.auth.hs256_secret = product_gateway::settings::Secret::new(SECRET);
+        s.auth.leeway = Duration::ZERO;
+        s.server.socket_send_buffer = 4096;
+        // Only the token may end this stream here.
+        s.hub.client_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let exp = now() + 3;
+    let token = hs256(&["product.price.*"], exp);
+    let (status, stalled) =
+        testkit::rawsse::RawSse::connect(app.port, &format!("/events?topics=product.price.*&token={token}")).await;
+    assert!(status.contains("200"), "{status}");
+    // Updates flow from before the expiry to well after it, far more than
+    // the socket buffers hold, while the client reads nothing.
+    let p = TestPublisher::connect(&app.iso).await;
+    let mut version = 10;
+    while now() < exp + 2 {
+        version += 1;
+        let events: Vec<(i64, &str, i64, i64)> = (1..=50).map(|id| (id, "price", 100 + id, version)).collect();
+        p.burst(&events).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let testkit::rawsse::Drained::Closed(body) = stalled.drain(T).await else {
+        panic!("the expired stream did not end");
+    };
+    let body = String::from_utf8_lossy(&body);
+    let exp_us = exp as i64 * 1_000_000;
+    let mut updates = 0;
+    for data in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+        if let Some(ts) = v["ts_us"].as_i64() {
+            updates += 1;
+            assert!(ts <= exp_us, "an update published {} ms after the token expired was sent", (ts - exp_us) / 1000);
+        }
+    }
+    assert!(updates > 0, "updates flowed before the expiry");
+    let last = body.lines().filter_map(|l| l.strip_prefix("data: ")).last().unwrap_or_default();
+    assert!(last.contains("token_expired"), "the stream ends with token_expired: {last}");
+    app.stop().await;
+}
