@@ -289,6 +289,9 @@ struct RunFigures {
     closed: f64,
     errors: Vec<String>,
     lat: Vec<u32>,
+    /// The slowest delivery of each 10 s of publishing, from the probes'
+    /// start (SIGSTOP in run B), ms.
+    worst_by_10s: Vec<f64>,
     probes: Vec<serde_json::Value>,
     /// Probe connections: (opened µs, closed µs, WebSocket?).
     conns: Vec<(i64, i64, bool)>,
@@ -360,6 +363,7 @@ async fn window(
         closed: 0.0,
         errors: Vec::new(),
         lat: Vec::new(),
+        worst_by_10s: Vec::new(),
         probes: Vec::new(),
         conns: Vec::new(),
         from_us,
@@ -389,6 +393,13 @@ async fn window(
                 .filter_map(|v| v.as_u64())
                 .map(|v| v as u32),
         );
+        for (i, w) in r["worst_us_by_10s"].as_array().into_iter().flatten().enumerate() {
+            let w = w.as_f64().unwrap_or(0.0) / 1e3;
+            match f.worst_by_10s.get_mut(i) {
+                Some(v) => *v = v.max(w),
+                None => f.worst_by_10s.push(w),
+            }
+        }
         f.probes.extend(r["probes"].as_array().into_iter().flatten().cloned());
         f.conns.extend(
             r["conns"]
@@ -799,8 +810,8 @@ fn report(ctx: &mut Ctx, a: &RunFigures, b: &RunFigures, mon: &Samples, st: Stal
     r.row(
         S,
         format!(
-            "stalled connections closed by the service, from SIGSTOP (gauge once a second; {} WebSocket, {} SSE): \
-             half / 99% / all (WebSocket all, SSE all)",
+            "stalled connections closed by the service, from SIGSTOP (gauge once a second, so upper bounds to the \
+             second; {} WebSocket, {} SSE): half / 99% / all (WebSocket all, SSE all)",
             STALLED_WS_ALL,
             STALLED - STALLED_WS_ALL
         ),
@@ -982,9 +993,23 @@ fn report(ctx: &mut Ctx, a: &RunFigures, b: &RunFigures, mon: &Samples, st: Stal
         open_series
             .iter()
             .take_while(|(t, _, _)| *t <= limit + 10.0)
-            .map(|(t, w, s)| format!("{t:.0}: {w:.0}+{s:.0}"))
+            // Below zero is a probe's connection counted a moment early or late.
+            .map(|(t, w, s)| format!("{t:.0}: {:.0}+{:.0}", w.max(0.0), s.max(0.0)))
             .collect::<Vec<_>>()
             .join(", ")
+    ));
+    let by_10s = |f: &RunFigures| {
+        f.worst_by_10s
+            .iter()
+            .map(|w| format!("{w:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    r.note(format!(
+        "Slow consumers, healthy clients' slowest delivery in each 10 s of the window, ms: run A {}; run B (from \
+         SIGSTOP) {}.",
+        by_10s(a),
+        by_10s(b)
     ));
     r.note(format!(
         "Slow consumers: the publisher held {:.0} and {:.0} events/s in runs A and B; duplicates A {} B {}; healthy \

@@ -191,6 +191,24 @@ impl WsC {
         self.s.fill().await
     }
 
+    /// Closes with 1000 and reads until the server closes too (for at most
+    /// a second): dropping a socket with unread data resets it, which the
+    /// service counts as a protocol error.
+    async fn close(mut self) {
+        if self.send(0x88, &1000u16.to_be_bytes()).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                self.s.buf.clear();
+                if !matches!(self.fill().await, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
     /// The next text message or the close, answering pings; an error at
     /// the deadline or when the connection ends without a close frame.
     async fn next(&mut self, deadline: Deadline) -> Result<WsEvent> {
@@ -408,6 +426,7 @@ fn wildcard_path(extra: &str) -> String {
 struct Seen {
     client: u32,
     seq: u64,
+    ts_us: i64,
     latency_us: u32,
 }
 
@@ -540,6 +559,7 @@ pub fn healthy(args: Args) -> Result<()> {
             let tally = Tally {
                 lo_seq: lo_seq as u64,
                 hi_seq: hi_seq as u64,
+                from_us: start_us,
                 first,
                 n,
                 lo,
@@ -585,6 +605,7 @@ async fn record(client: Healthy, id: u32, seen: &Mutex<Vec<Seen>>) -> String {
         lock(seen).push(Seen {
             client: id,
             seq: (u.version - 1) as u64,
+            ts_us: u.ts_us,
             latency_us,
         });
     };
@@ -639,6 +660,8 @@ async fn record(client: Healthy, id: u32, seen: &Mutex<Vec<Seen>>) -> String {
 struct Tally {
     lo_seq: u64,
     hi_seq: u64,
+    /// Where the 10 s periods of the worst latencies start.
+    from_us: i64,
     first: usize,
     n: usize,
     lo: u64,
@@ -657,18 +680,18 @@ impl Tally {
                 *per_product.entry(product).or_default() += 1;
             }
         }
-        let mut got: Vec<(u32, u64, u32)> = lock(seen)
+        let mut got: Vec<(u32, u64, u32, i64)> = lock(seen)
             .iter()
             .filter(|s| (self.lo_seq..self.hi_seq).contains(&s.seq))
-            .map(|s| (s.client, s.seq, s.latency_us))
+            .map(|s| (s.client, s.seq, s.latency_us, s.ts_us))
             .collect();
         got.sort_unstable();
         let before = got.len();
-        got.dedup_by_key(|(c, s, _)| (*c, *s));
+        got.dedup_by_key(|(c, s, _, _)| (*c, *s));
         let duplicates = before - got.len();
         let mut per_client = vec![0u64; self.n];
         let mut wrong = 0u64;
-        for (c, s, _) in &got {
+        for (c, s, _, _) in &got {
             let product = key_of(*s, self.catalog).0 as u64;
             if product == healthy_product(self.first + *c as usize, self.lo, self.span) {
                 per_client[*c as usize] += 1;
@@ -686,11 +709,22 @@ impl Tally {
             delivered += d.min(&want);
             short += u64::from(*d < want);
         }
-        let mut lat: Vec<u32> = got.iter().map(|(_, _, l)| *l).collect();
+        let mut lat: Vec<u32> = got.iter().map(|(_, _, l, _)| *l).collect();
         lat.sort_unstable();
+        // The slowest delivery of the updates published in each 10 s from
+        // `from_us`: a stall shows as a few bad periods, a saturated
+        // service as all of them.
+        let mut worst: Vec<u32> = Vec::new();
+        for (_, _, l, ts) in &got {
+            let i = ((ts - self.from_us).max(0) / 10_000_000) as usize;
+            if worst.len() <= i {
+                worst.resize(i + 1, 0);
+            }
+            worst[i] = worst[i].max(*l);
+        }
         json!({
             "expected": expected, "delivered": delivered, "clients_short": short,
-            "duplicates": duplicates, "wrong_product": wrong, "lat_us": lat,
+            "duplicates": duplicates, "wrong_product": wrong, "lat_us": lat, "worst_us_by_10s": worst,
         })
     }
 }
@@ -808,18 +842,20 @@ async fn snapshot_once(src: Ipv4Addr, addr: SocketAddr, product: u64, sse: bool,
             let mut ws = WsC::open(src, addr).await?;
             ws.send_json(&json!({ "op": "subscribe", "topics": topics, "snapshot": true }))
                 .await?;
-            loop {
+            let outcome = loop {
                 match ws.next(far).await? {
                     WsEvent::Text(m) if find(&m, b"\"type\":\"snapshot_end\"").is_some() => {
-                        return Ok((true, String::new(), num_after(&m, b"\"offset\":").map(|o| o as u64)));
+                        break (true, String::new(), num_after(&m, b"\"offset\":").map(|o| o as u64));
                     }
                     WsEvent::Text(m) if find(&m, b"\"type\":\"error\"").is_some() => {
-                        return Ok((false, code_of(&m), None));
+                        break (false, code_of(&m), None);
                     }
                     WsEvent::Text(_) => {}
                     WsEvent::Closed(code) => return Ok((false, format!("closed {code:?}"), None)),
                 }
-            }
+            };
+            ws.close().await;
+            Ok(outcome)
         })
         .await;
     }
@@ -851,21 +887,19 @@ async fn resume_once(src: Ipv4Addr, addr: SocketAddr, since: u64, sse: bool, log
             let mut ws = WsC::open(src, addr).await?;
             ws.send_json(&json!({ "op": "subscribe", "topics": WILDCARD, "since": since }))
                 .await?;
-            loop {
+            let outcome = loop {
                 match ws.next(far).await? {
-                    WsEvent::Text(m) if m.starts_with(b"{\"type\":\"update\"") => {
-                        return Ok((true, String::new(), None));
-                    }
+                    WsEvent::Text(m) if m.starts_with(b"{\"type\":\"update\"") => break (true, String::new(), None),
                     WsEvent::Text(m) if find(&m, b"\"type\":\"reset\"").is_some() => {
-                        return Ok((false, "reset".to_owned(), None));
+                        break (false, "reset".to_owned(), None);
                     }
-                    WsEvent::Text(m) if find(&m, b"\"type\":\"error\"").is_some() => {
-                        return Ok((false, code_of(&m), None));
-                    }
+                    WsEvent::Text(m) if find(&m, b"\"type\":\"error\"").is_some() => break (false, code_of(&m), None),
                     WsEvent::Text(_) => {}
                     WsEvent::Closed(code) => return Ok((false, format!("closed {code:?}"), None)),
                 }
-            }
+            };
+            ws.close().await;
+            Ok(outcome)
         })
         .await;
     }
@@ -1157,10 +1191,10 @@ async fn read_stalled(client: Stalled, k: usize, first_data: bool, fates: &Fates
             while let Some(f) = ws.frame() {
                 match f.op {
                     OP_PING => {
-                        if let Err(e) = ws.pong(&f).await {
-                            fates.end(k, io_label(&e));
-                            return;
-                        }
+                        // After SIGCONT the server may be gone: what is
+                        // still buffered (a close frame) tells more than
+                        // the failed pong, so reading goes on.
+                        let _ = ws.pong(&f).await;
                         continue;
                     }
                     OP_CLOSE => {
