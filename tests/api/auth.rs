@@ -332,14 +332,27 @@ async fn an_sse_stream_whose_client_stalls_sends_nothing_queued_after_its_token_
     let exp_us = exp as i64 * 1_000_000;
     let mut updates = 0;
     for data in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
-        let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
         if let Some(ts) = v["ts_us"].as_i64() {
             updates += 1;
-            assert!(ts <= exp_us, "an update published {} ms after the token expired was sent", (ts - exp_us) / 1000);
+            assert!(
+                ts <= exp_us,
+                "an update published {} ms after the token expired was sent",
+                (ts - exp_us) / 1000
+            );
         }
     }
     assert!(updates > 0, "updates flowed before the expiry");
-    let last = body.lines().filter_map(|l| l.strip_prefix("data: ")).last().unwrap_or_default();
-    assert!(last.contains("token_expired"), "the stream ends with token_expired: {last}");
+    let last = body
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap_or_default();
+    assert!(
+        last.contains("token_expired"),
+        "the stream ends with token_expired: {last}"
+    );
     app.stop().await;
 }
