@@ -247,7 +247,10 @@ impl SseClient {
         if first.event != "error" {
             return None;
         }
-        assert!(sse.next(Duration::from_secs(5)).await.is_none() && sse.ended, "the refusal ends its stream");
+        assert!(
+            sse.next(Duration::from_secs(5)).await.is_none() && sse.ended,
+            "the refusal ends its stream"
+        );
         Some(first.data)
     }
 

@@ -191,7 +191,10 @@ async fn connections_over_the_limit_are_refused_with_1013_and_an_event_saying_wh
     assert!(refused["retry_ms"].as_u64().is_some_and(|ms| ms > 0), "{refused}");
     drop(a);
     eventually(T, "a slot frees up", || async {
-        SseClient::retry_later(&app.address, "topics=%23").await.is_none().then_some(())
+        SseClient::retry_later(&app.address, "topics=%23")
+            .await
+            .is_none()
+            .then_some(())
     })
     .await;
     assert!(app.metric("gateway_clients_refused_total", "connection_limit").await >= 2.0);

@@ -63,7 +63,10 @@ async fn four_stalled_snapshots_give_back_their_turns_and_a_fifth_is_served() {
     ws.send(serde_json::json!({"op": "subscribe", "topics": ["product.price.7"], "snapshot": true}))
         .await;
     let snapshot = ws.next_of_any(&["snapshot", "error"], T).await;
-    assert_eq!(snapshot["type"], "snapshot", "the fifth snapshot was refused: {snapshot}");
+    assert_eq!(
+        snapshot["type"], "snapshot",
+        "the fifth snapshot was refused: {snapshot}"
+    );
     assert_eq!(snapshot["products"][0]["product_id"], 7, "{snapshot}");
     let served_after = started.elapsed();
     println!("fifth snapshot served after {served_after:?} beside four stalled ones");
