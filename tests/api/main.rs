@@ -6,6 +6,7 @@ mod bad_input;
 mod catalog;
 mod contracts;
 mod delivery_limits;
+mod docs;
 mod echo_page;
 mod edge;
 mod health;
