@@ -49,7 +49,8 @@ pub const METHOD: &str = r#"- **9. Slow consumers.** A database and vhost of its
   127.0.0.4): every 5 s, a one-product snapshot (new connection, WebSocket and SSE in turn, until
   `snapshot_end`), then a resume on both wildcards from the offset the previous snapshot ended at (some
   5,000 updates back, so a stream catch-up) until its first update; a failed attempt (`busy`, 503,
-  `reset`, `unavailable`, no answer within 20 s / 40 s) is tried once more after a second. *Run B*: between
+  `reset`, `unavailable`, no answer within 20 s / 40 s) is tried once more after its `retry_ms` (at least a
+  second). *Run B*: between
   the runs (no events flowing) a child process (`bench slow-stalled`) opens, from 127.0.0.5, 250 WebSocket
   clients on `product.price.*` + `product.stock.*`, 250 WebSocket clients on one product each and 500 SSE
   clients on both wildcards; then 4 SSE snapshots of both wildcards (the whole catalog; from 127.0.0.6 and
@@ -243,13 +244,13 @@ async fn measure(ctx: &mut Ctx, iso: &Isolation, inst: &Instance) -> Result<()> 
     stalled.signal(libc::SIGSTOP)?;
     let t0 = now_us();
     let rss_t0 = rss_kib(&std::process::id().to_string())?;
-    let refused_t0 = Gauges::read(inst).refused;
+    let at_t0 = Gauges::read(inst);
     eprintln!(
         "bench: 9. stalled connections ready in {:.1} s and stopped; run B",
         ready["secs"].as_f64().unwrap_or(f64::NAN)
     );
     let b = window(ctx, iso, inst, &mut healthy, FIRST_SEQ_B, "B", Some((base_at, t0))).await?;
-    let refused_end = Gauges::read(inst).refused;
+    let at_end = Gauges::read(inst);
 
     // Client side: what each stalled connection finds in its socket.
     stalled.signal(libc::SIGCONT)?;
@@ -271,8 +272,8 @@ async fn measure(ctx: &mut Ctx, iso: &Isolation, inst: &Instance) -> Result<()> 
             base_at,
             base,
             rss_t0,
-            refused_t0,
-            refused_end,
+            at_t0,
+            at_end,
             fates,
         },
     );
@@ -446,6 +447,9 @@ struct Gauges {
     ws: f64,
     sse: f64,
     refused: BTreeMap<String, f64>,
+    /// `gateway_catch_up_resets_total` and `gateway_updates_conflated_total`.
+    catch_up_resets: f64,
+    conflated: f64,
 }
 
 impl Gauges {
@@ -470,6 +474,8 @@ impl Gauges {
             ws: connected("ws"),
             sse: connected("sse"),
             refused,
+            catch_up_resets: testkit::metric_value(text, "gateway_catch_up_resets", ""),
+            conflated: testkit::metric_value(text, "gateway_updates_conflated", ""),
         }
     }
 }
@@ -663,8 +669,9 @@ struct Stall {
     base_at: i64,
     base: Gauges,
     rss_t0: u64,
-    refused_t0: BTreeMap<String, f64>,
-    refused_end: BTreeMap<String, f64>,
+    /// The service's counters at SIGSTOP and at the end of run B.
+    at_t0: Gauges,
+    at_end: Gauges,
     fates: serde_json::Value,
 }
 
@@ -832,21 +839,28 @@ fn report(ctx: &mut Ctx, a: &RunFigures, b: &RunFigures, mon: &Samples, st: Stal
         Some(all.is_some_and(|t| t <= limit)),
     );
     let delta: Vec<String> = st
-        .refused_end
+        .at_end
+        .refused
         .iter()
         .filter_map(|(k, v)| {
-            let d = v - st.refused_t0.get(k).copied().unwrap_or(0.0);
+            let d = v - st.at_t0.refused.get(k).copied().unwrap_or(0.0);
             (d > 0.0).then(|| format!("{k} {}", thousands(d)))
         })
         .collect();
     r.row(
         S,
-        "`gateway_clients_refused_total` during B, by reason",
-        if delta.is_empty() {
-            "none".to_owned()
-        } else {
-            delta.join(", ")
-        },
+        "during B: `gateway_clients_refused_total` by reason; `gateway_catch_up_resets_total`; \
+         `gateway_updates_conflated_total`",
+        format!(
+            "{}; {}; {}",
+            if delta.is_empty() {
+                "none refused".to_owned()
+            } else {
+                delta.join(", ")
+            },
+            thousands(st.at_end.catch_up_resets - st.at_t0.catch_up_resets),
+            thousands(st.at_end.conflated - st.at_t0.conflated)
+        ),
         "",
         None,
     );

@@ -408,6 +408,22 @@ fn code_of(text: &[u8]) -> String {
         .unwrap_or_else(|| "?".to_owned())
 }
 
+/// `reset <reason>` of a reset frame or event.
+fn reset_why(text: &[u8]) -> String {
+    let key = b"\"reason\":\"";
+    let reason = find(text, key).map(|i| {
+        let rest = &text[i + key.len()..];
+        let end = rest.iter().position(|&b| b == b'"').unwrap_or(rest.len());
+        String::from_utf8_lossy(&rest[..end]).into_owned()
+    });
+    format!("reset {}", reason.as_deref().unwrap_or("?"))
+}
+
+/// When a `busy` or `unavailable` says to come back (`retry_ms`).
+fn retry_of(text: &[u8]) -> Duration {
+    Duration::from_millis(num_after(text, b"\"retry_ms\":").unwrap_or(0).max(0) as u64)
+}
+
 fn io_label(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::ConnectionReset => "reset (RST)".to_owned(),
@@ -735,12 +751,21 @@ struct Try {
     why: String,
     ms: f64,
     offset: Option<u64>,
+    /// What a refusal said to wait before asking again.
+    retry: Duration,
+}
+
+/// An attempt's outcome: (served, why not, offset, retry after).
+type Outcome = (bool, String, Option<u64>, Duration);
+
+fn refused(why: String) -> Outcome {
+    (false, why, None, Duration::ZERO)
 }
 
 /// Every `every`: a one-product snapshot (WebSocket and SSE in turn), then
 /// a resume from the offset the previous snapshot ended at (older than the
 /// hub's history by then, so a stream catch-up). A failed attempt is tried
-/// once more after a second.
+/// once more, after its `retry_ms` (at least a second).
 async fn probe_loop(src: Ipv4Addr, addr: SocketAddr, every: Duration, catalog: i64, log: Arc<Mutex<ProbeLog>>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -766,10 +791,9 @@ async fn probe_loop(src: Ipv4Addr, addr: SocketAddr, every: Duration, catalog: i
             first_why: String::new(),
         };
         let mut offset = None;
+        let mut wait = Duration::ZERO;
         while rec.tries < 2 && !rec.ok {
-            if rec.tries > 0 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+            tokio::time::sleep(wait).await;
             let t = snapshot_once(src, addr, product, sse, &log).await;
             rec.tries += 1;
             (rec.ok, rec.ms) = (t.ok, t.ms);
@@ -777,6 +801,8 @@ async fn probe_loop(src: Ipv4Addr, addr: SocketAddr, every: Duration, catalog: i
                 rec.first_why = t.why;
             }
             offset = t.offset;
+            // As a well-behaved client: not sooner than the refusal says.
+            wait = t.retry.max(Duration::from_secs(1));
         }
         lock(&log).records.push(rec);
         if let Some(from) = since {
@@ -789,16 +815,16 @@ async fn probe_loop(src: Ipv4Addr, addr: SocketAddr, every: Duration, catalog: i
                 ms: 0.0,
                 first_why: String::new(),
             };
+            let mut wait = Duration::ZERO;
             while rec.tries < 2 && !rec.ok {
-                if rec.tries > 0 {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
+                tokio::time::sleep(wait).await;
                 let t = resume_once(src, addr, from, sse, &log).await;
                 rec.tries += 1;
                 (rec.ok, rec.ms) = (t.ok, t.ms);
                 if !t.ok && rec.first_why.is_empty() {
                     rec.first_why = t.why;
                 }
+                wait = t.retry.max(Duration::from_secs(1));
             }
             lock(&log).records.push(rec);
         }
@@ -810,7 +836,7 @@ async fn probe_loop(src: Ipv4Addr, addr: SocketAddr, every: Duration, catalog: i
 /// Runs one probe attempt, recording its connection's lifetime.
 async fn attempt<F>(log: &Mutex<ProbeLog>, ws: bool, within: Duration, f: F) -> Try
 where
-    F: Future<Output = Result<(bool, String, Option<u64>)>>,
+    F: Future<Output = Result<Outcome>>,
 {
     let opened = now_us();
     let started = Instant::now();
@@ -818,18 +844,26 @@ where
     let ms = started.elapsed().as_secs_f64() * 1e3;
     lock(log).conns.push((opened, now_us(), ws));
     match r {
-        Ok(Ok((ok, why, offset))) => Try { ok, why, ms, offset },
+        Ok(Ok((ok, why, offset, retry))) => Try {
+            ok,
+            why,
+            ms,
+            offset,
+            retry,
+        },
         Ok(Err(e)) => Try {
             ok: false,
             why: format!("{e:#}"),
             ms,
             offset: None,
+            retry: Duration::ZERO,
         },
         Err(_) => Try {
             ok: false,
             why: format!("no answer within {} s", within.as_secs()),
             ms,
             offset: None,
+            retry: Duration::ZERO,
         },
     }
 }
@@ -845,13 +879,14 @@ async fn snapshot_once(src: Ipv4Addr, addr: SocketAddr, product: u64, sse: bool,
             let outcome = loop {
                 match ws.next(far).await? {
                     WsEvent::Text(m) if find(&m, b"\"type\":\"snapshot_end\"").is_some() => {
-                        break (true, String::new(), num_after(&m, b"\"offset\":").map(|o| o as u64));
+                        let offset = num_after(&m, b"\"offset\":").map(|o| o as u64);
+                        break (true, String::new(), offset, Duration::ZERO);
                     }
                     WsEvent::Text(m) if find(&m, b"\"type\":\"error\"").is_some() => {
-                        break (false, code_of(&m), None);
+                        break (false, code_of(&m), None, retry_of(&m));
                     }
                     WsEvent::Text(_) => {}
-                    WsEvent::Closed(code) => return Ok((false, format!("closed {code:?}"), None)),
+                    WsEvent::Closed(code) => return Ok(refused(format!("closed {code:?}"))),
                 }
             };
             ws.close().await;
@@ -863,16 +898,16 @@ async fn snapshot_once(src: Ipv4Addr, addr: SocketAddr, product: u64, sse: bool,
         let path = format!("/events?topics={},{}&snapshot=true", topics[0], topics[1]);
         let mut sse = match SseC::open(src, addr, &path).await? {
             SseOpen::Stream(s) => s,
-            SseOpen::Refused(status) => return Ok((false, format!("HTTP {status}"), None)),
+            SseOpen::Refused(status) => return Ok(refused(format!("HTTP {status}"))),
         };
         loop {
             match sse.next(far).await? {
-                None => return Ok((false, "stream ended".to_owned(), None)),
+                None => return Ok(refused("stream ended".to_owned())),
                 Some(e) if event_is(&e, b"snapshot_end") => {
                     let offset = num_after(&e, b"\"offset\":").or_else(|| num_after(&e, b"id:"));
-                    return Ok((true, String::new(), offset.map(|o| o as u64)));
+                    return Ok((true, String::new(), offset.map(|o| o as u64), Duration::ZERO));
                 }
-                Some(e) if event_is(&e, b"error") => return Ok((false, code_of(&e), None)),
+                Some(e) if event_is(&e, b"error") => return Ok((false, code_of(&e), None, retry_of(&e))),
                 Some(_) => {}
             }
         }
@@ -889,13 +924,15 @@ async fn resume_once(src: Ipv4Addr, addr: SocketAddr, since: u64, sse: bool, log
                 .await?;
             let outcome = loop {
                 match ws.next(far).await? {
-                    WsEvent::Text(m) if m.starts_with(b"{\"type\":\"update\"") => break (true, String::new(), None),
-                    WsEvent::Text(m) if find(&m, b"\"type\":\"reset\"").is_some() => {
-                        break (false, "reset".to_owned(), None);
+                    WsEvent::Text(m) if m.starts_with(b"{\"type\":\"update\"") => {
+                        break (true, String::new(), None, Duration::ZERO);
                     }
-                    WsEvent::Text(m) if find(&m, b"\"type\":\"error\"").is_some() => break (false, code_of(&m), None),
+                    WsEvent::Text(m) if find(&m, b"\"type\":\"reset\"").is_some() => break refused(reset_why(&m)),
+                    WsEvent::Text(m) if find(&m, b"\"type\":\"error\"").is_some() => {
+                        break (false, code_of(&m), None, retry_of(&m));
+                    }
                     WsEvent::Text(_) => {}
-                    WsEvent::Closed(code) => return Ok((false, format!("closed {code:?}"), None)),
+                    WsEvent::Closed(code) => return Ok(refused(format!("closed {code:?}"))),
                 }
             };
             ws.close().await;
@@ -906,16 +943,16 @@ async fn resume_once(src: Ipv4Addr, addr: SocketAddr, since: u64, sse: bool, log
     attempt(log, false, Duration::from_secs(40), async {
         let mut sse = match SseC::open(src, addr, &wildcard_path(&format!("&since={since}"))).await? {
             SseOpen::Stream(s) => s,
-            SseOpen::Refused(status) => return Ok((false, format!("HTTP {status}"), None)),
+            SseOpen::Refused(status) => return Ok(refused(format!("HTTP {status}"))),
         };
         loop {
             match sse.next(far).await? {
-                None => return Ok((false, "stream ended".to_owned(), None)),
+                None => return Ok(refused("stream ended".to_owned())),
                 Some(e) if event_is(&e, b"price") || event_is(&e, b"stock") => {
-                    return Ok((true, String::new(), None));
+                    return Ok((true, String::new(), None, Duration::ZERO));
                 }
-                Some(e) if event_is(&e, b"reset") => return Ok((false, "reset".to_owned(), None)),
-                Some(e) if event_is(&e, b"error") => return Ok((false, code_of(&e), None)),
+                Some(e) if event_is(&e, b"reset") => return Ok(refused(reset_why(&e))),
+                Some(e) if event_is(&e, b"error") => return Ok((false, code_of(&e), None, retry_of(&e))),
                 Some(_) => {}
             }
         }
@@ -1163,18 +1200,48 @@ async fn wait_ready(
     Ok(())
 }
 
-/// An SSE request that may find every turn taken for a moment (a healthy
-/// probe holds one): asked again up to three times.
+/// An SSE snapshot or resume that may find every turn taken for a moment
+/// (a healthy probe holds one): refused for now, it is a stream of one
+/// `error` event with `retry_ms`, then its end; asked again up to three
+/// times. Returns once the first snapshot part or update is in (left in
+/// the buffer, for [`read_stalled`] to see).
 async fn open_retrying(src: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<SseC> {
-    let mut last = 0;
+    let mut last = String::new();
     for _ in 0..4 {
+        let mut wait = Duration::from_millis(500);
         match SseC::open(src, addr, path).await? {
-            SseOpen::Stream(s) => return Ok(s),
-            SseOpen::Refused(status) => last = status,
+            SseOpen::Refused(status) => last = format!("HTTP {status}"),
+            SseOpen::Stream(mut sse) => {
+                let deadline = Deadline::now() + Duration::from_secs(60);
+                loop {
+                    if let Some(len) = sse.event_len() {
+                        let event = &sse.body[..len];
+                        if event_is(event, b"snapshot") || event_is(event, b"price") || event_is(event, b"stock") {
+                            return Ok(sse);
+                        }
+                        if event_is(event, b"error") {
+                            last = format!("error {}", code_of(event));
+                            wait = wait.max(retry_of(event));
+                            break;
+                        }
+                        sse.consume_event(len);
+                        continue;
+                    }
+                    match tokio::time::timeout_at(deadline, sse.fill()).await {
+                        Err(_) => bail!("no snapshot part or update within 60 s"),
+                        Ok(more) => {
+                            if !more? {
+                                last = "the stream ended".to_owned();
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(wait).await;
     }
-    bail!("refused four times (HTTP {last})")
+    bail!("refused four times (last: {last})")
 }
 
 enum Stalled {
