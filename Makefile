@@ -99,9 +99,10 @@ test: services ## every test; service-restart tests alone, afterwards
 	fi; \
 	exit $$rc
 
-lint: ## rustfmt check and clippy, warnings are errors
+lint: ## rustfmt check, clippy (warnings are errors), and dependencies in pipeline order
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	scripts/layers.sh
 
 # scripts/bench-tools.sh installs wrk and nginx (and perf) from Debian when
 # missing; the bench starts nginx on a free loopback port, and may restart an

@@ -1,19 +1,42 @@
 //! product-gateway: a product catalog whose every price and stock change
 //! flows through RabbitMQ into PostgreSQL and out to browsers in real time.
+//!
+//! # Layout
+//!
+//! The stages, in pipeline order; a module uses only those above it
+//! (`make lint` checks it):
+//!
+//! - neutral ground: `domain` (products, events, versions), `wire` (the
+//!   broker's message formats), `update` (an applied update and its client
+//!   frames), `settings`, `metrics`, `telemetry`, `turns` (per-address limits)
+//! - infrastructure: `store` (PostgreSQL pools, schema, catalog reads),
+//!   `broker` (RabbitMQ connections, topology, publishing with confirms)
+//! - `ingest`: where changes enter (version issuing, the generator)
+//! - `apply`: events into PostgreSQL, dead letters
+//! - `broadcast`: outbox, relay, update stream readers
+//! - `hub`: subscriptions, fan-out, sessions (snapshots, resumes)
+//! - `photos`: the photo cache
+//! - `http`: the edge (REST, WebSocket, SSE, admin, ingest API)
+//! - `seed`, `startup`: wiring it all
 #![forbid(unsafe_code)]
 
-pub mod broker;
 pub mod domain;
-pub mod generator;
-pub mod http;
-pub mod hub;
-pub mod ingest;
 pub mod metrics;
-pub mod photos;
-pub mod seed;
 pub mod settings;
-pub mod startup;
-pub mod store;
 pub mod telemetry;
 pub mod turns;
 pub mod update;
+pub mod wire;
+
+pub mod broker;
+pub mod store;
+
+pub mod apply;
+pub mod broadcast;
+pub mod hub;
+pub mod ingest;
+pub mod photos;
+
+pub mod http;
+pub mod seed;
+pub mod startup;

@@ -9,12 +9,13 @@ use actix_web::{App, HttpServer, middleware, web};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::apply::consumer;
+use crate::broadcast::{relay, stream};
 use crate::broker::link::{Connector, Link};
 use crate::broker::topology::{Topology, check_message_limit, report_message_limit};
-use crate::broker::{consumer, outbox, stream};
-use crate::generator;
 use crate::http::{self, AppState};
 use crate::hub;
+use crate::ingest::generator;
 use crate::metrics::Metrics;
 use crate::photos::PhotoCache;
 use crate::settings::Settings;
@@ -98,7 +99,7 @@ impl Application {
             shutdown.clone(),
             &tracker,
         );
-        outbox::spawn(
+        relay::spawn(
             &settings.rabbit.topology,
             db.clone(),
             connector.clone(),

@@ -20,9 +20,9 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use product_gateway::broker::message::encode_event;
 use product_gateway::broker::publisher::{Confirmed, Outgoing, confirm_channel};
 use product_gateway::domain::{Change, Event, PriceCents, ProductId, Stock, now_us};
+use product_gateway::wire::encode_event;
 use tokio_util::sync::CancellationToken;
 
 use crate::wire::{self, UpdateInfo};
@@ -173,7 +173,7 @@ pub async fn publish(job: PublishJob) -> Result<PublishRun> {
                         mirror.as_str().into(),
                         e.topic().as_str().into(),
                         BasicPublishOptions::default(),
-                        &product_gateway::broker::message::encode_update(&e).context("encode an update")?,
+                        &product_gateway::wire::encode_update(&e).context("encode an update")?,
                         m.properties.clone(),
                     )
                     .await

@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use futures_util::future::try_join_all;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use product_gateway::broker::stream::{Republished, offset_of, outbox_seq_of, txid_of};
+use product_gateway::broadcast::stream::{Republished, offset_of, outbox_seq_of, txid_of};
 use product_gateway::update::{Update, stream_offset_of};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;

@@ -1,11 +1,9 @@
-//! RabbitMQ: connections, topology, the event wire format, publishing with
-//! confirms, the apply consumer, dead letters and the update stream.
+//! RabbitMQ plumbing every stage uses: connections to one node or a
+//! cluster (`link`), the topology declared at every connection, and
+//! publishing with confirms. What flows through it belongs to the stages:
+//! `ingest` publishes events, `apply` consumes them, `broadcast` relays and
+//! reads the update stream.
 
-pub mod consumer;
-pub mod dead_letters;
 pub mod link;
-pub mod message;
-pub mod outbox;
 pub mod publisher;
-pub mod stream;
 pub mod topology;

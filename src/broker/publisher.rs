@@ -8,7 +8,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 
-use super::message::CONTENT_TYPE;
+use crate::wire::CONTENT_TYPE;
 
 /// One message to publish.
 #[derive(Debug, Clone)]

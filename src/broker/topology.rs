@@ -1,5 +1,6 @@
-//! The RabbitMQ topology of DESIGN.md, as data: declared by the service at
-//! every (re)connection and kept identical to `rabbit/definitions.json`.
+//! The RabbitMQ topology (the README's picture), as data: declared by the
+//! service at every (re)connection and kept identical to
+//! `rabbit/definitions.json`.
 
 use std::time::Duration;
 
@@ -8,10 +9,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
 use serde_json::{Value, json};
 
-use super::message::MAX_UPDATE_BYTES;
-use super::publisher::confirm_channel;
+use crate::broker::publisher::confirm_channel;
 use crate::settings::{ConsumerSettings, TopologySettings};
 use crate::update::MAX_UPDATES_PER_MESSAGE;
+use crate::wire::MAX_UPDATE_BYTES;
 
 /// Refuses a `max_message_bytes` that is below what the service itself must
 /// publish (a stream message of a whole batch) or accept (an event).

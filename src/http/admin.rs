@@ -87,8 +87,8 @@ pub async fn console(state: web::Data<AppState>) -> actix_web::Result<actix_file
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::broker::dead_letters;
-use crate::generator::Control;
+use crate::apply::dead_letters;
+use crate::ingest::generator::Control;
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

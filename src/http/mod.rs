@@ -18,11 +18,11 @@ use std::time::Duration;
 use actix_web::web;
 use rand::Rng;
 
+use crate::broadcast::stream::CatchUpReader;
 use crate::broker::link::Link;
-use crate::broker::stream::CatchUpReader;
-use crate::generator::GeneratorHandle;
 use crate::hub::HubHandle;
 use crate::hub::session::{Realtime, SnapshotLimit};
+use crate::ingest::generator::GeneratorHandle;
 use crate::metrics::Metrics;
 use crate::photos::PhotoCache;
 use crate::settings::Settings;

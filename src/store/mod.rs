@@ -1,9 +1,9 @@
-//! PostgreSQL: the pool, embedded migrations, and the catalog's queries.
+//! PostgreSQL: the pools, embedded migrations, the schema, and the
+//! catalog's reads; the stages that write (ingest, apply, broadcast) keep
+//! their own statements.
 
-pub mod apply;
 pub mod catalog;
 pub mod idempotency;
-pub mod outbox;
 pub mod prepared;
 pub mod schema;
 

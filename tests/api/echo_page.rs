@@ -332,7 +332,7 @@ async fn stream_update_ids(app: &testkit::TestApp, at_most: Duration) -> Vec<u64
         {
             continue;
         }
-        let offset = product_gateway::broker::stream::offset_of(&d).expect("a stream offset");
+        let offset = product_gateway::broadcast::stream::offset_of(&d).expect("a stream offset");
         let updates: Vec<serde_json::Value> = serde_json::from_slice(&d.data).unwrap();
         ids.extend((0..updates.len()).map(|i| product_gateway::update::update_id(offset, i)));
         d.ack(lapin::options::BasicAckOptions::default()).await.unwrap();

@@ -4,10 +4,10 @@
 //! recursive definition of AMQP topic matching, and the subscription index
 //! with the pattern matcher.
 
-use product_gateway::broker::message::decode_event;
 use product_gateway::http::ws::parse_frame;
 use product_gateway::hub::index::SubscriptionIndex;
 use product_gateway::hub::pattern::Pattern;
+use product_gateway::wire::decode_event;
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use product_gateway::broker::message::decode_event;
 use product_gateway::broker::topology::Topology;
 use product_gateway::hub::pattern::Pattern;
 use product_gateway::store;
 use product_gateway::update::update_id;
+use product_gateway::wire::decode_event;
 use tokio_util::sync::CancellationToken;
 
 use testkit::clients::{SseClient, WsClient, WsEvent};
@@ -728,7 +728,7 @@ pub async fn run(plan: Plan) -> Report {
     let mut row_of_version: std::collections::HashMap<(i64, String, i64), i64> = Default::default();
     let (mut republished, mut double_applied) = (0, 0);
     for d in &stream {
-        let seq = product_gateway::broker::stream::outbox_seq_of(d);
+        let seq = product_gateway::broadcast::stream::outbox_seq_of(d);
         if let Some(seq) = seq
             && !rows_read.insert(seq)
         {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::broker::stream::CatchUpReader;
+use crate::broadcast::stream::CatchUpReader;
 use crate::hub::CatchUp;
 use crate::hub::feed::{CatchUpFilter, StartCatchUp};
 use crate::hub::history::Replay;

@@ -16,7 +16,7 @@ use super::feed::{CatchUpFilter, Feed, FeedItem};
 use super::pattern::Pattern;
 use super::scope::Grant;
 use super::{ConnectionSlot, HubHandle, Refused};
-use crate::broker::stream::CatchUpReader;
+use crate::broadcast::stream::CatchUpReader;
 use crate::metrics::Metrics;
 use crate::store::{Db, catalog};
 

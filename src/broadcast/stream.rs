@@ -19,11 +19,11 @@ use tokio::sync::Semaphore;
 
 use crate::turns::PerAddress;
 
-use super::link::{Connector, Link};
-use super::message::{OUTBOX_SEQ_HEADER, TXID_HEADER};
+use crate::broker::link::{Connector, Link};
 use crate::metrics::Metrics;
 use crate::settings::HubSettings;
 use crate::update::{CatchUpItem, ResetReason, Update, UpdateSink, stream_offset_of, update_id};
+use crate::wire::{OUTBOX_SEQ_HEADER, TXID_HEADER};
 
 /// Where to start reading.
 #[derive(Debug, Clone, Copy)]

@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use diesel::sql_types::{Array, BigInt};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
-use super::prepared::prepared;
-use super::{Db, StoreError, outbox};
+use super::outbox;
 use crate::domain::{Event, Kind, ProductId};
+use crate::store::prepared::prepared;
+use crate::store::{Db, StoreError};
 
 /// What applying one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

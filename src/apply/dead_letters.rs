@@ -7,10 +7,10 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueuePu
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
-use super::link::Link;
-use super::message::{DETAIL_HEADER, REASON_HEADER};
-use super::publisher::{Outgoing, confirm_channel, publish_all};
+use crate::broker::link::Link;
+use crate::broker::publisher::{Outgoing, confirm_channel, publish_all};
 use crate::settings::TopologySettings;
+use crate::wire::{DETAIL_HEADER, REASON_HEADER};
 
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -14,12 +14,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::link::Connector;
-use super::message::{BATCH_ROUTING_KEY, OUTBOX_SEQ_HEADER, TXID_HEADER};
-use super::publisher::{Outgoing, PublishError, confirm_channel, publish_all};
+use crate::apply::outbox;
+use crate::broker::link::Connector;
+use crate::broker::publisher::{Outgoing, PublishError, confirm_channel, publish_all};
 use crate::metrics::Metrics;
 use crate::settings::TopologySettings;
-use crate::store::{Db, StoreError, outbox};
+use crate::store::{Db, StoreError};
+use crate::wire::{BATCH_ROUTING_KEY, OUTBOX_SEQ_HEADER, TXID_HEADER};
 
 const STAGE: &str = "outbox-relay";
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);

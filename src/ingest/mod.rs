@@ -4,6 +4,8 @@
 //! broker has confirmed it; the built-in generator issues and builds its
 //! events with the same functions and pipelines their confirms.
 
+pub mod generator;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -14,11 +16,11 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
 use crate::broker::link::Link;
-use crate::broker::message::encode_event;
 use crate::broker::publisher::{Confirmed, Outgoing, confirm_channel, publish_one};
 use crate::domain::{Change, Event, Kind, MAX_VERSION, ProductId, now_us};
 use crate::store::idempotency::{self, Claim};
 use crate::store::{Db, StoreError};
+use crate::wire::encode_event;
 
 /// The state a change starts from, with freshly issued versions.
 #[derive(Debug, diesel::QueryableByName)]

@@ -5,10 +5,10 @@
 use diesel::sql_types::{Array, BigInt, Bool, Bytea, Integer, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use super::prepared::prepared;
-use crate::broker::message::encode_update;
 use crate::domain::Event;
+use crate::store::prepared::prepared;
 use crate::update::MAX_UPDATES_PER_MESSAGE;
+use crate::wire::encode_update;
 
 /// Advisory lock key held by the one relay publishing at a time, so two
 /// instances never interleave their publishes and commit order holds.

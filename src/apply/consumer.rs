@@ -18,14 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::link::{Connector, Link};
-use super::message::{DETAIL_HEADER, REASON_HEADER, Reject, decode_delivery};
-use super::publisher::{Outgoing, confirm_channel, publish_all};
+use crate::apply::write::{Outcome, apply_batch};
+use crate::broker::link::{Connector, Link};
+use crate::broker::publisher::{Outgoing, confirm_channel, publish_all};
 use crate::domain::Event;
 use crate::metrics::Metrics;
 use crate::settings::{ConsumerSettings, TopologySettings};
 use crate::store::Db;
-use crate::store::apply::{Outcome, apply_batch};
+use crate::wire::{DETAIL_HEADER, REASON_HEADER, Reject, decode_delivery};
 
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
