@@ -11,7 +11,7 @@
 //! keeps a PostgreSQL transaction open while its client sleeps.
 //!
 //! The client processes are in `slow_clients.rs`; the service's side is
-//! read from its own gauges and counters, once a second.
+//! read from its own gauges and counters, four times a second.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,12 +58,14 @@ pub const METHOD: &str = r#"- **9. Slow consumers.** A database and vhost of its
   of run A (from 127.0.0.8–.11, eight each; WebSocket and SSE in turn): these fill every snapshot and
   catch-up turn of the instance. Once every snapshot has its first part and every resume its first update,
   the process is stopped with SIGSTOP (its sockets stop being read; the kernel still acknowledges what
-  fits in their buffers) and run B's publisher starts. *Closed*: once a second, the service's
-  `gateway_clients_connected{transport}` less the healthy clients (counted just before) and the probes'
-  connections open at that moment (each probe connection's open and close times are reported) gives the
-  stalled connections still open; the figure is when half, 99% and all of them were gone, from SIGSTOP.
-  `gateway_clients_refused_total` is read at the same times (its increase during run B, by reason).
-  After the window the process is resumed (SIGCONT) and each of its connections reads what waited in its
+  fits in their buffers) and run B's publisher starts. *Cut off*: every 250 ms the service's
+  `gateway_clients_refused_total` is read; its `slow_consumer` + `heartbeat_timeout` increase since
+  SIGSTOP counts stalled connections only (a healthy client or probe is never refused), and the figure is
+  when it reached half, 99% and all of them. *Still counted*: at the same readings,
+  `gateway_clients_connected{transport}` less the healthy clients (read just before the stalled process
+  started) and the probes' connections open at that moment (each probe connection's open and close times
+  are reported); an SSE probe's server side lasts until its next keep-alive write, so the SSE figure is
+  good to a couple of connections. After the window the process is resumed (SIGCONT) and each of its connections reads what waited in its
   socket to the end: the close code or error event it got, and whether the socket ended or was reset.
   *Gateway CPU and RSS*: the bench process (the service runs in it) every 10 s; RSS growth is the highest
   sample of run B less the RSS at SIGSTOP, and *no upward trend* means no sample after B's first minute
@@ -497,8 +499,12 @@ struct Samples {
     pg_error: Option<String>,
 }
 
+/// How often the service's gauges and counters are read: finer than the
+/// second the close-time target is stated to.
+const SAMPLE: Duration = Duration::from_millis(250);
+
 /// Samples the service while the runs go: its client gauges and refusals
-/// every second, its CPU and RSS every 10 s, PostgreSQL every 2 s.
+/// every [`SAMPLE`], its CPU and RSS every 10 s, PostgreSQL every 2 s.
 struct Monitor {
     samples: Arc<Mutex<Samples>>,
     _stop: DropGuard,
@@ -512,7 +518,8 @@ impl Monitor {
             let (samples, stop, state) = (samples.clone(), stop.clone(), inst.state.clone());
             tokio::spawn(async move {
                 let pid = std::process::id();
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut tick = tokio::time::interval(SAMPLE);
+                let every_10s = (10_000 / SAMPLE.as_millis()) as u64;
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut cpu = cpu_sample();
                 for k in 0u64.. {
@@ -523,7 +530,7 @@ impl Monitor {
                     let g = Gauges::parse(&state.metrics.render());
                     let mut s = samples.lock().unwrap_or_else(|p| p.into_inner());
                     s.gauges.push(g);
-                    if k % 10 == 0 {
+                    if k % every_10s == 0 {
                         let now = cpu_sample();
                         let rss = rss_kib(&pid.to_string()).unwrap_or(0);
                         s.resources.push(Resources {
@@ -785,58 +792,82 @@ fn report(ctx: &mut Ctx, a: &RunFigures, b: &RunFigures, mon: &Samples, st: Stal
         Some(later_max.is_finite() && later_max <= first_min + 10.0),
     );
 
-    // Stalled connections, from the service's gauges.
-    let base_probes = probes_open(&b.conns, st.base_at);
-    let base_ws = st.base.ws - base_probes.0;
-    let base_sse = st.base.sse - base_probes.1;
-    let mut open_series: Vec<(f64, f64, f64)> = Vec::new();
-    for g in mon.gauges.iter().filter(|g| g.at_us >= st.t0 && g.at_us <= b.win_end) {
-        let (pw, ps) = probes_open(&b.conns, g.at_us);
-        open_series.push((secs_since(st.t0, g.at_us), g.ws - pw - base_ws, g.sse - ps - base_sse));
-    }
-    let first_at = |pred: &dyn Fn(f64, f64) -> bool| -> Option<f64> {
-        open_series.iter().find(|(_, w, s)| pred(*w, *s)).map(|(t, _, _)| *t)
-    };
-    // All gone: from the first sample after which none is open again.
-    let gone_for_good = |pick: &dyn Fn(f64, f64) -> f64| -> Option<f64> {
-        let last_open = open_series.iter().rposition(|(_, w, s)| pick(*w, *s) > 0.5);
-        match last_open {
-            None => open_series.first().map(|(t, _, _)| *t),
-            Some(i) => open_series.get(i + 1).map(|(t, _, _)| *t),
-        }
-    };
+    // Stalled connections: when the service cut them off, from its
+    // refusal counters (probes are never refused, so these count stalled
+    // connections only), and what its connection gauge still counts.
+    let cut_reasons = ["slow_consumer", "heartbeat_timeout"];
+    let cut_sum = |g: &Gauges| -> f64 { cut_reasons.iter().filter_map(|k| g.refused.get(*k)).sum() };
+    let in_b: Vec<&Gauges> = mon
+        .gauges
+        .iter()
+        .filter(|g| g.at_us >= st.t0 && g.at_us <= b.win_end)
+        .collect();
     let n = STALLED as f64;
-    let half = first_at(&|w, s| w + s <= n / 2.0);
-    let p99 = first_at(&|w, s| w + s <= n / 100.0);
-    let all = gone_for_good(&|w, s| w + s);
-    let all_ws = gone_for_good(&|w, _| w);
-    let all_sse = gone_for_good(&|_, s| s);
+    let cut_at = |share: f64| -> Option<f64> {
+        in_b.iter()
+            .find(|g| cut_sum(g) - cut_sum(&st.at_t0) >= (n * share).ceil())
+            .map(|g| secs_since(st.t0, g.at_us))
+    };
+    let (half, p99, all) = (cut_at(0.5), cut_at(0.99), cut_at(1.0));
     let limit = (CLIENT_TIMEOUT + PING_INTERVAL).as_secs_f64();
-    let fmt = |t: Option<f64>| t.map_or_else(|| "not within the window".to_owned(), |t| format!("{t:.0} s"));
-    let still = open_series.last().map_or(f64::NAN, |(_, w, s)| w + s);
+    let fmt = |t: Option<f64>| t.map_or_else(|| "not within the window".to_owned(), |t| format!("{t:.2} s"));
+    let cut_end = cut_sum(&st.at_end) - cut_sum(&st.at_t0);
     r.row(
         S,
         format!(
-            "stalled connections closed by the service, from SIGSTOP (gauge once a second, so upper bounds to the \
-             second; {} WebSocket, {} SSE): half / 99% / all (WebSocket all, SSE all)",
-            STALLED_WS_ALL,
-            STALLED - STALLED_WS_ALL
+            "stalled connections cut off, from SIGSTOP (`gateway_clients_refused_total` slow_consumer + \
+             heartbeat_timeout, read every {} ms): half / 99% / all {}",
+            SAMPLE.as_millis(),
+            thousands(n)
         ),
         format!(
-            "{} / {} / {} ({}, {}){}",
+            "{} / {} / {}{}",
             fmt(half),
             fmt(p99),
             fmt(all),
-            fmt(all_ws),
-            fmt(all_sse),
             if all.is_none() {
-                format!("; {still:.0} still open at the end")
+                format!("; {} cut by the end of the window", thousands(cut_end))
             } else {
                 String::new()
             }
         ),
         "all ≤ 25 s (client_timeout 20 s + ping 5 s)",
         Some(all.is_some_and(|t| t <= limit)),
+    );
+    // The gauge, less the healthy clients counted just before and the
+    // probes' connections open at each reading. An SSE probe's server side
+    // lingers until its next keep-alive write finds the socket gone, so
+    // the SSE count is only good to a couple of connections.
+    let base_probes = probes_open(&b.conns, st.base_at);
+    let base_ws = st.base.ws - base_probes.0;
+    let base_sse = st.base.sse - base_probes.1;
+    let open_series: Vec<(f64, f64, f64)> = in_b
+        .iter()
+        .map(|g| {
+            let (pw, ps) = probes_open(&b.conns, g.at_us);
+            (secs_since(st.t0, g.at_us), g.ws - pw - base_ws, g.sse - ps - base_sse)
+        })
+        .collect();
+    // From the first reading after which at most `slack` stay open.
+    let gone = |pick: &dyn Fn(f64, f64) -> f64, slack: f64| -> Option<f64> {
+        match open_series.iter().rposition(|(_, w, s)| pick(*w, *s) > slack + 0.5) {
+            None => open_series.first().map(|(t, _, _)| *t),
+            Some(i) => open_series.get(i + 1).map(|(t, _, _)| *t),
+        }
+    };
+    let (ws_gone, sse_gone) = (gone(&|w, _| w, 0.0), gone(&|_, s| s, 2.0));
+    let (ws_end, sse_end) = open_series.last().map_or((f64::NAN, f64::NAN), |(_, w, s)| (*w, *s));
+    r.row(
+        S,
+        format!(
+            "stalled connections still counted by `gateway_clients_connected` (less the healthy and the probes): \
+             {} WebSocket all gone / {} SSE down to ≤ 2; left at the end of B",
+            STALLED_WS_ALL,
+            STALLED - STALLED_WS_ALL
+        ),
+        format!("{} / {}; {ws_end:.0} + {sse_end:.0}", fmt(ws_gone), fmt(sse_gone)),
+        "",
+        None,
     );
     let delta: Vec<String> = st
         .at_end
@@ -1007,6 +1038,8 @@ fn report(ctx: &mut Ctx, a: &RunFigures, b: &RunFigures, mon: &Samples, st: Stal
         open_series
             .iter()
             .take_while(|(t, _, _)| *t <= limit + 10.0)
+            // Whole seconds only.
+            .filter(|(t, _, _)| (t - t.round()).abs() < SAMPLE.as_secs_f64() / 2.0)
             // Below zero is a probe's connection counted a moment early or late.
             .map(|(t, w, s)| format!("{t:.0}: {:.0}+{:.0}", w.max(0.0), s.max(0.0)))
             .collect::<Vec<_>>()

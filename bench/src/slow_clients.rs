@@ -191,22 +191,15 @@ impl WsC {
         self.s.fill().await
     }
 
-    /// Closes with 1000 and reads until the server closes too (for at most
-    /// a second): dropping a socket with unread data resets it, which the
-    /// service counts as a protocol error.
+    /// Closes with 1000 and reads up to the server's close frame (for at
+    /// most a second): dropping a socket with unread data resets it, which
+    /// the service counts as a protocol error.
     async fn close(mut self) {
         if self.send(0x88, &1000u16.to_be_bytes()).await.is_err() {
             return;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                self.s.buf.clear();
-                if !matches!(self.fill().await, Ok(n) if n > 0) {
-                    return;
-                }
-            }
-        })
-        .await;
+        let deadline = Deadline::now() + Duration::from_secs(1);
+        while let Ok(WsEvent::Text(_)) = self.next(deadline).await {}
     }
 
     /// The next text message or the close, answering pings; an error at
@@ -834,14 +827,26 @@ async fn probe_loop(src: Ipv4Addr, addr: SocketAddr, every: Duration, catalog: i
 }
 
 /// Runs one probe attempt, recording its connection's lifetime.
+/// Timed until the outcome; a WebSocket the attempt hands back is then
+/// closed politely, outside the time.
 async fn attempt<F>(log: &Mutex<ProbeLog>, ws: bool, within: Duration, f: F) -> Try
 where
-    F: Future<Output = Result<Outcome>>,
+    F: Future<Output = Result<(Outcome, Option<WsC>)>>,
 {
     let opened = now_us();
     let started = Instant::now();
     let r = tokio::time::timeout(within, f).await;
     let ms = started.elapsed().as_secs_f64() * 1e3;
+    let r = match r {
+        Ok(Ok((outcome, socket))) => {
+            if let Some(socket) = socket {
+                socket.close().await;
+            }
+            Ok(Ok(outcome))
+        }
+        Ok(Err(e)) => Ok(Err(e)),
+        Err(e) => Err(e),
+    };
     lock(log).conns.push((opened, now_us(), ws));
     match r {
         Ok(Ok((ok, why, offset, retry))) => Try {
@@ -886,11 +891,10 @@ async fn snapshot_once(src: Ipv4Addr, addr: SocketAddr, product: u64, sse: bool,
                         break (false, code_of(&m), None, retry_of(&m));
                     }
                     WsEvent::Text(_) => {}
-                    WsEvent::Closed(code) => return Ok(refused(format!("closed {code:?}"))),
+                    WsEvent::Closed(code) => return Ok((refused(format!("closed {code:?}")), None)),
                 }
             };
-            ws.close().await;
-            Ok(outcome)
+            Ok((outcome, Some(ws)))
         })
         .await;
     }
@@ -898,16 +902,16 @@ async fn snapshot_once(src: Ipv4Addr, addr: SocketAddr, product: u64, sse: bool,
         let path = format!("/events?topics={},{}&snapshot=true", topics[0], topics[1]);
         let mut sse = match SseC::open(src, addr, &path).await? {
             SseOpen::Stream(s) => s,
-            SseOpen::Refused(status) => return Ok(refused(format!("HTTP {status}"))),
+            SseOpen::Refused(status) => return Ok((refused(format!("HTTP {status}")), None)),
         };
         loop {
             match sse.next(far).await? {
-                None => return Ok(refused("stream ended".to_owned())),
+                None => return Ok((refused("stream ended".to_owned()), None)),
                 Some(e) if event_is(&e, b"snapshot_end") => {
                     let offset = num_after(&e, b"\"offset\":").or_else(|| num_after(&e, b"id:"));
-                    return Ok((true, String::new(), offset.map(|o| o as u64), Duration::ZERO));
+                    return Ok(((true, String::new(), offset.map(|o| o as u64), Duration::ZERO), None));
                 }
-                Some(e) if event_is(&e, b"error") => return Ok((false, code_of(&e), None, retry_of(&e))),
+                Some(e) if event_is(&e, b"error") => return Ok(((false, code_of(&e), None, retry_of(&e)), None)),
                 Some(_) => {}
             }
         }
@@ -932,27 +936,26 @@ async fn resume_once(src: Ipv4Addr, addr: SocketAddr, since: u64, sse: bool, log
                         break (false, code_of(&m), None, retry_of(&m));
                     }
                     WsEvent::Text(_) => {}
-                    WsEvent::Closed(code) => return Ok(refused(format!("closed {code:?}"))),
+                    WsEvent::Closed(code) => return Ok((refused(format!("closed {code:?}")), None)),
                 }
             };
-            ws.close().await;
-            Ok(outcome)
+            Ok((outcome, Some(ws)))
         })
         .await;
     }
     attempt(log, false, Duration::from_secs(40), async {
         let mut sse = match SseC::open(src, addr, &wildcard_path(&format!("&since={since}"))).await? {
             SseOpen::Stream(s) => s,
-            SseOpen::Refused(status) => return Ok(refused(format!("HTTP {status}"))),
+            SseOpen::Refused(status) => return Ok((refused(format!("HTTP {status}")), None)),
         };
         loop {
             match sse.next(far).await? {
-                None => return Ok(refused("stream ended".to_owned())),
+                None => return Ok((refused("stream ended".to_owned()), None)),
                 Some(e) if event_is(&e, b"price") || event_is(&e, b"stock") => {
-                    return Ok((true, String::new(), None, Duration::ZERO));
+                    return Ok(((true, String::new(), None, Duration::ZERO), None));
                 }
-                Some(e) if event_is(&e, b"reset") => return Ok(refused(reset_why(&e))),
-                Some(e) if event_is(&e, b"error") => return Ok((false, code_of(&e), None, retry_of(&e))),
+                Some(e) if event_is(&e, b"reset") => return Ok((refused(reset_why(&e)), None)),
+                Some(e) if event_is(&e, b"error") => return Ok(((false, code_of(&e), None, retry_of(&e)), None)),
                 Some(_) => {}
             }
         }
