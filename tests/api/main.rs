@@ -18,6 +18,7 @@ mod pipeline;
 mod properties;
 mod reads;
 mod realtime;
+mod recovery;
 mod resume;
 mod shared_turns;
 mod slow_clients;
