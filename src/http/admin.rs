@@ -1,66 +1,13 @@
-//! Admin endpoints and their bearer-token check.
-
-use std::future::{Ready, ready};
+//! Admin endpoints, and the `/admin` scope's middleware that requires the
+//! admin token (`extract::Admin`) before routing.
 
 use actix_web::body::MessageBody;
-use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
-use actix_web::http::header;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
-use actix_web::{FromRequest, HttpRequest};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::error::ApiError;
-
-/// Proof that the request carries the admin token: a handler taking it as an
-/// argument cannot run for anyone else, and the `/admin` scope requires it
-/// in its middleware (`require`), so no route mounted there can forget it.
-///
-/// Accepts only `Authorization: Bearer <token>` with the configured token
-/// (see [`bearer_is`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Admin(());
-
-impl FromRequest for Admin {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(check(req))
-    }
-}
-
-fn check(req: &HttpRequest) -> Result<Admin, ApiError> {
-    // Without the state there is no token to compare with: refuse.
-    let state = req.app_data::<web::Data<AppState>>().ok_or(ApiError::Unauthorized)?;
-    match bearer_is(req, state.settings.admin.token.expose()) {
-        true => Ok(Admin(())),
-        false => Err(ApiError::Unauthorized),
-    }
-}
-
-/// Whether the request carries `Authorization: Bearer <expected>`. Both
-/// sides are hashed first so the comparison takes the same time whatever
-/// the presented token's length or content. An empty `expected` matches
-/// nothing.
-pub fn bearer_is(req: &HttpRequest, expected: &str) -> bool {
-    let Some(presented) = bearer(req) else {
-        return false;
-    };
-    let a = Sha256::digest(presented.as_bytes());
-    let b = Sha256::digest(expected.as_bytes());
-    !expected.is_empty() && bool::from(a.ct_eq(&b))
-}
-
-/// The token of `Authorization: Bearer <token>`, trimmed.
-pub fn bearer(req: &HttpRequest) -> Option<&str> {
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-}
+use super::extract::Admin;
 
 /// Middleware of the `/admin` scope: the token is checked before routing,
 /// so an unauthenticated request learns nothing about the scope's routes
@@ -107,7 +54,7 @@ fn generator_status(state: &AppState) -> serde_json::Value {
 #[utoipa::path(get, path = "/admin/generator", tag = "admin", security(("admin" = [])),
     responses(
         (status = 200, description = "Whether the generator runs, its rate, and whether it runs here", body = Object),
-        (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody),
     ))]
 pub async fn get_generator(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(generator_status(&state)))
@@ -118,7 +65,7 @@ pub async fn get_generator(state: web::Data<AppState>) -> Result<HttpResponse, A
     request_body = GeneratorChange,
     responses(
         (status = 200, description = "The generator's state after the change", body = Object),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody), (status = 413, description = "Body too large", body = crate::http::openapi::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody), (status = 413, description = "Body too large", body = crate::http::error::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
     ))]
 pub async fn set_generator(
     state: web::Data<AppState>,
@@ -162,7 +109,7 @@ fn broker_down(e: impl std::fmt::Display) -> ApiError {
     params(("limit" = Option<i64>, Query, minimum = 1, maximum = 10000, description = "At most this many, 1 to 10000")),
     responses(
         (status = 200, description = "Dead letters with reason, detail, routing key and body; left in the queue", body = Object),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::error::ErrorBody),
     ))]
 pub async fn list_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>) -> Result<HttpResponse, ApiError> {
     let letters = dead_letters::list(&state.broker, &state.settings.rabbit.topology, limit(&q)?)
@@ -175,7 +122,7 @@ pub async fn list_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>)
     params(("limit" = Option<i64>, Query, minimum = 1, maximum = 10000, description = "At most this many, 1 to 10000")),
     responses(
         (status = 200, description = "Republished with confirms, each removed after its confirm", body = Object),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::error::ErrorBody),
     ))]
 pub async fn replay_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>) -> Result<HttpResponse, ApiError> {
     let report = dead_letters::replay(&state.broker, &state.settings.rabbit.topology, limit(&q)?)
@@ -187,7 +134,7 @@ pub async fn replay_dead_letters(state: web::Data<AppState>, q: web::Query<Limit
 #[utoipa::path(delete, path = "/admin/dead-letters", tag = "admin", security(("admin" = [])),
     responses(
         (status = 200, description = "The queue purged", body = Object),
-        (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::error::ErrorBody),
     ))]
 pub async fn purge_dead_letters(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let purged = dead_letters::purge(&state.broker, &state.settings.rabbit.topology)

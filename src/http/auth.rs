@@ -10,6 +10,7 @@ use actix_web::HttpRequest;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
+use super::error::TokenError;
 use crate::hub::pattern::Pattern;
 use crate::hub::scope::{Grant, Scope};
 use crate::metrics::Metrics;
@@ -18,24 +19,6 @@ use crate::settings::AuthSettings;
 /// Patterns one token may grant; a longer list is refused, so a token
 /// cannot make every subscribe check expensive.
 pub const MAX_GRANTED_PATTERNS: usize = 256;
-
-/// Why a token was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    #[error("the token has expired")]
-    Expired,
-    #[error("invalid token: {0}")]
-    Invalid(String),
-}
-
-impl TokenError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            TokenError::Expired => "token_expired",
-            TokenError::Invalid(_) => "unauthorized",
-        }
-    }
-}
 
 #[derive(Deserialize)]
 struct Claims {
@@ -239,7 +222,7 @@ fn load_public_keys(path: &Path) -> anyhow::Result<Vec<Key>> {
 /// `token` query parameter (EventSource and browsers' WebSocket cannot set
 /// headers).
 pub fn request_token<'a>(req: &'a HttpRequest, query_token: Option<&'a str>) -> Option<&'a str> {
-    super::admin::bearer(req).or(query_token).filter(|t| !t.is_empty())
+    super::extract::bearer(req).or(query_token).filter(|t| !t.is_empty())
 }
 
 /// When a grant runs out: a timer per connection, set from

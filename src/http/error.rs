@@ -6,8 +6,18 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{HttpResponse, ResponseError, dev::ServiceResponse};
 use serde_json::json;
+use utoipa::ToSchema;
 
 use crate::store::StoreError;
+
+/// Every error answer: `{"code": "...", "message": "..."}`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ErrorBody {
+    /// Machine-readable: `bad_request`, `not_found`, `unauthorized`, ….
+    code: String,
+    message: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -24,7 +34,7 @@ pub enum ApiError {
     Conflict(String),
     /// A subscriber token that does not verify or has expired.
     #[error(transparent)]
-    BadToken(#[from] super::auth::TokenError),
+    BadToken(#[from] TokenError),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -163,4 +173,22 @@ fn to_json<B: 'static>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandle
     Ok(ErrorHandlerResponse::Response(
         ServiceResponse::new(req, response).map_into_right_body(),
     ))
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token has expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+impl TokenError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            TokenError::Expired => "token_expired",
+            TokenError::Invalid(_) => "unauthorized",
+        }
+    }
 }

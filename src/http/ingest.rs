@@ -11,9 +11,8 @@ use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use super::AppState;
-use super::admin::bearer_is;
 use super::error::ApiError;
-use super::products::parse_id;
+use super::extract::{bearer_is, parse_id};
 use crate::domain::{Change, PriceCents, Stock};
 use crate::ingest::IngestError;
 
@@ -71,10 +70,10 @@ pub struct NewStock {
     security(("ingest" = [])),
     responses(
         (status = 202, description = "Confirmed by the broker; applied and delivered next", body = crate::ingest::Accepted),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "No or a wrong ingest token, or the ingest API is off", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such product", body = crate::http::openapi::ErrorBody), (status = 409, description = "Idempotency-Key used for another request, or no version left", body = crate::http::openapi::ErrorBody),
-        (status = 413, description = "Body too large", body = crate::http::openapi::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "Not confirmed by the broker, or the same key is being published: retry", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "No or a wrong ingest token, or the ingest API is off", body = crate::http::error::ErrorBody),
+        (status = 404, description = "No such product", body = crate::http::error::ErrorBody), (status = 409, description = "Idempotency-Key used for another request, or no version left", body = crate::http::error::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::http::error::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
+        (status = 503, description = "Not confirmed by the broker, or the same key is being published: retry", body = crate::http::error::ErrorBody),
     ))]
 pub async fn price(
     _: Service,
@@ -98,10 +97,10 @@ pub async fn price(
     security(("ingest" = [])),
     responses(
         (status = 202, description = "Confirmed by the broker; applied and delivered next", body = crate::ingest::Accepted),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "No or a wrong ingest token, or the ingest API is off", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such product", body = crate::http::openapi::ErrorBody), (status = 409, description = "Idempotency-Key used for another request, or no version left", body = crate::http::openapi::ErrorBody),
-        (status = 413, description = "Body too large", body = crate::http::openapi::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "Not confirmed by the broker, or the same key is being published: retry", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "No or a wrong ingest token, or the ingest API is off", body = crate::http::error::ErrorBody),
+        (status = 404, description = "No such product", body = crate::http::error::ErrorBody), (status = 409, description = "Idempotency-Key used for another request, or no version left", body = crate::http::error::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::http::error::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
+        (status = 503, description = "Not confirmed by the broker, or the same key is being published: retry", body = crate::http::error::ErrorBody),
     ))]
 pub async fn stock(
     _: Service,

@@ -2,9 +2,12 @@
 
 pub mod access;
 pub mod admin;
+pub mod admit;
 pub mod auth;
 pub mod edge;
 pub mod error;
+pub mod extract;
+pub mod frame_budget;
 pub mod health;
 pub mod ingest;
 pub mod openapi;

@@ -8,16 +8,9 @@
 
 use actix_web::HttpResponse;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
-/// Every error answer: `{"code": "...", "message": "..."}`.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct ErrorBody {
-    /// Machine-readable: `bad_request`, `not_found`, `unauthorized`, ….
-    code: String,
-    message: String,
-}
+use super::error::ErrorBody;
 
 #[derive(OpenApi)]
 #[openapi(

@@ -6,19 +6,14 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
-use super::admin::Admin;
 use super::error::ApiError;
+use super::extract::{Admin, parse_id};
 use crate::domain::ProductId;
 use crate::photos::image;
 use crate::store::catalog::{self, Photo};
 
 const MAX_PAGE: i64 = 1000;
 const MAX_IDS: usize = 1000;
-
-pub fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
-    ProductId::parse(raw)
-        .ok_or_else(|| ApiError::BadRequest(format!("{raw:?} is not a product id (a positive integer)")))
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,8 +39,8 @@ pub struct ProductPage {
     ),
     responses(
         (status = 200, description = "A page of products, by id", body = ProductPage),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "The catalog is unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The catalog is unavailable", body = crate::http::error::ErrorBody),
     ))]
 pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
     let limit = match &query.limit {
@@ -85,9 +80,9 @@ pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> R
     params(("id" = i64, Path, minimum = 1, description = "Product id, a positive integer")),
     responses(
         (status = 200, description = "The product", body = catalog::Product),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such product", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "The catalog is unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody),
+        (status = 404, description = "No such product", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The catalog is unavailable", body = crate::http::error::ErrorBody),
     ))]
 pub async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
@@ -105,9 +100,9 @@ pub async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<
     responses(
         (status = 200, description = "The photo, with `ETag` and `Cache-Control`", content_type = "image/png", body = Vec<u8>),
         (status = 304, description = "Unchanged since the given ETag"),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such product, or no photo", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "The catalog is unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody),
+        (status = 404, description = "No such product, or no photo", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The catalog is unavailable", body = crate::http::error::ErrorBody),
     ))]
 pub async fn photo(
     state: web::Data<AppState>,
@@ -146,12 +141,12 @@ pub async fn photo(
     security(("admin" = [])),
     responses(
         (status = 200, description = "Stored; the cached copies are replaced", body = Object),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody),
-        (status = 401, description = "No or a wrong admin token", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such product", body = crate::http::openapi::ErrorBody),
-        (status = 413, description = "Larger than photos.max_upload_bytes", body = crate::http::openapi::ErrorBody),
-        (status = 415, description = "Not an image of a supported type, or not the declared one", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "The catalog is unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody),
+        (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody),
+        (status = 404, description = "No such product", body = crate::http::error::ErrorBody),
+        (status = 413, description = "Larger than photos.max_upload_bytes", body = crate::http::error::ErrorBody),
+        (status = 415, description = "Not an image of a supported type, or not the declared one", body = crate::http::error::ErrorBody),
+        (status = 503, description = "The catalog is unavailable", body = crate::http::error::ErrorBody),
     ))]
 pub async fn put_photo(
     _: Admin,

@@ -13,8 +13,8 @@ use tracing::Instrument;
 
 use super::AppState;
 use super::access::connection_span;
+use super::admit::{Admitted, admit, refusal_text};
 use super::auth;
-use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::error::ApiError;
 use crate::hub::Refused;
 use crate::hub::client::Ended;
@@ -50,20 +50,15 @@ fn parse_offset(raw: &str, what: &str) -> Result<u64, ApiError> {
     security((), ("subscriber" = [])),
     responses(
         (status = 200, description = "The event stream (see docs/asyncapi.yaml). Refused only for now (snapshots busy, the catalog unavailable, the connection limit): a `retry:` of when to come back, one `error` event (`busy` or `unavailable`, with `retry_ms`), and the end of the stream, so an EventSource reconnects by itself", content_type = "text/event-stream", body = String),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::openapi::ErrorBody), (status = 401, description = "Bad or expired subscriber token", body = crate::http::openapi::ErrorBody),
-        (status = 403, description = "A pattern outside the grant, or a foreign Origin", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many connections from this address", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "Bad or expired subscriber token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "A pattern outside the grant, or a foreign Origin", body = crate::http::error::ErrorBody),
+        (status = 429, description = "Too many connections from this address", body = crate::http::error::ErrorBody),
     ))]
 pub async fn events(
     req: HttpRequest,
     state: web::Data<AppState>,
     query: web::Query<EventsQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let origin = match check_origin(&req, &state.hub.settings().allowed_origins) {
-        Origin::Refused => return Err(origin_refused(&state, "an event stream")),
-        Origin::Absent => None,
-        Origin::Allowed(o) => Some(o),
-    };
     let topics: Vec<String> = query
         .topics
         .as_deref()
@@ -84,26 +79,15 @@ pub async fn events(
         Some("true") | Some("1") | Some("") => true,
         Some(_) => return Err(ApiError::BadRequest("snapshot must be true or false".into())),
     };
-    let grant = match auth::request_token(&req, query.token.as_deref()) {
-        Some(token) => state
-            .auth
-            .verify(token)
-            .inspect_err(|e| auth::count_refusal(&state.metrics, e.code()))?,
-        None => state.auth.anonymous(),
-    };
-    let ip = client_ip(&req, &state.settings.server.trusted_proxies);
+    let Admitted { origin, grant, ip } = admit(&req, &state, query.token.as_deref(), "an event stream")?;
     let retry = state.hub.settings().sse_retry;
     let mut sub = match Session::open(state.realtime(), Transport::Sse, ip, grant) {
         Ok(sub) => sub,
-        Err(Refused::Instance) => {
-            let e = ClientError::new(ClientErrorCode::Busy, "connection limit reached, try again later");
+        Err(refused @ Refused::Instance) => {
+            let e = ClientError::new(ClientErrorCode::Busy, refusal_text(refused));
             return Ok(retry_later(e.retry_after(retry), origin));
         }
-        Err(Refused::PerIp) => {
-            return Err(ApiError::TooManyRequests(
-                "too many connections from this address".into(),
-            ));
-        }
+        Err(refused @ Refused::PerIp) => return Err(ApiError::TooManyRequests(refusal_text(refused).into())),
     };
     let span = connection_span(sub.id(), "sse", ip);
     let snapshot = match sub.subscribe(&topics, since, snapshot).instrument(span.clone()).await {

@@ -16,10 +16,10 @@ use tracing::Instrument;
 
 use super::AppState;
 use super::access::connection_span;
-use super::auth::{self, TokenError};
-use super::edge::{Origin, check_origin, client_ip, origin_refused};
-use super::error::ApiError;
-use crate::hub::Refused;
+use super::admit::{admit, refusal_text};
+use super::auth;
+use super::error::TokenError;
+use super::frame_budget::FrameBudget;
 use crate::hub::client::Ended;
 use crate::hub::feed::FeedItem;
 use crate::hub::session::{
@@ -67,36 +67,30 @@ const MAX_STRIKES: u32 = 50;
     security((), ("subscriber" = [])),
     responses(
         (status = 101, description = "Upgraded to a WebSocket (frames: docs/asyncapi.yaml)"),
-        (status = 400, description = "Not a WebSocket upgrade", body = crate::http::openapi::ErrorBody),
-        (status = 401, description = "Bad or expired subscriber token", body = crate::http::openapi::ErrorBody),
-        (status = 403, description = "A foreign Origin", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "Not a WebSocket upgrade", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Bad or expired subscriber token", body = crate::http::error::ErrorBody),
+        (status = 403, description = "A foreign Origin", body = crate::http::error::ErrorBody),
     ))]
 pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> actix_web::Result<HttpResponse> {
     let settings = state.hub.settings().clone();
-    if check_origin(&req, &settings.allowed_origins) == Origin::Refused {
-        return Err(origin_refused(&state, "a WebSocket").into());
-    }
-    // A bad token is refused before the upgrade, as a 401 with a JSON body.
+    // A foreign Origin or a bad token is refused before the upgrade, with a
+    // JSON body.
     let query = web::Query::<WsQuery>::from_query(req.query_string()).ok();
-    let grant = match auth::request_token(&req, query.as_ref().and_then(|q| q.token.as_deref())) {
-        Some(token) => state
-            .auth
-            .verify(token)
-            .inspect_err(|e| auth::count_refusal(&state.metrics, e.code()))
-            .map_err(ApiError::from)?,
-        None => state.auth.anonymous(),
-    };
+    let admitted = admit(
+        &req,
+        &state,
+        query.as_ref().and_then(|q| q.token.as_deref()),
+        "a WebSocket",
+    )?;
     let (response, session, stream) = actix_ws::handle(&req, detached(&req, body).await?)?;
-    let ip = client_ip(&req, &state.settings.server.trusted_proxies);
-    let sub = match Session::open(state.realtime(), Transport::WebSocket, ip, grant) {
+    let ip = admitted.ip;
+    let sub = match Session::open(state.realtime(), Transport::WebSocket, ip, admitted.grant) {
         Ok(sub) => sub,
         Err(refused) => {
-            let text = match refused {
-                Refused::Instance => "connection limit reached, try again later",
-                Refused::PerIp => "too many connections from this address",
-            };
             actix_web::rt::spawn(async move {
-                let _ = session.close(Some(reason(CloseCode::Again, text))).await;
+                let _ = session
+                    .close(Some(reason(CloseCode::Again, refusal_text(refused))))
+                    .await;
             });
             return Ok(response);
         }
@@ -153,8 +147,7 @@ fn run(
         let mut pings = [0u64; 2];
         let mut last_pong = Instant::now();
         let mut last_progress = Instant::now();
-        let mut tokens = 2.0 * FRAMES_PER_SEC;
-        let mut last_frame = Instant::now();
+        let mut budget = FrameBudget::new(FRAMES_PER_SEC);
         let mut strikes = 0u32;
         let mut out = Vec::new();
         // A snapshot being sent: its parts go out before any live update.
@@ -208,13 +201,9 @@ fn run(
                         Some(Ok(AggregatedMessage::Binary(_))) => None,
                         Some(Ok(AggregatedMessage::Text(t))) => Some(t),
                     };
-                    // Token bucket against floods.
-                    tokens = (tokens + last_frame.elapsed().as_secs_f64() * FRAMES_PER_SEC).min(2.0 * FRAMES_PER_SEC);
-                    last_frame = Instant::now();
-                    let result = if tokens < 1.0 {
+                    let result = if !budget.take() {
                         Err(ClientError::new(ClientErrorCode::RateLimited, "too many frames; slow down"))
                     } else {
-                        tokens -= 1.0;
                         match text {
                             None => Err(ClientError::new(ClientErrorCode::BinaryNotSupported, "send JSON text frames")),
                             // Boxed: a subscribe (snapshot query, stream catch-up) has a
