@@ -244,7 +244,9 @@ async fn measure(ctx: &mut Ctx, iso: &Isolation, inst: &Instance) -> Result<()> 
         since.to_string(),
     ])?;
     let ready = stalled.expect("READY", Duration::from_secs(240)).await?;
-    stalled.signal(libc::SIGSTOP)?;
+    stalled
+        .signal(libc::SIGSTOP)
+        .context("stop the stalled client process")?;
     let t0 = now_us();
     let rss_t0 = rss_kib(&std::process::id().to_string())?;
     let at_t0 = Gauges::read(inst);
@@ -257,7 +259,10 @@ async fn measure(ctx: &mut Ctx, iso: &Isolation, inst: &Instance) -> Result<()> 
 
     // Client side: what each stalled connection finds in its socket.
     stalled.signal(libc::SIGCONT)?;
-    stalled.send("CHECK").await?;
+    stalled
+        .send("CHECK")
+        .await
+        .context("the stalled client process is gone (it was stopped: killed by a signal?)")?;
     let fates = stalled.expect("RESULT", Duration::from_secs(90)).await?;
     stalled.kill().await;
     for c in healthy {
@@ -610,8 +615,14 @@ struct Stalled {
 impl Stalled {
     fn spawn(args: &[String]) -> Result<Stalled> {
         let exe = std::env::current_exe().context("path of the bench binary")?;
+        // A process group of its own: signals meant for the bench's group
+        // (a terminal's, or the SIGHUP the kernel sends to a group that
+        // is orphaned while one of its members is stopped) do not reach
+        // it; and should the bench die, its group is the one orphaned with
+        // a stopped member, so the kernel's SIGHUP ends it.
         let mut child = tokio::process::Command::new(exe)
             .args(args)
+            .process_group(0)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
