@@ -872,7 +872,10 @@ fn report(ctx: &mut Ctx, a: &RunFigures, b: &RunFigures, mon: &Samples, st: Stal
         }
     };
     let (ws_gone, sse_gone) = (gone(&|w, _| w, 0.0), gone(&|_, s| s, 2.0));
-    let (ws_end, sse_end) = open_series.last().map_or((f64::NAN, f64::NAN), |(_, w, s)| (*w, *s));
+    // Below zero is a probe's connection counted a moment early or late.
+    let (ws_end, sse_end) = open_series
+        .last()
+        .map_or((f64::NAN, f64::NAN), |(_, w, s)| (w.max(0.0), s.max(0.0)));
     r.row(
         S,
         format!(
