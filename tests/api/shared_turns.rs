@@ -40,19 +40,29 @@ async fn stalled_snapshot(app: &TestApp, forwarded_for: Option<&str>) -> RawSse 
     raw
 }
 
-#[actix_rt::test]
-async fn four_stalled_snapshots_give_back_their_turns_and_a_fifth_is_served() {
-    let app = spawn_app_with(|s| {
+/// An instance whose whole-catalog snapshot comes in many small parts,
+/// more than the socket buffers hold, with `turns` snapshots at once of
+/// which `per_address` to one address, a turn waited for up to `wait`, and
+/// a client that stalls taken off its snapshot after `stall`. Only the
+/// snapshots' own limits may end a stalled client here.
+async fn spawn_snapshots(turns: usize, per_address: usize, wait: Duration, stall: Duration) -> TestApp {
+    spawn_app_with(move |s| {
+        s.hub.snapshot_wait = wait;
         s.seed.products = 3000;
         s.hub.snapshot_part_products = 20;
-        s.hub.max_concurrent_snapshots = 4;
-        s.hub.max_snapshots_per_ip = 4;
-        s.hub.snapshot_stall = Duration::from_millis(1000);
-        s.server.socket_send_buffer = 4096;
-        // Only the snapshots' own deadline may end them here.
+        s.hub.max_concurrent_snapshots = turns;
+        s.hub.max_snapshots_per_ip = per_address;
+        s.hub.snapshot_stall = stall;
         s.hub.client_timeout = Duration::from_secs(60);
+        s.server.socket_send_buffer = 4096;
+        s.server.trusted_proxies = serde_json::from_value(serde_json::json!(["127.0.0.1"])).unwrap();
     })
-    .await;
+    .await
+}
+
+#[actix_rt::test]
+async fn four_stalled_snapshots_give_back_their_turns_and_a_fifth_is_served() {
+    let app = spawn_snapshots(4, 4, Duration::from_secs(5), Duration::from_millis(1000)).await;
     let mut stalled = Vec::new();
     for _ in 0..4 {
         stalled.push(stalled_snapshot(&app, None).await);
@@ -91,19 +101,8 @@ async fn four_stalled_snapshots_give_back_their_turns_and_a_fifth_is_served() {
 
 #[actix_rt::test]
 async fn one_address_cannot_hold_every_snapshot_turn() {
-    let app = spawn_app_with(|s| {
-        s.seed.products = 3000;
-        s.hub.snapshot_part_products = 20;
-        s.hub.max_concurrent_snapshots = 4;
-        s.hub.max_snapshots_per_ip = 2;
-        s.hub.snapshot_wait = Duration::from_millis(500);
-        // Stalled snapshots keep their turns for the whole test.
-        s.hub.snapshot_stall = Duration::from_secs(60);
-        s.hub.client_timeout = Duration::from_secs(60);
-        s.server.socket_send_buffer = 4096;
-        s.server.trusted_proxies = serde_json::from_value(serde_json::json!(["127.0.0.1"])).unwrap();
-    })
-    .await;
+    // Stalled snapshots keep their turns for the whole test.
+    let app = spawn_snapshots(4, 2, Duration::from_millis(500), Duration::from_secs(60)).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         held.push(stalled_snapshot(&app, Some("198.51.100.7")).await);
@@ -138,16 +137,7 @@ async fn one_address_cannot_hold_every_snapshot_turn() {
 
 #[actix_rt::test]
 async fn a_busy_snapshot_over_sse_answers_an_event_that_says_when_to_come_back() {
-    let app = spawn_app_with(|s| {
-        s.seed.products = 3000;
-        s.hub.snapshot_part_products = 20;
-        s.hub.max_concurrent_snapshots = 1;
-        s.hub.snapshot_wait = Duration::from_millis(300);
-        s.hub.snapshot_stall = Duration::from_secs(60);
-        s.hub.client_timeout = Duration::from_secs(60);
-        s.server.socket_send_buffer = 4096;
-    })
-    .await;
+    let app = spawn_snapshots(1, 1, Duration::from_millis(300), Duration::from_secs(60)).await;
     let holder = stalled_snapshot(&app, None).await;
     let (status, refused) = RawSse::connect(app.port, "/events?topics=product.price.1&snapshot=true").await;
     // Not a 503: an EventSource would give up for good.
