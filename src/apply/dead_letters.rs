@@ -100,7 +100,11 @@ pub async fn replay(link: &Link, t: &TopologySettings, limit: usize) -> anyhow::
     let publisher = confirm_channel(&conn).await?;
     let mut replayed = 0;
     let mut remaining = 0;
-    while replayed < limit {
+    // Only the letters there when the replay began: one that fails again is
+    // dead-lettered to the tail of the same queue and must not come round
+    // a second time in this replay.
+    let mut there = limit;
+    while replayed < there {
         let Some(m) = getter
             .basic_get(t.dead_letter_queue.as_str().into(), BasicGetOptions { no_ack: false })
             .await?
@@ -108,6 +112,9 @@ pub async fn replay(link: &Link, t: &TopologySettings, limit: usize) -> anyhow::
             break;
         };
         remaining = m.message_count;
+        if replayed == 0 {
+            there = limit.min(m.message_count as usize + 1);
+        }
         let d = &m.delivery;
         let mut headers = d.properties.headers().clone().unwrap_or_default();
         let cleaned: std::collections::BTreeMap<_, _> = headers

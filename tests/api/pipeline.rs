@@ -335,6 +335,29 @@ async fn replayed_dead_letter_that_is_now_valid_is_applied() {
 }
 
 #[actix_rt::test]
+async fn replaying_letters_that_fail_again_replays_each_once() {
+    let app = spawn_app().await;
+    let p = TestPublisher::connect(&app.iso).await;
+    // Unknown products: dead-lettered again as soon as they are replayed.
+    for id in 0..20 {
+        p.event(9000 + id, "price", 100, 1).await;
+    }
+    eventually(Duration::from_secs(20), "20 dead letters", || async {
+        (app.dead_letters().await.len() == 20).then_some(())
+    })
+    .await;
+    let (status, report) = app
+        .admin(Method::POST, "/admin/dead-letters/replay?limit=1000", None)
+        .await;
+    assert_eq!((status, report["replayed"].as_u64()), (200, Some(20)), "{report}");
+    eventually(Duration::from_secs(20), "each back once", || async {
+        (app.dead_letters().await.len() == 20).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[actix_rt::test]
 async fn broker_closing_connections_mid_stream_loses_nothing() {
     let app = spawn_app().await;
     app.generator(true, Some(300)).await;
