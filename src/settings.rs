@@ -34,6 +34,12 @@ pub struct ServerSettings {
     /// autotuning). A small one bounds kernel memory per connection and lets
     /// a stalled client reach its conflating buffer sooner.
     pub socket_send_buffer: usize,
+    /// Unsent bytes the kernel holds per client socket before a write
+    /// waits (`TCP_NOTSENT_LOWAT`; 0: no limit). Bytes in flight are not
+    /// counted, so a distant client keeps its throughput; a client that
+    /// stops reading backs up into its own conflating buffer within this
+    /// many bytes instead of into megabytes of kernel memory.
+    pub socket_unsent_bytes: u32,
     /// `TCP_NODELAY` on client sockets: frames go out as written, none held
     /// back for the client's delayed ACK.
     pub tcp_nodelay: bool,

@@ -5,21 +5,24 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::dev::Server;
 use actix_web::{App, HttpServer, middleware, web};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::apply::consumer;
-use crate::broadcast::{relay, stream};
+use crate::broadcast::relay;
+use crate::broadcast::stream::{self, CatchUpReader};
 use crate::broker::link::{Connector, Link};
 use crate::broker::topology::{Topology, check_message_limit, report_message_limit};
 use crate::http::{self, AppState};
-use crate::hub;
-use crate::ingest::generator;
+use crate::hub::{self, HubHandle};
+use crate::ingest::Ingest;
+use crate::ingest::generator::{self, GeneratorHandle};
 use crate::metrics::Metrics;
 use crate::photos::PhotoCache;
 use crate::settings::Settings;
-use crate::store;
+use crate::store::{self, Db};
 
 /// The service's listening socket, with room in the accept queue for
 /// `backlog` connection attempts: when thousands of clients reconnect at
@@ -44,14 +47,15 @@ pub fn bind(host: &str, port: u16, backlog: u32) -> std::io::Result<std::net::Tc
 
 pub struct Application {
     port: u16,
-    server: actix_web::dev::Server,
+    server: Server,
     state: web::Data<AppState>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Application {
-    /// Migrates, connects, starts the pipeline tasks and binds the server.
+    /// Migrates, connects, starts the pipeline tasks and binds the server,
+    /// in that order: each step needs the ones before it.
     pub async fn build(settings: Settings, listener: TcpListener) -> anyhow::Result<Self> {
         settings.check_serving()?;
         if settings.admin.dev_mode {
@@ -69,154 +73,27 @@ impl Application {
             &settings.auth,
             settings.hub.max_pattern_words,
         )?);
-
-        store::migrate(settings.database.url.expose()).await?;
-        let db = store::pool(&settings.database)?;
-        let read_db = store::read_pool(&settings.database)?;
-        let photos = Arc::new(PhotoCache::new(
-            &settings.redis,
-            &settings.photos,
-            db.clone(),
-            metrics.clone(),
-        )?);
-
-        check_message_limit(&settings.rabbit.topology, &settings.consumer).map_err(anyhow::Error::msg)?;
-        let topology = Arc::new(Topology::new(&settings.rabbit.topology));
-        let instance = instance_name();
-        let connector = Connector::new(settings.rabbit.clone(), topology, metrics.clone(), instance);
-        let broker = Arc::new(Link::new(connector.clone(), "admin"));
-        // The topology must exist before anything publishes; fail start-up
-        // loudly when RabbitMQ cannot be reached at all.
-        let conn = broker.get().await?;
-        report_message_limit(&conn, settings.rabbit.topology.max_message_bytes, &metrics).await;
-
-        let committed = consumer::spawn(
-            &settings.consumer,
-            &settings.rabbit.topology,
-            db.clone(),
-            connector.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-            &tracker,
-        );
-        relay::spawn(
-            &settings.rabbit.topology,
-            db.clone(),
-            connector.clone(),
-            metrics.clone(),
-            committed,
-            shutdown.clone(),
-            &tracker,
-        );
-        consumer::spawn_lag_monitor(
-            broker.clone(),
-            &settings.rabbit.topology,
-            metrics.clone(),
-            shutdown.clone(),
-            &tracker,
-        );
-        let hub = hub::spawn(&settings.hub, metrics.clone(), shutdown.clone(), &tracker);
-        let mut attached = stream::spawn_live(
-            connector.clone(),
-            settings.rabbit.topology.updates_stream.clone(),
-            settings.hub.stream_prefetch,
-            settings.hub.warm_start.then_some(settings.hub.history),
-            hub.clone(),
-            shutdown.clone(),
-            &tracker,
-        );
-        // Serve only once the stream is read (and the hub's memory filled):
-        // a client subscribing earlier would miss the updates broadcast in
-        // between, or resume from the stream what memory is about to hold.
-        tokio::time::timeout(Duration::from_secs(60), attached.wait_for(|a| *a))
-            .await
-            .map_err(|_| anyhow::anyhow!("the update stream could not be attached and read within 60 s"))??;
-        let catch_up = stream::CatchUpReader::new(
-            connector.clone(),
-            settings.rabbit.topology.updates_stream.clone(),
-            &settings.hub,
-            metrics.clone(),
-        );
-        let generator = generator::spawn(
-            &settings,
-            db.clone(),
-            connector.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-            &tracker,
-        );
-        // Its own connection, opened on the first call: a stage of its own.
-        let ingest = Arc::new(crate::ingest::Ingest::new(
-            db.clone(),
-            Arc::new(Link::new(connector.clone(), "ingest")),
-            settings.rabbit.topology.events_exchange.clone(),
-            settings.generator.confirm_timeout,
-        ));
+        let stores = Stores::open(&settings, &metrics).await?;
+        let broker = Broker::connect(&settings, &metrics).await?;
+        let pipeline = Pipeline::start(&settings, &stores, &broker, &metrics, &shutdown, &tracker).await?;
 
         let state = web::Data::new(AppState {
             settings: settings.clone(),
-            db,
-            read_db,
+            db: stores.db,
+            read_db: stores.read_db,
             snapshots: hub::session::SnapshotLimit::new(&settings.hub),
-            photos,
+            photos: stores.photos,
             metrics,
-            broker,
-            generator,
-            hub,
-            ingest,
+            broker: broker.admin,
+            generator: pipeline.generator,
+            hub: pipeline.hub,
+            ingest: pipeline.ingest,
             auth,
-            catch_up,
+            catch_up: pipeline.catch_up,
             shutdown: shutdown.clone(),
         });
-
         let port = listener.local_addr()?.port();
-        let server_state = state.clone();
-        let static_dir = settings.server.static_dir.clone();
-        let max_body = settings.server.max_body_bytes;
-        let send_buffer = settings.server.socket_send_buffer;
-        let client_timeout = settings.hub.client_timeout;
-        let hosts = web::Data::new(http::edge::HostPolicy::new(&settings.server));
-        let mut server = HttpServer::new(move || {
-            App::new()
-                .app_data(server_state.clone())
-                .app_data(web::PayloadConfig::new(max_body))
-                .wrap(http::error::json_errors())
-                .app_data(hosts.clone())
-                .wrap(middleware::from_fn(http::edge::check_host))
-                .wrap(middleware::NormalizePath::trim())
-                // Outermost: the span and the access line cover every refusal.
-                .wrap(middleware::from_fn(http::access::trace_request))
-                .configure(http::routes)
-                .service(actix_files::Files::new("/", &static_dir).index_file("index.html"))
-        })
-        .on_connect(move |conn, _| {
-            let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
-                return;
-            };
-            let socket = socket2::SockRef::from(tcp);
-            if send_buffer > 0
-                && let Err(e) = socket.set_send_buffer_size(send_buffer)
-            {
-                tracing::debug!(error = %e, "could not set the socket send buffer");
-            }
-            // A peer that takes nothing (a zero window) or acknowledges
-            // nothing (gone without a FIN) for client_timeout is dropped by
-            // the kernel: an event stream whose body is not even polled
-            // while the socket is full is closed too.
-            if let Err(e) = socket.set_tcp_user_timeout(Some(client_timeout)) {
-                tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
-            }
-        })
-        // Frames go out as written: with Nagle's algorithm a frame written
-        // behind another waits for the client's delayed ACK (40 ms).
-        .tcp_nodelay(settings.server.tcp_nodelay)
-        .disable_signals()
-        .shutdown_timeout(5);
-        if settings.server.workers > 0 {
-            server = server.workers(settings.server.workers);
-        }
-        let server = server.listen(listener)?.run();
-
+        let server = serve(&settings, state.clone(), listener)?;
         Ok(Self {
             port,
             server,
@@ -260,6 +137,211 @@ impl Application {
         }
         served?;
         Ok(())
+    }
+}
+
+/// The databases and the photo cache, the database migrated first.
+struct Stores {
+    db: Db,
+    read_db: Db,
+    photos: Arc<PhotoCache>,
+}
+
+impl Stores {
+    async fn open(settings: &Settings, metrics: &Arc<Metrics>) -> anyhow::Result<Self> {
+        store::migrate(settings.database.url.expose()).await?;
+        let db = store::pool(&settings.database)?;
+        let read_db = store::read_pool(&settings.database)?;
+        let photos = Arc::new(PhotoCache::new(
+            &settings.redis,
+            &settings.photos,
+            db.clone(),
+            metrics.clone(),
+        )?);
+        Ok(Self { db, read_db, photos })
+    }
+}
+
+/// RabbitMQ: how each stage connects, and the admin connection.
+struct Broker {
+    connector: Connector,
+    /// For admin calls and readiness.
+    admin: Arc<Link>,
+}
+
+impl Broker {
+    /// The topology must exist before anything publishes: start-up fails
+    /// loudly when RabbitMQ cannot be reached at all.
+    async fn connect(settings: &Settings, metrics: &Arc<Metrics>) -> anyhow::Result<Self> {
+        check_message_limit(&settings.rabbit.topology, &settings.consumer).map_err(anyhow::Error::msg)?;
+        let topology = Arc::new(Topology::new(&settings.rabbit.topology));
+        let connector = Connector::new(settings.rabbit.clone(), topology, metrics.clone(), instance_name());
+        let admin = Arc::new(Link::new(connector.clone(), "admin"));
+        let conn = admin.get().await?;
+        report_message_limit(&conn, settings.rabbit.topology.max_message_bytes, metrics).await;
+        Ok(Self { connector, admin })
+    }
+}
+
+/// The pipeline's stages, running: what the HTTP side holds of them.
+struct Pipeline {
+    generator: GeneratorHandle,
+    ingest: Arc<Ingest>,
+    hub: HubHandle,
+    catch_up: CatchUpReader,
+}
+
+impl Pipeline {
+    /// Starts the stages from the store outwards: the consumer and relay,
+    /// the hub once it reads the update stream, then the sources.
+    async fn start(
+        settings: &Arc<Settings>,
+        stores: &Stores,
+        broker: &Broker,
+        metrics: &Arc<Metrics>,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> anyhow::Result<Self> {
+        let (db, connector, topology) = (&stores.db, &broker.connector, &settings.rabbit.topology);
+        let committed = consumer::spawn(
+            &settings.consumer,
+            topology,
+            db.clone(),
+            connector.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            tracker,
+        );
+        consumer::spawn_lag_monitor(
+            broker.admin.clone(),
+            topology,
+            metrics.clone(),
+            shutdown.clone(),
+            tracker,
+        );
+        relay::spawn(
+            topology,
+            db.clone(),
+            connector.clone(),
+            metrics.clone(),
+            committed,
+            shutdown.clone(),
+            tracker,
+        );
+        let hub = hub::spawn(&settings.hub, metrics.clone(), shutdown.clone(), tracker);
+        let mut attached = stream::spawn_live(
+            connector.clone(),
+            topology.updates_stream.clone(),
+            settings.hub.stream_prefetch,
+            settings.hub.warm_start.then_some(settings.hub.history),
+            hub.clone(),
+            shutdown.clone(),
+            tracker,
+        );
+        // Serve only once the stream is read (and the hub's memory filled):
+        // a client subscribing earlier would miss the updates broadcast in
+        // between, or resume from the stream what memory is about to hold.
+        tokio::time::timeout(Duration::from_secs(60), attached.wait_for(|a| *a))
+            .await
+            .map_err(|_| anyhow::anyhow!("the update stream could not be attached and read within 60 s"))??;
+        let catch_up = CatchUpReader::new(
+            connector.clone(),
+            topology.updates_stream.clone(),
+            &settings.hub,
+            metrics.clone(),
+        );
+        // The sources last, once every stage behind them runs.
+        let generator = generator::spawn(
+            settings,
+            db.clone(),
+            connector.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            tracker,
+        );
+        // Its own connection, opened on the first call: a stage of its own.
+        let ingest = Arc::new(Ingest::new(
+            db.clone(),
+            Arc::new(Link::new(connector.clone(), "ingest")),
+            topology.events_exchange.clone(),
+            settings.generator.confirm_timeout,
+        ));
+        Ok(Self {
+            generator,
+            ingest,
+            hub,
+            catch_up,
+        })
+    }
+}
+
+/// The HTTP server on `listener`, its sockets tuned as they are accepted.
+fn serve(settings: &Settings, state: web::Data<AppState>, listener: TcpListener) -> anyhow::Result<Server> {
+    let static_dir = settings.server.static_dir.clone();
+    let max_body = settings.server.max_body_bytes;
+    let tuning = SocketTuning {
+        send_buffer: settings.server.socket_send_buffer,
+        unsent_bytes: settings.server.socket_unsent_bytes,
+        user_timeout: settings.hub.client_timeout,
+    };
+    let hosts = web::Data::new(http::edge::HostPolicy::new(&settings.server));
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(web::PayloadConfig::new(max_body))
+            .wrap(http::error::json_errors())
+            .app_data(hosts.clone())
+            .wrap(middleware::from_fn(http::edge::check_host))
+            .wrap(middleware::NormalizePath::trim())
+            // Outermost: the span and the access line cover every refusal.
+            .wrap(middleware::from_fn(http::access::trace_request))
+            .configure(http::routes)
+            .service(actix_files::Files::new("/", &static_dir).index_file("index.html"))
+    })
+    .on_connect(move |conn, _| {
+        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            tuning.apply(tcp);
+        }
+    })
+    // Frames go out as written: with Nagle's algorithm a frame written
+    // behind another waits for the client's delayed ACK (40 ms).
+    .tcp_nodelay(settings.server.tcp_nodelay)
+    .disable_signals()
+    .shutdown_timeout(5);
+    if settings.server.workers > 0 {
+        server = server.workers(settings.server.workers);
+    }
+    Ok(server.listen(listener)?.run())
+}
+
+/// Options set on every accepted client socket.
+#[derive(Clone, Copy)]
+struct SocketTuning {
+    send_buffer: usize,
+    unsent_bytes: u32,
+    user_timeout: Duration,
+}
+
+impl SocketTuning {
+    fn apply(self, tcp: &actix_web::rt::net::TcpStream) {
+        let socket = socket2::SockRef::from(tcp);
+        if self.send_buffer > 0
+            && let Err(e) = socket.set_send_buffer_size(self.send_buffer)
+        {
+            tracing::debug!(error = %e, "could not set the socket send buffer");
+        }
+        if self.unsent_bytes > 0
+            && let Err(e) = socket.set_tcp_notsent_lowat(self.unsent_bytes)
+        {
+            tracing::debug!(error = %e, "could not set TCP_NOTSENT_LOWAT");
+        }
+        // A peer that takes nothing (a zero window) or acknowledges
+        // nothing (gone without a FIN) for client_timeout is dropped by
+        // the kernel: an event stream whose body is not even polled
+        // while the socket is full is closed too.
+        if let Err(e) = socket.set_tcp_user_timeout(Some(self.user_timeout)) {
+            tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
+        }
     }
 }
 

@@ -161,3 +161,48 @@ async fn an_sse_peer_with_a_zero_receive_window_is_closed_within_the_timeout() {
     );
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_client_that_stops_reading_backs_up_into_its_own_buffer_not_into_the_kernel() {
+    // The shipped socket settings (no small send buffer as above): with the
+    // kernel's autotuning alone a loopback socket nobody reads swallows
+    // megabytes before a write waits, and the client's own bounds never see
+    // them. A long timeout: only the byte bound can cut the client off.
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    settings.seed.products = 500;
+    settings.hub.client_buffer_bytes = 64 * 1024;
+    settings.hub.client_timeout = Duration::from_secs(60);
+    let app = spawn_with(iso, settings).await;
+    let p = TestPublisher::connect(&app.iso).await;
+    let mut healthy = WsClient::connect(&app.address).await;
+    healthy.subscribe(&["product.price.*"], None, false).await;
+    let mut stalled = RawWs::connect(app.port).await;
+    stalled
+        .send_text(r#"{"op":"subscribe","topics":["product.price.*"]}"#)
+        .await;
+    assert!(stalled.next_text(T).await.unwrap().contains("subscribed"));
+
+    // Every product once a round: what waits conflates to 500 frames, a
+    // little over the byte bound. A reader that keeps up gets every frame.
+    let mut published = 0usize;
+    let mut cut_off_after = None;
+    for round in 1..=30i64 {
+        let events: Vec<(i64, &str, i64, i64)> = (1..=500).map(|id| (id, "price", 100 * round + id, round)).collect();
+        p.burst(&events).await;
+        let got = healthy.updates(500, T).await;
+        assert_eq!(got.len(), 500, "round {round}");
+        published += got.iter().map(|u| u.to_string().len()).sum::<usize>();
+        if slow_consumers(&app).await >= 1.0 {
+            cut_off_after = Some(published);
+            break;
+        }
+    }
+    println!("stalled client cut off after {published} bytes of frames");
+    // The kernel's share: 16 KiB unsent, plus what the peer's receive
+    // window takes in (some 128 KiB here); then 64 KiB in the buffer.
+    let cut_off_after = cut_off_after.expect("the stalled client cut off as a slow consumer");
+    assert!(cut_off_after < 1024 * 1024, "{cut_off_after} bytes went out first");
+    assert_eq!(slow_consumers(&app).await, 1.0, "the healthy client was not cut off");
+    app.stop().await;
+}
