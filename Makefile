@@ -3,6 +3,7 @@
 # Services (PostgreSQL, Redis, RabbitMQ) come from scripts/services.sh: the
 # ones already answering on their default local ports are used, missing ones
 # are started with Docker compose when a Docker engine answers, else locally.
+# Tools come from scripts/tools.sh, test runs from scripts/test.sh.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -27,27 +28,9 @@ export GATEWAY_TEST_REDIS      ?= redis://127.0.0.1:6379
 # Quiet tests; `make run` keeps the service's own log level.
 test: export RUST_LOG ?= warn
 
-# Tests that stop and restart the shared services: they run alone, after the
-# others. Integration test targets are tests/*.rs and tests/*/main.rs.
-# The cluster fault run needs the three-node cluster: `make test-cluster`.
-RESTART_TEST  := service_restarts
+# The cluster fault run's broker: node c1 of scripts/cluster.sh.
 CLUSTER_TEST  := cluster
-TEST_TARGETS  := $(sort $(basename $(notdir $(wildcard tests/*.rs))) \
-                        $(notdir $(patsubst %/,%,$(dir $(wildcard tests/*/main.rs)))))
-HAS_RESTART   := $(filter $(RESTART_TEST),$(TEST_TARGETS))
-OTHER_TESTS   := $(filter-out $(RESTART_TEST) $(CLUSTER_TEST),$(TEST_TARGETS))
-# The harness's broker for the cluster run: node c1 of scripts/cluster.sh.
 CLUSTER_ENV   := GATEWAY_TEST_AMQP=amqp://guest:guest@127.0.0.1:5701 GATEWAY_TEST_RABBIT_API=http://127.0.0.1:15701
-
-# Evaluated only by the recipes that use it.
-HAVE_NEXTEST = $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
-
-ifeq ($(HAS_RESTART),)
-NEXTEST_FILTER := -E 'not binary($(CLUSTER_TEST))'
-else
-NEXTEST_FILTER := -E 'not binary($(RESTART_TEST)) and not binary($(CLUSTER_TEST))'
-endif
-CARGO_TEST_SELECTION := --lib --bins $(foreach t,$(OTHER_TESTS),--test $(t))
 
 .PHONY: help services definitions build run test test-cluster lint deny bench chaos cluster cluster-stop cluster-chaos fmt clean
 
@@ -76,28 +59,9 @@ run: services definitions ## services, seed, then serve (prints the URLs)
 	GATEWAY__ADMIN__DEV_MODE=true GATEWAY__INGEST__TOKEN=$(INGEST_TOKEN) $(CARGO) run --release --bin product-gateway -- serve
 
 test: services ## every test; service-restart tests alone, afterwards
-	$(SERVICES) chromium
-	$(SERVICES) tools
-	@rc=0; \
-	if [ "$(HAVE_NEXTEST)" = yes ]; then \
-		echo "+ $(CARGO) nextest run --workspace --no-fail-fast --profile ci $(NEXTEST_FILTER)"; \
-		$(CARGO) nextest run --workspace --no-fail-fast --profile ci $(NEXTEST_FILTER) || rc=$$?; \
-	else \
-		echo "+ $(CARGO) test --no-fail-fast $(CARGO_TEST_SELECTION)"; \
-		$(CARGO) test --no-fail-fast $(CARGO_TEST_SELECTION) || rc=$$?; \
-	fi; \
-	if [ -n "$(HAS_RESTART)" ]; then \
-		if [ "$(HAVE_NEXTEST)" = yes ]; then \
-			echo "+ $(CARGO) nextest run --profile ci --test $(RESTART_TEST) --test-threads 1"; \
-			$(CARGO) nextest run --profile ci --test $(RESTART_TEST) --test-threads 1 || rc=$$?; \
-		else \
-			echo "+ $(CARGO) test --test $(RESTART_TEST) -- --test-threads=1"; \
-			$(CARGO) test --test $(RESTART_TEST) -- --test-threads=1 || rc=$$?; \
-		fi; \
-	else \
-		echo "(no tests/$(RESTART_TEST).rs: skipping the service-restart tests)"; \
-	fi; \
-	exit $$rc
+	scripts/tools.sh chromium
+	scripts/tools.sh checkers
+	CARGO=$(CARGO) scripts/test.sh all
 
 lint: ## rustfmt check, clippy (warnings are errors), and dependencies in pipeline order
 	$(CARGO) fmt --all -- --check
@@ -117,14 +81,7 @@ chaos: services ## five-minute fault run (tests/service_restarts/chaos.rs); prin
 	$(CARGO) test --release --test service_restarts -- --ignored --nocapture full_chaos_run_loses_nothing
 
 test-cluster: services ## cluster fault run (tests/cluster): three RabbitMQ nodes started, a node killed under load, nodes taken down
-	@rc=0; \
-	scripts/cluster.sh nodes || rc=$$?; \
-	if [ $$rc = 0 ]; then \
-		echo "+ $(CLUSTER_ENV) $(CARGO) nextest run --profile ci --test $(CLUSTER_TEST) --test-threads 1"; \
-		$(CLUSTER_ENV) $(CARGO) nextest run --profile ci --test $(CLUSTER_TEST) --test-threads 1 || rc=$$?; \
-	fi; \
-	scripts/cluster.sh down; \
-	exit $$rc
+	CARGO=$(CARGO) scripts/test.sh cluster
 
 cluster: services ## three RabbitMQ nodes, three gateways behind HAProxy on :8090; prints every URL
 	$(CARGO) build --release --bin product-gateway

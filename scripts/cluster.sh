@@ -208,7 +208,7 @@ gateway_ready() { curl -sf "http://127.0.0.1:$(gateway_port "$1")/readyz"; }
 
 up() {
     "$ROOT/scripts/services.sh" ensure >&2
-    "$ROOT/scripts/services.sh" haproxy
+    "$ROOT/scripts/tools.sh" haproxy
     nodes
     [[ -x "$ROOT/target/release/product-gateway" ]] || (cd "$ROOT" && cargo build --release --bin product-gateway)
     (cd "$ROOT" && GATEWAY__DATABASE__URL="$DB_URL" target/release/product-gateway seed >&2)

@@ -9,99 +9,17 @@
 #   5. otherwise the script says what to install and exits 1.
 #
 # Idempotent: running it again when everything answers only checks.
+# Tools the tests need are scripts/tools.sh's; the chaos run's faults are
+# scripts/faults.sh's (which sources this file for its start functions).
 #
-# Usage: scripts/services.sh ensure|definitions|chromium|status
+# Usage: scripts/services.sh ensure|definitions|status
 #
 # Every action is logged, one line each, on stderr.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-
-# Debian keeps the server tools in sbin, which a non-login shell may lack.
-export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
-export DEBIAN_FRONTEND=noninteractive
-
-HOST=127.0.0.1
-PG_PORT=5432
-REDIS_PORT=6379
-AMQP_PORT=5672
-MGMT_PORT=15672
-RABBIT_USER="${RABBIT_USER:-guest}"
-RABBIT_PASS="${RABBIT_PASS:-guest}"
-RABBIT_VHOST="${RABBIT_VHOST:-/}"
-MGMT_URL="http://${HOST}:${MGMT_PORT}"
-# Bound of every wait loop, in seconds.
-WAIT_SECS="${SERVICES_WAIT_SECS:-60}"
-COMPOSE_FILE="docker/compose.yml"
-DEFINITIONS="${RABBIT_DEFINITIONS:-rabbit/definitions.json}"
-REDIS_DIR=/var/lib/redis
-REDIS_LOG_DIR=/var/log/redis
-
-log() { printf 'services: %s\n' "$*" >&2; }
-die() {
-    log "ERROR: $*"
-    exit 1
-}
-have() { command -v "$1" >/dev/null 2>&1; }
-
-# --- probes ----------------------------------------------------------------
-
-tcp_open() { # host port
-    timeout 3 bash -c "exec 3<>/dev/tcp/$1/$2" >/dev/null 2>&1
-}
-
-pg_up() {
-    if have pg_isready; then
-        pg_isready -q -h "$HOST" -p "$PG_PORT" -t 3 >/dev/null 2>&1
-    else
-        tcp_open "$HOST" "$PG_PORT"
-    fi
-}
-
-redis_up() {
-    if have redis-cli; then
-        [[ "$(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]
-    else
-        tcp_open "$HOST" "$REDIS_PORT"
-    fi
-}
-
-# The AMQP listener opens once the broker has booted; a TCP check also covers
-# a broker this machine's rabbitmq-diagnostics cannot reach (container, other
-# Erlang cookie).
-rabbit_up() { tcp_open "$HOST" "$AMQP_PORT"; }
-
-mgmt_up() {
-    curl -sf -o /dev/null --max-time 5 -u "${RABBIT_USER}:${RABBIT_PASS}" "${MGMT_URL}/api/overview"
-}
-
-wait_for() { # name probe-function
-    local name=$1 probe=$2 deadline=$((SECONDS + WAIT_SECS))
-    log "waiting for ${name} (up to ${WAIT_SECS}s)"
-    until "$probe"; do
-        if ((SECONDS >= deadline)); then
-            die "${name} did not answer within ${WAIT_SECS}s"
-        fi
-        sleep 1
-    done
-    log "${name} answers"
-}
-
-docker_engine() { have docker && docker info >/dev/null 2>&1; }
-
-is_debian_root() { [[ -r /etc/debian_version && "$(id -u)" == 0 ]] && have apt-get; }
-
-APT_UPDATED=0
-apt_install() { # packages...
-    if ((APT_UPDATED == 0)); then
-        log "apt-get update"
-        apt-get update -qq >&2
-        APT_UPDATED=1
-    fi
-    log "apt-get install -y $*"
-    apt-get install -y -qq --no-install-recommends "$@" >&2
-}
+SCRIPT_NAME=services
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # --- PostgreSQL ------------------------------------------------------------
 
@@ -355,33 +273,6 @@ definitions() {
     log "definitions loaded (HTTP ${code})"
 }
 
-chromium() {
-    if [[ -x /usr/bin/chromium ]]; then
-        log "chromium present (/usr/bin/chromium)"
-    elif is_debian_root; then
-        log "chromium missing: installing"
-        apt_install chromium
-    else
-        die "chromium missing: install it (Debian: sudo apt-get install -y chromium)"
-    fi
-
-    if [[ ! -f tests/browser/package.json ]]; then
-        log "tests/browser/package.json absent: skipping npm install"
-    elif [[ -d tests/browser/node_modules/playwright-core && -d tests/browser/node_modules/@asyncapi/parser ]]; then
-        log "playwright-core and @asyncapi/parser present in tests/browser/node_modules"
-    else
-        if ! have npm; then
-            if is_debian_root; then
-                apt_install npm
-            else
-                die "npm missing: install Node.js and npm"
-            fi
-        fi
-        log "npm install --prefix tests/browser"
-        npm install --prefix tests/browser --no-audit --no-fund >&2
-    fi
-}
-
 status() {
     local rc=0
     if pg_up; then log "PostgreSQL: up"; else log "PostgreSQL: down" && rc=1; fi
@@ -391,32 +282,6 @@ status() {
     return "$rc"
 }
 
-# --- Faults, for the chaos run (local services only) ------------------------
-
-restart_postgres() {
-    local v
-    v=$(pg_cluster_version)
-    log "restarting PostgreSQL ${v}"
-    pg_ctlcluster --skip-systemctl-redirect "$v" main restart >&2
-    wait_for PostgreSQL pg_up
-}
-
-stop_redis() {
-    log "stopping Redis"
-    redis-cli -h "$HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
-}
-
-start_redis() {
-    redis_up || redis_start_local
-}
-
-restart_rabbitmq() {
-    log "restarting the RabbitMQ application (stop_app, start_app)"
-    rabbitmqctl -q stop_app >&2
-    rabbitmqctl -q start_app >&2
-    wait_for RabbitMQ rabbit_up
-}
-
 usage() {
     cat >&2 <<EOF
 usage: $0 <command>
@@ -424,72 +289,17 @@ usage: $0 <command>
                enable rabbitmq_management and rabbitmq_stream; wait for the
                management API
   definitions  load ${DEFINITIONS} into vhost '${RABBIT_VHOST}' via the management API
-  chromium     install chromium and tests/browser's npm packages if missing
-  tools        contract checkers of make test into target/tools: promtool
-               (from Debian's prometheus package), schemathesis (PyPI)
-  haproxy      install HAProxy if missing (the load balancer of make cluster)
   status       report which services answer (exit 1 if any does not)
-  restart-postgres, stop-redis, start-redis, restart-rabbitmq
-               faults for the chaos run; each leaves the service as it says
 EOF
 }
 
-# Contract checkers of `make test`, under target/tools: promtool, from
-# Debian's prometheus package unpacked (only the linter is wanted, not the
-# server the package would install and start), and schemathesis.
-TOOLS_BIN="$ROOT/target/tools/bin"
-SCHEMATHESIS_VERSION=4.32.5
-tools() {
-    mkdir -p "$TOOLS_BIN"
-    if [[ -x "$TOOLS_BIN/promtool" ]]; then
-        log "promtool present ($TOOLS_BIN/promtool)"
-    elif have promtool; then
-        log "promtool present ($(command -v promtool))"
-        ln -sf "$(command -v promtool)" "$TOOLS_BIN/promtool"
-    elif have apt-get && have dpkg-deb; then
-        log "promtool missing: unpacking it from Debian's prometheus package"
-        local tmp
-        tmp=$(mktemp -d)
-        if ! (cd "$tmp" && apt-get download prometheus >&2 2>/dev/null); then
-            apt-get update -qq >&2
-            (cd "$tmp" && apt-get download prometheus >&2)
-        fi
-        dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
-        cp "$tmp/x/usr/bin/promtool" "$TOOLS_BIN/promtool"
-        rm -rf "$tmp"
-    else
-        die "promtool missing: install Prometheus's promtool (Debian: apt-get install prometheus)"
-    fi
-    # schemathesis, from PyPI, pinned, in a virtualenv of its own.
-    local venv="$ROOT/target/tools/venv"
-    if [[ -x "$venv/bin/schemathesis" ]] && "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
-        log "schemathesis $SCHEMATHESIS_VERSION present ($venv)"
-    else
-        have python3 || die "python3 missing: needed for schemathesis"
-        log "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
-        python3 -m venv "$venv" >&2
-        "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" >&2
-    fi
-}
-
-# HAProxy, the load balancer of `make cluster`.
-haproxy_installed() {
-    have haproxy && return 0
-    is_debian_root || die "haproxy missing: install it (Debian: sudo apt-get install -y haproxy)"
-    apt_install haproxy
-}
+# Sourced (by scripts/faults.sh): functions only.
+[[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
 
 case "${1:-}" in
 ensure) ensure ;;
-haproxy) haproxy_installed ;;
 definitions) definitions ;;
-chromium) chromium ;;
-tools) tools ;;
 status) status ;;
-restart-postgres) restart_postgres ;;
-stop-redis) stop_redis ;;
-start-redis) start_redis ;;
-restart-rabbitmq) restart_rabbitmq ;;
 -h | --help | help) usage ;;
 *)
     usage

@@ -12,7 +12,7 @@ async fn echo_page_shows_updates_over_both_transports() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     assert!(
         root.join("tests/browser/node_modules/playwright-core").exists(),
-        "playwright-core is missing: run `make test` (or `scripts/services.sh chromium`) to install it"
+        "playwright-core is missing: run `make test` (or `scripts/tools.sh chromium`) to install it"
     );
     let app = spawn_app().await;
     let (status, _) = app.generator(true, Some(20)).await;

@@ -65,7 +65,7 @@ async fn page_run(app: &TestApp, mode: &str) -> Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     assert!(
         root.join("tests/browser/node_modules/playwright-core").exists(),
-        "playwright-core is missing: run `make test` (or `scripts/services.sh chromium`) to install it"
+        "playwright-core is missing: run `make test` (or `scripts/tools.sh chromium`) to install it"
     );
     let holder = hold_the_snapshot_turn(app).await;
     let mut child = tokio::process::Command::new("node")

@@ -213,8 +213,8 @@ pub async fn cluster(args: &[&str]) -> String {
     script("cluster.sh", args).await
 }
 
-async fn services(cmd: &str) {
-    script("services.sh", &[cmd]).await;
+async fn inject(cmd: &str) {
+    script("faults.sh", &[cmd]).await;
 }
 
 /// One gateway process, killed when dropped.
@@ -616,17 +616,17 @@ pub async fn run(plan: Plan) -> Report {
                     .unwrap();
                 assert!(out.status.success());
             }
-            Action::RestartRabbitmq => services("restart-rabbitmq").await,
+            Action::RestartRabbitmq => inject("restart-rabbitmq").await,
             Action::KillGatewayB => {
                 b.kill().await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 b = Instance::start(&iso, "b", pb, &plan).await;
             }
-            Action::RestartPostgres => services("restart-postgres").await,
+            Action::RestartPostgres => inject("restart-postgres").await,
             Action::StopRedis => {
-                services("stop-redis").await;
+                inject("stop-redis").await;
                 photos_ok += photos_served(&[pa, pb], plan.redis_down).await;
-                services("start-redis").await;
+                inject("start-redis").await;
             }
             Action::KillLeaderOf(led) => {
                 let queue = match led {
