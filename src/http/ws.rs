@@ -23,8 +23,8 @@ use super::frame_budget::FrameBudget;
 use crate::hub::client::Ended;
 use crate::hub::feed::FeedItem;
 use crate::hub::session::{
-    ClientError, ClientErrorCode, Dropped, Session, SnapshotFrames, Transport, count_delivery, next_snapshot_frame,
-    reset_json,
+    ClientError, ClientErrorCode, Dropped, Session, SnapshotFrame, SnapshotFrames, Transport, count_delivery,
+    next_snapshot_frame, reset_json,
 };
 
 /// Frames a client may send.
@@ -122,190 +122,277 @@ async fn detached(req: &HttpRequest, body: web::Payload) -> actix_web::Result<we
 /// carries this future.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
 fn run(
-    mut sub: Session,
-    mut session: actix_ws::Session,
+    sub: Session,
+    session: actix_ws::Session,
     mut stream: AggregatedMessageStream,
     state: web::Data<AppState>,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> {
     async move {
+        let mut conn = Connection::new(sub, session, state);
+        let mut ping = super::heartbeat(conn.ping_every);
+        let close = loop {
+            // The send of the next frame, boxed and only when there is one:
+            // an idle connection then carries no send state.
+            let send: OptionFuture<_> = conn
+                .pending
+                .front()
+                .map(|(frame, _)| Box::pin(send_frame(&mut conn.writer, frame.clone())))
+                .into();
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => Next::Close(Some(reason(CloseCode::Away, "server shutting down"))),
+                _ = auth::expired(&mut conn.expiry) => {
+                    auth::count_refusal(&conn.state.metrics, "token_expired");
+                    Next::Close(Some(reason(CloseCode::Other(TOKEN_EXPIRED), "token expired")))
+                }
+                msg = stream.recv() => conn.on_message(msg).await,
+                _ = ping.tick() => conn.on_tick().await,
+                frame = next_snapshot_frame(&mut conn.snapshot), if conn.pending.is_empty() => {
+                    conn.on_snapshot_frame(frame);
+                    Next::Go
+                }
+                open = conn.sub.next(&mut conn.out), if conn.pending.is_empty() && conn.snapshot.is_none() => {
+                    conn.on_feed(open)
+                }
+                // Cancel-safe: an unsent frame stays at the front of `pending`.
+                Some(sent) = send => conn.on_sent(sent),
+            };
+            if let Next::Close(close) = next {
+                break close;
+            }
+        };
+        let Connection { writer, session, .. } = conn;
+        drop(writer);
+        // The close frame waits for room in the socket, but not for long.
+        let _ = tokio::time::timeout(Duration::from_secs(1), session.close(close)).await;
+    }
+}
+
+/// What the connection's loop does after an event.
+enum Next {
+    Go,
+    /// Close, with this reason (none: the peer has gone).
+    Close(Option<CloseReason>),
+}
+
+/// One WebSocket connection's state between events.
+struct Connection {
+    sub: Session,
+    /// For answers to the client's frames, pings and the close.
+    session: actix_ws::Session,
+    /// Updates go out through their own handle, one at a time and without
+    /// holding up the loop: a client that stops reading fills the socket,
+    /// and the heartbeat must still see it and close it.
+    writer: actix_ws::Session,
+    /// Frames to send in order, with the `ts_us` of those that are updates.
+    pending: VecDeque<(ByteString, Option<i64>)>,
+    /// A snapshot being sent: its parts go out before any live update.
+    snapshot: Option<SnapshotFrames>,
+    out: Vec<FeedItem>,
+    state: web::Data<AppState>,
+    expiry: auth::Expiry,
+    timeout: Duration,
+    ping_every: Duration,
+    /// Liveness is a pong to one of our last two pings (a ping's payload
+    /// is random, so no pong sent unasked can pass for an answer), and
+    /// frames that leave: nothing else the client sends counts.
+    pings: [u64; 2],
+    last_pong: Instant,
+    last_progress: Instant,
+    budget: FrameBudget,
+    strikes: u32,
+}
+
+impl Connection {
+    fn new(sub: Session, session: actix_ws::Session, state: web::Data<AppState>) -> Self {
         let (timeout, ping_every) = {
             let settings = state.hub.settings();
             (settings.client_timeout, settings.ping_interval)
         };
-        let metrics = state.metrics.clone();
-        let refuse = |reason: Dropped| {
-            metrics
-                .clients_refused
-                .get_or_create(&[("reason", reason.as_str())])
-                .inc()
+        Self {
+            expiry: auth::expiry(sub.grant()),
+            sub,
+            writer: session.clone(),
+            session,
+            pending: VecDeque::new(),
+            snapshot: None,
+            out: Vec::new(),
+            state,
+            timeout,
+            ping_every,
+            pings: [0; 2],
+            last_pong: Instant::now(),
+            last_progress: Instant::now(),
+            budget: FrameBudget::new(FRAMES_PER_SEC),
+            strikes: 0,
+        }
+    }
+
+    fn refuse(&self, reason: Dropped) {
+        self.state
+            .metrics
+            .clients_refused
+            .get_or_create(&[("reason", reason.as_str())])
+            .inc();
+    }
+
+    /// A message from the client, or its end.
+    async fn on_message(&mut self, msg: Option<Result<AggregatedMessage, ProtocolError>>) -> Next {
+        let text = match msg {
+            None | Some(Ok(AggregatedMessage::Close(_))) => return Next::Close(None),
+            Some(Err(ProtocolError::Overflow)) => {
+                self.refuse(Dropped::FrameTooLarge);
+                return Next::Close(Some(reason(CloseCode::Size, "frame too large")));
+            }
+            Some(Err(_)) => {
+                self.refuse(Dropped::ProtocolError);
+                return Next::Close(Some(reason(CloseCode::Protocol, "protocol error")));
+            }
+            Some(Ok(AggregatedMessage::Ping(b))) => {
+                return match tokio::time::timeout(self.timeout, self.session.pong(&b)).await {
+                    Ok(Ok(())) => Next::Go,
+                    Ok(Err(_)) => Next::Close(None),
+                    Err(_) => self.slow_consumer(),
+                };
+            }
+            Some(Ok(AggregatedMessage::Pong(b))) => {
+                if answers(&self.pings, &b) {
+                    self.last_pong = Instant::now();
+                }
+                return Next::Go;
+            }
+            Some(Ok(AggregatedMessage::Binary(_))) => None,
+            Some(Ok(AggregatedMessage::Text(t))) => Some(t),
         };
-        let mut ping = super::heartbeat(ping_every);
-        // Liveness is a pong to one of our last two pings (a ping's payload
-        // is random, so no pong sent unasked can pass for an answer), and
-        // frames that leave: nothing else the client sends counts.
-        let mut pings = [0u64; 2];
-        let mut last_pong = Instant::now();
-        let mut last_progress = Instant::now();
-        let mut budget = FrameBudget::new(FRAMES_PER_SEC);
-        let mut strikes = 0u32;
-        let mut out = Vec::new();
-        // A snapshot being sent: its parts go out before any live update.
-        let mut snapshot: Option<SnapshotFrames> = None;
-        // Updates go out through their own handle, one at a time and without
-        // holding up the loop: a client that stops reading fills the socket,
-        // and the heartbeat below must still see it and close it.
-        let mut writer = session.clone();
-        let mut pending: VecDeque<(ByteString, Option<i64>)> = VecDeque::new();
-        let mut expiry = auth::expiry(sub.grant());
-        let close = loop {
-            // The send of the next frame, boxed and only when there is one:
-            // an idle connection then carries no send state.
-            let send: OptionFuture<_> = pending
-                .front()
-                .map(|(frame, _)| Box::pin(send_frame(&mut writer, frame.clone())))
-                .into();
-            tokio::select! {
-                _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),
-                _ = auth::expired(&mut expiry) => {
-                    auth::count_refusal(&metrics, "token_expired");
-                    break Some(reason(CloseCode::Other(TOKEN_EXPIRED), "token expired"));
-                }
-                msg = stream.recv() => {
-                    let text = match msg {
-                        None | Some(Ok(AggregatedMessage::Close(_))) => break None,
-                        Some(Err(ProtocolError::Overflow)) => {
-                            refuse(Dropped::FrameTooLarge);
-                            break Some(reason(CloseCode::Size, "frame too large"));
-                        }
-                        Some(Err(_)) => {
-                            refuse(Dropped::ProtocolError);
-                            break Some(reason(CloseCode::Protocol, "protocol error"));
-                        }
-                        Some(Ok(AggregatedMessage::Ping(b))) => {
-                            match tokio::time::timeout(timeout, session.pong(&b)).await {
-                                Ok(Ok(())) => continue,
-                                Ok(Err(_)) => break None,
-                                Err(_) => {
-                                    sub.cut_off();
-                                    break Some(slow_consumer());
-                                }
-                            }
-                        }
-                        Some(Ok(AggregatedMessage::Pong(b))) => {
-                            if answers(&pings, &b) {
-                                last_pong = Instant::now();
-                            }
-                            continue;
-                        }
-                        Some(Ok(AggregatedMessage::Binary(_))) => None,
-                        Some(Ok(AggregatedMessage::Text(t))) => Some(t),
-                    };
-                    let result = if !budget.take() {
-                        Err(ClientError::new(ClientErrorCode::RateLimited, "too many frames; slow down"))
-                    } else {
-                        match text {
-                            None => Err(ClientError::new(ClientErrorCode::BinaryNotSupported, "send JSON text frames")),
-                            // Boxed: a subscribe (snapshot query, stream catch-up) has a
-                            // large state that every idle connection would otherwise carry.
-                            // Bounded: its answer waits on the socket too.
-                            Some(t) => {
-                                let handled = handle(&mut sub, &mut session, &state.auth, &t, snapshot.is_some());
-                                match tokio::time::timeout(timeout, Box::pin(handled)).await {
-                                    Ok(r) => r,
-                                    Err(_) => {
-                                    sub.cut_off();
-                                    break Some(slow_consumer());
-                                }
-                                }
-                            }
-                        }
-                    };
-                    match result {
-                        Ok(Handled::Done) => {}
-                        Ok(Handled::Snapshot(frames)) => snapshot = Some(frames),
-                        Ok(Handled::Authorized) => {
-                            expiry = auth::expiry(sub.grant());
-                        }
-                        Ok(Handled::Gone) => break None,
-                        Err(e) => {
-                            metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
-                            auth::count_refusal(&metrics, e.code.as_str());
-                            match tokio::time::timeout(timeout, session.text(e.to_json())).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(_)) => break None,
-                                Err(_) => {
-                                    sub.cut_off();
-                                    break Some(slow_consumer());
-                                }
-                            }
-                            strikes += 1;
-                            if strikes >= MAX_STRIKES {
-                                refuse(Dropped::TooManyErrors);
-                                break Some(reason(CloseCode::Policy, "too many bad frames"));
-                            }
-                        }
-                    }
-                }
-                _ = ping.tick() => {
-                    // A buffer cut off while frames wait for the socket: the
-                    // loop is not reading the hub meanwhile, so look here.
-                    if sub.is_cut_off() || (!pending.is_empty() && last_progress.elapsed() > timeout) {
-                        sub.cut_off();
-                        break Some(slow_consumer());
-                    }
-                    if last_pong.elapsed() > timeout {
-                        refuse(Dropped::HeartbeatTimeout);
-                        break Some(reason(CloseCode::Policy, "no answer to pings"));
-                    }
-                    pings = [rand::random(), pings[0]];
-                    // With the socket full the ping waits for room, but never past
-                    // the next tick, where the timeouts above are checked again.
-                    if let Ok(Err(_)) = tokio::time::timeout(ping_every, session.ping(&pings[0].to_be_bytes())).await {
-                        break None;
-                    }
-                }
-                frame = next_snapshot_frame(&mut snapshot), if pending.is_empty() => {
-                    last_progress = Instant::now();
-                    match frame {
-                        Some(Ok(f)) => pending.push_back((f.json.into(), None)),
-                        Some(Err(e)) => {
-                            metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
-                            pending.push_back((e.to_json().into(), None));
-                            snapshot = None;
-                        }
-                        None => snapshot = None,
-                    }
-                }
-                open = sub.next(&mut out), if pending.is_empty() && snapshot.is_none() => {
-                    last_progress = Instant::now();
-                    for item in out.drain(..) {
-                        pending.push_back(match item {
-                            FeedItem::Update(u) => (u.ws_frame.clone(), Some(u.ts_us)),
-                            FeedItem::Reset { offset, reason } => (reset_json(offset, reason).to_string().into(), None),
-                        });
-                    }
-                    if !open {
-                        break Some(match sub.ended() {
-                            Ended::SlowConsumer => slow_consumer(),
-                            Ended::Closed => reason(CloseCode::Away, "server shutting down"),
-                        });
-                    }
-                }
-                // Cancel-safe: an unsent frame stays at the front of `pending`.
-                Some(sent) = send => {
-                    if !sent { break None; }
-                    last_progress = Instant::now();
-                    sub.progressed();
-                    if let Some((_, Some(ts_us))) = pending.pop_front() {
-                        count_delivery(&metrics, sub.transport(), ts_us);
+        let result = if !self.budget.take() {
+            Err(ClientError::new(
+                ClientErrorCode::RateLimited,
+                "too many frames; slow down",
+            ))
+        } else {
+            match text {
+                None => Err(ClientError::new(
+                    ClientErrorCode::BinaryNotSupported,
+                    "send JSON text frames",
+                )),
+                // Boxed: a subscribe (snapshot query, stream catch-up) has a
+                // large state that every idle connection would otherwise carry.
+                // Bounded: its answer waits on the socket too.
+                Some(t) => {
+                    let sending_snapshot = self.snapshot.is_some();
+                    let handled = handle(&mut self.sub, &mut self.session, &self.state.auth, &t, sending_snapshot);
+                    match tokio::time::timeout(self.timeout, Box::pin(handled)).await {
+                        Ok(r) => r,
+                        Err(_) => return self.slow_consumer(),
                     }
                 }
             }
         };
-        drop(writer);
-        // The close frame waits for room in the socket, but not for long.
-        let _ = tokio::time::timeout(Duration::from_secs(1), session.close(close)).await;
+        match result {
+            Ok(Handled::Done) => Next::Go,
+            Ok(Handled::Snapshot(frames)) => {
+                self.snapshot = Some(frames);
+                Next::Go
+            }
+            Ok(Handled::Authorized) => {
+                self.expiry = auth::expiry(self.sub.grant());
+                Next::Go
+            }
+            Ok(Handled::Gone) => Next::Close(None),
+            Err(e) => self.answer_error(e).await,
+        }
+    }
+
+    /// Tells the client what was wrong with its frame; too many wrong
+    /// frames close the connection.
+    async fn answer_error(&mut self, e: ClientError) -> Next {
+        let metrics = &self.state.metrics;
+        metrics.client_errors.get_or_create(&[("code", e.code.as_str())]).inc();
+        auth::count_refusal(metrics, e.code.as_str());
+        match tokio::time::timeout(self.timeout, self.session.text(e.to_json())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Next::Close(None),
+            Err(_) => return self.slow_consumer(),
+        }
+        self.strikes += 1;
+        if self.strikes >= MAX_STRIKES {
+            self.refuse(Dropped::TooManyErrors);
+            return Next::Close(Some(reason(CloseCode::Policy, "too many bad frames")));
+        }
+        Next::Go
+    }
+
+    /// The heartbeat: the timeouts are checked, and a ping goes out.
+    async fn on_tick(&mut self) -> Next {
+        // A buffer cut off while frames wait for the socket: the loop is
+        // not reading the hub meanwhile, so look here.
+        if self.sub.is_cut_off() || (!self.pending.is_empty() && self.last_progress.elapsed() > self.timeout) {
+            return self.slow_consumer();
+        }
+        if self.last_pong.elapsed() > self.timeout {
+            self.refuse(Dropped::HeartbeatTimeout);
+            return Next::Close(Some(reason(CloseCode::Policy, "no answer to pings")));
+        }
+        self.pings = [rand::random(), self.pings[0]];
+        // With the socket full the ping waits for room, but never past the
+        // next tick, where the timeouts above are checked again.
+        match tokio::time::timeout(self.ping_every, self.session.ping(&self.pings[0].to_be_bytes())).await {
+            Ok(Err(_)) => Next::Close(None),
+            _ => Next::Go,
+        }
+    }
+
+    fn on_snapshot_frame(&mut self, frame: Option<Result<SnapshotFrame, ClientError>>) {
+        self.last_progress = Instant::now();
+        match frame {
+            Some(Ok(f)) => self.pending.push_back((f.json.into(), None)),
+            Some(Err(e)) => {
+                self.state
+                    .metrics
+                    .client_errors
+                    .get_or_create(&[("code", e.code.as_str())])
+                    .inc();
+                self.pending.push_back((e.to_json().into(), None));
+                self.snapshot = None;
+            }
+            None => self.snapshot = None,
+        }
+    }
+
+    /// Updates and resets from the hub; `open` is false once the feed ended.
+    fn on_feed(&mut self, open: bool) -> Next {
+        self.last_progress = Instant::now();
+        for item in self.out.drain(..) {
+            self.pending.push_back(match item {
+                FeedItem::Update(u) => (u.ws_frame.clone(), Some(u.ts_us)),
+                FeedItem::Reset { offset, reason } => (reset_json(offset, reason).to_string().into(), None),
+            });
+        }
+        if open {
+            return Next::Go;
+        }
+        Next::Close(Some(match self.sub.ended() {
+            Ended::SlowConsumer => slow_consumer(),
+            Ended::Closed => reason(CloseCode::Away, "server shutting down"),
+        }))
+    }
+
+    /// The front frame went out (or the socket has gone).
+    fn on_sent(&mut self, sent: bool) -> Next {
+        if !sent {
+            return Next::Close(None);
+        }
+        self.last_progress = Instant::now();
+        self.sub.progressed();
+        if let Some((_, Some(ts_us))) = self.pending.pop_front() {
+            count_delivery(&self.state.metrics, self.sub.transport(), ts_us);
+        }
+        Next::Go
+    }
+
+    fn slow_consumer(&self) -> Next {
+        self.sub.cut_off();
+        Next::Close(Some(slow_consumer()))
     }
 }
 

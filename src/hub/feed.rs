@@ -169,130 +169,153 @@ impl Feed {
     /// False once the hub has let go of this client (shutdown).
     pub async fn next(&mut self, out: &mut Vec<FeedItem>) -> bool {
         loop {
-            if let Some(c) = self.catch_ups.front_mut() {
-                if !c.open_ended {
-                    // Ends by itself, at the last update the hub had when the
-                    // resume started; the live buffer holds only newer ones
-                    // of its patterns.
-                    match c.rx().recv().await {
-                        Some(CatchUpItem::Update(u)) => {
-                            if self.wanted(&u) {
-                                out.push(FeedItem::Update(u));
-                                return true;
-                            }
-                        }
-                        Some(CatchUpItem::Reset {
-                            first_available,
-                            reason,
-                        }) => {
-                            out.push(FeedItem::Reset {
-                                offset: first_available,
-                                reason,
-                            });
-                            return true;
-                        }
-                        Some(CatchUpItem::Done) => {
-                            self.catch_ups.pop_front();
-                        }
-                        None => {
-                            // Cut short: what it had not replayed is missing.
-                            let live_from = c.live_from;
-                            self.catch_ups.pop_front();
-                            match live_from {
-                                Some(offset) => {
-                                    out.push(FeedItem::Reset {
-                                        offset,
-                                        reason: ResetReason::CatchUpFailed,
-                                    });
-                                    return true;
-                                }
-                                None => self.owed_reset = true,
-                            }
-                        }
-                    }
-                    continue;
-                }
-                // Live updates queued from the hub take over once the stream
-                // reader reaches the first of them.
-                let front = self.queue.front_offset();
-                {
-                    let item = tokio::select! {
-                        item = c.rx().recv() => item,
-                        // A live update became the queue's front: it may be
-                        // where the catch-up ends, so check again.
-                        () = self.queue.front_changed() => continue,
-                    };
-                    match item {
-                        Some(CatchUpItem::Update(u)) => {
-                            if front.is_some_and(|f| u.offset >= f) {
-                                self.catch_ups.pop_front();
-                                continue;
-                            }
-                            if self.last_caught_up.is_some_and(|l| u.offset <= l) {
-                                continue;
-                            }
-                            self.last_caught_up = Some(u.offset);
-                            if self.wanted(&u) {
-                                out.push(FeedItem::Update(u));
-                                return true;
-                            }
-                            continue;
-                        }
-                        Some(CatchUpItem::Reset {
-                            first_available,
-                            reason,
-                        }) => {
-                            // A failed open-ended read ends here: live
-                            // delivery takes over at the buffer's front.
-                            let offset = match (reason, front) {
-                                (ResetReason::CatchUpFailed, Some(f)) => f.max(first_available),
-                                _ => first_available,
-                            };
-                            out.push(FeedItem::Reset { offset, reason });
-                            return true;
-                        }
-                        Some(CatchUpItem::Done) => {}
-                        None => {
-                            // Cut short: live delivery takes over, after a
-                            // reset at its first update.
-                            self.catch_ups.pop_front();
-                            self.owed_reset = true;
-                            continue;
-                        }
-                    }
-                }
-                self.catch_ups.pop_front();
-                continue;
-            }
-            if std::mem::take(&mut self.catching_up) {
-                self.queue.catching_up(false);
-            }
-            self.buf.clear();
-            let open = self.queue.drain_into(&mut self.buf).await;
-            let before = out.len();
-            let mut buf = std::mem::take(&mut self.buf);
-            if let Some(first) = buf.first()
-                && std::mem::take(&mut self.owed_reset)
-            {
-                out.push(FeedItem::Reset {
-                    offset: first.offset,
-                    reason: ResetReason::CatchUpFailed,
-                });
-            }
-            for u in buf.drain(..) {
-                let old = self.last_caught_up.is_some_and(|l| u.offset <= l);
-                if !old && self.wanted(&u) {
-                    out.push(FeedItem::Update(u));
-                }
-            }
-            self.buf = buf;
-            if out.len() > before {
+            let gave = match self.catch_ups.front().map(|c| c.open_ended) {
+                Some(false) => self.replay_bounded(out).await,
+                Some(true) => self.replay_open_ended(out).await,
+                None => match self.live(out).await {
+                    Some(open) => return open,
+                    None => false,
+                },
+            };
+            if gave {
                 return true;
             }
-            if !open {
-                return false;
+        }
+    }
+
+    /// One step of a catch-up that ends by itself, at the last update the
+    /// hub had when the resume started (the live buffer holds only newer
+    /// ones of its patterns). True when it put something in `out`.
+    async fn replay_bounded(&mut self, out: &mut Vec<FeedItem>) -> bool {
+        let Some(c) = self.catch_ups.front_mut() else {
+            return false;
+        };
+        match c.rx().recv().await {
+            Some(CatchUpItem::Update(u)) => {
+                if self.wanted(&u) {
+                    out.push(FeedItem::Update(u));
+                    return true;
+                }
+            }
+            Some(CatchUpItem::Reset {
+                first_available,
+                reason,
+            }) => {
+                out.push(FeedItem::Reset {
+                    offset: first_available,
+                    reason,
+                });
+                return true;
+            }
+            Some(CatchUpItem::Done) => {
+                self.catch_ups.pop_front();
+            }
+            None => {
+                // Cut short: what it had not replayed is missing.
+                let live_from = c.live_from;
+                self.catch_ups.pop_front();
+                match live_from {
+                    Some(offset) => {
+                        out.push(FeedItem::Reset {
+                            offset,
+                            reason: ResetReason::CatchUpFailed,
+                        });
+                        return true;
+                    }
+                    None => self.owed_reset = true,
+                }
             }
         }
+        false
+    }
+
+    /// One step of an open-ended catch-up: live updates queued from the hub
+    /// take over once the stream reader reaches the first of them. True
+    /// when it put something in `out`.
+    async fn replay_open_ended(&mut self, out: &mut Vec<FeedItem>) -> bool {
+        let front = self.queue.front_offset();
+        let Some(c) = self.catch_ups.front_mut() else {
+            return false;
+        };
+        let item = tokio::select! {
+            item = c.rx().recv() => item,
+            // A live update became the queue's front: it may be where the
+            // catch-up ends, so check again.
+            () = self.queue.front_changed() => return false,
+        };
+        match item {
+            Some(CatchUpItem::Update(u)) => {
+                if front.is_some_and(|f| u.offset >= f) {
+                    self.catch_ups.pop_front();
+                    return false;
+                }
+                if self.last_caught_up.is_some_and(|l| u.offset <= l) {
+                    return false;
+                }
+                self.last_caught_up = Some(u.offset);
+                if self.wanted(&u) {
+                    out.push(FeedItem::Update(u));
+                    return true;
+                }
+                false
+            }
+            Some(CatchUpItem::Reset {
+                first_available,
+                reason,
+            }) => {
+                // A failed open-ended read ends here: live delivery takes
+                // over at the buffer's front.
+                let offset = match (reason, front) {
+                    (ResetReason::CatchUpFailed, Some(f)) => f.max(first_available),
+                    _ => first_available,
+                };
+                out.push(FeedItem::Reset { offset, reason });
+                true
+            }
+            Some(CatchUpItem::Done) => {
+                self.catch_ups.pop_front();
+                false
+            }
+            None => {
+                // Cut short: live delivery takes over, after a reset at its
+                // first update.
+                self.catch_ups.pop_front();
+                self.owed_reset = true;
+                false
+            }
+        }
+    }
+
+    /// Live updates from the client's buffer, once no catch-up runs:
+    /// `Some(open)` when it put something in `out` or the buffer closed,
+    /// `None` when what it drained was all skipped.
+    async fn live(&mut self, out: &mut Vec<FeedItem>) -> Option<bool> {
+        if std::mem::take(&mut self.catching_up) {
+            self.queue.catching_up(false);
+        }
+        self.buf.clear();
+        let open = self.queue.drain_into(&mut self.buf).await;
+        let before = out.len();
+        let mut buf = std::mem::take(&mut self.buf);
+        if let Some(first) = buf.first()
+            && std::mem::take(&mut self.owed_reset)
+        {
+            out.push(FeedItem::Reset {
+                offset: first.offset,
+                reason: ResetReason::CatchUpFailed,
+            });
+        }
+        for u in buf.drain(..) {
+            let old = self.last_caught_up.is_some_and(|l| u.offset <= l);
+            if !old && self.wanted(&u) {
+                out.push(FeedItem::Update(u));
+            }
+        }
+        self.buf = buf;
+        if out.len() > before {
+            return Some(true);
+        }
+        (!open).then_some(false)
     }
 
     /// False for an update some snapshot of its topic already holds.
