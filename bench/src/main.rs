@@ -136,6 +136,8 @@ struct RunInfo {
     perf: bool,
     versions: Vec<(String, String)>,
     command: String,
+    /// The commit measured (`git describe --always --dirty`).
+    commit: String,
 }
 
 async fn bench(started: Instant) -> Result<()> {
@@ -153,6 +155,7 @@ async fn bench(started: Instant) -> Result<()> {
         rabbit,
         perf,
         versions,
+        commit: commit(&root),
         command: std::env::var("BENCH_COMMAND").unwrap_or_else(|_| {
             std::iter::once("target/release/bench".to_owned())
                 .chain(std::env::args().skip(1))
@@ -219,8 +222,20 @@ async fn bench(started: Instant) -> Result<()> {
         );
     } else {
         let path = root.join("BENCHMARKS.md");
+        let old = std::fs::read_to_string(&path).ok();
+        let history = report::history(&md, old.as_deref());
+        let md = with_history(md, &history);
         report::write_benchmarks_md(&path, &md).with_context(|| format!("write {}", path.display()))?;
-        println!("bench: done in {}; written to {}", human(total), path.display());
+        let json_path = root.join("BENCHMARKS.json");
+        let figures = report::figures_json(&ctx.report, &facts(&md, &info, total));
+        std::fs::write(&json_path, format!("{}\n", serde_json::to_string_pretty(&figures)?))
+            .with_context(|| format!("write {}", json_path.display()))?;
+        println!(
+            "bench: done in {}; written to {} and {}",
+            human(total),
+            path.display(),
+            json_path.display()
+        );
     }
     Ok(())
 }
@@ -470,6 +485,49 @@ async fn versions(iso: &Isolation) -> Vec<(String, String)> {
     v
 }
 
+/// The history table goes under the latest run's figures and details.
+fn with_history(md: String, history: &str) -> String {
+    const AT: &str = "### Where time goes";
+    let section = format!(
+        "## History\n\nEach full run of `make bench`, newest first (its figures: `BENCHMARKS.json` at that commit).\n\n{history}\n\n"
+    );
+    match md.find(AT) {
+        Some(i) => format!("{}{section}{}", &md[..i], &md[i..]),
+        None => format!("{md}\n{section}"),
+    }
+}
+
+/// The run's facts for `BENCHMARKS.json`: the Markdown's header lines.
+fn facts(md: &str, info: &RunInfo, total: Duration) -> Vec<(&'static str, String)> {
+    let header = |name: &str| {
+        md.lines()
+            .find_map(|l| l.strip_prefix(&format!("- **{name}**: ")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    vec![
+        ("date", header("Date")),
+        ("commit", info.commit.clone()),
+        ("command", info.command.clone()),
+        ("duration_s", total.as_secs().to_string()),
+        ("machine", header("Machine")),
+        ("open_files", header("Open-files limits")),
+        ("software", header("Software")),
+        ("service_settings", header("Service settings")),
+    ]
+}
+
+fn commit(root: &std::path::Path) -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "?".into())
+}
+
 fn human(d: Duration) -> String {
     let s = d.as_secs();
     format!("{} min {:02} s", s / 60, s % 60)
@@ -504,6 +562,7 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
     };
     let _ = writeln!(md, "## Latest run\n");
     let _ = writeln!(md, "- **Date**: {}", chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"));
+    let _ = writeln!(md, "- **Commit**: {}", info.commit);
     let _ = writeln!(md, "- **Command**: `{}` — whole run {}", info.command, human(total));
     let _ = writeln!(
         md,
@@ -550,20 +609,14 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
         "CPU per program during each measured window (from /proc/PID/stat; % of one core, the machine has {}%){}:\n",
         cores * 100,
         if info.perf {
-            ", and the hottest symbols machine-wide from `perf record -a -F 199` (comm, object, symbol)"
+            "; the hottest symbols machine-wide from `perf record -a -F 199` are in `BENCHMARKS.json` \
+             (`profiles[].perf`)"
         } else {
             " (perf did not work here: no symbol profile)"
         }
     );
     for p in &ctx.report.profiles {
         let _ = writeln!(md, "- **{}**: {}", p.title, p.cpu);
-        if let Some(perf) = &p.perf {
-            let _ = writeln!(md, "\n  ```text");
-            for l in perf.lines() {
-                let _ = writeln!(md, "  {l}");
-            }
-            let _ = writeln!(md, "  ```\n");
-        }
     }
     md.push('\n');
     md.push_str(METHOD);

@@ -131,3 +131,179 @@ pub fn ms(v: f64) -> String {
         format!("{v:.1} ms")
     }
 }
+
+// ------------------------------------------------------------ history
+
+pub const HISTORY_BEGIN: &str = "<!-- bench:history:begin -->";
+pub const HISTORY_END: &str = "<!-- bench:history:end -->";
+/// Runs the history table keeps, newest first.
+const HISTORY_RUNS: usize = 10;
+const HISTORY_HEAD: &str = "| date | commit | run time | targets met | missed | pipeline held | RSS per connection |\n\
+                            |---|---|---|---|---|---|---|";
+
+/// The history table of a new `BENCHMARKS.md` block: a row for the run in
+/// `generated`, then the rows `old` (the file before this run) held, or,
+/// the first time, a row for the run it showed; newest first, at most
+/// `HISTORY_RUNS`.
+pub fn history(generated: &str, old: Option<&str>) -> String {
+    let mut rows = vec![summary(generated)];
+    if let Some(old) = old {
+        let kept: Vec<String> = between(old, HISTORY_BEGIN, HISTORY_END)
+            .map(|h| h.lines().filter(|l| l.starts_with("| 2")).map(str::to_owned).collect())
+            .unwrap_or_default();
+        if kept.is_empty() {
+            if let Some(block) = between(old, BEGIN, END) {
+                rows.push(summary(block));
+            }
+        } else {
+            rows.extend(kept);
+        }
+    }
+    rows.dedup();
+    rows.truncate(HISTORY_RUNS);
+    format!("{HISTORY_BEGIN}\n{HISTORY_HEAD}\n{}\n{HISTORY_END}", rows.join("\n"))
+}
+
+fn between<'a>(text: &'a str, begin: &str, end: &str) -> Option<&'a str> {
+    let b = text.find(begin)? + begin.len();
+    let e = b + text[b..].find(end)?;
+    Some(&text[b..e])
+}
+
+/// One history row from a generated block: its date, commit and run time,
+/// how many targets its table met, which it missed, and two headline
+/// figures.
+fn summary(block: &str) -> String {
+    let field = |name: &str| {
+        block
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("- **{name}**: ")))
+            .unwrap_or("?")
+    };
+    let run_time = field("Command").rsplit_once("whole run ").map_or("?", |(_, t)| t);
+    let commit = field("Commit");
+    let cells: Vec<Vec<&str>> = block
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| scenario") && !l.starts_with("| date"))
+        .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+        .filter(|c: &Vec<&str>| c.len() == 5)
+        .collect();
+    let with_target: Vec<&Vec<&str>> = cells.iter().filter(|c| c[4] != "–").collect();
+    let met = with_target.iter().filter(|c| c[4] == "yes").count();
+    let mut missed: Vec<&str> = with_target.iter().filter(|c| c[4] != "yes").map(|c| c[0]).collect();
+    missed.dedup();
+    let value = |scenario: &str, figure: &str| {
+        cells
+            .iter()
+            .find(|c| c[0] == scenario && c[1].starts_with(figure))
+            .map_or("–", |c| c[2].split(" (").next().unwrap_or("–"))
+    };
+    format!(
+        "| {} | {} | {} | {met} of {} | {} | {} | {} |",
+        field("Date"),
+        commit,
+        run_time,
+        with_target.len(),
+        if missed.is_empty() {
+            "–".to_owned()
+        } else {
+            missed.join(", ")
+        },
+        value("1. pipeline", "pipeline: highest rate held"),
+        value("3. connections", "service RSS per connection"),
+    )
+}
+
+// ------------------------------------------------------- machine-readable
+
+/// The run's figures as JSON, for `BENCHMARKS.json` beside the Markdown:
+/// every row, note and profile (with perf's listings, which the Markdown
+/// leaves out), and the run's facts.
+pub fn figures_json(report: &Report, facts: &[(&str, String)]) -> serde_json::Value {
+    let mut run = serde_json::Map::new();
+    for (k, v) in facts {
+        run.insert((*k).to_owned(), serde_json::Value::String(v.clone()));
+    }
+    serde_json::json!({
+        "run": run,
+        "rows": report.rows.iter().map(|r| serde_json::json!({
+            "scenario": r.scenario,
+            "figure": r.figure,
+            "value": r.value,
+            "target": r.target,
+            "met": r.met,
+        })).collect::<Vec<_>>(),
+        "notes": report.notes,
+        "profiles": report.profiles.iter().map(|p| serde_json::json!({
+            "title": p.title,
+            "cpu": p.cpu,
+            "perf": p.perf,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(date: &str, commit: &str, met: &str) -> String {
+        format!(
+            "## Latest run\n\n- **Date**: {date}\n- **Commit**: {commit}\n- **Command**: `make bench` — whole run 20 min 01 s\n\n\
+             | scenario | figure | value | target | met? |\n|---|---|---|---|---|\n\
+             | 3. connections | service RSS per connection (VmRSS delta ÷ connections) | 7.6 KiB (WebSocket 9.2 KiB) | ≤ 8 KiB | yes |\n\
+             | 1. pipeline | pipeline: highest rate held 30 s, zero loss | 16,107 events/s | – | yes |\n\
+             | 1. pipeline | broker ceiling | 22,667 msg/s | – | – |\n\
+             | 9. slow consumers | p99 | 0.76 | ≤ 1.2 | {met} |\n"
+        )
+    }
+
+    #[test]
+    fn a_run_goes_on_top_of_the_history_and_the_first_history_takes_the_run_it_replaces() {
+        let old_block = block("2026-11-26 22:04 UTC", "?", "**no**");
+        let old_file = format!("# Benchmarks\n\n{BEGIN}\n{old_block}\n{END}\n");
+        let new_block = block("2026-12-04 14:00 UTC", "abc1234", "yes");
+        let h = history(&new_block, Some(&old_file));
+        let rows: Vec<&str> = h.lines().filter(|l| l.starts_with("| 2")).collect();
+        assert_eq!(rows.len(), 2, "{h}");
+        assert_eq!(
+            rows[0],
+            "| 2026-12-04 14:00 UTC | abc1234 | 20 min 01 s | 3 of 3 | – | 16,107 events/s | 7.6 KiB |"
+        );
+        assert!(rows[1].starts_with("| 2026-11-26 22:04 UTC | ? | 20 min 01 s | 2 of 3 | 9. slow consumers |"));
+
+        // The next run keeps those rows under its own, and at most ten.
+        let mut file = format!("# Benchmarks\n\n{BEGIN}\n{new_block}\n{h}\n{END}\n");
+        for day in 10..25 {
+            let b = block(&format!("2026-12-{day} 09:00 UTC"), "def5678", "yes");
+            let h = history(&b, Some(&file));
+            file = format!("# Benchmarks\n\n{BEGIN}\n{b}\n{h}\n{END}\n");
+        }
+        let rows: Vec<&str> = file.lines().filter(|l| l.starts_with("| 2026-12-")).collect();
+        assert_eq!(rows.len(), HISTORY_RUNS);
+        assert!(rows[0].starts_with("| 2026-12-24 09:00 UTC"), "{}", rows[0]);
+    }
+
+    #[test]
+    fn the_figures_json_holds_every_row_with_its_verdict() {
+        let mut r = Report::default();
+        r.rows.push(Row {
+            scenario: "1. pipeline".into(),
+            figure: "held".into(),
+            value: "16,107 events/s".into(),
+            target: String::new(),
+            met: None,
+        });
+        r.rows.push(Row {
+            scenario: "9. slow consumers".into(),
+            figure: "p99".into(),
+            value: "0.76".into(),
+            target: "≤ 1.2".into(),
+            met: Some(true),
+        });
+        let j = figures_json(&r, &[("date", "2026-12-04 14:00 UTC".into())]);
+        assert_eq!(j["run"]["date"], "2026-12-04 14:00 UTC");
+        assert_eq!(j["rows"].as_array().unwrap().len(), 2);
+        assert_eq!(j["rows"][0]["met"], serde_json::Value::Null);
+        assert_eq!(j["rows"][1]["met"], true);
+    }
+}
