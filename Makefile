@@ -77,7 +77,7 @@ bench: services ## load benchmark, every scenario (< 26 min); table into BENCHMA
 	$(CARGO) build --release -p bench
 	BENCH_COMMAND="make bench" target/release/bench
 
-chaos: services ## five-minute fault run (tests/service_restarts/chaos.rs); prints lost = 0 and recovery times
+chaos: services ## five-minute fault run (tests/service_restarts, harness testkit::chaos); prints lost = 0 and recovery times
 	$(CARGO) test --release --test service_restarts -- --ignored --nocapture full_chaos_run_loses_nothing
 
 test-cluster: services ## cluster fault run (tests/cluster): three RabbitMQ nodes started, a node killed under load, nodes taken down

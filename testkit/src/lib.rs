@@ -5,6 +5,7 @@
 //! browser or a stalled tab would; [`metric_value`] reads `/metrics`;
 //! [`verdict`] judges a chaos run.
 
+pub mod chaos;
 pub mod clients;
 pub mod proxy;
 pub mod rawsse;

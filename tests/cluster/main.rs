@@ -3,12 +3,10 @@
 //! both, and cluster nodes killed under load. `make test-cluster` starts
 //! the cluster, runs this file alone and takes the cluster down.
 
-// The single-node run's harness; the faults of that run go unused here.
-#[allow(dead_code)]
-#[path = "../service_restarts/chaos.rs"]
-mod chaos;
+use testkit::chaos::{self, Plan, run};
 
-use chaos::{Plan, run};
+/// The gateway binary the run's instances are.
+const GATEWAY: &str = env!("CARGO_BIN_EXE_product-gateway");
 
 /// The harness (isolation, audit copy) talks to node c1: `make
 /// test-cluster` says so in `GATEWAY_TEST_AMQP` and `GATEWAY_TEST_RABBIT_API`.
@@ -24,7 +22,7 @@ async fn on_the_cluster() {
 #[actix_rt::test]
 async fn a_cluster_node_killed_under_load_loses_nothing() {
     on_the_cluster().await;
-    let report = run(Plan::cluster_short()).await;
+    let report = run(Plan::cluster_short(GATEWAY)).await;
     report.print("cluster fault run");
     assert!(report.confirmed > 1000, "the run carried load: {}", report.confirmed);
     assert_eq!(report.lost, 0);
@@ -35,7 +33,7 @@ async fn a_cluster_node_killed_under_load_loses_nothing() {
 #[ignore = "five minutes; run by `make cluster-chaos`"]
 async fn full_cluster_chaos_run_loses_nothing() {
     on_the_cluster().await;
-    let report = run(Plan::cluster_full()).await;
+    let report = run(Plan::cluster_full(GATEWAY)).await;
     report.print("cluster fault run");
     assert_eq!(report.lost, 0);
 }

@@ -2,15 +2,14 @@
 //! `make test` runs this file alone, after every other test; each fault
 //! leaves the service running again.
 
-// Shared with tests/cluster, whose plans and faults go unused here.
-#[allow(dead_code)]
-mod chaos;
+use testkit::chaos::{Plan, run};
 
-use chaos::{Plan, run};
+/// The gateway binary the run's instances are.
+const GATEWAY: &str = env!("CARGO_BIN_EXE_product-gateway");
 
 #[actix_rt::test]
 async fn short_chaos_run_loses_nothing() {
-    let report = run(Plan::short()).await;
+    let report = run(Plan::short(GATEWAY)).await;
     report.print("chaos run");
     assert!(report.confirmed > 1000, "the run carried load: {}", report.confirmed);
     assert_eq!(report.lost, 0);
@@ -20,7 +19,7 @@ async fn short_chaos_run_loses_nothing() {
 #[actix_rt::test]
 #[ignore = "five minutes; run by `make chaos`"]
 async fn full_chaos_run_loses_nothing() {
-    let report = run(Plan::full()).await;
+    let report = run(Plan::full(GATEWAY)).await;
     report.print("chaos run");
     assert_eq!(report.lost, 0);
 }

@@ -1,0 +1,402 @@
+//! The chaos run: two gateway processes with the generator on, clients on
+//! both, and the faults of a [`Plan`] in sequence. Afterwards the verdicts
+//! of [`crate::verdict`] prove that nothing was lost or applied twice and
+//! that every client saw a gap-free, duplicate-free sequence. Used by the
+//! single-node run (`tests/service_restarts`) and the cluster run
+//! (`tests/cluster`).
+//!
+//! Every event the broker accepted is copied to an audit queue bound to the
+//! events exchange: that is the set of confirmed events the final catalog
+//! must account for.
+//!
+//! The run goes in phases: [`prepare`], [`Running::start`],
+//! [`Running::apply_faults`], [`Running::drain`], then [`judge`] over the
+//! [`Evidence`].
+
+mod clients;
+mod evidence;
+mod plan;
+mod processes;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use product_gateway::hub::pattern::Pattern;
+use product_gateway::settings::Settings;
+use product_gateway::store;
+use tokio_util::sync::CancellationToken;
+
+use self::clients::{Client, Observations, spawn_client, spawn_poller};
+use self::evidence::{Evidence, applied_sum, declare_audit, photos_served, recovery};
+pub use self::plan::Plan;
+use self::plan::{Action, Fault, Led};
+pub use self::processes::cluster;
+use self::processes::{Instance, admin, free_port, inject, readyz};
+use crate::Isolation;
+use crate::verdict;
+
+pub struct Report {
+    pub lost: usize,
+    pub confirmed: usize,
+    pub lines: Vec<String>,
+}
+
+impl Report {
+    pub fn print(&self, title: &str) {
+        println!("\n== {title} ==");
+        for line in &self.lines {
+            println!("{line}");
+        }
+    }
+}
+
+/// Runs `plan` and says what it found; panics on any verdict but loss,
+/// which the caller asserts.
+pub async fn run(plan: Plan) -> Report {
+    let started = Instant::now();
+    let setup = prepare(&plan).await;
+    let mut running = Running::start(&plan, &setup).await;
+    tokio::time::sleep(plan.settle).await;
+    let faults = running.apply_faults().await;
+    running.drain().await;
+    let evidence = Evidence::collect(&setup.iso.amqp_url(), &setup.settings, &setup.db).await;
+    let (status, body) = readyz(running.ports[0]).await.unwrap_or((0, serde_json::Value::Null));
+    assert_eq!(status, 200, "a is ready at the end: {body}");
+    let report = judge(&plan, &running, &faults, &evidence, started.elapsed());
+    running.a.kill().await;
+    running.b.kill().await;
+    report
+}
+
+/// The run's own database (seeded) and vhost, with the audit queue.
+struct Setup {
+    iso: Isolation,
+    settings: Settings,
+    db: store::Db,
+}
+
+async fn prepare(plan: &Plan) -> Setup {
+    let iso = Isolation::new().await;
+    let mut settings = iso.settings();
+    if plan.cluster {
+        settings.rabbit.topology.replicas = 3;
+    }
+    let db = store::pool(&settings.database).unwrap();
+    store::migrate(&iso.database_url).await.unwrap();
+    product_gateway::seed::seed(&db, plan.products).await.unwrap();
+    declare_audit(&iso.amqp_url(), &settings).await;
+    Setup { iso, settings, db }
+}
+
+/// One fault as it went: how long it took, and when the system recovered.
+struct Applied {
+    name: &'static str,
+    took: Duration,
+    recovered: Duration,
+}
+
+/// The two instances, the clients and the readiness poller, under load.
+struct Running<'a> {
+    plan: &'a Plan,
+    setup: &'a Setup,
+    a: Instance,
+    b: Instance,
+    ports: [u16; 2],
+    clients: Vec<Client>,
+    /// The phase the poller files its answers under.
+    phase: Arc<Mutex<String>>,
+    observed: Observations,
+    stop: CancellationToken,
+    /// Photos served while Redis was down.
+    photos_ok: usize,
+    lines: Vec<String>,
+}
+
+impl<'a> Running<'a> {
+    async fn start(plan: &'a Plan, setup: &'a Setup) -> Running<'a> {
+        let (pa, pb) = (free_port(), free_port());
+        let a = Instance::start(&setup.iso, "a", pa, plan).await;
+        let b = Instance::start(&setup.iso, "b", pb, plan).await;
+        let stop = CancellationToken::new();
+        let clients = vec![
+            spawn_client("ws@a product.#".into(), false, "product.#", [pa, pb], stop.clone()),
+            spawn_client(
+                "sse@a product.price.*".into(),
+                true,
+                "product.price.*",
+                [pa, pb],
+                stop.clone(),
+            ),
+            spawn_client(
+                "ws@b product.stock.*".into(),
+                false,
+                "product.stock.*",
+                [pb, pa],
+                stop.clone(),
+            ),
+            spawn_client("sse@b product.*.1".into(), true, "product.*.1", [pb, pa], stop.clone()),
+            spawn_client("ws@b #".into(), false, "#", [pb, pa], stop.clone()),
+        ];
+        let phase = Arc::new(Mutex::new("warm-up".to_owned()));
+        let observed: Observations = Arc::default();
+        spawn_poller(
+            vec![("a", pa), ("b", pb)],
+            phase.clone(),
+            observed.clone(),
+            stop.clone(),
+        );
+        Running {
+            plan,
+            setup,
+            a,
+            b,
+            ports: [pa, pb],
+            clients,
+            phase,
+            observed,
+            stop,
+            photos_ok: 0,
+            lines: Vec::new(),
+        }
+    }
+
+    fn set_phase(&self, p: &str) {
+        *self.phase.lock().unwrap() = p.to_owned();
+    }
+
+    /// Every fault of the plan in turn, each followed by its recovery and
+    /// time under load.
+    async fn apply_faults(&mut self) -> Vec<Applied> {
+        let mut applied = Vec::new();
+        for (i, fault) in self.plan.faults.iter().enumerate() {
+            self.set_phase(fault.phase);
+            let t = Instant::now();
+            // For a cluster node: recovered while the node is still away.
+            let while_away = self.apply(fault).await;
+            let took = t.elapsed();
+            if let Some(after) = fault.after {
+                self.set_phase(after);
+            }
+            let recovered = match while_away {
+                Some(d) => d,
+                None => recovery(&self.ports, &self.setup.db, Instant::now()).await,
+            };
+            applied.push(Applied {
+                name: fault.name,
+                took,
+                recovered,
+            });
+            // After the last fault only a short pause before the drain.
+            let last = i + 1 == self.plan.faults.len();
+            let settle = if last {
+                self.plan.settle.min(Duration::from_secs(5))
+            } else {
+                self.plan.settle
+            };
+            tokio::time::sleep(settle).await;
+        }
+        applied
+    }
+
+    /// One fault; for a cluster node, the recovery while it is away.
+    async fn apply(&mut self, fault: &Fault) -> Option<Duration> {
+        let (iso, db, ports) = (&self.setup.iso, &self.setup.db, self.ports);
+        match fault.action {
+            Action::CloseBrokerConnections => {
+                let out = tokio::process::Command::new("rabbitmqctl")
+                    .args(["close_all_connections", "-p", &iso.vhost, "--limit", "1000", "chaos"])
+                    .output()
+                    .await
+                    .unwrap();
+                assert!(out.status.success());
+            }
+            Action::RestartRabbitmq => inject("restart-rabbitmq").await,
+            Action::KillGatewayB => {
+                self.b.kill().await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                self.b = Instance::start(iso, "b", ports[1], self.plan).await;
+            }
+            Action::RestartPostgres => inject("restart-postgres").await,
+            Action::StopRedis => {
+                inject("stop-redis").await;
+                self.photos_ok += photos_served(&ports, self.plan.redis_down).await;
+                inject("start-redis").await;
+            }
+            Action::KillLeaderOf(led) => {
+                let topology = &self.setup.settings.rabbit.topology;
+                let queue = match led {
+                    Led::PriceQueue => &topology.price_queue,
+                    Led::Stream => &topology.updates_stream,
+                };
+                let node = cluster(&["leader", &iso.vhost, queue]).await;
+                self.lines.push(format!("{}: {queue} led by {node}", fault.phase));
+                cluster(&["kill", &node]).await;
+                let away = recovery(&ports, db, Instant::now()).await;
+                cluster(&["start", &node]).await;
+                return Some(away);
+            }
+            Action::RestartNode(node) => {
+                cluster(&["stop", node]).await;
+                let away = recovery(&ports, db, Instant::now()).await;
+                cluster(&["start", node]).await;
+                return Some(away);
+            }
+        }
+        None
+    }
+
+    /// Stops generating, waits until nothing more is applied, and stops
+    /// the clients.
+    async fn drain(&mut self) {
+        self.set_phase("drain");
+        for port in self.ports {
+            admin(port, serde_json::json!({"running": false})).await;
+        }
+        let mut last = -2;
+        let mut stable = 0;
+        while stable < 6 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = applied_sum(&self.setup.db).await;
+            stable = if now == last { stable + 1 } else { 0 };
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        self.stop.cancel();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+}
+
+/// What the evidence shows, as report lines; panics on a failed verdict
+/// (loss aside: the caller asserts `lost`, so the report prints first).
+fn judge(plan: &Plan, running: &Running<'_>, faults: &[Applied], evidence: &Evidence, took: Duration) -> Report {
+    let mut lines = running.lines.clone();
+    let (confirmed, undecodable) = evidence.confirmed();
+    let lost = verdict::lost(&confirmed, &evidence.catalog);
+    let newest = verdict::newest(&confirmed);
+    let wrong_final = verdict::differing(&newest, &evidence.catalog);
+    // The stream: versions never go back for a product and kind.
+    let stream = evidence.stream_updates();
+    let verdict::StreamOrder {
+        regressions,
+        rebroadcasts,
+    } = verdict::stream_order(&stream.seen);
+
+    lines.push(format!(
+        "run: {:.0} s, generator {} events/s, {} products, 2 gateway processes{}",
+        took.as_secs_f64(),
+        plan.rate,
+        plan.products,
+        if plan.cluster {
+            ", three-node RabbitMQ cluster"
+        } else {
+            ""
+        }
+    ));
+    lines.push(format!("confirmed events (audit copy): {}", evidence.audit.len()));
+    lines.push(format!("dead letters: {}", evidence.dead.len()));
+    lines.push(format!("lost = {lost}"));
+    lines.push(format!(
+        "final catalog differs from newest confirmed version: {wrong_final} of {} keys",
+        newest.len()
+    ));
+    lines.push(format!(
+        "stream: {} updates in {} messages, version regressions {regressions}, same version re-broadcast {rebroadcasts}",
+        stream.seen.len(),
+        evidence.stream.len()
+    ));
+    if plan.has(Action::StopRedis) {
+        lines.push(format!("photos served while Redis was down: {}", running.photos_ok));
+    }
+    lines.push(format!("double-applied = {}", stream.double_applied));
+    lines.push(format!(
+        "stream messages published again by the relay (confirm lost), dropped by every reader: {}",
+        stream.republished
+    ));
+    lines.push(if plan.cluster {
+        "fault | took (until the node is back) | recovered (ready + applying) after, the node still away".to_owned()
+    } else {
+        "fault | took | recovered (ready + applying) after".to_owned()
+    });
+    for f in faults {
+        lines.push(format!(
+            "{} | {:.1} s | {:.2} s",
+            f.name,
+            f.took.as_secs_f64(),
+            f.recovered.as_secs_f64()
+        ));
+    }
+
+    // Clients: offsets strictly increase, equal the stream's matching
+    // updates over the span they covered, and end on the catalog's state.
+    let (mut client_failures, mut client_gaps) = (0, 0);
+    for c in &running.clients {
+        let log = c.log.lock().unwrap();
+        let pattern = Pattern::parse(&c.pattern, 32).unwrap();
+        let v = verdict::client(&log.seen, &stream.seen, |t| pattern.matches(t), &evidence.catalog);
+        if !v.ok() {
+            client_failures += 1;
+        }
+        if !v.gap_free {
+            client_gaps += 1;
+        }
+        lines.push(format!(
+            "client {}: {} updates, {} reconnects, gap-free {}, duplicate-free {}, final view = catalog {}",
+            c.name, v.updates, log.reconnects, v.gap_free, v.duplicate_free, v.converged
+        ));
+    }
+    lines.push(format!(
+        "client gaps = {client_gaps} (clients with a gap, of {})",
+        running.clients.len()
+    ));
+
+    // Readiness answers during the faults.
+    let obs = running.observed.lock().unwrap().clone();
+    let saw = |phase: &str, f: &dyn Fn(u16, &serde_json::Value) -> bool| {
+        obs.iter().any(|(p, s, b)| p.starts_with(phase) && f(*s, b))
+    };
+    let rabbit_down_seen = saw("restart-rabbitmq", &|s, b| {
+        s == 503 && b["checks"]["rabbitmq"] == "down"
+    });
+    let redis_degraded_seen = saw("redis-down", &|s, b| s == 200 && b["status"] == "degraded");
+    let redis_wrongly_unready = saw("redis-down", &|s, b| {
+        s == 503 && b["checks"]["postgres"] == "up" && b["checks"]["rabbitmq"] == "up"
+    });
+    let pg_down_seen = saw("restart-postgres", &|s, b| {
+        s == 503 && b["checks"]["postgres"] == "down"
+    });
+    if !plan.cluster {
+        lines.push(format!(
+        "readyz: 503 with rabbitmq down during its restart {rabbit_down_seen}; 503 with postgres down during its restart {pg_down_seen}; \
+         degraded (200) while Redis was down {redis_degraded_seen}; 503 because of Redis {redis_wrongly_unready}"
+        ));
+    }
+
+    assert_eq!(undecodable, 0, "the audit copy holds only valid events");
+    assert_eq!(regressions, 0, "no older version broadcast after a newer one");
+    assert_eq!(stream.double_applied, 0, "no version applied twice");
+    assert_eq!(
+        wrong_final, 0,
+        "catalog = newest confirmed version of every product and kind"
+    );
+    assert_eq!(
+        client_failures,
+        0,
+        "every client gap-free, duplicate-free and converged:\n{}",
+        lines.join("\n")
+    );
+    if plan.has(Action::RestartRabbitmq) {
+        assert!(rabbit_down_seen, "readiness reported RabbitMQ down during its restart");
+    }
+    if plan.has(Action::StopRedis) {
+        assert!(
+            redis_degraded_seen && !redis_wrongly_unready,
+            "Redis down is degraded, not unready"
+        );
+        assert!(running.photos_ok > 0, "photos were served without Redis");
+    }
+    Report {
+        lost,
+        confirmed: evidence.audit.len(),
+        lines,
+    }
+}
