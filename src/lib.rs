@@ -40,3 +40,17 @@ pub mod photos;
 pub mod http;
 pub mod seed;
 pub mod startup;
+
+/// What the unit tests share.
+#[cfg(test)]
+mod testing {
+    /// Property tests: bounded, so they run in CI; no regression files
+    /// (a failure prints its minimal case, which becomes a unit test).
+    pub(crate) fn proptest_config() -> proptest::test_runner::Config {
+        proptest::test_runner::Config {
+            cases: 3000,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        }
+    }
+}

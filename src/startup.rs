@@ -284,14 +284,14 @@ fn serve(settings: &Settings, state: web::Data<AppState>, listener: TcpListener)
         unsent_bytes: settings.server.socket_unsent_bytes,
         user_timeout: settings.hub.client_timeout,
     };
-    let hosts = web::Data::new(http::edge::HostPolicy::new(&settings.server));
+    let hosts = web::Data::new(http::origin::HostPolicy::new(&settings.server));
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .app_data(web::PayloadConfig::new(max_body))
             .wrap(http::error::json_errors())
             .app_data(hosts.clone())
-            .wrap(middleware::from_fn(http::edge::check_host))
+            .wrap(middleware::from_fn(http::origin::check_host))
             .wrap(middleware::NormalizePath::trim())
             // Outermost: the span and the access line cover every refusal.
             .wrap(middleware::from_fn(http::access::trace_request))

@@ -34,15 +34,16 @@ impl<S: Subscriber> Layer<S> for ExpectedRefusals {
         if !event.metadata().target().starts_with("lapin::channel") {
             return true;
         }
-        let mut size_refusal = SizeRefusal(false);
+        let mut size_refusal = RefusalText(false);
         event.record(&mut size_refusal);
         !size_refusal.0
     }
 }
 
-struct SizeRefusal(bool);
+/// Set when a lapin log event's `method` text is one of the expected refusals.
+struct RefusalText(bool);
 
-impl Visit for SizeRefusal {
+impl Visit for RefusalText {
     fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
         if field.name() == "method" {
             let text = format!("{value:?}");

@@ -31,7 +31,7 @@ pub const DETAIL_HEADER: &str = "x-reject-detail";
 /// JSON shape of an event (schema 1) and of an applied update.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Wire {
+pub struct WireChange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<u32>,
     pub product_id: i64,
@@ -45,13 +45,13 @@ pub struct Wire {
     pub ts_us: i64,
 }
 
-impl Wire {
+impl WireChange {
     fn of(event: &Event, schema: Option<u32>) -> Self {
         let (price_cents, stock) = match event.change {
             Change::Price(p) => (Some(p.get()), None),
             Change::Stock(s) => (None, Some(s.get())),
         };
-        Wire {
+        WireChange {
             schema,
             product_id: event.product_id.get(),
             kind: event.kind(),
@@ -68,12 +68,12 @@ impl Wire {
 /// An error is never expected (plain fields into a Vec), but is passed on
 /// rather than publishing an empty body.
 pub fn encode_event(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(&Wire::of(event, Some(SCHEMA)))
+    serde_json::to_vec(&WireChange::of(event, Some(SCHEMA)))
 }
 
 /// Serialises an applied update as published to `product.updates` and sent to clients.
 pub fn encode_update(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(&Wire::of(event, None))
+    serde_json::to_vec(&WireChange::of(event, None))
 }
 
 /// Why a message can never be applied. The code goes into the dead letter's
@@ -177,7 +177,7 @@ pub fn decode_event(
     }
     let text = std::str::from_utf8(body).map_err(|_| Reject::NotUtf8)?;
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Reject::NotJson(e.to_string()))?;
-    let wire: Wire = serde_json::from_value(value).map_err(|e| Reject::WrongSchema(e.to_string()))?;
+    let wire: WireChange = serde_json::from_value(value).map_err(|e| Reject::WrongSchema(e.to_string()))?;
     if let Some(schema) = wire.schema
         && schema != SCHEMA
     {
@@ -194,7 +194,7 @@ pub fn decode_event(
     Ok(event)
 }
 
-fn validate(wire: Wire) -> Result<Event, Reject> {
+fn validate(wire: WireChange) -> Result<Event, Reject> {
     let invalid = |m: &str| Reject::InvalidValue(m.to_owned());
     let product_id = ProductId::new(wire.product_id).ok_or_else(|| invalid("product_id must be positive"))?;
     let version = Version::try_from(wire.version).map_err(invalid)?;
@@ -272,5 +272,56 @@ mod tests {
             decode_event(&[b' '; 5000], None, rk, 4096).unwrap_err().code(),
             "oversize"
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! The event decoder never panics, whatever the bytes, and holds the
+    //! documented version bound.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The documented version bound: 2^53 - 1, the largest integer a
+    /// JavaScript client holds exactly.
+    const JS_SAFE: i64 = (1 << 53) - 1;
+
+    proptest! {
+        #![proptest_config(crate::testing::proptest_config())]
+
+        #[test]
+        fn decoder_never_panics_on_any_bytes(body in proptest::collection::vec(any::<u8>(), 0..600), rk in "[a-z.0-9]{0,30}") {
+            let _ = decode_event(&body, Some("application/json"), &rk, 512);
+            let _ = decode_event(&body, None, &rk, 512);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_json_like_text(
+            id in any::<i64>(), v in any::<i64>(), price in any::<i64>(), kind in "(price|stock|x)", ts in any::<i64>(),
+            extra in "[a-z\"{}:,0-9 ]{0,20}",
+        ) {
+            let body = format!(r#"{{"product_id":{id},"kind":"{kind}","price_cents":{price},"version":{v},"occurred_at":"2026-11-24T00:00:00Z","ts_us":{ts}{extra}}}"#);
+            match decode_event(body.as_bytes(), None, &format!("product.{kind}.{id}"), 4096) {
+                Ok(e) => {
+                    prop_assert!(e.version > 0 && e.product_id.get() > 0 && e.change.value() > 0);
+                }
+                Err(reason) => prop_assert!(!reason.code().is_empty()),
+            }
+        }
+
+        #[test]
+        fn decoder_accepts_exactly_the_versions_within_the_bound(
+            v in prop_oneof![any::<i64>(), (JS_SAFE - 3)..=(JS_SAFE + 3), -3i64..=3, Just(i64::MAX), Just(i64::MIN)],
+        ) {
+            let body = format!(r#"{{"product_id":42,"kind":"price","price_cents":5,"version":{v},"occurred_at":"2026-11-24T00:00:00Z","ts_us":1}}"#);
+            match decode_event(body.as_bytes(), None, "product.price.42", 4096) {
+                Ok(e) => prop_assert!((1..=JS_SAFE).contains(&v) && e.version == v, "version {} accepted", v),
+                Err(reason) => {
+                    prop_assert!(!(1..=JS_SAFE).contains(&v), "version {} refused: {:?}", v, reason);
+                    prop_assert_eq!(reason.code(), "invalid_value");
+                }
+            }
+        }
     }
 }

@@ -134,48 +134,36 @@ async fn receive(proto: Proto, client: Client, w: Arc<Window>, done: Cancellatio
         lat: Vec::with_capacity(2048),
     };
     match client {
-        Client::Ws(mut ws) => loop {
-            while let Some(f) = ws.frame() {
-                match f.op {
-                    wire::OP_PING => {
-                        ws.pong(&f).await?;
-                        continue;
-                    }
-                    wire::OP_CLOSE => bail!("the server closed a client"),
-                    _ => {}
-                }
-                let p = ws.payload(&f);
-                match proto {
-                    Proto::Stomp => {
-                        // One or more STOMP frames, each ending in NUL.
-                        // Every update in it counts (one per message here).
-                        for frame in p.split(|&b| b == 0) {
-                            if frame.starts_with(b"MESSAGE") {
-                                let mut rest = frame;
-                                while let Some(i) = wire::find(rest, b"\"ts_us\":") {
-                                    if let Some(ts) = wire::num_after(&rest[i..], b"\"ts_us\":") {
-                                        t.see(ts, &w);
-                                    }
-                                    rest = &rest[i + 8..];
+        Client::Ws(mut ws) => {
+            let see = |p: &[u8], t: &mut Tally| match proto {
+                Proto::Stomp => {
+                    // One or more STOMP frames, each ending in NUL.
+                    // Every update in it counts (one per message here).
+                    for frame in p.split(|&b| b == 0) {
+                        if frame.starts_with(b"MESSAGE") {
+                            let mut rest = frame;
+                            while let Some(i) = wire::find(rest, b"\"ts_us\":") {
+                                if let Some(ts) = wire::num_after(&rest[i..], b"\"ts_us\":") {
+                                    t.see(ts, &w);
                                 }
+                                rest = &rest[i + 8..];
                             }
                         }
                     }
-                    _ => {
-                        if p.starts_with(b"{\"type\":\"update\"")
-                            && let Some(ts) = wire::num_after_last(p, b"\"ts_us\":")
-                        {
-                            t.see(ts, &w);
-                        }
+                }
+                _ => {
+                    if p.starts_with(b"{\"type\":\"update\"")
+                        && let Some(ts) = wire::num_after_last(p, b"\"ts_us\":")
+                    {
+                        t.see(ts, &w);
                     }
                 }
-                ws.consume(&f);
-            }
+            };
             tokio::select! {
-                n = ws.fill() => if n? == 0 { bail!("the server closed a client") },
-                _ = done.cancelled() => return Ok(t),
+                r = ws.data_frames("a client", |p| see(p, &mut t)) => r.map(|()| t),
+                _ = done.cancelled() => Ok(t),
             }
-        },
+        }
         Client::Sse(mut sse) => loop {
             while let Some(len) = sse.event_len() {
                 if let Some(ts) = wire::num_after_last(&sse.body[..len], b"\"ts_us\":") {

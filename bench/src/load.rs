@@ -400,28 +400,16 @@ pub async fn track(
     let result = async {
         let mut ws = wire::gateway_ws(addr, &["product.#"], None).await?;
         let _ = ready.send(());
-        loop {
-            while let Some(f) = ws.frame() {
-                match f.op {
-                    wire::OP_PING => {
-                        ws.pong(&f).await?;
-                        continue;
-                    }
-                    wire::OP_CLOSE => bail!("the service closed the tracking client"),
-                    _ => {}
-                }
-                let p = ws.payload(&f);
-                if p.starts_with(b"{\"type\":\"update\"")
-                    && let (Some(offset), Some(u)) = (wire::num_after(p, b"\"offset\":"), UpdateInfo::parse(p))
-                {
-                    tracker.record(&u, offset as u64, now_us());
-                }
-                ws.consume(&f);
+        let frames = ws.data_frames("the tracking client", |p| {
+            if p.starts_with(b"{\"type\":\"update\"")
+                && let (Some(offset), Some(u)) = (wire::num_after(p, b"\"offset\":"), UpdateInfo::parse(p))
+            {
+                tracker.record(&u, offset as u64, now_us());
             }
-            tokio::select! {
-                n = ws.fill() => if n? == 0 { bail!("the service closed the tracking client") },
-                _ = stop.cancelled() => return Ok(()),
-            }
+        });
+        tokio::select! {
+            r = frames => r,
+            _ = stop.cancelled() => Ok(()),
         }
     }
     .await;

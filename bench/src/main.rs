@@ -10,16 +10,11 @@
 //! and `bench publish …` are the client fleets and the event publisher it
 //! starts as child processes.
 
-mod catalog;
 mod children;
 mod infra;
 mod load;
 mod report;
 mod scenarios;
-mod selective;
-mod slow;
-mod slow_clients;
-mod storm;
 mod wire;
 
 use std::collections::HashMap;
@@ -63,11 +58,11 @@ fn main() {
         Some("fanout-clients") => child(children::fanout_clients(Args::new(args[1..].to_vec()))),
         Some("idle-clients") => child(children::idle_clients(Args::new(args[1..].to_vec()))),
         Some("publish") => child(children::publish_proc(Args::new(args[1..].to_vec()))),
-        Some("selective-clients") => child(selective::selective_clients(Args::new(args[1..].to_vec()))),
-        Some("storm-clients") => child(storm::storm_clients(Args::new(args[1..].to_vec()))),
-        Some("catalog-whole") => child(catalog::catalog_whole(Args::new(args[1..].to_vec()))),
-        Some("slow-healthy") => child(slow_clients::healthy(Args::new(args[1..].to_vec()))),
-        Some("slow-stalled") => child(slow_clients::stalled(Args::new(args[1..].to_vec()))),
+        Some("selective-clients") => child(scenarios::selective::selective_clients(Args::new(args[1..].to_vec()))),
+        Some("storm-clients") => child(scenarios::storm::storm_clients(Args::new(args[1..].to_vec()))),
+        Some("catalog-whole") => child(scenarios::catalog::catalog_whole(Args::new(args[1..].to_vec()))),
+        Some("slow-healthy") => child(scenarios::slow_clients::healthy(Args::new(args[1..].to_vec()))),
+        Some("slow-stalled") => child(scenarios::slow_clients::stalled(Args::new(args[1..].to_vec()))),
         None | Some("run") => run_all(),
         Some("-h" | "--help" | "help") => {
             println!(
@@ -366,12 +361,12 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
 
     if only.contains(&6) {
         eprintln!("bench: 6. selective fan-out: 1k, 5k, 19k clients on one product each");
-        selective::selective(ctx, &inst).await?;
+        scenarios::selective::selective(ctx, &inst).await?;
     }
 
     let inst = if only.contains(&7) {
         eprintln!("bench: 7. resume storm: 10,000 SSE clients resume at once after a restart");
-        let inst = storm::scenario(ctx, inst).await?;
+        let inst = scenarios::storm::scenario(ctx, inst).await?;
         ctx.live = Some(inst.shutdown_token());
         inst
     } else {
@@ -383,12 +378,12 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
 
     if only.contains(&8) {
         eprintln!("bench: 8. a catalog of 1,000,000 products: seed, snapshots, apply lag under snapshots");
-        catalog::scenario(ctx).await?;
+        scenarios::catalog::scenario(ctx).await?;
     }
 
     if only.contains(&9) {
         eprintln!("bench: 9. slow consumers: 10,000 healthy clients beside 1,036 stalled connections, A/B");
-        slow::scenario(ctx).await?;
+        scenarios::slow::scenario(ctx).await?;
     }
     Ok(())
 }
@@ -581,8 +576,9 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
     let _ = writeln!(
         md,
         "- **Service settings**: `config/default.toml` as committed, except the generator (off: the bench \
-         publishes) and `hub.max_connections_per_ip` (raised to `hub.max_connections`: every bench client \
-         comes from 127.0.0.1); {} products",
+         publishes) and the per-address caps `hub.max_connections_per_ip`, `max_snapshots_per_ip` and \
+         `max_catch_ups_per_ip` (raised to the instance's own limits: every bench client comes from \
+         127.0.0.1; scenario 9 keeps the shipped snapshot and catch-up caps); {} products",
         thousands(ctx.products as f64)
     );
     let _ = writeln!(md, "\n{}", ctx.report.table());
@@ -620,10 +616,10 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
     }
     md.push('\n');
     md.push_str(METHOD);
-    md.push_str(selective::METHOD);
-    md.push_str(storm::METHOD);
-    md.push_str(catalog::METHOD);
-    md.push_str(slow::METHOD);
+    md.push_str(scenarios::selective::METHOD);
+    md.push_str(scenarios::storm::METHOD);
+    md.push_str(scenarios::catalog::METHOD);
+    md.push_str(scenarios::slow::METHOD);
     md
 }
 

@@ -237,6 +237,30 @@ impl Ws {
         self.send(0x8A, &payload).await
     }
 
+    /// The receive loop of every measuring client: each data frame's
+    /// payload goes to `data` as it comes, pings are answered, and a close
+    /// frame or the end of the connection is an error naming `who`. Runs
+    /// until then: a caller that stops earlier drops it (in a `select!`).
+    pub async fn data_frames(&mut self, who: &str, mut data: impl FnMut(&[u8])) -> Result<()> {
+        loop {
+            while let Some(f) = self.frame() {
+                match f.op {
+                    OP_PING => {
+                        self.pong(&f).await?;
+                        continue;
+                    }
+                    OP_CLOSE => bail!("the server closed {who}"),
+                    _ => {}
+                }
+                data(self.payload(&f));
+                self.consume(&f);
+            }
+            if self.fill().await? == 0 {
+                bail!("the server closed {who}");
+            }
+        }
+    }
+
     /// Next text or binary message, answering pings; None when the peer
     /// closes. Allocates: for the control conversation, not the hot path.
     pub async fn next_message(&mut self, within: Duration) -> Result<Option<Vec<u8>>> {
@@ -286,7 +310,7 @@ impl Ws {
 pub struct Sse {
     conn: Conn,
     chunked: bool,
-    state: Chunk,
+    state: Dechunk,
     /// De-chunked body not yet cut into events.
     pub body: BytesMut,
     pub ended: bool,
@@ -297,6 +321,56 @@ enum Chunk {
     Size,
     Data(usize),
     DataEnd,
+}
+
+/// Incremental HTTP/1.1 chunked transfer decoding, for the bench's
+/// hand-written event-stream clients.
+pub struct Dechunk {
+    state: Chunk,
+}
+
+impl Default for Dechunk {
+    fn default() -> Self {
+        Self { state: Chunk::Size }
+    }
+}
+
+impl Dechunk {
+    /// Moves the data of the chunks in `buf` into `body`, leaving a
+    /// partial chunk header in `buf`; true once the last chunk came.
+    pub fn feed(&mut self, buf: &mut BytesMut, body: &mut BytesMut) -> Result<bool> {
+        loop {
+            match self.state {
+                Chunk::Size => {
+                    let Some(i) = find(buf, b"\r\n") else { return Ok(false) };
+                    let line = std::str::from_utf8(&buf[..i]).unwrap_or("");
+                    let hex = line.split(';').next().unwrap_or("").trim();
+                    let size = usize::from_str_radix(hex, 16).map_err(|_| anyhow!("bad chunk size {line:?}"))?;
+                    buf.advance(i + 2);
+                    if size == 0 {
+                        return Ok(true);
+                    }
+                    self.state = Chunk::Data(size);
+                }
+                Chunk::Data(n) => {
+                    if buf.is_empty() {
+                        return Ok(false);
+                    }
+                    let k = n.min(buf.len());
+                    body.extend_from_slice(&buf[..k]);
+                    buf.advance(k);
+                    self.state = if n == k { Chunk::DataEnd } else { Chunk::Data(n - k) };
+                }
+                Chunk::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(false);
+                    }
+                    buf.advance(2);
+                    self.state = Chunk::Size;
+                }
+            }
+        }
+    }
 }
 
 impl Sse {
@@ -318,7 +392,7 @@ impl Sse {
         let mut sse = Sse {
             conn,
             chunked,
-            state: Chunk::Size,
+            state: Dechunk::default(),
             body: BytesMut::new(),
             ended: false,
         };
@@ -332,39 +406,7 @@ impl Sse {
             self.body.extend_from_slice(&all);
             return Ok(());
         }
-        let buf = &mut self.conn.buf;
-        loop {
-            match self.state {
-                Chunk::Size => {
-                    let Some(i) = find(buf, b"\r\n") else { break };
-                    let line = std::str::from_utf8(&buf[..i]).unwrap_or("");
-                    let hex = line.split(';').next().unwrap_or("").trim();
-                    let size = usize::from_str_radix(hex, 16).map_err(|_| anyhow!("bad chunk size {line:?}"))?;
-                    buf.advance(i + 2);
-                    if size == 0 {
-                        self.ended = true;
-                        break;
-                    }
-                    self.state = Chunk::Data(size);
-                }
-                Chunk::Data(n) => {
-                    if buf.is_empty() {
-                        break;
-                    }
-                    let k = n.min(buf.len());
-                    self.body.extend_from_slice(&buf[..k]);
-                    buf.advance(k);
-                    self.state = if n == k { Chunk::DataEnd } else { Chunk::Data(n - k) };
-                }
-                Chunk::DataEnd => {
-                    if buf.len() < 2 {
-                        break;
-                    }
-                    buf.advance(2);
-                    self.state = Chunk::Size;
-                }
-            }
-        }
+        self.ended |= self.state.feed(&mut self.conn.buf, &mut self.body)?;
         Ok(())
     }
 

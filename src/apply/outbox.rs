@@ -16,7 +16,7 @@ const RELAY_LOCK: i64 = 0x0070_6f75_7462_6f78;
 
 /// One stream message waiting to be published.
 #[derive(Debug, diesel::QueryableByName)]
-pub struct Pending {
+pub struct Unrelayed {
     #[diesel(sql_type = BigInt)]
     pub seq: i64,
     #[diesel(sql_type = Text)]
@@ -76,7 +76,7 @@ pub async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diesel::resu
 }
 
 /// The oldest pending messages, in commit order.
-pub async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Pending>, diesel::result::Error> {
+pub async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Unrelayed>, diesel::result::Error> {
     prepared("SELECT seq, message_id, body, updates, txid FROM update_outbox ORDER BY seq LIMIT $1")
         .bind::<BigInt, _>(limit)
         .load(conn)

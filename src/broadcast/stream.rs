@@ -71,12 +71,12 @@ const REMEMBERED: usize = 16_384;
 /// holds it twice, at two offsets, and the copy is dropped here rather than
 /// broadcast twice.
 #[derive(Default)]
-pub struct Republished {
+pub struct SeenOutboxRows {
     seen: std::collections::HashSet<i64>,
     order: std::collections::VecDeque<i64>,
 }
 
-impl Republished {
+impl SeenOutboxRows {
     /// True when the message from outbox row `seq` was read already.
     pub fn again(&mut self, seq: Option<i64>) -> bool {
         let Some(seq) = seq else { return false };
@@ -191,43 +191,27 @@ pub fn spawn_live(
     stream: String,
     prefetch: u16,
     warm: Option<usize>,
-    sink: impl UpdateSink,
+    mut sink: impl UpdateSink,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> tokio::sync::watch::Receiver<bool> {
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
     tracker.spawn(async move {
-        let mut start = None;
-        // Offset of the newest message at start, until the reader passes it.
-        let mut warming: Option<u64> = None;
-        let mut republished = Republished::default();
-        let metrics = connector.metrics().clone();
+        let mut reader = LiveReader {
+            start: None,
+            warming: None,
+            republished: SeenOutboxRows::default(),
+            metrics: connector.metrics().clone(),
+            ready: ready_tx,
+        };
         loop {
             let Some(conn) = connector.connect_retry("stream", &shutdown).await else {
                 return;
             };
-            let from = match (start, warm) {
-                (Some(s), _) => s,
-                (None, None) => Start::Next,
-                (None, Some(history)) => match warm_start(&conn, &stream, history).await {
-                    Ok(Some((from, newest))) => {
-                        tracing::info!(
-                            from,
-                            newest,
-                            "warm start: reading the stream's recent updates into memory"
-                        );
-                        warming = Some(newest);
-                        Start::Offset(from)
-                    }
-                    Ok(None) => Start::Next,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "warm start could not look at the stream");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    }
-                },
+            let Some(from) = reader.start_at(&conn, &stream, warm).await else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
             };
-            start = Some(from);
             let (channel, mut consumer) = match open(&conn, &stream, from, prefetch).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -236,8 +220,8 @@ pub fn spawn_live(
                     continue;
                 }
             };
-            if warming.is_none() {
-                ready_tx.send_replace(true);
+            if reader.warming.is_none() {
+                reader.ready.send_replace(true);
             }
             let mut acker = Acker::new(prefetch);
             loop {
@@ -253,31 +237,8 @@ pub fn spawn_live(
                     tracing::warn!("stream consumer interrupted; reconnecting");
                     break;
                 };
-                if let Some(offset) = offset_of(&d) {
-                    start = Some(Start::Offset(offset + 1));
-                    if republished.again(outbox_seq_of(&d)) {
-                        metrics.stream_republished.inc();
-                    } else {
-                        let updates = Update::from_message(offset, txid_of(&d), &d.data);
-                        if updates.is_empty() {
-                            tracing::warn!(offset, "unreadable message in the update stream skipped");
-                        }
-                        // Live updates only: those a warm start reads back
-                        // are as old as the instance's downtime.
-                        if warming.is_none() {
-                            for u in &updates {
-                                crate::metrics::observe_since(&metrics.hub_latency, u.ts_us);
-                            }
-                        }
-                        if !sink.publish(updates).await {
-                            return;
-                        }
-                    }
-                    if warming.is_some_and(|newest| offset >= newest) {
-                        warming = None;
-                        tracing::info!(offset, "warm start done");
-                        ready_tx.send_replace(true);
-                    }
+                if !reader.take(&d, &mut sink).await {
+                    return;
                 }
                 if acker.delivered(&channel, d.delivery_tag, false).await.is_err() {
                     break;
@@ -286,6 +247,82 @@ pub fn spawn_live(
         }
     });
     ready
+}
+
+/// The live reader's state across its connections.
+struct LiveReader {
+    /// Where the next connection starts: past the last message read.
+    start: Option<Start>,
+    /// Offset of the newest message at a warm start, until the reader
+    /// passes it.
+    warming: Option<u64>,
+    republished: SeenOutboxRows,
+    metrics: Arc<Metrics>,
+    /// True once live updates flow (a warm start read back first).
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+impl LiveReader {
+    /// Where this connection starts: past the last message read, or, the
+    /// first time, the stream's recent updates (a warm start) or its next
+    /// message. None when the stream could not be looked at (logged).
+    async fn start_at(&mut self, conn: &Connection, stream: &str, warm: Option<usize>) -> Option<Start> {
+        let from = match (self.start, warm) {
+            (Some(s), _) => s,
+            (None, None) => Start::Next,
+            (None, Some(history)) => match warm_start(conn, stream, history).await {
+                Ok(Some((from, newest))) => {
+                    tracing::info!(
+                        from,
+                        newest,
+                        "warm start: reading the stream's recent updates into memory"
+                    );
+                    self.warming = Some(newest);
+                    Start::Offset(from)
+                }
+                Ok(None) => Start::Next,
+                Err(e) => {
+                    tracing::warn!(error = %e, "warm start could not look at the stream");
+                    return None;
+                }
+            },
+        };
+        self.start = Some(from);
+        Some(from)
+    }
+
+    /// Hands one stream message's updates to the sink, once: false when
+    /// the sink has shut down.
+    async fn take(&mut self, d: &lapin::message::Delivery, sink: &mut impl UpdateSink) -> bool {
+        let Some(offset) = offset_of(d) else {
+            return true;
+        };
+        self.start = Some(Start::Offset(offset + 1));
+        if self.republished.again(outbox_seq_of(d)) {
+            self.metrics.stream_republished.inc();
+        } else {
+            let updates = Update::from_message(offset, txid_of(d), &d.data);
+            if updates.is_empty() {
+                tracing::warn!(offset, "unreadable message in the update stream skipped");
+            }
+            // Live updates only: those a warm start reads back are as old
+            // as the instance's downtime.
+            if self.warming.is_none() {
+                for u in &updates {
+                    crate::metrics::observe_since(&self.metrics.hub_latency, u.ts_us);
+                }
+            }
+            if !sink.publish(updates).await {
+                return false;
+            }
+        }
+        if self.warming.is_some_and(|newest| offset >= newest) {
+            self.warming = None;
+            tracing::info!(offset, "warm start done");
+            self.ready.send_replace(true);
+        }
+        true
+    }
 }
 
 /// How long a catch-up may wait for its next delivery before giving up.
@@ -415,7 +452,7 @@ impl CatchUpReader {
         let outcome = async {
             let mut acker = Acker::new(self.prefetch);
             let mut first = true;
-            let mut republished = Republished::default();
+            let mut republished = SeenOutboxRows::default();
             loop {
                 let d = tokio::select! {
                     d = tokio::time::timeout(CATCH_UP_STALL, consumer.next()) => d,
@@ -487,7 +524,7 @@ mod tests {
 
     #[test]
     fn a_row_read_again_is_known_until_newer_rows_push_it_out() {
-        let mut r = Republished::default();
+        let mut r = SeenOutboxRows::default();
         assert!(!r.again(Some(1)));
         assert!(r.again(Some(1)), "the same row twice");
         assert!(

@@ -10,8 +10,8 @@ use actix_web::http::header::HeaderValue;
 
 use super::AppState;
 use super::auth;
-use super::edge::{Origin, check_origin, client_ip, origin_refused};
 use super::error::ApiError;
+use super::origin::{Origin, check_origin, client_ip, origin_refused};
 use crate::hub::Refused;
 use crate::hub::scope::Grant;
 

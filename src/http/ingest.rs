@@ -11,7 +11,7 @@ use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::{bearer_is, parse_id};
 use crate::domain::{Change, PriceCents, Stock};
 use crate::ingest::IngestError;
@@ -24,9 +24,9 @@ pub const MAX_KEY_LEN: usize = 255;
 
 /// Proof that the request carries the ingest token; the first argument of
 /// each handler, so it is checked before the body is read.
-pub struct Service(());
+pub struct IngestToken(());
 
-impl FromRequest for Service {
+impl FromRequest for IngestToken {
     type Error = ApiError;
     type Future = Ready<Result<Self, ApiError>>;
 
@@ -39,7 +39,7 @@ impl FromRequest for Service {
             (true, _) => Err(ApiError::ServiceUnauthorized(
                 "the ingest API is off: ingest.token is not set",
             )),
-            (false, true) => Ok(Service(())),
+            (false, true) => Ok(IngestToken(())),
             (false, false) => Err(ApiError::ServiceUnauthorized("a valid ingest bearer token is required")),
         })
     }
@@ -61,6 +61,37 @@ pub struct NewStock {
     stock: i64,
 }
 
+/// How a price or stock change is answered, for the OpenAPI document
+/// (the handlers answer through `ApiError` and `submit`).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a description of the answers: never built
+enum ChangeAnswers {
+    /// Confirmed by the broker; applied and delivered next
+    #[response(status = 202)]
+    Accepted(crate::ingest::Accepted),
+    /// Malformed path, query or body
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No or a wrong ingest token, or the ingest API is off
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// No such product
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// Idempotency-Key used for another request, or no version left
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// Body too large
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// Not JSON
+    #[response(status = 415)]
+    NotJson(ErrorBody),
+    /// Not confirmed by the broker, or the same key is being published: retry
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
 #[utoipa::path(post, path = "/products/{id}/price", tag = "ingest",
     params(
         ("id" = i64, Path, minimum = 1, description = "Product id, a positive integer"),
@@ -68,15 +99,9 @@ pub struct NewStock {
     ),
     request_body = NewPrice,
     security(("ingest" = [])),
-    responses(
-        (status = 202, description = "Confirmed by the broker; applied and delivered next", body = crate::ingest::Accepted),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "No or a wrong ingest token, or the ingest API is off", body = crate::http::error::ErrorBody),
-        (status = 404, description = "No such product", body = crate::http::error::ErrorBody), (status = 409, description = "Idempotency-Key used for another request, or no version left", body = crate::http::error::ErrorBody),
-        (status = 413, description = "Body too large", body = crate::http::error::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
-        (status = 503, description = "Not confirmed by the broker, or the same key is being published: retry", body = crate::http::error::ErrorBody),
-    ))]
+    responses(ChangeAnswers))]
 pub async fn price(
-    _: Service,
+    _: IngestToken,
     state: web::Data<AppState>,
     path: web::Path<String>,
     req: HttpRequest,
@@ -95,15 +120,9 @@ pub async fn price(
     ),
     request_body = NewStock,
     security(("ingest" = [])),
-    responses(
-        (status = 202, description = "Confirmed by the broker; applied and delivered next", body = crate::ingest::Accepted),
-        (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "No or a wrong ingest token, or the ingest API is off", body = crate::http::error::ErrorBody),
-        (status = 404, description = "No such product", body = crate::http::error::ErrorBody), (status = 409, description = "Idempotency-Key used for another request, or no version left", body = crate::http::error::ErrorBody),
-        (status = 413, description = "Body too large", body = crate::http::error::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
-        (status = 503, description = "Not confirmed by the broker, or the same key is being published: retry", body = crate::http::error::ErrorBody),
-    ))]
+    responses(ChangeAnswers))]
 pub async fn stock(
-    _: Service,
+    _: IngestToken,
     state: web::Data<AppState>,
     path: web::Path<String>,
     req: HttpRequest,

@@ -4,13 +4,13 @@ pub mod access;
 pub mod admin;
 pub mod admit;
 pub mod auth;
-pub mod edge;
 pub mod error;
 pub mod extract;
 pub mod frame_budget;
 pub mod health;
 pub mod ingest;
 pub mod openapi;
+pub mod origin;
 pub mod products;
 pub mod sse;
 pub mod ws;
@@ -24,7 +24,7 @@ use rand::Rng;
 use crate::broadcast::stream::CatchUpReader;
 use crate::broker::link::Link;
 use crate::hub::HubHandle;
-use crate::hub::session::{Realtime, SnapshotLimit};
+use crate::hub::session::{SessionContext, SnapshotLimit};
 use crate::ingest::generator::GeneratorHandle;
 use crate::metrics::Metrics;
 use crate::photos::PhotoCache;
@@ -58,8 +58,8 @@ pub struct AppState {
 
 impl AppState {
     /// What a realtime session needs of the app.
-    pub fn realtime(&self) -> Realtime {
-        Realtime {
+    pub fn session_context(&self) -> SessionContext {
+        SessionContext {
             hub: self.hub.clone(),
             read_db: self.read_db.clone(),
             snapshots: self.snapshots.clone(),
@@ -96,7 +96,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(
             web::resource("/events")
                 .route(web::get().to(sse::events))
-                .route(web::method(actix_web::http::Method::OPTIONS).to(edge::preflight)),
+                .route(web::method(actix_web::http::Method::OPTIONS).to(origin::preflight)),
         )
         .route("/products", web::get().to(products::list))
         .route("/products/{id}", web::get().to(products::get))

@@ -1,4 +1,4 @@
-//! Admission at the HTTP edge, shared by every route and both realtime
+//! Where a request comes from, checked for every route and both realtime
 //! transports: which `Host` names the service answers to (a DNS-rebinding
 //! page names its own), which browser origins may open a stream, and which
 //! address a client has when it comes through a trusted proxy.

@@ -81,7 +81,7 @@ pub async fn events(
     };
     let Admitted { origin, grant, ip } = admit(&req, &state, query.token.as_deref(), "an event stream")?;
     let retry = state.hub.settings().sse_retry;
-    let mut sub = match Session::open(state.realtime(), Transport::Sse, ip, grant) {
+    let mut sub = match Session::open(state.session_context(), Transport::Sse, ip, grant) {
         Ok(sub) => sub,
         Err(refused @ Refused::Instance) => {
             let e = ClientError::new(ClientErrorCode::Busy, refusal_text(refused));
@@ -115,7 +115,7 @@ pub async fn events(
     let keepalive = super::heartbeat(settings.sse_keepalive);
     let expiry = auth::expiry(sub.grant());
     let body = futures_util::stream::unfold(
-        Stream {
+        EventStream {
             expiry,
             sub,
             snapshot,
@@ -156,7 +156,7 @@ fn retry_later(e: ClientError, origin: Option<header::HeaderValue>) -> HttpRespo
     stream_response(origin).body(body)
 }
 
-struct Stream {
+struct EventStream {
     /// The connection's span, entered while the body is produced.
     span: tracing::Span,
     sub: Session,
@@ -174,7 +174,9 @@ struct Stream {
 /// An async block rather than an async fn, which would hold the stream's
 /// state twice (as argument and as local) on every idle connection.
 #[allow(clippy::manual_async_fn)] // on purpose: see above
-fn next_chunk(mut s: Stream) -> impl Future<Output = Option<(Result<Bytes, std::convert::Infallible>, Stream)>> {
+fn next_chunk(
+    mut s: EventStream,
+) -> impl Future<Output = Option<(Result<Bytes, std::convert::Infallible>, EventStream)>> {
     async move {
         loop {
             if !s.done && auth::has_expired(&s.expiry) {

@@ -84,7 +84,7 @@ pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>
     )?;
     let (response, session, stream) = actix_ws::handle(&req, detached(&req, body).await?)?;
     let ip = admitted.ip;
-    let sub = match Session::open(state.realtime(), Transport::WebSocket, ip, admitted.grant) {
+    let sub = match Session::open(state.session_context(), Transport::WebSocket, ip, admitted.grant) {
         Ok(sub) => sub,
         Err(refused) => {
             actix_web::rt::spawn(async move {
@@ -506,4 +506,30 @@ async fn handle(
         }
     }
     Ok(Handled::Done)
+}
+
+#[cfg(test)]
+mod properties {
+    //! The client frame decoder never panics, and takes every frame of the
+    //! documented shape.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::testing::proptest_config())]
+
+        #[test]
+        fn client_frame_decoder_never_panics(text in ".{0,300}") {
+            if let Err(e) = parse_frame(&text) {
+                prop_assert!(["bad_json", "unknown_op", "bad_frame"].contains(&e.code.as_str()));
+            }
+        }
+
+        #[test]
+        fn client_frames_of_the_right_shape_decode(topics in proptest::collection::vec("[a-z#*.]{1,20}", 1..5), since in any::<Option<u64>>()) {
+            let frame = serde_json::json!({"op": "subscribe", "topics": topics, "since": since, "snapshot": true});
+            prop_assert!(parse_frame(&frame.to_string()).is_ok());
+        }
+    }
 }

@@ -208,3 +208,56 @@ mod tests {
         assert!(!p.matches(&topic));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! The parser never panics, and the matcher agrees with a plain
+    //! recursive definition of AMQP topic matching.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// AMQP topic matching, written the obvious (exponential) way.
+    fn reference(pattern: &[&str], topic: &[&str]) -> bool {
+        match (pattern.first(), topic.first()) {
+            (None, None) => true,
+            (Some(&"#"), _) => {
+                reference(&pattern[1..], topic) || (!topic.is_empty() && reference(pattern, &topic[1..]))
+            }
+            (Some(_), None) | (None, Some(_)) => false,
+            (Some(&"*"), Some(_)) => reference(&pattern[1..], &topic[1..]),
+            (Some(p), Some(t)) => p == t && reference(&pattern[1..], &topic[1..]),
+        }
+    }
+
+    fn word() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("*".to_owned()),
+            Just("#".to_owned())
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::proptest_config())]
+
+        #[test]
+        fn pattern_parser_never_panics(text in ".{0,300}") {
+            if let Ok(p) = Pattern::parse(&text, 32) {
+                let _ = p.matches("product.price.42");
+            }
+        }
+
+        #[test]
+        fn matcher_agrees_with_the_reference(
+            pattern in proptest::collection::vec(word(), 1..7),
+            topic in proptest::collection::vec(prop_oneof![Just("a"), Just("b")], 1..8),
+        ) {
+            let text = pattern.join(".");
+            let p = Pattern::parse(&text, 32).unwrap();
+            let pw: Vec<&str> = pattern.iter().map(String::as_str).collect();
+            prop_assert_eq!(p.matches_words(&topic), reference(&pw, &topic), "{} vs {:?}", text, topic);
+        }
+    }
+}

@@ -15,7 +15,6 @@ mod ingest;
 mod outbox;
 mod photos;
 mod pipeline;
-mod properties;
 mod reads;
 mod realtime;
 mod recovery;

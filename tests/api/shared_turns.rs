@@ -218,7 +218,7 @@ async fn a_connection_has_only_a_few_resumes_queued_at_once() {
     let p = TestPublisher::connect(&app.iso).await;
     p.event(1, "price", 100, 10).await;
     let mut sub = Session::open(
-        app.state.realtime(),
+        app.state.session_context(),
         Transport::WebSocket,
         None,
         app.state.auth.anonymous(),

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::Mutex;
 
+use super::Ctx;
 use crate::children::{Args, Child, PubProc};
 use crate::infra::{self, Instance, Isolation, mgmt_json, rss_kib};
 use crate::load::{Pace, pct_ms};
 use crate::report::thousands;
-use crate::scenarios::Ctx;
 use crate::wire::{self, Sse, Ws, find, now_us};
 
 const S: &str = "8. million-product catalog";
@@ -35,7 +35,7 @@ pub const METHOD: &str = r#"- **8. Million-product catalog.** A database and vho
   SSE request asks the same (timed from the request, TCP connect included, to `snapshot_end`), one
   at a time. *Apply lag*: the bench publishes 500 events/s over the million products; 5 s in, 50 SSE
   clients ask `product.#` with a snapshot at once (each reads for at most 20 s, or takes its
-  retry-later 503); over the 25 s from then, a client on `product.#` without a snapshot measures
+  retry-later `busy` event); over the 25 s from then, a client on `product.#` without a snapshot measures
   publish → receipt of every update, and the two apply queues' depth is read every 250 ms.
 "#;
 
@@ -135,6 +135,13 @@ async fn sse_snapshot(addr: std::net::SocketAddr, topics: &str, read_for: Durati
             let event = &sse.body[..len];
             if find(event, b"event: snapshot\n").is_some() {
                 taken.first_part.get_or_insert(started.elapsed());
+            } else if find(event, b"event: error\n").is_some()
+                && (find(event, b"\"busy\"").is_some() || find(event, b"\"unavailable\"").is_some())
+            {
+                // A refusal: `retry:`, one error event saying when to come
+                // back, then the end of the stream.
+                taken.busy = true;
+                return Ok(taken);
             } else if find(event, b"event: snapshot_end\n").is_some() {
                 taken.end = Some(started.elapsed());
                 taken.products = wire::num_after(event, b"\"products\":").unwrap_or(0).max(0) as u64;
@@ -164,6 +171,7 @@ pub fn catalog_whole(args: Args) -> Result<()> {
     iso.redis_prefix = args.get("redis-prefix")?;
     let mut settings = infra::settings(&iso, PRODUCTS)?;
     settings.hub.max_concurrent_snapshots = WHOLE_CLIENTS;
+    infra::raise_per_address_turns(&mut settings);
     settings.database.read_pool_size = WHOLE_CLIENTS + 2;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {

@@ -22,11 +22,11 @@ use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::Semaphore;
 
+use super::{Ctx, wait_clients_gone};
 use crate::children::{Args, Child, run_fleet};
 use crate::infra::{Instance, cpu_sample, raise_nofile};
 use crate::load::{Pace, pct_ms};
 use crate::report::{ms, thousands};
-use crate::scenarios::{Ctx, wait_clients_gone};
 use crate::wire::{self, Sse, Ws, now_us};
 
 const S: &str = "6. selective fan-out";
@@ -209,28 +209,16 @@ async fn record(client: Client, id: u32, seen: Arc<Mutex<Vec<Seen>>>) -> anyhow:
     };
     let run = async {
         match client {
-            Client::Ws(mut ws) => loop {
-                while let Some(f) = ws.frame() {
-                    match f.op {
-                        wire::OP_PING => {
-                            ws.pong(&f).await?;
-                            continue;
-                        }
-                        wire::OP_CLOSE => bail!("the server closed a client"),
-                        _ => {}
-                    }
-                    let p = ws.payload(&f);
+            Client::Ws(mut ws) => {
+                ws.data_frames("a client", |p| {
                     if p.starts_with(b"{\"type\":\"update\"")
                         && let Some(ts) = wire::num_after_last(p, b"\"ts_us\":")
                     {
                         see(ts);
                     }
-                    ws.consume(&f);
-                }
-                if ws.fill().await? == 0 {
-                    bail!("the server closed a client");
-                }
-            },
+                })
+                .await
+            }
             Client::Sse(mut sse) => loop {
                 while let Some(len) = sse.event_len() {
                     if let Some(ts) = wire::num_after_last(&sse.body[..len], b"\"ts_us\":") {

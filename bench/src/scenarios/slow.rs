@@ -22,12 +22,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::Ctx;
+use super::slow_clients::GROUPS;
 use crate::children::{Child, PubProc};
 use crate::infra::{self, Instance, Isolation, cpu_sample, rss_kib};
 use crate::load::{Pace, pct_ms};
 use crate::report::{ms, thousands};
-use crate::scenarios::Ctx;
-use crate::slow_clients::GROUPS;
 use crate::wire::{self, now_us};
 
 const S: &str = "9. slow consumers";
@@ -127,6 +127,11 @@ pub async fn scenario(ctx: &mut Ctx) -> Result<()> {
 
 async fn run(ctx: &mut Ctx, iso: &Isolation) -> Result<()> {
     let mut settings = infra::settings(iso, PRODUCTS)?;
+    // The per-address caps as shipped: the stalled snapshots come from two
+    // addresses of their own to take them.
+    let shipped = infra::shipped_settings()?;
+    settings.hub.max_snapshots_per_ip = shipped.hub.max_snapshots_per_ip;
+    settings.hub.max_catch_ups_per_ip = shipped.hub.max_catch_ups_per_ip;
     settings.hub.client_timeout = CLIENT_TIMEOUT;
     settings.hub.ping_interval = PING_INTERVAL;
     settings.hub.history = HISTORY;

@@ -26,7 +26,7 @@ use tokio::time::Instant as Deadline;
 use crate::children::{Args, run_fleet};
 use crate::infra::raise_nofile;
 use crate::load::key_of;
-use crate::wire::{OP_CLOSE, OP_PING, UpdateInfo, find, now_us, num_after};
+use crate::wire::{Dechunk, OP_CLOSE, OP_PING, UpdateInfo, find, now_us, num_after};
 
 /// Both wildcard topics: every update there is, the way a stalled client
 /// gets its queue filled at the publisher's whole rate.
@@ -255,18 +255,11 @@ fn close_code(payload: &[u8]) -> Option<u16> {
     (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
 }
 
-#[derive(Clone, Copy)]
-enum Chunk {
-    Size,
-    Data(usize),
-    DataEnd,
-}
-
 /// Server-Sent Events over HTTP/1.1, chunked or not.
 struct SseC {
     s: Sock,
     chunked: bool,
-    state: Chunk,
+    state: Dechunk,
     body: BytesMut,
     /// The last chunk came: the server ended the stream.
     ended: bool,
@@ -289,7 +282,7 @@ impl SseC {
         let mut sse = SseC {
             s,
             chunked: head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
-            state: Chunk::Size,
+            state: Dechunk::default(),
             body: BytesMut::new(),
             ended: false,
         };
@@ -306,44 +299,12 @@ impl SseC {
     }
 
     fn dechunk(&mut self) -> Result<()> {
-        let buf = &mut self.s.buf;
         if !self.chunked {
-            self.body.extend_from_slice(buf);
-            buf.clear();
+            self.body.extend_from_slice(&self.s.buf);
+            self.s.buf.clear();
             return Ok(());
         }
-        loop {
-            match self.state {
-                Chunk::Size => {
-                    let Some(i) = find(buf, b"\r\n") else { break };
-                    let line = std::str::from_utf8(&buf[..i]).unwrap_or("");
-                    let hex = line.split(';').next().unwrap_or("").trim();
-                    let size = usize::from_str_radix(hex, 16).map_err(|_| anyhow!("bad chunk size {line:?}"))?;
-                    buf.advance(i + 2);
-                    if size == 0 {
-                        self.ended = true;
-                        break;
-                    }
-                    self.state = Chunk::Data(size);
-                }
-                Chunk::Data(n) => {
-                    if buf.is_empty() {
-                        break;
-                    }
-                    let k = n.min(buf.len());
-                    self.body.extend_from_slice(&buf[..k]);
-                    buf.advance(k);
-                    self.state = if n == k { Chunk::DataEnd } else { Chunk::Data(n - k) };
-                }
-                Chunk::DataEnd => {
-                    if buf.len() < 2 {
-                        break;
-                    }
-                    buf.advance(2);
-                    self.state = Chunk::Size;
-                }
-            }
-        }
+        self.ended |= self.state.feed(&mut self.s.buf, &mut self.body)?;
         Ok(())
     }
 

@@ -24,18 +24,18 @@ use futures_util::StreamExt;
 use futures_util::future::try_join_all;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use product_gateway::broadcast::stream::{Republished, offset_of, outbox_seq_of, txid_of};
+use product_gateway::broadcast::stream::{SeenOutboxRows, offset_of, outbox_seq_of, txid_of};
 use product_gateway::update::{Update, stream_offset_of};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::Ctx;
 use crate::children::{Args, Child, PubProc};
 use crate::infra::{Instance, cpu_sample, cpu_shares, format_shares, mgmt, mgmt_json, raise_nofile, wait_quiet};
 use crate::load::Pace;
 use crate::report::{ms, thousands};
-use crate::scenarios::Ctx;
 use crate::wire::{Sse, now_us};
 
 const S: &str = "7. resume storm";
@@ -492,7 +492,7 @@ async fn read_stream(
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut topics: HashMap<Box<str>, Vec<(u64, i64)>> = HashMap::new();
     let (mut messages, mut last, mut unacked) = (0u64, None::<u64>, 0u32);
-    let (mut republished, mut copies) = (Republished::default(), 0u64);
+    let (mut republished, mut copies) = (SeenOutboxRows::default(), 0u64);
     loop {
         let passed = last.is_some_and(|l| l >= through);
         let idle = if passed {

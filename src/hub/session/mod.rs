@@ -27,7 +27,7 @@ use self::snapshot::{SnapshotStream, named_products, snapshot_unavailable, strea
 /// What every session shares: the hub, the snapshot source and the
 /// stream's catch-up reader.
 #[derive(Clone)]
-pub struct Realtime {
+pub struct SessionContext {
     pub hub: HubHandle,
     /// Pool of client reads, for snapshots.
     pub read_db: Db,
@@ -70,7 +70,12 @@ impl Session {
 
     /// Refused when this instance or this client address is at its limit
     /// (counted).
-    pub fn open(rt: Realtime, transport: Transport, ip: Option<IpAddr>, grant: Grant) -> Result<Session, Refused> {
+    pub fn open(
+        rt: SessionContext,
+        transport: Transport,
+        ip: Option<IpAddr>,
+        grant: Grant,
+    ) -> Result<Session, Refused> {
         let metrics = rt.hub.metrics().clone();
         let slot = rt.hub.connect(ip).inspect_err(|r| {
             metrics.clients_refused.get_or_create(&[("reason", r.as_str())]).inc();

@@ -63,7 +63,7 @@ impl GeneratorHandle {
 }
 
 /// One event on its way to a confirm.
-struct Pending {
+struct Outgoing {
     event: Event,
     message_id: String,
     attempts: u32,
@@ -109,7 +109,7 @@ impl Backoff {
 }
 
 /// Queues `p` in order of `due`, so the front is always the next one due.
-fn schedule(retry: &mut VecDeque<Pending>, p: Pending) {
+fn schedule(retry: &mut VecDeque<Outgoing>, p: Outgoing) {
     let at = retry.partition_point(|q| q.due <= p.due);
     retry.insert(at, p);
 }
@@ -209,14 +209,12 @@ async fn publish_loop(
         min: g.retry_min.max(Duration::from_millis(1)),
         max: g.retry_max.max(g.retry_min).max(Duration::from_millis(1)),
     };
-    let mut retry: VecDeque<Pending> = VecDeque::new();
+    let mut retry: VecDeque<Outgoing> = VecDeque::new();
     // Events refused at least once and not yet confirmed, waiting or in
     // flight: while there are any, no fresh events are made.
     let mut refused = 0_usize;
-    let mut budget = 0.0_f64;
-    // The ids to pick from, read again now and then: products come and go.
-    let mut ids: Vec<i64> = Vec::new();
-    let mut ids_read = Instant::now();
+    let mut pace = Pace::default();
+    let mut ids = Ids::default();
     'connection: loop {
         let Some(conn) = connector.connect_retry("generator", &shutdown).await else {
             break;
@@ -231,7 +229,7 @@ async fn publish_loop(
         let mut in_flight = FuturesUnordered::new();
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = tokio::time::Instant::now();
+        pace.restart();
         loop {
             // Retries that are due first, then fresh events, within the
             // in-flight window.
@@ -264,50 +262,106 @@ async fn publish_loop(
                     break 'connection;
                 }
                 Some((p, outcome)) = in_flight.next() => settle(p, outcome, &mut retry, &mut refused, &metrics, backoff),
-                _ = control.changed() => { budget = 0.0; }
+                _ = control.changed() => pace.reset(),
                 _ = tick.tick() => {
-                    let now = tokio::time::Instant::now();
-                    let c = *control.borrow();
-                    let elapsed = now.duration_since(last).as_secs_f64();
-                    last = now;
-                    if !c.running || c.rate <= 0.0 || !*leader.borrow() || !retry.is_empty() || refused > 0 {
-                        budget = 0.0;
-                        continue;
-                    }
-                    budget = (budget + c.rate * elapsed).min(c.rate.max(1.0));
-                    let room = g.max_in_flight.saturating_sub(in_flight.len());
-                    let n = (budget.floor() as usize).min(room);
-                    budget -= n as f64;
-                    if ids.is_empty() || ids_read.elapsed() > IDS_REREAD {
-                        if let Ok(fresh) = versions::product_ids(&db).await {
-                            ids = fresh;
-                        }
-                        ids_read = Instant::now();
-                    }
-                    for _ in 0..n {
-                        if ids.is_empty() {
-                            break;
-                        }
-                        let id = ids[rand::rng().random_range(0..ids.len())];
-                        match make_events(&db, id).await {
-                            Ok(events) => {
-                                for event in events {
-                                    let p = Pending {
-                                        message_id: uuid::Uuid::new_v4().to_string(),
-                                        event,
-                                        attempts: 0,
-                                        due: now,
-                                    };
-                                    schedule(&mut retry, p);
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "generator paused: database unavailable");
-                                break;
-                            }
-                        }
-                    }
+                    let may = *leader.borrow() && retry.is_empty() && refused == 0;
+                    let n = pace.due(*control.borrow(), may, g.max_in_flight.saturating_sub(in_flight.len()));
+                    make_fresh(&db, &mut ids, n, &mut retry).await;
                 }
+            }
+        }
+    }
+}
+
+/// How many fresh events are due at each tick: the set rate, with at most
+/// one second's worth made up after a pause, and none while the generator
+/// is stopped or may not make any.
+#[derive(Debug, Default)]
+struct Pace {
+    budget: f64,
+    last: Option<tokio::time::Instant>,
+}
+
+impl Pace {
+    /// On a new connection: the time before it is not made up for.
+    fn restart(&mut self) {
+        self.last = Some(tokio::time::Instant::now());
+    }
+
+    fn reset(&mut self) {
+        self.budget = 0.0;
+    }
+
+    /// Events due now, at most `room`. `may` is false while this instance
+    /// is not the leader or refused events wait.
+    fn due(&mut self, c: Control, may: bool, room: usize) -> usize {
+        self.due_at(tokio::time::Instant::now(), c, may, room)
+    }
+
+    fn due_at(&mut self, now: tokio::time::Instant, c: Control, may: bool, room: usize) -> usize {
+        let elapsed = self.last.map_or(0.0, |l| now.duration_since(l).as_secs_f64());
+        self.last = Some(now);
+        if !c.running || c.rate <= 0.0 || !may {
+            self.budget = 0.0;
+            return 0;
+        }
+        self.budget = (self.budget + c.rate * elapsed).min(c.rate.max(1.0));
+        let n = (self.budget.floor() as usize).min(room);
+        self.budget -= n as f64;
+        n
+    }
+}
+
+/// The product ids to pick from, read again now and then: products come
+/// and go.
+#[derive(Default)]
+struct Ids {
+    ids: Vec<i64>,
+    read: Option<Instant>,
+}
+
+impl Ids {
+    async fn refresh(&mut self, db: &Db) {
+        if self.ids.is_empty() || self.read.is_none_or(|r| r.elapsed() > IDS_REREAD) {
+            if let Ok(fresh) = versions::product_ids(db).await {
+                self.ids = fresh;
+            }
+            self.read = Some(Instant::now());
+        }
+    }
+
+    fn pick(&self) -> Option<i64> {
+        (!self.ids.is_empty()).then(|| self.ids[rand::rng().random_range(0..self.ids.len())])
+    }
+}
+
+/// Makes `n` fresh events from random products and schedules them now;
+/// stops early while the database is unavailable.
+async fn make_fresh(db: &Db, ids: &mut Ids, n: usize, retry: &mut VecDeque<Outgoing>) {
+    if n == 0 {
+        return;
+    }
+    ids.refresh(db).await;
+    let now = Instant::now();
+    for _ in 0..n {
+        let Some(id) = ids.pick() else {
+            break;
+        };
+        match make_events(db, id).await {
+            Ok(events) => {
+                for event in events {
+                    let p = Outgoing {
+                        message_id: uuid::Uuid::new_v4().to_string(),
+                        event,
+                        attempts: 0,
+                        due: now,
+                    };
+                    schedule(retry, p);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "generator paused: database unavailable");
+                break;
             }
         }
     }
@@ -315,14 +369,14 @@ async fn publish_loop(
 
 type ConfirmOutcome = Result<lapin::Confirmation, String>;
 
-async fn publish(channel: &lapin::Channel, exchange: &str, p: &Pending) -> lapin::Result<lapin::PublisherConfirm> {
+async fn publish(channel: &lapin::Channel, exchange: &str, p: &Outgoing) -> lapin::Result<lapin::PublisherConfirm> {
     // Never expected; an error is a failed publish, never an empty body.
     let out =
         ingest::message(exchange, &p.event, &p.message_id).map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
     publish_one(channel, &out).await
 }
 
-async fn wait_confirm(p: Pending, confirm: lapin::PublisherConfirm, timeout: Duration) -> (Pending, ConfirmOutcome) {
+async fn wait_confirm(p: Outgoing, confirm: lapin::PublisherConfirm, timeout: Duration) -> (Outgoing, ConfirmOutcome) {
     let outcome = match tokio::time::timeout(timeout, confirm).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(e.to_string()),
@@ -332,9 +386,9 @@ async fn wait_confirm(p: Pending, confirm: lapin::PublisherConfirm, timeout: Dur
 }
 
 fn settle(
-    mut p: Pending,
+    mut p: Outgoing,
     outcome: ConfirmOutcome,
-    retry: &mut VecDeque<Pending>,
+    retry: &mut VecDeque<Outgoing>,
     refused: &mut usize,
     metrics: &Metrics,
     backoff: Backoff,
@@ -381,12 +435,12 @@ fn settle(
 
 async fn drain<F>(
     in_flight: &mut FuturesUnordered<F>,
-    retry: &mut VecDeque<Pending>,
+    retry: &mut VecDeque<Outgoing>,
     refused: &mut usize,
     metrics: &Metrics,
     backoff: Backoff,
 ) where
-    F: std::future::Future<Output = (Pending, ConfirmOutcome)>,
+    F: std::future::Future<Output = (Outgoing, ConfirmOutcome)>,
 {
     while let Some((p, outcome)) = in_flight.next().await {
         settle(p, outcome, retry, refused, metrics, backoff);
@@ -428,6 +482,31 @@ async fn make_events(db: &Db, id: i64) -> Result<Vec<Event>, store::StoreError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pace_keeps_the_rate_makes_up_at_most_a_second_and_nothing_while_it_may_not() {
+        let on = Control {
+            running: true,
+            rate: 100.0,
+        };
+        let t0 = tokio::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut pace = Pace {
+            last: Some(t0),
+            ..Pace::default()
+        };
+        // 10 ms ticks at 100/s: one a tick, 100 a second.
+        let made: usize = (1..=100).map(|i| pace.due_at(at(i * 10), on, true, 1000)).sum();
+        assert_eq!(made, 100);
+        // Five seconds without a tick: one second's worth, within the room.
+        assert_eq!(pace.due_at(at(6000), on, true, 1000), 100);
+        assert_eq!(pace.due_at(at(7000), on, true, 40), 40, "at most the room");
+        // Not the leader (or refused events waiting): none, and none saved up.
+        assert_eq!(pace.due_at(at(8000), on, false, 1000), 0);
+        assert_eq!(pace.due_at(at(8010), on, true, 1000), 1);
+        let off = Control { running: false, ..on };
+        assert_eq!(pace.due_at(at(9000), off, true, 1000), 0);
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_its_cap() {
