@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 ranks=(
+    testing                                    # what unit tests share (lib.rs)
     domain settings turns metrics wire update  # neutral ground
     store broker                               # infrastructure
     ingest apply broadcast hub photos          # the stages, in pipeline order

@@ -19,19 +19,23 @@
 //! - `http`: the edge (REST, WebSocket, SSE, admin, ingest API)
 //! - `seed`, `startup`: wiring it all
 #![forbid(unsafe_code)]
+// Public only what the binary, the tests and the bench use: everything
+// else is the crate's own, and an item marked `pub` that nothing outside
+// can reach is a warning.
+#![warn(unreachable_pub)]
 
 pub mod domain;
 pub mod metrics;
 pub mod settings;
 pub mod telemetry;
-pub mod turns;
+pub(crate) mod turns;
 pub mod update;
 pub mod wire;
 
 pub mod broker;
 pub mod store;
 
-pub mod apply;
+pub(crate) mod apply;
 pub mod broadcast;
 pub mod hub;
 pub mod ingest;

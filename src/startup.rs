@@ -156,6 +156,7 @@ impl Stores {
             &settings.redis,
             &settings.photos,
             db.clone(),
+            read_db.clone(),
             metrics.clone(),
         )?);
         Ok(Self { db, read_db, photos })

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-pub struct PerAddress {
+pub(crate) struct PerAddress {
     max: usize,
     held: Mutex<HashMap<IpAddr, usize>>,
     /// Woken whenever a turn comes back, for whoever waits on its address.
@@ -19,13 +19,13 @@ pub struct PerAddress {
 }
 
 /// One address's turn, given back on drop.
-pub struct AddressTurn {
+pub(crate) struct AddressTurn {
     limit: Arc<PerAddress>,
     ip: IpAddr,
 }
 
 impl PerAddress {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             max: max.max(1),
             held: Mutex::new(HashMap::new()),
@@ -52,7 +52,7 @@ impl PerAddress {
 
     /// A turn for `ip` (no limit without an address), waiting until
     /// `deadline` at most; None when none came back in time.
-    pub async fn take(self: &Arc<Self>, ip: Option<IpAddr>, deadline: Instant) -> Option<Option<AddressTurn>> {
+    pub(crate) async fn take(self: &Arc<Self>, ip: Option<IpAddr>, deadline: Instant) -> Option<Option<AddressTurn>> {
         let Some(ip) = ip else { return Some(None) };
         loop {
             // Registered before trying, so a turn returned in between wakes us.
@@ -67,7 +67,8 @@ impl PerAddress {
     }
 
     /// Turns `ip` holds now.
-    pub fn held(&self, ip: IpAddr) -> usize {
+    #[cfg(test)]
+    pub(crate) fn held(&self, ip: IpAddr) -> usize {
         self.lock().get(&ip).copied().unwrap_or(0)
     }
 }

@@ -42,7 +42,7 @@ struct Ctx {
 
 /// Starts one consumer per apply queue. Returns the signal notified after
 /// each committed batch, which wakes the outbox relay.
-pub fn spawn(
+pub(crate) fn spawn(
     settings: &ConsumerSettings,
     topology: &TopologySettings,
     db: Db,
@@ -258,7 +258,7 @@ async fn dead_letter(ctx: &Ctx, publisher: &Channel, rejected: &[(Delivery, Reje
 }
 
 /// Publishes the number of ready messages of each apply queue as a gauge.
-pub fn spawn_lag_monitor(
+pub(crate) fn spawn_lag_monitor(
     link: Arc<Link>,
     topology: &TopologySettings,
     metrics: Arc<Metrics>,

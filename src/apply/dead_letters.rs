@@ -15,7 +15,7 @@ use crate::wire::{DETAIL_HEADER, REASON_HEADER};
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Serialize)]
-pub struct DeadLetter {
+pub(crate) struct DeadLetter {
     pub reason: String,
     pub detail: Option<String>,
     pub routing_key: String,
@@ -68,7 +68,7 @@ fn original_routing_key(d: &lapin::message::Delivery) -> String {
 }
 
 /// Up to `limit` dead letters, left in the queue.
-pub async fn list(link: &Link, t: &TopologySettings, limit: usize) -> lapin::Result<Vec<DeadLetter>> {
+pub(crate) async fn list(link: &Link, t: &TopologySettings, limit: usize) -> lapin::Result<Vec<DeadLetter>> {
     let conn = link.get().await?;
     let channel = conn.create_channel().await?;
     let mut out = Vec::new();
@@ -87,14 +87,14 @@ pub async fn list(link: &Link, t: &TopologySettings, limit: usize) -> lapin::Res
 }
 
 #[derive(Debug, Serialize)]
-pub struct ReplayReport {
+pub(crate) struct ReplayReport {
     pub replayed: usize,
     pub remaining: u32,
 }
 
 /// Republishes up to `limit` dead letters to the events exchange; each is
 /// acked (removed) only after the broker confirmed its republication.
-pub async fn replay(link: &Link, t: &TopologySettings, limit: usize) -> anyhow::Result<ReplayReport> {
+pub(crate) async fn replay(link: &Link, t: &TopologySettings, limit: usize) -> anyhow::Result<ReplayReport> {
     let conn = link.get().await?;
     let getter = conn.create_channel().await?;
     let publisher = confirm_channel(&conn).await?;
@@ -151,7 +151,7 @@ pub async fn replay(link: &Link, t: &TopologySettings, limit: usize) -> anyhow::
 }
 
 /// Drops every dead letter; returns how many.
-pub async fn purge(link: &Link, t: &TopologySettings) -> lapin::Result<u32> {
+pub(crate) async fn purge(link: &Link, t: &TopologySettings) -> lapin::Result<u32> {
     let conn = link.get().await?;
     let channel = conn.create_channel().await?;
     let n = channel

@@ -5,7 +5,7 @@
 //! update outbox is written here, in apply's transaction, and read by the
 //! broadcast relay.
 
-pub mod consumer;
-pub mod dead_letters;
-pub mod outbox;
-pub mod write;
+pub(crate) mod consumer;
+pub(crate) mod dead_letters;
+pub(crate) mod outbox;
+pub(crate) mod write;

@@ -16,7 +16,7 @@ const RELAY_LOCK: i64 = 0x0070_6f75_7462_6f78;
 
 /// One stream message waiting to be published.
 #[derive(Debug, diesel::QueryableByName)]
-pub struct Unrelayed {
+pub(crate) struct Unrelayed {
     #[diesel(sql_type = BigInt)]
     pub seq: i64,
     #[diesel(sql_type = Text)]
@@ -33,7 +33,7 @@ pub struct Unrelayed {
 
 /// Records the applied updates, in commit order, as stream messages of at
 /// most `MAX_UPDATES_PER_MESSAGE` updates. Runs inside the apply transaction.
-pub async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> Result<(), diesel::result::Error> {
+pub(crate) async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> Result<(), diesel::result::Error> {
     for chunk in applied.chunks(MAX_UPDATES_PER_MESSAGE) {
         let mut body = Vec::with_capacity(chunk.len() * 160 + 2);
         body.push(b'[');
@@ -62,7 +62,7 @@ pub async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> Result<
 
 /// Takes the relay lock for the current transaction; false when another
 /// relay holds it.
-pub async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diesel::result::Error> {
+pub(crate) async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diesel::result::Error> {
     #[derive(diesel::QueryableByName)]
     struct Locked {
         #[diesel(sql_type = Bool)]
@@ -76,7 +76,7 @@ pub async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diesel::resu
 }
 
 /// The oldest pending messages, in commit order.
-pub async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Unrelayed>, diesel::result::Error> {
+pub(crate) async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Unrelayed>, diesel::result::Error> {
     prepared("SELECT seq, message_id, body, updates, txid FROM update_outbox ORDER BY seq LIMIT $1")
         .bind::<BigInt, _>(limit)
         .load(conn)
@@ -84,7 +84,7 @@ pub async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Unr
 }
 
 /// Forgets messages the broker confirmed.
-pub async fn delete(conn: &mut AsyncPgConnection, seqs: Vec<i64>) -> Result<(), diesel::result::Error> {
+pub(crate) async fn delete(conn: &mut AsyncPgConnection, seqs: Vec<i64>) -> Result<(), diesel::result::Error> {
     prepared("DELETE FROM update_outbox WHERE seq = ANY($1)")
         .bind::<Array<BigInt>, _>(seqs)
         .execute(conn)

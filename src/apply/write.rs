@@ -14,7 +14,7 @@ use crate::store::{Db, StoreError};
 
 /// What applying one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The event's value is now the product's.
     Applied,
     /// An equal or newer version was already there (or came later in the same
@@ -48,7 +48,7 @@ impl Locked {
 /// The applied updates are written to the outbox in the same transaction.
 /// Within a batch only the newest version per product and kind is written;
 /// the older ones count as duplicates, as they would one by one.
-pub async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, StoreError> {
+pub(crate) async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, StoreError> {
     let mut newest: HashMap<(ProductId, Kind), usize> = HashMap::new();
     for (i, e) in events.iter().enumerate() {
         let slot = newest.entry((e.product_id, e.kind())).or_insert(i);

@@ -3,5 +3,5 @@
 //! with confirms, and the stream readers that hand every update to whoever
 //! listens (an `UpdateSink`: the hub) and read the stream back for resumes.
 
-pub mod relay;
+pub(crate) mod relay;
 pub mod stream;

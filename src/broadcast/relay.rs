@@ -54,7 +54,7 @@ struct Relay {
 }
 
 /// Starts the relay; `wake` is notified after each committed apply batch.
-pub fn spawn(
+pub(crate) fn spawn(
     topology: &TopologySettings,
     db: Db,
     connector: Connector,

@@ -4,6 +4,6 @@
 //! `ingest` publishes events, `apply` consumes them, `broadcast` relays and
 //! reads the update stream.
 
-pub mod link;
+pub(crate) mod link;
 pub mod publisher;
 pub mod topology;

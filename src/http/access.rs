@@ -11,7 +11,7 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use tracing::Instrument;
 
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A caller's id is kept only if it cannot forge log lines or bloat them.
 fn caller_id(req: &ServiceRequest) -> Option<String> {
@@ -20,7 +20,7 @@ fn caller_id(req: &ServiceRequest) -> Option<String> {
     sane.then(|| raw.to_owned())
 }
 
-pub async fn trace_request(
+pub(crate) async fn trace_request(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
@@ -55,6 +55,6 @@ fn access_line(status: u16, started: Instant) {
 
 /// The span a WebSocket or SSE connection runs in, from its subscription to
 /// its close: every line about one client carries its id and address.
-pub fn connection_span(id: u64, transport: &'static str, ip: Option<std::net::IpAddr>) -> tracing::Span {
+pub(crate) fn connection_span(id: u64, transport: &'static str, ip: Option<std::net::IpAddr>) -> tracing::Span {
     tracing::info_span!("connection", id, transport, client_ip = ip.map(tracing::field::display))
 }

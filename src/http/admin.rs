@@ -12,7 +12,7 @@ use super::extract::Admin;
 /// Middleware of the `/admin` scope: the token is checked before routing,
 /// so an unauthenticated request learns nothing about the scope's routes
 /// and no body is read.
-pub async fn require(
+pub(crate) async fn require(
     _: Admin,
     req: ServiceRequest,
     next: Next<impl MessageBody>,
@@ -27,7 +27,7 @@ use actix_web::{HttpResponse, web};
 /// carries the token the operator types in.
 #[utoipa::path(get, path = "/admin", tag = "admin",
     responses((status = 200, description = "The operator console (HTML)", content_type = "text/html", body = String)))]
-pub async fn console(state: web::Data<AppState>) -> actix_web::Result<actix_files::NamedFile> {
+pub(crate) async fn console(state: web::Data<AppState>) -> actix_web::Result<actix_files::NamedFile> {
     let page = std::path::Path::new(&state.settings.server.static_dir).join("admin.html");
     Ok(actix_files::NamedFile::open_async(page).await?)
 }
@@ -39,7 +39,7 @@ use crate::ingest::generator::Control;
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct GeneratorChange {
+pub(crate) struct GeneratorChange {
     running: Option<bool>,
     /// Events per second.
     #[schema(minimum = 0, maximum = 100_000)]
@@ -56,7 +56,7 @@ fn generator_status(state: &AppState) -> serde_json::Value {
         (status = 200, description = "Whether the generator runs, its rate, and whether it runs here", body = Object),
         (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody),
     ))]
-pub async fn get_generator(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn get_generator(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(generator_status(&state)))
 }
 
@@ -67,7 +67,7 @@ pub async fn get_generator(state: web::Data<AppState>) -> Result<HttpResponse, A
         (status = 200, description = "The generator's state after the change", body = Object),
         (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody), (status = 413, description = "Body too large", body = crate::http::error::ErrorBody), (status = 415, description = "Not JSON", body = crate::http::error::ErrorBody),
     ))]
-pub async fn set_generator(
+pub(crate) async fn set_generator(
     state: web::Data<AppState>,
     body: web::Json<GeneratorChange>,
 ) -> Result<HttpResponse, ApiError> {
@@ -89,7 +89,7 @@ pub async fn set_generator(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Limit {
+pub(crate) struct Limit {
     limit: Option<usize>,
 }
 
@@ -111,7 +111,10 @@ fn broker_down(e: impl std::fmt::Display) -> ApiError {
         (status = 200, description = "Dead letters with reason, detail, routing key and body; left in the queue", body = Object),
         (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::error::ErrorBody),
     ))]
-pub async fn list_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn list_dead_letters(
+    state: web::Data<AppState>,
+    q: web::Query<Limit>,
+) -> Result<HttpResponse, ApiError> {
     let letters = dead_letters::list(&state.broker, &state.settings.rabbit.topology, limit(&q)?)
         .await
         .map_err(broker_down)?;
@@ -124,7 +127,10 @@ pub async fn list_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>)
         (status = 200, description = "Republished with confirms, each removed after its confirm", body = Object),
         (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody), (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::error::ErrorBody),
     ))]
-pub async fn replay_dead_letters(state: web::Data<AppState>, q: web::Query<Limit>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn replay_dead_letters(
+    state: web::Data<AppState>,
+    q: web::Query<Limit>,
+) -> Result<HttpResponse, ApiError> {
     let report = dead_letters::replay(&state.broker, &state.settings.rabbit.topology, limit(&q)?)
         .await
         .map_err(broker_down)?;
@@ -136,7 +142,7 @@ pub async fn replay_dead_letters(state: web::Data<AppState>, q: web::Query<Limit
         (status = 200, description = "The queue purged", body = Object),
         (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody), (status = 503, description = "RabbitMQ unavailable", body = crate::http::error::ErrorBody),
     ))]
-pub async fn purge_dead_letters(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn purge_dead_letters(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let purged = dead_letters::purge(&state.broker, &state.settings.rabbit.topology)
         .await
         .map_err(broker_down)?;

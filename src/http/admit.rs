@@ -16,7 +16,7 @@ use crate::hub::Refused;
 use crate::hub::scope::Grant;
 
 /// A connection let in, before it takes a slot on the instance.
-pub struct Admitted {
+pub(crate) struct Admitted {
     /// The page's Origin, to answer with CORS headers.
     pub origin: Option<HeaderValue>,
     pub grant: Grant,
@@ -26,7 +26,12 @@ pub struct Admitted {
 /// Checks the Origin (403) and the token (401, counted), from
 /// `Authorization` or `query_token`; `what` names the connection in a
 /// refusal ("a WebSocket").
-pub fn admit(req: &HttpRequest, state: &AppState, query_token: Option<&str>, what: &str) -> Result<Admitted, ApiError> {
+pub(crate) fn admit(
+    req: &HttpRequest,
+    state: &AppState,
+    query_token: Option<&str>,
+    what: &str,
+) -> Result<Admitted, ApiError> {
     let origin = match check_origin(req, &state.hub.settings().allowed_origins) {
         Origin::Refused => return Err(origin_refused(state, what)),
         Origin::Absent => None,
@@ -47,7 +52,7 @@ pub fn admit(req: &HttpRequest, state: &AppState, query_token: Option<&str>, wha
 }
 
 /// What a client refused a slot is told.
-pub fn refusal_text(refused: Refused) -> &'static str {
+pub(crate) fn refusal_text(refused: Refused) -> &'static str {
     match refused {
         Refused::Instance => "connection limit reached, try again later",
         Refused::PerIp => "too many connections from this address",

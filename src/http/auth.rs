@@ -68,6 +68,8 @@ impl Verifier {
         // Algorithms are set per key when checking; these are the claims.
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = settings.leeway.as_secs();
+        // A token is not good before its `nbf`, when it has one.
+        validation.validate_nbf = true;
         if !settings.issuer.is_empty() {
             validation.set_issuer(&[&settings.issuer]);
             validation.required_spec_claims.insert("iss".into());
@@ -148,9 +150,15 @@ impl Verifier {
                     .map_err(|e| TokenError::Invalid(format!("topics claim: {:.80}: {e}", t)))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // An `exp` past what the clock can hold (2^63 s and more) is no
+        // date at all: refused, where adding it to the epoch would panic.
+        let expires = UNIX_EPOCH
+            .checked_add(Duration::from_secs(claims.exp))
+            .and_then(|t| t.checked_add(self.validation_leeway()))
+            .ok_or_else(|| TokenError::Invalid(format!("exp {} is past any date", claims.exp)))?;
         Ok(Grant {
             scope: self.anonymous.with(granted),
-            expires: Some(UNIX_EPOCH + Duration::from_secs(claims.exp) + self.validation_leeway()),
+            expires: Some(expires),
             subject: claims.sub,
         })
     }
@@ -260,6 +268,8 @@ pub fn count_refusal(metrics: &Metrics, code: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::SystemTime;
+
     use crate::settings::Secret;
 
     fn settings() -> AuthSettings {
@@ -307,6 +317,48 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(v.verify(&token), Err(TokenError::Invalid(m)) if m.contains("no key here checks HS256")));
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn signed(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn verifier() -> Verifier {
+        let mut s = settings();
+        s.hs256_secret = Secret::new(SECRET);
+        Verifier::new(&s, 32).unwrap()
+    }
+
+    #[test]
+    fn a_token_before_its_nbf_is_refused_and_after_it_verifies() {
+        let v = verifier();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let early = signed(serde_json::json!({ "exp": now + 600, "nbf": now + 300, "topics": ["#"] }));
+        assert!(
+            matches!(v.verify(&early), Err(TokenError::Invalid(m)) if m.contains("Immature")),
+            "a token not yet valid is refused"
+        );
+        let ripe = signed(serde_json::json!({ "exp": now + 600, "nbf": now - 1, "topics": ["#"] }));
+        assert!(v.verify(&ripe).is_ok());
+    }
+
+    #[test]
+    fn a_token_whose_exp_no_clock_can_hold_is_refused_without_a_panic() {
+        let v = verifier();
+        for exp in [1u64 << 63, u64::MAX] {
+            let token = signed(serde_json::json!({ "exp": exp, "topics": ["#"] }));
+            assert!(
+                matches!(v.verify(&token), Err(TokenError::Invalid(m)) if m.contains("past any date")),
+                "exp {exp}"
+            );
+        }
     }
 
     #[test]

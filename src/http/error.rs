@@ -13,14 +13,14 @@ use crate::store::StoreError;
 /// Every error answer: `{"code": "...", "message": "..."}`.
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     /// Machine-readable: `bad_request`, `not_found`, `unauthorized`, ….
     code: String,
     message: String,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -56,7 +56,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NotFound(_) => "not_found",
@@ -135,7 +135,7 @@ impl ResponseError for ApiError {
 
 /// Gives actix's own errors (no route, wrong method, extractor failures,
 /// oversize bodies) the same JSON shape as ours.
-pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
+pub(crate) fn json_errors<B: 'static>() -> ErrorHandlers<B> {
     ErrorHandlers::new()
         .default_handler_client(to_json)
         .default_handler_server(to_json)

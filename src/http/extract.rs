@@ -21,7 +21,7 @@ use crate::domain::ProductId;
 /// Accepts only `Authorization: Bearer <token>` with the configured token
 /// (see [`bearer_is`]).
 #[derive(Debug, Clone, Copy)]
-pub struct Admin(());
+pub(crate) struct Admin(());
 
 impl FromRequest for Admin {
     type Error = ApiError;
@@ -45,7 +45,7 @@ fn check(req: &HttpRequest) -> Result<Admin, ApiError> {
 /// sides are hashed first so the comparison takes the same time whatever
 /// the presented token's length or content. An empty `expected` matches
 /// nothing.
-pub fn bearer_is(req: &HttpRequest, expected: &str) -> bool {
+pub(crate) fn bearer_is(req: &HttpRequest, expected: &str) -> bool {
     let Some(presented) = bearer(req) else {
         return false;
     };
@@ -55,7 +55,7 @@ pub fn bearer_is(req: &HttpRequest, expected: &str) -> bool {
 }
 
 /// The token of `Authorization: Bearer <token>`, trimmed.
-pub fn bearer(req: &HttpRequest) -> Option<&str> {
+pub(crate) fn bearer(req: &HttpRequest) -> Option<&str> {
     req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -64,7 +64,7 @@ pub fn bearer(req: &HttpRequest) -> Option<&str> {
 }
 
 /// A product id from a path, or a 400 that says what was wrong.
-pub fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
+pub(crate) fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
     ProductId::parse(raw)
         .ok_or_else(|| ApiError::BadRequest(format!("{raw:?} is not a product id (a positive integer)")))
 }

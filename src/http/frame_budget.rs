@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-pub struct FrameBudget {
+pub(crate) struct FrameBudget {
     rate: f64,
     tokens: f64,
     last: Instant,
@@ -13,7 +13,7 @@ pub struct FrameBudget {
 
 impl FrameBudget {
     /// A full budget of `rate` frames per second.
-    pub fn new(rate: f64) -> Self {
+    pub(crate) fn new(rate: f64) -> Self {
         Self::starting_at(rate, Instant::now())
     }
 
@@ -26,7 +26,7 @@ impl FrameBudget {
     }
 
     /// Whether one more frame fits the budget now.
-    pub fn take(&mut self) -> bool {
+    pub(crate) fn take(&mut self) -> bool {
         self.take_at(Instant::now())
     }
 

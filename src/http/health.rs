@@ -11,7 +11,7 @@ use crate::store;
 
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "The process is alive", body = Object)))]
-pub async fn healthz() -> HttpResponse {
+pub(crate) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
@@ -26,10 +26,17 @@ const HUB_LAG_READY: Duration = Duration::from_secs(2);
         (status = 200, description = "PostgreSQL and RabbitMQ answer (Redis may not: `degraded`)", body = Object),
         (status = 503, description = "PostgreSQL or RabbitMQ does not answer, or the hub is behind", body = Object),
     ))]
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+pub(crate) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let within = Duration::from_secs(2);
     let (pg, redis, rabbit) = tokio::join!(
-        async { matches!(tokio::time::timeout(within, store::ping(&state.db)).await, Ok(Ok(()))) },
+        // The client reads' pool: an unauthenticated probe never takes, or
+        // waits for, a connection of the apply path.
+        async {
+            matches!(
+                tokio::time::timeout(within, store::ping(&state.read_db)).await,
+                Ok(Ok(()))
+            )
+        },
         state.photos.ping(),
         state.broker.ready(within),
     );
@@ -64,7 +71,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text (OpenMetrics when asked for in `Accept`)",
         content_type = "text/plain", body = String)))]
-pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+pub(crate) async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let open_metrics = req
         .headers()
         .get(header::ACCEPT)

@@ -16,15 +16,15 @@ use super::extract::{bearer_is, parse_id};
 use crate::domain::{Change, PriceCents, Stock};
 use crate::ingest::IngestError;
 
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub(crate) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// Set on an answer given again for a repeated idempotency key.
-pub const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// Longest idempotency key accepted.
-pub const MAX_KEY_LEN: usize = 255;
+pub(crate) const MAX_KEY_LEN: usize = 255;
 
 /// Proof that the request carries the ingest token; the first argument of
 /// each handler, so it is checked before the body is read.
-pub struct IngestToken(());
+pub(crate) struct IngestToken(());
 
 impl FromRequest for IngestToken {
     type Error = ApiError;
@@ -48,7 +48,7 @@ impl FromRequest for IngestToken {
 /// Body of `POST /products/{id}/price`.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct NewPrice {
+pub(crate) struct NewPrice {
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     price_cents: i64,
 }
@@ -56,7 +56,7 @@ pub struct NewPrice {
 /// Body of `POST /products/{id}/stock`.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct NewStock {
+pub(crate) struct NewStock {
     #[schema(minimum = 0, maximum = 1_000_000_000)]
     stock: i64,
 }
@@ -100,7 +100,7 @@ enum ChangeAnswers {
     request_body = NewPrice,
     security(("ingest" = [])),
     responses(ChangeAnswers))]
-pub async fn price(
+pub(crate) async fn price(
     _: IngestToken,
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -121,7 +121,7 @@ pub async fn price(
     request_body = NewStock,
     security(("ingest" = [])),
     responses(ChangeAnswers))]
-pub async fn stock(
+pub(crate) async fn stock(
     _: IngestToken,
     state: web::Data<AppState>,
     path: web::Path<String>,

@@ -1,19 +1,19 @@
 //! The HTTP edge: REST, health, admin, and (see `ws`, `sse`) realtime delivery.
 
-pub mod access;
-pub mod admin;
-pub mod admit;
+pub(crate) mod access;
+pub(crate) mod admin;
+pub(crate) mod admit;
 pub mod auth;
-pub mod error;
-pub mod extract;
-pub mod frame_budget;
-pub mod health;
-pub mod ingest;
-pub mod openapi;
-pub mod origin;
-pub mod products;
-pub mod sse;
-pub mod ws;
+pub(crate) mod error;
+pub(crate) mod extract;
+pub(crate) mod frame_budget;
+pub(crate) mod health;
+pub(crate) mod ingest;
+pub(crate) mod openapi;
+pub(crate) mod origin;
+pub(crate) mod products;
+pub(crate) mod sse;
+pub(crate) mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;

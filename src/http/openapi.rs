@@ -50,7 +50,7 @@ use super::error::ErrorBody;
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 /// The bearer schemes: the admin token, the ingest token, subscriber JWTs.
 struct Security;
@@ -79,6 +79,6 @@ impl Modify for Security {
     tag = "operations",
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
 )]
-pub async fn openapi_json() -> HttpResponse {
+pub(crate) async fn openapi_json() -> HttpResponse {
     HttpResponse::Ok().json(ApiDoc::openapi())
 }

@@ -20,13 +20,13 @@ use crate::settings::{ServerSettings, TrustedProxies};
 /// are what must be listed. Ports are compared only where an entry names one:
 /// port mappings (Docker, a balancer on 443) change what clients send.
 #[derive(Debug, Clone)]
-pub struct HostPolicy {
+pub(crate) struct HostPolicy {
     any: bool,
     names: Vec<(String, Option<u16>)>,
 }
 
 impl HostPolicy {
-    pub fn new(server: &ServerSettings) -> Self {
+    pub(crate) fn new(server: &ServerSettings) -> Self {
         let mut names: Vec<(String, Option<u16>)> = server
             .allowed_hosts
             .iter()
@@ -43,7 +43,7 @@ impl HostPolicy {
         }
     }
 
-    pub fn allows(&self, host: &str) -> bool {
+    pub(crate) fn allows(&self, host: &str) -> bool {
         if self.any {
             return true;
         }
@@ -81,7 +81,7 @@ fn normalize(name: &str) -> String {
 /// Middleware over the whole app: a request naming a host the service does
 /// not answer to is refused before any route sees it. A request without
 /// `Host` is not a browser's and passes.
-pub async fn check_host(
+pub(crate) async fn check_host(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
@@ -107,7 +107,7 @@ pub async fn check_host(
 
 /// What a request's `Origin` means for a realtime stream.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// No `Origin`: not a browser (curl, a server), always allowed.
     Absent,
     /// A page allowed to read the stream; CORS answers echo it.
@@ -118,7 +118,7 @@ pub enum Origin {
 /// Browsers send `Origin`; a page from elsewhere must be in `allowed`
 /// (`hub.allowed_origins`). Same-origin pages (the echo page) always pass;
 /// `Host` is trustworthy here because `check_host` has vetted it.
-pub fn check_origin(req: &HttpRequest, allowed: &[String]) -> Origin {
+pub(crate) fn check_origin(req: &HttpRequest, allowed: &[String]) -> Origin {
     let Some(value) = req.headers().get(header::ORIGIN) else {
         return Origin::Absent;
     };
@@ -138,7 +138,7 @@ pub fn check_origin(req: &HttpRequest, allowed: &[String]) -> Origin {
 }
 
 /// Counts and answers a refused origin.
-pub fn origin_refused(state: &AppState, what: &str) -> ApiError {
+pub(crate) fn origin_refused(state: &AppState, what: &str) -> ApiError {
     state
         .metrics
         .clients_refused
@@ -149,7 +149,7 @@ pub fn origin_refused(state: &AppState, what: &str) -> ApiError {
 
 /// CORS preflight of `/events`: `EventSource` itself sends none, but a page
 /// reading the stream with `fetch` and `Last-Event-ID` does.
-pub async fn preflight(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn preflight(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let mut res = HttpResponse::NoContent();
     res.insert_header((header::ALLOW, "GET, OPTIONS"))
         .insert_header((header::VARY, "Origin"));
@@ -171,7 +171,7 @@ pub async fn preflight(req: HttpRequest, state: web::Data<AppState>) -> Result<H
 /// `X-Forwarded-For` believed, and then only up to its rightmost address not
 /// itself a trusted proxy (the one the nearest trusted proxy saw): what a
 /// client writes into the header lies left of that and is never reached.
-pub fn client_ip(req: &HttpRequest, trusted: &TrustedProxies) -> Option<IpAddr> {
+pub(crate) fn client_ip(req: &HttpRequest, trusted: &TrustedProxies) -> Option<IpAddr> {
     let peer = req.peer_addr()?.ip().to_canonical();
     if trusted.is_empty() || !trusted.contains(peer) {
         return Some(peer);

@@ -17,7 +17,7 @@ const MAX_IDS: usize = 1000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     limit: Option<String>,
     after: Option<String>,
     ids: Option<String>,
@@ -25,7 +25,7 @@ pub struct ListQuery {
 
 /// A page of the catalog and where the next one starts (null: the last).
 #[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct ProductPage {
+pub(crate) struct ProductPage {
     products: Vec<catalog::Product>,
     next_after: Option<i64>,
 }
@@ -42,7 +42,7 @@ pub struct ProductPage {
         (status = 400, description = "Malformed path, query or body", body = crate::http::error::ErrorBody),
         (status = 503, description = "The catalog is unavailable", body = crate::http::error::ErrorBody),
     ))]
-pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
     let limit = match &query.limit {
         None => 100,
         Some(raw) => match raw.parse::<i64>() {
@@ -84,7 +84,7 @@ pub async fn list(state: web::Data<AppState>, query: web::Query<ListQuery>) -> R
         (status = 404, description = "No such product", body = crate::http::error::ErrorBody),
         (status = 503, description = "The catalog is unavailable", body = crate::http::error::ErrorBody),
     ))]
-pub async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
     let product = catalog::get(&state.read_db, id)
         .await?
@@ -104,7 +104,7 @@ pub async fn get(state: web::Data<AppState>, path: web::Path<String>) -> Result<
         (status = 404, description = "No such product, or no photo", body = crate::http::error::ErrorBody),
         (status = 503, description = "The catalog is unavailable", body = crate::http::error::ErrorBody),
     ))]
-pub async fn photo(
+pub(crate) async fn photo(
     state: web::Data<AppState>,
     path: web::Path<String>,
     req: HttpRequest,
@@ -148,7 +148,7 @@ pub async fn photo(
         (status = 415, description = "Not an image of a supported type, or not the declared one", body = crate::http::error::ErrorBody),
         (status = 503, description = "The catalog is unavailable", body = crate::http::error::ErrorBody),
     ))]
-pub async fn put_photo(
+pub(crate) async fn put_photo(
     _: Admin,
     state: web::Data<AppState>,
     path: web::Path<String>,

@@ -25,7 +25,7 @@ use crate::hub::session::{
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EventsQuery {
+pub(crate) struct EventsQuery {
     topics: Option<String>,
     since: Option<String>,
     snapshot: Option<String>,
@@ -54,7 +54,7 @@ fn parse_offset(raw: &str, what: &str) -> Result<u64, ApiError> {
         (status = 403, description = "A pattern outside the grant, or a foreign Origin", body = crate::http::error::ErrorBody),
         (status = 429, description = "Too many connections from this address", body = crate::http::error::ErrorBody),
     ))]
-pub async fn events(
+pub(crate) async fn events(
     req: HttpRequest,
     state: web::Data<AppState>,
     query: web::Query<EventsQuery>,

@@ -30,7 +30,7 @@ use crate::hub::session::{
 /// Frames a client may send.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-pub enum ClientFrame {
+pub(crate) enum ClientFrame {
     Subscribe {
         topics: Vec<String>,
         #[serde(default)]
@@ -48,7 +48,7 @@ pub enum ClientFrame {
 }
 
 /// Close code of a connection whose token ran out (private-use range).
-pub const TOKEN_EXPIRED: u16 = 4001;
+pub(crate) const TOKEN_EXPIRED: u16 = 4001;
 
 #[derive(Deserialize)]
 struct WsQuery {
@@ -71,7 +71,11 @@ const MAX_STRIKES: u32 = 50;
         (status = 401, description = "Bad or expired subscriber token", body = crate::http::error::ErrorBody),
         (status = 403, description = "A foreign Origin", body = crate::http::error::ErrorBody),
     ))]
-pub async fn ws(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> actix_web::Result<HttpResponse> {
+pub(crate) async fn ws(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> actix_web::Result<HttpResponse> {
     let settings = state.hub.settings().clone();
     // A foreign Origin or a bad token is refused before the upgrade, with a
     // JSON body.
@@ -406,7 +410,7 @@ fn answers(pings: &[u64; 2], payload: &[u8]) -> bool {
 
 /// Close code of a connection cut off as a slow consumer (private-use
 /// range): it reconnects and resumes from its last offset.
-pub const SLOW_CONSUMER: u16 = 4002;
+pub(crate) const SLOW_CONSUMER: u16 = 4002;
 
 fn slow_consumer() -> CloseReason {
     reason(CloseCode::Other(SLOW_CONSUMER), "slow consumer")
@@ -424,7 +428,7 @@ fn reason(code: CloseCode, text: &str) -> CloseReason {
 }
 
 /// Decodes one client text frame into a frame or the error to answer with.
-pub fn parse_frame(text: &str) -> Result<ClientFrame, ClientError> {
+pub(crate) fn parse_frame(text: &str) -> Result<ClientFrame, ClientError> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| ClientError::new(ClientErrorCode::BadJson, format!("not JSON: {e}")))?;
     let op = value.get("op").and_then(|o| o.as_str()).unwrap_or("");

@@ -23,7 +23,7 @@ pub enum FeedItem {
 /// Which updates one resume replays: those of its new patterns that the
 /// connection's earlier patterns do not already deliver. Patterns are
 /// indexed, so a replay costs the updates it reads, not updates × patterns.
-pub struct CatchUpFilter {
+pub(crate) struct CatchUpFilter {
     /// The resume's new patterns, all under one key.
     fresh: Mutex<SubscriptionIndex<usize>>,
     /// Earlier patterns, keyed by their place in `after`.
@@ -33,7 +33,7 @@ pub struct CatchUpFilter {
 }
 
 impl CatchUpFilter {
-    pub fn new(fresh: &[Pattern], covered: &[(Pattern, u64)]) -> Self {
+    pub(crate) fn new(fresh: &[Pattern], covered: &[(Pattern, u64)]) -> Self {
         let mut fresh_index = SubscriptionIndex::new();
         for p in fresh {
             fresh_index.insert(0, p);
@@ -49,7 +49,7 @@ impl CatchUpFilter {
         }
     }
 
-    pub fn wants(&self, u: &Update) -> bool {
+    pub(crate) fn wants(&self, u: &Update) -> bool {
         // Only the replaying task uses the filter: the locks are never contended.
         let mut fresh = false;
         self.fresh
@@ -69,7 +69,7 @@ impl CatchUpFilter {
 }
 
 /// Starts a catch-up's replay and returns what it hands over.
-pub type StartCatchUp = Box<dyn FnOnce() -> mpsc::Receiver<CatchUpItem> + Send>;
+pub(crate) type StartCatchUp = Box<dyn FnOnce() -> mpsc::Receiver<CatchUpItem> + Send>;
 
 struct CatchUp {
     /// Started only when the catch-ups before it have ended: one replay
@@ -94,7 +94,7 @@ impl CatchUp {
     }
 }
 
-pub struct Feed {
+pub(crate) struct Feed {
     queue: Arc<ClientQueue>,
     catch_ups: VecDeque<CatchUp>,
     /// Offset of the last update handed out from an open-ended catch-up.
@@ -113,7 +113,7 @@ pub struct Feed {
 }
 
 impl Feed {
-    pub fn new(queue: Arc<ClientQueue>) -> Self {
+    pub(crate) fn new(queue: Arc<ClientQueue>) -> Self {
         Self {
             queue,
             catch_ups: VecDeque::new(),
@@ -125,13 +125,13 @@ impl Feed {
         }
     }
 
-    pub fn queue(&self) -> &Arc<ClientQueue> {
+    pub(crate) fn queue(&self) -> &Arc<ClientQueue> {
         &self.queue
     }
 
     /// Queues a catch-up behind those already running. `open_ended` when
     /// it ends at the first live update rather than at `live_from`.
-    pub fn start_catch_up(&mut self, start: StartCatchUp, open_ended: bool, live_from: Option<u64>) {
+    pub(crate) fn start_catch_up(&mut self, start: StartCatchUp, open_ended: bool, live_from: Option<u64>) {
         self.catch_ups.push_back(CatchUp {
             start: Some(start),
             rx: None,
@@ -145,13 +145,13 @@ impl Feed {
     }
 
     /// Catch-ups queued or running on this connection.
-    pub fn catch_ups(&self) -> usize {
+    pub(crate) fn catch_ups(&self) -> usize {
         self.catch_ups.len()
     }
 
     /// Records what a snapshot of `patterns` holds, so the updates it
     /// already has are skipped.
-    pub fn snapshot_sees(&mut self, patterns: &[Pattern], visible: Visibility) {
+    pub(crate) fn snapshot_sees(&mut self, patterns: &[Pattern], visible: Visibility) {
         let visible = Arc::new(visible);
         for p in patterns {
             self.snapshots.insert(p.as_str().into(), (p.clone(), visible.clone()));
@@ -159,7 +159,7 @@ impl Feed {
     }
 
     /// Forgets the snapshots of patterns the connection dropped.
-    pub fn forget_snapshots(&mut self, patterns: &[String]) {
+    pub(crate) fn forget_snapshots(&mut self, patterns: &[String]) {
         for p in patterns {
             self.snapshots.remove(p.as_str());
         }
@@ -167,7 +167,7 @@ impl Feed {
 
     /// Waits for the next items and appends them to `out`, in order.
     /// False once the hub has let go of this client (shutdown).
-    pub async fn next(&mut self, out: &mut Vec<FeedItem>) -> bool {
+    pub(crate) async fn next(&mut self, out: &mut Vec<FeedItem>) -> bool {
         loop {
             let gave = match self.catch_ups.front().map(|c| c.open_ended) {
                 Some(false) => self.replay_bounded(out).await,

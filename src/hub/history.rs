@@ -14,7 +14,7 @@ const CHUNK: usize = 512;
 
 type Chunk = Arc<[Arc<Update>]>;
 
-pub struct History {
+pub(crate) struct History {
     /// Full chunks, oldest first; offsets increase throughout.
     sealed: VecDeque<Chunk>,
     /// The newest updates, sealed once `chunk` of them are in.
@@ -28,7 +28,7 @@ pub struct History {
 }
 
 impl History {
-    pub fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         let cap = cap.max(1);
         let chunk = cap.min(CHUNK);
         Self {
@@ -41,7 +41,7 @@ impl History {
         }
     }
 
-    pub fn push(&mut self, u: Arc<Update>) {
+    pub(crate) fn push(&mut self, u: Arc<Update>) {
         self.origin.get_or_insert(u.offset);
         self.open.push(u);
         self.len += 1;
@@ -59,7 +59,7 @@ impl History {
     }
 
     /// Offset of the oldest update kept.
-    pub fn front(&self) -> Option<u64> {
+    pub(crate) fn front(&self) -> Option<u64> {
         self.sealed
             .front()
             .and_then(|c| c.first())
@@ -68,19 +68,19 @@ impl History {
     }
 
     /// Offset of the newest update kept.
-    pub fn back(&self) -> Option<u64> {
+    pub(crate) fn back(&self) -> Option<u64> {
         self.open
             .last()
             .or_else(|| self.sealed.back().and_then(|c| c.last()))
             .map(|u| u.offset)
     }
 
-    pub fn origin(&self) -> Option<u64> {
+    pub(crate) fn origin(&self) -> Option<u64> {
         self.origin
     }
 
     /// The kept updates with an offset above `since`, shared, not copied.
-    pub fn after(&self, since: u64) -> Replay {
+    pub(crate) fn after(&self, since: u64) -> Replay {
         let first = self
             .sealed
             .partition_point(|c| c.last().is_some_and(|u| u.offset <= since));

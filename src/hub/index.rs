@@ -187,7 +187,7 @@ impl Seen {
 /// Who is subscribed to what, indexed for lookup by topic. `K` names a
 /// client (its id in the hub).
 #[derive(Debug)]
-pub struct SubscriptionIndex<K> {
+pub(crate) struct SubscriptionIndex<K> {
     /// Patterns without wildcards, by their text (= the one topic they match).
     exact: HashMap<Box<str>, Members>,
     /// Trie arena; node 0 is the root. Freed nodes are reused, so churn
@@ -210,7 +210,7 @@ impl<K: Copy + Eq + Hash> Default for SubscriptionIndex<K> {
 }
 
 impl<K: Copy + Eq + Hash> SubscriptionIndex<K> {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         SubscriptionIndex {
             exact: HashMap::new(),
             nodes: vec![Node::new(ROOT, Edge::Root)],
@@ -227,7 +227,7 @@ impl<K: Copy + Eq + Hash> SubscriptionIndex<K> {
     /// Subscribes a client to a pattern; false if it already had a pattern
     /// of the same text (equivalent texts such as `#` and `#.#` are
     /// distinct subscriptions, as unsubscribing names the text).
-    pub fn insert(&mut self, client: K, pattern: &Pattern) -> bool {
+    pub(crate) fn insert(&mut self, client: K, pattern: &Pattern) -> bool {
         let text = pattern.as_str();
         if let Some(entry) = self.clients.get(&client)
             && entry.subscriptions.iter().any(|s| &*s.text == text)
@@ -263,7 +263,7 @@ impl<K: Copy + Eq + Hash> SubscriptionIndex<K> {
 
     /// Unsubscribes a client from the pattern of that text; false if it
     /// had none.
-    pub fn remove(&mut self, client: K, pattern: &str) -> bool {
+    pub(crate) fn remove(&mut self, client: K, pattern: &str) -> bool {
         let Some(entry) = self.clients.get_mut(&client) else {
             return false;
         };
@@ -283,7 +283,7 @@ impl<K: Copy + Eq + Hash> SubscriptionIndex<K> {
 
     /// Removes a client and all its patterns, at a cost proportional to
     /// them; returns how many there were.
-    pub fn remove_client(&mut self, client: K) -> usize {
+    pub(crate) fn remove_client(&mut self, client: K) -> usize {
         let Some(entry) = self.clients.remove(&client) else {
             return 0;
         };
@@ -301,7 +301,7 @@ impl<K: Copy + Eq + Hash> SubscriptionIndex<K> {
     /// Costs one hash lookup plus, per word, the trie nodes still alive,
     /// plus the matching subscriptions: clients that do not match are
     /// never looked at.
-    pub fn for_each_match(&mut self, topic: &str, mut f: impl FnMut(K)) {
+    pub(crate) fn for_each_match(&mut self, topic: &str, mut f: impl FnMut(K)) {
         let Self {
             exact,
             nodes,
@@ -350,14 +350,16 @@ impl<K: Copy + Eq + Hash> SubscriptionIndex<K> {
     }
 
     /// Whether the client is subscribed to the pattern of that text.
-    pub fn contains(&self, client: K, pattern: &str) -> bool {
+    #[cfg(test)]
+    pub(crate) fn contains(&self, client: K, pattern: &str) -> bool {
         self.clients
             .get(&client)
             .is_some_and(|e| e.subscriptions.iter().any(|s| &*s.text == pattern))
     }
 
     /// The texts of a client's patterns, in no set order.
-    pub fn patterns_of(&self, client: K) -> impl Iterator<Item = &str> {
+    #[cfg(test)]
+    pub(crate) fn patterns_of(&self, client: K) -> impl Iterator<Item = &str> {
         self.clients
             .get(&client)
             .into_iter()
@@ -365,22 +367,26 @@ impl<K: Copy + Eq + Hash> SubscriptionIndex<K> {
     }
 
     /// Clients with at least one pattern.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.clients.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.clients.is_empty()
     }
 
-    /// (client, pattern) pairs: the subscriptions gauge.
-    pub fn pattern_count(&self) -> usize {
+    /// (client, pattern) pairs.
+    #[cfg(test)]
+    pub(crate) fn pattern_count(&self) -> usize {
         self.patterns
     }
 
     /// Trie nodes in use besides the root; zero once no wildcard pattern
     /// is left.
-    pub fn node_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn node_count(&self) -> usize {
         self.nodes.len() - 1 - self.free_nodes.len()
     }
 

@@ -8,12 +8,12 @@
 //! grows with them, not with every connected client; the shared frame is
 //! pushed to their buffers, which never waits on a socket.
 
-pub mod client;
-pub mod feed;
-pub mod history;
-pub mod index;
+pub(crate) mod client;
+pub(crate) mod feed;
+pub(crate) mod history;
+pub(crate) mod index;
 pub mod pattern;
-pub mod scope;
+pub(crate) mod scope;
 pub mod session;
 
 use std::collections::HashMap;

@@ -19,7 +19,7 @@ use super::pattern::{Pattern, WordRef};
 /// the rest is refused as too costly to decide: a pattern of many `#`
 /// against grants of many `#` can take millions, and the check runs on the
 /// connection's worker. Ordinary patterns take a few dozen.
-pub const CHECK_BUDGET: usize = 4096;
+pub(crate) const CHECK_BUDGET: usize = 4096;
 
 /// The patterns a connection holds a grant for. Shared: every anonymous
 /// connection holds the one anonymous scope, not a copy.

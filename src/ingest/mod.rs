@@ -4,7 +4,7 @@
 //! broker has confirmed it; the built-in generator issues and builds its
 //! events with the same functions and pipelines their confirms.
 
-pub mod generator;
+pub(crate) mod generator;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

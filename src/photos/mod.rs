@@ -29,7 +29,12 @@ type Flight = Arc<OnceCell<Option<CachedPhoto>>>;
 
 pub struct PhotoCache {
     redis: deadpool_redis::Pool,
+    /// Uploads: the pipeline's pool.
     db: Db,
+    /// Origin loads on a miss: the pool of client reads, so a flood of
+    /// misses (or of unknown ids) never waits on, or holds, the apply path's
+    /// connections.
+    read_db: Db,
     prefix: String,
     ttl_secs: u64,
     timeout: Duration,
@@ -40,8 +45,10 @@ pub struct PhotoCache {
     generation: std::sync::atomic::AtomicU64,
     /// A short-lived copy in this process in front of Redis, so a hot photo
     /// costs no network round trip. Another instance's replacement shows
-    /// here after at most `near_ttl`; this instance's own, at once.
-    near: Mutex<HashMap<ProductId, (Instant, CachedPhoto)>>,
+    /// here after at most `near_ttl`; this instance's own, at once. `None`:
+    /// no such product, so asking again for an unknown id within `near_ttl`
+    /// costs no database read either.
+    near: Mutex<HashMap<ProductId, (Instant, Option<CachedPhoto>)>>,
     near_ttl: Duration,
 }
 
@@ -53,6 +60,7 @@ impl PhotoCache {
         redis_settings: &RedisSettings,
         photos: &PhotoSettings,
         db: Db,
+        read_db: Db,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let mut cfg = deadpool_redis::Config::from_url(redis_settings.url.expose());
@@ -66,6 +74,7 @@ impl PhotoCache {
         Ok(Self {
             redis,
             db,
+            read_db,
             prefix: redis_settings.key_prefix.clone(),
             ttl_secs: photos.cache_ttl.as_secs(),
             timeout,
@@ -86,11 +95,11 @@ impl PhotoCache {
     pub async fn get(&self, id: ProductId) -> Result<Option<CachedPhoto>, StoreError> {
         if let Some(hit) = self.near_get(id) {
             self.metrics.photo_cache_hits.get_or_create(&[("layer", "local")]).inc();
-            return Ok(Some(hit));
+            return Ok(hit);
         }
         if let Some(hit) = self.cache_get(id).await {
             self.metrics.photo_cache_hits.get_or_create(&[("layer", "redis")]).inc();
-            self.near_put(id, &hit);
+            self.near_put(id, Some(&hit));
             return Ok(Some(hit));
         }
         self.metrics.photo_cache_misses.inc();
@@ -110,14 +119,14 @@ impl PhotoCache {
                     return Ok(Some(hit));
                 }
                 self.metrics.photo_origin_loads.inc();
-                let photo = catalog::photo(&self.db, id)
+                let photo = catalog::photo(&self.read_db, id)
                     .await?
                     .map(|stored| into_cached(stored.unwrap_or_else(|| generated(id))));
-                if let Some(p) = &photo
-                    && self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation
-                {
-                    self.cache_put(id, p).await;
-                    self.near_put(id, p);
+                if self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation {
+                    if let Some(p) = &photo {
+                        self.cache_put(id, p).await;
+                    }
+                    self.near_put(id, photo.as_ref());
                 }
                 Ok::<_, StoreError>(photo)
             })
@@ -162,7 +171,8 @@ impl PhotoCache {
         .is_some()
     }
 
-    fn near_get(&self, id: ProductId) -> Option<CachedPhoto> {
+    /// `Some(None)`: known here to be no product.
+    fn near_get(&self, id: ProductId) -> Option<Option<CachedPhoto>> {
         if self.near_ttl.is_zero() {
             return None;
         }
@@ -172,7 +182,7 @@ impl PhotoCache {
             .map(|(_, p)| p.clone())
     }
 
-    fn near_put(&self, id: ProductId, photo: &CachedPhoto) {
+    fn near_put(&self, id: ProductId, photo: Option<&CachedPhoto>) {
         if self.near_ttl.is_zero() {
             return;
         }
@@ -180,7 +190,7 @@ impl PhotoCache {
         if near.len() >= NEAR_ENTRIES {
             near.clear();
         }
-        near.insert(id, (Instant::now(), photo.clone()));
+        near.insert(id, (Instant::now(), photo.cloned()));
     }
 
     async fn cache_get(&self, id: ProductId) -> Option<CachedPhoto> {

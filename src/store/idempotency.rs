@@ -9,14 +9,14 @@ use diesel_async::RunQueryDsl;
 use super::{Db, StoreError};
 
 /// How long an answer is kept for retries.
-pub const KEEP: &str = "24 hours";
+pub(crate) const KEEP: &str = "24 hours";
 /// A claim without an answer this old belongs to a request that died
 /// before answering: another request with the key may take it over.
 const ABANDONED: &str = "1 minute";
 
 /// What a claim found.
 #[derive(Debug, PartialEq)]
-pub enum Claim {
+pub(crate) enum Claim {
     /// The key is this request's to answer.
     Claimed,
     /// The key was used before for this same request; its answer.
@@ -37,7 +37,7 @@ struct Row {
 
 /// Claims `key` for `request` (a canonical text of what is asked), or
 /// says what the key already holds.
-pub async fn claim(db: &Db, key: &str, request: &str) -> Result<Claim, StoreError> {
+pub(crate) async fn claim(db: &Db, key: &str, request: &str) -> Result<Claim, StoreError> {
     let mut conn = db.get().await?;
     let taken = diesel::sql_query(format!(
         "INSERT INTO ingest_keys (key, request) VALUES ($1, $2) \
@@ -67,7 +67,7 @@ pub async fn claim(db: &Db, key: &str, request: &str) -> Result<Claim, StoreErro
 }
 
 /// Stores the answer of a claimed key.
-pub async fn answer(db: &Db, key: &str, answer: &serde_json::Value) -> Result<(), StoreError> {
+pub(crate) async fn answer(db: &Db, key: &str, answer: &serde_json::Value) -> Result<(), StoreError> {
     let mut conn = db.get().await?;
     diesel::sql_query("UPDATE ingest_keys SET answer = $2 WHERE key = $1")
         .bind::<Text, _>(key)
@@ -78,7 +78,7 @@ pub async fn answer(db: &Db, key: &str, answer: &serde_json::Value) -> Result<()
 }
 
 /// Gives a claimed key back when its request failed, so a retry can run.
-pub async fn release(db: &Db, key: &str) -> Result<(), StoreError> {
+pub(crate) async fn release(db: &Db, key: &str) -> Result<(), StoreError> {
     let mut conn = db.get().await?;
     diesel::sql_query("DELETE FROM ingest_keys WHERE key = $1 AND answer IS NULL")
         .bind::<Text, _>(key)
@@ -88,7 +88,7 @@ pub async fn release(db: &Db, key: &str) -> Result<(), StoreError> {
 }
 
 /// Forgets keys older than [`KEEP`].
-pub async fn purge_expired(db: &Db) -> Result<usize, StoreError> {
+pub(crate) async fn purge_expired(db: &Db) -> Result<usize, StoreError> {
     let mut conn = db.get().await?;
     let n = diesel::sql_query(format!(
         "DELETE FROM ingest_keys WHERE created_at < now() - interval '{KEEP}'"

@@ -3,9 +3,9 @@
 //! their own statements.
 
 pub mod catalog;
-pub mod idempotency;
-pub mod prepared;
-pub mod schema;
+pub(crate) mod idempotency;
+pub(crate) mod prepared;
+pub(crate) mod schema;
 
 use std::time::Duration;
 

@@ -15,26 +15,26 @@ use diesel::serialize::ToSql;
 use diesel::sql_types::{HasSqlType, Untyped};
 
 /// A statement of fixed text and its binds, run like `sql_query`'s.
-pub struct Prepared<B = ()> {
+pub(crate) struct Prepared<B = ()> {
     sql: &'static str,
     binds: B,
 }
 
 /// One bind value and the SQL type it is sent as.
-pub struct Bind<ST, V> {
+pub(crate) struct Bind<ST, V> {
     value: V,
     /// `fn() -> ST` keeps the statement `Send` whatever the marker type.
     sql_type: PhantomData<fn() -> ST>,
 }
 
 /// A statement with no binds yet.
-pub fn prepared(sql: &'static str) -> Prepared {
+pub(crate) fn prepared(sql: &'static str) -> Prepared {
     Prepared { sql, binds: () }
 }
 
 impl<B: Binds> Prepared<B> {
     /// Binds the next placeholder (`$1` first).
-    pub fn bind<ST, V>(self, value: V) -> Prepared<(B, Bind<ST, V>)> {
+    pub(crate) fn bind<ST, V>(self, value: V) -> Prepared<(B, Bind<ST, V>)> {
         Prepared {
             sql: self.sql,
             binds: (
@@ -49,7 +49,7 @@ impl<B: Binds> Prepared<B> {
 }
 
 /// The binds so far, as a list built one `bind` at a time.
-pub trait Binds {
+pub(crate) trait Binds {
     const COUNT: usize;
     /// Writes the text before each bind, the bind, and the text after the
     /// last one.

@@ -208,3 +208,47 @@ async fn a_seeded_catalog_stores_no_photos_and_each_product_shows_its_own_image(
     assert_eq!(missing, 404);
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn photo_misses_and_readiness_never_wait_on_the_apply_pool() {
+    let app = testkit::spawn_app_with(|s| {
+        s.database.pool_size = 2;
+        s.database.acquire_timeout = Duration::from_secs(2);
+    })
+    .await;
+    // Every connection of the apply path held, as long batches would (the
+    // relay may hold one of its own already).
+    let mut held = Vec::new();
+    while let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_millis(500), app.state.db.get()).await {
+        held.push(conn);
+    }
+    assert!(!held.is_empty() && held.len() <= 2);
+    let started = std::time::Instant::now();
+    let (status, ..) = get_photo(&app, 23, None).await;
+    assert_eq!(status, 200, "a photo miss reads through the client reads' pool");
+    let ready = app.client().get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "readiness pings the client reads' pool");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "neither waited for an apply connection: {:?}",
+        started.elapsed()
+    );
+    drop(held);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn asking_again_for_an_unknown_product_photo_costs_no_database_read() {
+    // Longer than the run takes, on any machine.
+    let app = testkit::spawn_app_with(|s| s.photos.local_ttl = Duration::from_secs(60)).await;
+    for _ in 0..20 {
+        let (status, ..) = get_photo(&app, 987_654_321, None).await;
+        assert_eq!(status, 404);
+    }
+    assert_eq!(
+        app.metric("gateway_photo_origin_loads_total", "").await,
+        1.0,
+        "one read found there is no such product; the others knew"
+    );
+    app.stop().await;
+}

@@ -9,7 +9,7 @@
 //! advisory lock generates; when it dies, its session ends, the lock is
 //! released and another instance takes over.
 
-pub mod versions;
+pub(crate) mod versions;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -114,7 +114,7 @@ fn schedule(retry: &mut VecDeque<Outgoing>, p: Outgoing) {
     retry.insert(at, p);
 }
 
-pub fn spawn(
+pub(crate) fn spawn(
     settings: &Settings,
     db: Db,
     connector: Connector,

@@ -8,7 +8,7 @@ use crate::store::{Db, StoreError};
 
 /// Every product id, in order: what the generator picks from. Ids may be
 /// sparse (products removed or loaded with gaps); each is picked as often.
-pub async fn product_ids(db: &Db) -> Result<Vec<i64>, StoreError> {
+pub(crate) async fn product_ids(db: &Db) -> Result<Vec<i64>, StoreError> {
     #[derive(diesel::QueryableByName)]
     struct Id {
         #[diesel(sql_type = BigInt)]
