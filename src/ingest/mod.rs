@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::broker::link::Link;
 use crate::broker::publisher::{Confirmed, Outgoing, confirm_channel, publish_one};
 use crate::domain::{Change, Event, Kind, MAX_VERSION, ProductId, now_us};
-use crate::store::idempotency::{self, Claim};
+use crate::store::idempotency::{self, Claim, IssuedEvent};
 use crate::store::{Db, StoreError};
 use crate::wire::encode_event;
 
@@ -143,7 +143,10 @@ impl Ingest {
 
     /// Issues the change's version, publishes it and waits for the broker's
     /// confirm. Under an idempotency key, a retry of the same request gets
-    /// the first answer (`replayed` true) and publishes nothing.
+    /// the first answer (`replayed` true) and publishes nothing; a retry of
+    /// one that issued its event but was not answered (the confirm lost or
+    /// late, the answer not stored, the request gone) publishes that same
+    /// event again, so the change is applied once.
     pub async fn submit(
         &self,
         id: ProductId,
@@ -151,12 +154,14 @@ impl Ingest {
         key: Option<&str>,
     ) -> Result<(Accepted, bool), IngestError> {
         let Some(key) = key else {
-            return Ok((self.publish(id, change).await?, false));
+            let issued = self.issue_event(id, change).await?;
+            return Ok((self.send(id, change, &issued).await?, false));
         };
         self.purge_now_and_then().await;
         let request = format!("{}:{}:{}", change.kind().as_str(), id, change.value());
-        match idempotency::claim(&self.db, key, &request).await? {
-            Claim::Claimed => {}
+        let owner = uuid::Uuid::new_v4().to_string();
+        let stored = match idempotency::claim(&self.db, key, &request, &owner).await? {
+            Claim::Claimed(stored) => stored,
             Claim::Answered(answer) => {
                 let accepted = serde_json::from_value(answer)
                     .map_err(|e| IngestError::Store(StoreError::Unavailable(format!("stored answer: {e}"))))?;
@@ -164,8 +169,25 @@ impl Ingest {
             }
             Claim::InProgress => return Err(IngestError::KeyInProgress),
             Claim::Mismatch => return Err(IngestError::KeyReused),
+        };
+        let sent = async {
+            let issued = match stored {
+                Some(issued) => issued,
+                None => {
+                    let issued = self.issue_event(id, change).await?;
+                    // Stored before it is published: whatever fails next, a
+                    // retry sends this event, not a newer one.
+                    if !idempotency::record(&self.db, key, &owner, &issued).await? {
+                        // A retry took the claim over meanwhile; it answers.
+                        return Err(IngestError::KeyInProgress);
+                    }
+                    issued
+                }
+            };
+            self.send(id, change, &issued).await
         }
-        match self.publish(id, change).await {
+        .await;
+        match sent {
             Ok(accepted) => {
                 let answer = serde_json::to_value(&accepted).expect("plain fields serialise");
                 idempotency::answer(&self.db, key, &answer).await?;
@@ -174,7 +196,7 @@ impl Ingest {
             Err(e) => {
                 // A retry must be able to run; if this fails too, the claim
                 // is taken over once abandoned.
-                if let Err(release) = idempotency::release(&self.db, key).await {
+                if let Err(release) = idempotency::release(&self.db, key, &owner).await {
                     tracing::warn!(error = %release, "idempotency key not released");
                 }
                 Err(e)
@@ -182,7 +204,9 @@ impl Ingest {
         }
     }
 
-    async fn publish(&self, id: ProductId, change: Change) -> Result<Accepted, IngestError> {
+    /// The change's version, issued from the product row, and the message
+    /// id it goes out under.
+    async fn issue_event(&self, id: ProductId, change: Change) -> Result<IssuedEvent, IngestError> {
         let kind = change.kind();
         let issued = issue(&self.db, id, kind == Kind::Price, kind == Kind::Stock).await?;
         let Some(issued) = issued else {
@@ -195,9 +219,17 @@ impl Ingest {
             Kind::Price => issued.price_issued,
             Kind::Stock => issued.stock_issued,
         };
-        let event = event(id, change, version);
-        let message_id = uuid::Uuid::new_v4().to_string();
-        let out = message(&self.exchange, &event, &message_id).map_err(|e| IngestError::Broker(e.to_string()))?;
+        Ok(IssuedEvent {
+            version,
+            message_id: uuid::Uuid::new_v4().to_string(),
+        })
+    }
+
+    /// Publishes the event and waits for the broker's confirm.
+    async fn send(&self, id: ProductId, change: Change, issued: &IssuedEvent) -> Result<Accepted, IngestError> {
+        let event = event(id, change, issued.version);
+        let out =
+            message(&self.exchange, &event, &issued.message_id).map_err(|e| IngestError::Broker(e.to_string()))?;
         let channel = self.channel().await?;
         let confirm = publish_one(&channel, &out)
             .await
@@ -209,11 +241,11 @@ impl Ingest {
         match Confirmed::of(&confirmation) {
             Confirmed::Ack => Ok(Accepted {
                 product_id: id.get(),
-                kind: kind.as_str().to_owned(),
+                kind: change.kind().as_str().to_owned(),
                 value: change.value(),
                 topic: event.topic(),
-                version,
-                message_id,
+                version: issued.version,
+                message_id: issued.message_id.clone(),
             }),
             Confirmed::Returned => Err(IngestError::Broker("unroutable: no queue is bound for it".into())),
             Confirmed::Nacked => Err(IngestError::Broker("refused by the broker".into())),
