@@ -77,11 +77,18 @@ impl Application {
         let broker = Broker::connect(&settings, &metrics).await?;
         let pipeline = Pipeline::start(&settings, &stores, &broker, &metrics, &shutdown, &tracker).await?;
 
+        let snapshots = hub::session::SnapshotLimit::new(&settings.hub);
+        let sessions = Arc::new(hub::session::SessionContext {
+            hub: pipeline.hub.clone(),
+            read_db: stores.read_db.clone(),
+            snapshots: snapshots.clone(),
+            catch_up: pipeline.catch_up.clone(),
+        });
         let state = web::Data::new(AppState {
             settings: settings.clone(),
             db: stores.db,
             read_db: stores.read_db,
-            snapshots: hub::session::SnapshotLimit::new(&settings.hub),
+            snapshots,
             photos: stores.photos,
             metrics,
             broker: broker.admin,
@@ -90,6 +97,7 @@ impl Application {
             ingest: pipeline.ingest,
             auth,
             catch_up: pipeline.catch_up,
+            sessions,
             shutdown: shutdown.clone(),
         });
         let port = listener.local_addr()?.port();

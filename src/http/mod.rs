@@ -53,18 +53,15 @@ pub struct AppState {
     pub auth: Arc<auth::Verifier>,
     /// Reads the stream back for resumes older than the hub's memory.
     pub catch_up: CatchUpReader,
+    /// The hub, snapshot and catch-up handles every session shares.
+    pub sessions: Arc<SessionContext>,
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
-    /// What a realtime session needs of the app.
-    pub fn session_context(&self) -> SessionContext {
-        SessionContext {
-            hub: self.hub.clone(),
-            read_db: self.read_db.clone(),
-            snapshots: self.snapshots.clone(),
-            catch_up: self.catch_up.clone(),
-        }
+    /// What a realtime session needs of the app: one shared value.
+    pub fn session_context(&self) -> Arc<SessionContext> {
+        self.sessions.clone()
     }
 }
 

@@ -167,7 +167,9 @@ async fn price_routed(app: &testkit::TestApp, routed: bool) {
             .await
             .unwrap();
     } else {
-        ch.queue_unbind(queue, exchange, "product.price.*".into(), args).await.unwrap();
+        ch.queue_unbind(queue, exchange, "product.price.*".into(), args)
+            .await
+            .unwrap();
     }
     let _ = conn.close(200, "done".into()).await;
 }

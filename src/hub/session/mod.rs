@@ -9,6 +9,7 @@ mod snapshot;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::client::Ended;
@@ -43,10 +44,9 @@ const MAX_CATCH_UPS_QUEUED: usize = 4;
 /// One client connection's subscription state.
 pub struct Session {
     id: u64,
-    hub: HubHandle,
-    read_db: Db,
-    snapshots: SnapshotLimit,
-    catch_up: CatchUpReader,
+    /// Shared by every session: one pointer each, where copies of its
+    /// handles would cost every idle connection some 200 bytes.
+    ctx: Arc<SessionContext>,
     feed: Feed,
     /// The connection's patterns in the order subscribed, each with the
     /// offset after which it gets all of their updates (None: from the
@@ -71,7 +71,7 @@ impl Session {
     /// Refused when this instance or this client address is at its limit
     /// (counted).
     pub fn open(
-        rt: SessionContext,
+        rt: Arc<SessionContext>,
         transport: Transport,
         ip: Option<IpAddr>,
         grant: Grant,
@@ -87,10 +87,7 @@ impl Session {
             .inc();
         Ok(Session {
             id,
-            hub: rt.hub,
-            read_db: rt.read_db,
-            snapshots: rt.snapshots,
-            catch_up: rt.catch_up,
+            ctx: rt,
             feed: Feed::new(queue),
             covered: Vec::new(),
             grant,
@@ -129,7 +126,7 @@ impl Session {
     }
 
     fn too_many(&self) -> ClientError {
-        let max = self.hub.settings().max_subscriptions;
+        let max = self.ctx.hub.settings().max_subscriptions;
         ClientError::new(
             ClientErrorCode::TooManySubscriptions,
             format!("at most {max} patterns per connection"),
@@ -139,7 +136,7 @@ impl Session {
     /// The requested patterns, each once, and those of them that are new to
     /// this connection.
     fn parse(&self, topics: &[String]) -> Result<(Vec<Pattern>, Vec<Pattern>), ClientError> {
-        let settings = self.hub.settings();
+        let settings = self.ctx.hub.settings();
         if topics.is_empty() {
             return Err(ClientError::new(
                 ClientErrorCode::BadPattern,
@@ -200,10 +197,11 @@ impl Session {
         }
         // Taken before subscribing, so a client told to retry is left as it was.
         let turn = match snapshot {
-            true => Some(self.snapshots.acquire(self.ip).await?),
+            true => Some(self.ctx.snapshots.acquire(self.ip).await?),
             false => None,
         };
         let subscribed = self
+            .ctx
             .hub
             .subscribe(self.id, self.feed.queue(), fresh.clone(), since)
             .await
@@ -223,12 +221,12 @@ impl Session {
         if since.is_some() && !fresh.is_empty() {
             let open_ended = subscribed.last_offset.is_none();
             let start = catch_up::catch_up(
-                self.catch_up.clone(),
+                self.ctx.catch_up.clone(),
                 subscribed.catch_up,
                 subscribed.replay,
                 CatchUpFilter::new(&fresh, &covered),
                 self.ip,
-                self.hub.settings().catch_up_stall,
+                self.ctx.hub.settings().catch_up_stall,
             );
             self.feed
                 .start_catch_up(start, open_ended, subscribed.last_offset.map(|o| o + 1));
@@ -236,7 +234,7 @@ impl Session {
         let Some(turn) = turn else { return Ok(None) };
         // Registered first, read second: an update committed after the
         // read's snapshot is queued, one the snapshot sees is skipped.
-        let read = catalog::SnapshotRead::begin(&self.read_db, named_products(&patterns))
+        let read = catalog::SnapshotRead::begin(&self.ctx.read_db, named_products(&patterns))
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "snapshot read failed");
@@ -247,22 +245,22 @@ impl Session {
             read,
             patterns,
             offset: subscribed.last_offset,
-            part_size: self.hub.settings().snapshot_part_products,
-            metrics: self.hub.metrics().clone(),
-            stall: self.hub.settings().snapshot_stall,
+            part_size: self.ctx.hub.settings().snapshot_part_products,
+            metrics: self.ctx.hub.metrics().clone(),
+            stall: self.ctx.hub.settings().snapshot_stall,
             _turn: turn,
         })))
     }
 
     pub async fn unsubscribe(&mut self, topics: &[String]) -> Result<(), ClientError> {
         // A connection never has more patterns than this to take back.
-        if topics.len() > self.hub.settings().max_subscriptions {
+        if topics.len() > self.ctx.hub.settings().max_subscriptions {
             return Err(self.too_many());
         }
         let gone: HashSet<&str> = topics.iter().map(String::as_str).collect();
         self.covered.retain(|(p, _)| !gone.contains(p.as_str()));
         self.feed.forget_snapshots(topics);
-        self.hub.unsubscribe(self.id, topics.to_vec()).await;
+        self.ctx.hub.unsubscribe(self.id, topics.to_vec()).await;
         Ok(())
     }
 
@@ -295,7 +293,7 @@ impl Session {
 
     /// Counts a hand-off and its end-to-end latency.
     pub fn delivered(&self, ts_us: i64) {
-        count_delivery(self.hub.metrics(), self.transport, ts_us);
+        count_delivery(self.ctx.hub.metrics(), self.transport, ts_us);
     }
 }
 
@@ -312,8 +310,9 @@ impl Drop for Session {
         // Closed first: a subscribe of this client still queued in the hub
         // then registers nothing, whether or not `leave` overtakes it.
         self.feed.queue().close();
-        self.hub.leave(self.id);
-        self.hub
+        self.ctx.hub.leave(self.id);
+        self.ctx
+            .hub
             .metrics()
             .clients_connected
             .get_or_create(&[("transport", self.transport.as_str())])
