@@ -32,6 +32,19 @@ async fn slow_consumers(app: &TestApp) -> f64 {
     app.metric("gateway_clients_refused", "reason=\"slow_consumer\"").await
 }
 
+/// A client reading every price, and one subscribed to them all that never
+/// reads a frame again.
+async fn healthy_and_stalled(app: &TestApp) -> (WsClient, RawWs) {
+    let mut healthy = WsClient::connect(&app.address).await;
+    healthy.subscribe(&["product.price.*"], None, false).await;
+    let mut stalled = RawWs::connect(app.port).await;
+    stalled
+        .send_text(r#"{"op":"subscribe","topics":["product.price.*"]}"#)
+        .await;
+    assert!(stalled.next_text(T).await.unwrap().contains("subscribed"));
+    (healthy, stalled)
+}
+
 #[actix_rt::test]
 async fn a_client_with_more_waiting_products_than_its_buffer_is_cut_off_as_a_slow_consumer() {
     // A long timeout: only the buffer's bound can cut the client off here.
@@ -43,13 +56,8 @@ async fn a_client_with_more_waiting_products_than_its_buffer_is_cut_off_as_a_slo
     })
     .await;
     let p = TestPublisher::connect(&app.iso).await;
-    let mut healthy = WsClient::connect(&app.address).await;
-    healthy.subscribe(&["product.price.*"], None, false).await;
-    let mut stalled = RawWs::connect(app.port).await;
-    stalled
-        .send_text(r#"{"op":"subscribe","topics":["product.price.*"]}"#)
-        .await;
-    assert!(stalled.next_text(T).await.unwrap().contains("subscribed"));
+    // Kept, never read: dropping it would close it.
+    let (mut healthy, _stalled) = healthy_and_stalled(&app).await;
 
     // A hundred products a round, a different hundred each time: more
     // distinct keys wait than the buffer holds, so conflation alone cannot
@@ -175,13 +183,8 @@ async fn a_client_that_stops_reading_backs_up_into_its_own_buffer_not_into_the_k
     settings.hub.client_timeout = Duration::from_secs(60);
     let app = spawn_with(iso, settings).await;
     let p = TestPublisher::connect(&app.iso).await;
-    let mut healthy = WsClient::connect(&app.address).await;
-    healthy.subscribe(&["product.price.*"], None, false).await;
-    let mut stalled = RawWs::connect(app.port).await;
-    stalled
-        .send_text(r#"{"op":"subscribe","topics":["product.price.*"]}"#)
-        .await;
-    assert!(stalled.next_text(T).await.unwrap().contains("subscribed"));
+    // Kept, never read: dropping it would close it.
+    let (mut healthy, _stalled) = healthy_and_stalled(&app).await;
 
     // Every product once a round: what waits conflates to 500 frames, a
     // little over the byte bound. A reader that keeps up gets every frame.
