@@ -2,6 +2,7 @@
 //! One struct so each stage increments a field, not a global by name.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +23,8 @@ pub struct Metrics {
     pub events_returned: Counter,
     pub events_retried: Counter,
     pub generator_retries: Family<Label, Counter>,
+    pub generator_asked_rate: Gauge<f64, AtomicU64>,
+    pub generator_achieved_rate: Gauge<f64, AtomicU64>,
     // Consumer / apply.
     pub events_applied: Family<Label, Counter>,
     pub events_duplicate: Family<Label, Counter>,
@@ -29,8 +32,10 @@ pub struct Metrics {
     pub transient_failures: Counter,
     pub apply_batch_size: Histogram,
     pub apply_latency: Histogram,
+    pub commit_latency: Histogram,
     pub consumer_lag: Family<OwnedLabel, Gauge>,
     pub updates_broadcast: Counter,
+    pub relay_latency: Histogram,
     // Photos.
     pub photo_cache_hits: Family<Label, Counter>,
     pub photo_cache_misses: Counter,
@@ -86,6 +91,16 @@ impl Metrics {
                 "Generator events published again after a back-off, by reason (unroutable, nacked, unconfirmed)",
                 Family::default()
             ),
+            generator_asked_rate: reg!(
+                "generator_asked_rate",
+                "Events per second the generator is asked to publish here (0 while stopped or running on another instance)",
+                Gauge::default()
+            ),
+            generator_achieved_rate: reg!(
+                "generator_achieved_rate",
+                "Events per second the generator had confirmed over the last 5 s",
+                Gauge::default()
+            ),
             events_applied: reg!("events_applied", "Events applied to the catalog", Family::default()),
             events_duplicate: reg!(
                 "events_duplicate",
@@ -112,6 +127,11 @@ impl Metrics {
                 "Time to apply and commit one batch",
                 Histogram::new(latency_buckets())
             ),
+            commit_latency: reg!(
+                "commit_latency_seconds",
+                "Publish to the event's apply committed (applied events with a publish time): the first hops of e2e_latency",
+                Histogram::new(latency_buckets())
+            ),
             consumer_lag: reg!(
                 "consumer_lag_messages",
                 "Messages ready in each apply queue",
@@ -121,6 +141,11 @@ impl Metrics {
                 "updates_broadcast",
                 "Applied updates published to product.updates",
                 Counter::default()
+            ),
+            relay_latency: reg!(
+                "relay_latency_seconds",
+                "Publish of a stream message's first update to the broker's confirm of the message: the hops up to the update stream",
+                Histogram::new(latency_buckets())
             ),
             photo_cache_hits: reg!(
                 "photo_cache_hits",

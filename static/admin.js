@@ -130,6 +130,8 @@ async function pollMetrics() {
     ws: sum(samples, 'gateway_clients_connected', (l) => l.transport === 'ws'),
     sse: sum(samples, 'gateway_clients_connected', (l) => l.transport === 'sse'),
     latency: buckets(samples, 'gateway_e2e_latency_seconds'),
+    asked: sum(samples, 'gateway_generator_asked_rate'),
+    achieved: sum(samples, 'gateway_generator_achieved_rate'),
   };
   const prev = state.prev;
   state.prev = now;
@@ -147,6 +149,7 @@ async function pollMetrics() {
   $('t-p99').textContent = fmt(ms(p99));
   $('t-clients').textContent = fmt(now.ws + now.sse, 0);
   $('t-dead').textContent = fmt(now.dead, 0);
+  showHeld(now.asked, now.achieved);
   push(charts.rates, now.t, [rate('published'), rate('applied'), rate('delivered')]);
   push(charts.latency, now.t, [ms(p50), ms(p99)]);
   push(charts.lag, now.t, [now.lag]);
@@ -174,6 +177,14 @@ async function admin(method, path, body) {
   const json = await res.json().catch(() => ({}));
   showStatus('signed in');
   return json;
+}
+
+/** What the generator holds here against what it is asked (both 0 where another instance runs it). */
+function showHeld(asked, achieved) {
+  const short = asked > 0 && achieved < 0.9 * asked;
+  $('gen-held').textContent = asked > 0 ? `holding ${fmt(achieved, 0)} of ${fmt(asked, 0)} events/s` : '';
+  $('gen-held').classList.toggle('warn', short);
+  $('gen-held').title = short ? 'the broker or the database is slower than the rate asked' : '';
 }
 
 function showGenerator(g) {

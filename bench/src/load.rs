@@ -94,6 +94,8 @@ pub struct PublishRun {
     pub secs: f64,
     /// From the first publish to the last confirm.
     pub confirmed_secs: f64,
+    /// Mean time from a publish to its confirm: the pipeline's first hop.
+    pub confirm_mean_ms: f64,
 }
 
 impl PublishRun {
@@ -135,7 +137,10 @@ pub async fn publish(job: PublishJob) -> Result<PublishRun> {
     let start = Instant::now();
     let mut sent = 0u64;
     let mut inflight = FuturesUnordered::new();
-    let check = |r: lapin::Result<lapin::Confirmation>| -> Result<()> {
+    let (mut confirm_total, mut confirms) = (Duration::ZERO, 0u32);
+    let mut check = |(r, took): (lapin::Result<lapin::Confirmation>, Duration)| -> Result<()> {
+        confirm_total += took;
+        confirms += 1;
         let confirmation = r.context("publisher confirm")?;
         match Confirmed::of(&confirmation) {
             Confirmed::Ack => Ok(()),
@@ -178,12 +183,13 @@ pub async fn publish(job: PublishJob) -> Result<PublishRun> {
                     )
                     .await
                     .context("publish to the Web-STOMP exchange")?;
-                inflight.push(confirm);
+                inflight.push(timed(confirm, Instant::now()));
             }
+            let published = Instant::now();
             let confirm = product_gateway::broker::publisher::publish_one(&channel, &m)
                 .await
                 .context("publish")?;
-            inflight.push(confirm);
+            inflight.push(timed(confirm, published));
             sent += 1;
         }
         job.sent.store(sent, Ordering::Relaxed);
@@ -220,7 +226,14 @@ pub async fn publish(job: PublishJob) -> Result<PublishRun> {
         end_seq,
         secs,
         confirmed_secs,
+        confirm_mean_ms: confirm_total.as_secs_f64() * 1e3 / f64::from(confirms.max(1)),
     })
+}
+
+/// A confirm with the time it took since `published`.
+async fn timed(confirm: lapin::PublisherConfirm, published: Instant) -> (lapin::Result<lapin::Confirmation>, Duration) {
+    let r = confirm.await;
+    (r, published.elapsed())
 }
 
 /// Consumes `queues` with manual acks the way the gateway's consumer does

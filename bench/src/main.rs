@@ -10,8 +10,8 @@
 //! and `bench publish …` are the client fleets and the event publisher it
 //! starts as child processes.
 
-mod children;
-mod infra;
+mod fleet;
+mod harness;
 mod load;
 mod report;
 mod scenarios;
@@ -27,13 +27,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::children::Args;
-use crate::infra::{Instance, Isolation, mgmt_json, raise_nofile, repo_root};
+use crate::fleet::Args;
+use crate::harness::{Instance, Isolation, mgmt_json, raise_nofile, repo_root};
 use crate::report::{Report, thousands};
 use crate::scenarios::Ctx;
 
 /// Scenarios, numbered from 1.
-const SCENARIOS: u8 = 9;
+const SCENARIOS: u8 = 11;
 /// Products in the catalog: above the consumer's batch size (see `load`).
 const PRODUCTS: u32 = 1000;
 const FANOUT_CLIENTS: usize = 1000;
@@ -55,9 +55,9 @@ const RABBIT_FDS: u32 = 4096;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match args.first().map(String::as_str) {
-        Some("fanout-clients") => child(children::fanout_clients(Args::new(args[1..].to_vec()))),
-        Some("idle-clients") => child(children::idle_clients(Args::new(args[1..].to_vec()))),
-        Some("publish") => child(children::publish_proc(Args::new(args[1..].to_vec()))),
+        Some("fanout-clients") => child(fleet::fanout_clients(Args::new(args[1..].to_vec()))),
+        Some("idle-clients") => child(fleet::idle_clients(Args::new(args[1..].to_vec()))),
+        Some("publish") => child(fleet::publish_proc(Args::new(args[1..].to_vec()))),
         Some("selective-clients") => child(scenarios::selective::selective_clients(Args::new(args[1..].to_vec()))),
         Some("storm-clients") => child(scenarios::storm::storm_clients(Args::new(args[1..].to_vec()))),
         Some("catalog-whole") => child(scenarios::catalog::catalog_whole(Args::new(args[1..].to_vec()))),
@@ -67,7 +67,7 @@ fn main() {
         Some("-h" | "--help" | "help") => {
             println!(
                 "usage: bench            run every scenario, print the table, write BENCHMARKS.md\n       \
-                 BENCH_ONLY=2,9 bench  run some scenarios, 1 to 9 (BENCHMARKS.md left alone)\n       \
+                 BENCH_ONLY=2,9 bench  run some scenarios, 1 to 11 (BENCHMARKS.md left alone)\n       \
                  (bench fanout-clients / idle-clients / selective-clients / storm-clients / catalog-whole / slow-healthy /\n       \
                  slow-stalled / publish are child processes it starts)"
             );
@@ -142,7 +142,7 @@ async fn bench(started: Instant) -> Result<()> {
     let nofile = raise_nofile()?;
     ensure_tools(&root).await?;
     let rabbit = rabbit_script(&root, &["prepare", &RABBIT_FDS.to_string()]).await?;
-    let perf = infra::perf_works();
+    let perf = harness::perf_works();
     let mut iso = Isolation::new();
     let versions = versions(&iso).await;
     let info = RunInfo {
@@ -160,7 +160,7 @@ async fn bench(started: Instant) -> Result<()> {
     };
     eprintln!("bench: run {} (database {}, vhost {})", iso.id, iso.db_name, iso.vhost);
     let created = iso.create().await;
-    let settings = infra::settings(&iso, PRODUCTS)?;
+    let settings = harness::settings(&iso, PRODUCTS)?;
     let stomp_clients = stomp_capacity().await;
     let mut ctx = Ctx {
         iso,
@@ -345,6 +345,16 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
         );
     }
 
+    if only.contains(&10) {
+        eprintln!("bench: 10. latency floor: 100 clients at 100 events/s, WebSocket then SSE, hop by hop");
+        scenarios::floor::scenario(ctx, &inst).await?;
+    }
+
+    if only.contains(&11) {
+        eprintln!("bench: 11. generator: asked 2,000 and 10,000 events/s, 30 s each");
+        scenarios::generator::scenario(ctx, &inst).await?;
+    }
+
     let inst = if only.contains(&4) {
         eprintln!("bench: 4. resume after {MISSED} missed updates, from memory and after a restart");
         let inst = scenarios::resume_scenario(ctx, inst, MISSED).await?;
@@ -457,22 +467,22 @@ async fn versions(iso: &Isolation) -> Vec<(String, String)> {
     }
     v.push((
         "PostgreSQL".to_owned(),
-        infra::postgres_version(&iso.pg_server)
+        harness::postgres_version(&iso.pg_server)
             .await
             .unwrap_or_else(|e| format!("? ({e})")),
     ));
     v.push((
         "Redis".to_owned(),
-        infra::redis_version(&iso.redis_url)
+        harness::redis_version(&iso.redis_url)
             .await
             .unwrap_or_else(|e| format!("? ({e})")),
     ));
-    let nginx = infra::command_version("nginx", &["-v"]);
+    let nginx = harness::command_version("nginx", &["-v"]);
     v.push((
         "nginx".to_owned(),
         nginx.rsplit('/').next().unwrap_or(&nginx).to_owned(),
     ));
-    let wrk = infra::command_version("wrk", &["-v"]);
+    let wrk = harness::command_version("wrk", &["-v"]);
     v.push((
         "wrk".to_owned(),
         wrk.split_whitespace().nth(1).unwrap_or(&wrk).to_owned(),
@@ -562,8 +572,8 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
     let _ = writeln!(
         md,
         "- **Machine**: {cores} cores ({}), {:.1} GiB memory, {}",
-        infra::cpu_model(),
-        infra::mem_total_gib(),
+        harness::cpu_model(),
+        harness::mem_total_gib(),
         os_name()
     );
     let _ = writeln!(
@@ -620,6 +630,8 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
     md.push_str(scenarios::storm::METHOD);
     md.push_str(scenarios::catalog::METHOD);
     md.push_str(scenarios::slow::METHOD);
+    md.push_str(scenarios::floor::METHOD);
+    md.push_str(scenarios::generator::METHOD);
     md
 }
 

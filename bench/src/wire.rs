@@ -4,13 +4,14 @@
 //! connection, frames parsed in place, and only the few fields the bench
 //! needs read from each message (no JSON parse on the hot path).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant as Deadline;
 
 /// Position of `needle` in `hay`.
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -92,10 +93,25 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub async fn connect(addr: SocketAddr) -> Result<Conn> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connect to {addr}"))?;
+    /// Connects from the loopback address `src` when given: the service
+    /// limits some requests per client address, so a scenario that must
+    /// look like many clients binds several 127.0.0.x addresses.
+    pub async fn connect_from(src: Option<Ipv4Addr>, addr: SocketAddr) -> Result<Conn> {
+        let stream = match src {
+            None => TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connect to {addr}"))?,
+            Some(src) => {
+                let socket = TcpSocket::new_v4()?;
+                socket
+                    .bind(SocketAddr::from((src, 0)))
+                    .with_context(|| format!("bind {src}"))?;
+                socket
+                    .connect(addr)
+                    .await
+                    .with_context(|| format!("connect {src} → {addr}"))?
+            }
+        };
         stream.set_nodelay(true)?;
         Ok(Conn {
             stream,
@@ -152,6 +168,13 @@ pub const OP_BINARY: u8 = 0x2;
 pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
 
+/// What the control conversation of a WebSocket sees next.
+pub enum WsEvent {
+    Text(Vec<u8>),
+    /// A close frame, with its code if it has one.
+    Closed(Option<u16>),
+}
+
 pub struct Ws {
     conn: Conn,
 }
@@ -159,7 +182,17 @@ pub struct Ws {
 impl Ws {
     /// Opens `path` on `addr` and completes the upgrade.
     pub async fn connect(addr: SocketAddr, path: &str, protocol: Option<&str>) -> Result<Ws> {
-        let mut conn = Conn::connect(addr).await?;
+        Self::connect_from(None, addr, path, protocol).await
+    }
+
+    /// [`Ws::connect`] from the loopback address `src` ([`Conn::connect_from`]).
+    pub async fn connect_from(
+        src: Option<Ipv4Addr>,
+        addr: SocketAddr,
+        path: &str,
+        protocol: Option<&str>,
+    ) -> Result<Ws> {
+        let mut conn = Conn::connect_from(src, addr).await?;
         let proto = protocol
             .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
             .unwrap_or_default();
@@ -178,6 +211,10 @@ impl Ws {
     /// as it is (the server unmasks with XOR 0).
     pub async fn send_text(&mut self, text: &[u8]) -> std::io::Result<()> {
         self.send(0x81, text).await
+    }
+
+    pub async fn send_json(&mut self, v: &serde_json::Value) -> std::io::Result<()> {
+        self.send_text(v.to_string().as_bytes()).await
     }
 
     async fn send(&mut self, first: u8, payload: &[u8]) -> std::io::Result<()> {
@@ -289,6 +326,46 @@ impl Ws {
         }
     }
 
+    /// The next text message or the close, answering pings; an error at
+    /// the deadline or when the connection ends without a close frame.
+    pub async fn next(&mut self, deadline: Deadline) -> Result<WsEvent> {
+        loop {
+            while let Some(f) = self.frame() {
+                match f.op {
+                    OP_PING => self.pong(&f).await?,
+                    OP_CLOSE => {
+                        let code = close_code(self.payload(&f));
+                        self.consume(&f);
+                        return Ok(WsEvent::Closed(code));
+                    }
+                    0x0..=0x2 => {
+                        let text = self.payload(&f).to_vec();
+                        self.consume(&f);
+                        return Ok(WsEvent::Text(text));
+                    }
+                    _ => self.consume(&f),
+                }
+            }
+            let n = tokio::time::timeout_at(deadline, self.fill())
+                .await
+                .map_err(|_| anyhow!("no frame in time"))??;
+            if n == 0 {
+                bail!("the connection ended without a close frame");
+            }
+        }
+    }
+
+    /// Closes with 1000 and reads up to the server's close frame (for at
+    /// most a second): dropping a socket with unread data resets it, which
+    /// the service counts as a protocol error.
+    pub async fn close(mut self) {
+        if self.send(0x88, &1000u16.to_be_bytes()).await.is_err() {
+            return;
+        }
+        let deadline = Deadline::now() + Duration::from_secs(1);
+        while let Ok(WsEvent::Text(_)) = self.next(deadline).await {}
+    }
+
     /// Waits for a message containing `needle`, skipping others.
     pub async fn wait_for(&mut self, needle: &[u8], within: Duration) -> Result<Vec<u8>> {
         let deadline = tokio::time::Instant::now() + within;
@@ -304,6 +381,10 @@ impl Ws {
             }
         }
     }
+}
+
+pub fn close_code(payload: &[u8]) -> Option<u16> {
+    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
 }
 
 /// Server-Sent Events over HTTP/1.1 (chunked or not).
@@ -381,12 +462,27 @@ impl Sse {
 
     /// [`Sse::connect`] with more request headers (`Last-Event-ID`).
     pub async fn connect_with(addr: SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> Result<Sse> {
-        let mut conn = Conn::connect(addr).await?;
+        match Self::open(None, addr, path_and_query, headers).await? {
+            SseOpen::Stream(sse) => Ok(sse),
+            SseOpen::Refused(status) => bail!("event stream refused: HTTP {status}"),
+        }
+    }
+
+    /// Opens an event stream from the loopback address `src` when given
+    /// ([`Conn::connect_from`]); a refusal is an answer, not an error.
+    pub async fn open(
+        src: Option<Ipv4Addr>,
+        addr: SocketAddr,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<SseOpen> {
+        let mut conn = Conn::connect_from(src, addr).await?;
         let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
         let req = format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{extra}\r\n");
         let head = conn.exchange_head(&req).await?;
-        if status_of(&head) != 200 {
-            bail!("event stream refused: {}", head.lines().next().unwrap_or(""));
+        let status = status_of(&head);
+        if status != 200 {
+            return Ok(SseOpen::Refused(status));
         }
         let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
         let mut sse = Sse {
@@ -397,7 +493,7 @@ impl Sse {
             ended: false,
         };
         sse.dechunk()?;
-        Ok(sse)
+        Ok(SseOpen::Stream(sse))
     }
 
     fn dechunk(&mut self) -> Result<()> {
@@ -420,15 +516,41 @@ impl Sse {
         self.body.advance(len + 2);
     }
 
-    /// Reads more; false at end of stream.
-    pub async fn fill(&mut self) -> Result<bool> {
+    /// Reads more; false at end of stream. A malformed chunk is an
+    /// `InvalidData` error, so that every failure reads as a socket's.
+    pub async fn fill(&mut self) -> std::io::Result<bool> {
         let n = self.conn.fill().await?;
         if n == 0 {
             return Ok(false);
         }
-        self.dechunk()?;
+        self.dechunk()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         Ok(!self.ended)
     }
+
+    /// The next event (comments included); None at the end of the stream.
+    pub async fn next(&mut self, deadline: Deadline) -> Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(len) = self.event_len() {
+                let event = self.body[..len].to_vec();
+                self.consume_event(len);
+                return Ok(Some(event));
+            }
+            let more = tokio::time::timeout_at(deadline, self.fill())
+                .await
+                .map_err(|_| anyhow!("no event in time"))??;
+            if !more {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// What opening an event stream got.
+pub enum SseOpen {
+    Stream(Sse),
+    /// Refused with this HTTP status (503: busy or at a limit).
+    Refused(u16),
 }
 
 /// STOMP over WebSocket (RabbitMQ Web-STOMP): connects to `vhost` and

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, Stream, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -109,14 +109,11 @@ async fn consume(ctx: &Ctx, conn: &Connection, queue: &str) -> anyhow::Result<()
             d = consumer.next() => d,
             _ = ctx.shutdown.cancelled() => return Ok(()),
         };
-        let mut batch = vec![next_delivery(first)?];
-        let deadline = tokio::time::Instant::now() + max_wait;
-        while batch.len() < ctx.settings.batch_size {
-            tokio::select! {
-                d = consumer.next() => batch.push(next_delivery(d)?),
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-        }
+        let first = next_delivery(first)?;
+        let batch = gather(Ok(first), &mut consumer, ctx.settings.batch_size, max_wait)
+            .await
+            .into_iter()
+            .collect::<lapin::Result<Vec<Delivery>>>()?;
         let span = tracing::info_span!(
             "apply_batch",
             queue,
@@ -126,6 +123,41 @@ async fn consume(ctx: &Ctx, conn: &Connection, queue: &str) -> anyhow::Result<()
         );
         process(ctx, &channel, &publisher, batch).instrument(span).await?;
     }
+}
+
+/// A batch: `first`, whatever `deliveries` has already received, and, with
+/// a `linger`, what comes within it; at most `size`. What has arrived joins
+/// without a wait: under load, deliveries pile up while the previous batch
+/// commits, so batches grow with the load by themselves, and a lone event at
+/// light load is applied at once. A linger is for operators who would trade
+/// that much latency on every event for fewer commits at moderate rates.
+/// The end of the stream ends the batch; the next read reports it.
+async fn gather<S, T>(first: T, deliveries: &mut S, size: usize, linger: Duration) -> Vec<T>
+where
+    S: Stream<Item = T> + Unpin,
+{
+    let mut batch = vec![first];
+    while batch.len() < size {
+        match deliveries.next().now_or_never() {
+            Some(Some(d)) => batch.push(d),
+            Some(None) => return batch,
+            None => break,
+        }
+    }
+    if linger.is_zero() {
+        return batch;
+    }
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < size {
+        tokio::select! {
+            d = deliveries.next() => match d {
+                Some(d) => batch.push(d),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    batch
 }
 
 fn next_delivery(d: Option<lapin::Result<Delivery>>) -> anyhow::Result<Delivery> {
@@ -181,6 +213,7 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
         match outcome {
             Outcome::Applied => {
                 ctx.metrics.events_applied.get_or_create(&[("kind", kind)]).inc();
+                crate::metrics::observe_since(&ctx.metrics.commit_latency, event.ts_us);
             }
             // Its broadcast, if it ever applied, went to the outbox with
             // the commit: nothing to send again.
@@ -294,4 +327,65 @@ pub(crate) fn spawn_lag_monitor(
             let _ = channel.close(200, "lag sampled".into()).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures_util::stream::{self, StreamExt};
+
+    use super::gather;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    /// Runs `gather` with a bound well below `LONG`: a batch that waits
+    /// where it should not fails here instead of hanging.
+    async fn within_a_second<F: Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(1), f)
+            .await
+            .expect("the batch was gathered without waiting")
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_everything_that_has_arrived_without_waiting() {
+        let mut arrived = stream::iter(2..=10).chain(stream::pending());
+        let batch = within_a_second(gather(1, &mut arrived, 200, Duration::ZERO)).await;
+        assert_eq!(batch, (1..=10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_its_size_and_leaves_the_rest_for_the_next() {
+        let mut arrived = stream::iter(2..=10).chain(stream::pending());
+        let batch = within_a_second(gather(1, &mut arrived, 4, LONG)).await;
+        assert_eq!(batch, [1, 2, 3, 4]);
+        assert_eq!(arrived.next().await, Some(5));
+    }
+
+    #[tokio::test]
+    async fn a_lone_delivery_is_a_batch_at_once_unless_a_linger_is_set() {
+        let late = || {
+            stream::once(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                2
+            })
+            .chain(stream::pending())
+        };
+        let mut arrivals = Box::pin(late());
+        let alone = within_a_second(gather(1, &mut arrivals, 200, Duration::ZERO)).await;
+        assert_eq!(alone, [1]);
+
+        let mut arrivals = Box::pin(late());
+        let started = std::time::Instant::now();
+        let lingered = gather(1, &mut arrivals, 2, LONG).await;
+        assert_eq!(lingered, [1, 2]);
+        assert!(started.elapsed() < LONG, "a full batch ends the linger");
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_deliveries_ends_the_batch_and_its_linger() {
+        let mut ended = stream::iter(2..=3);
+        let batch = within_a_second(gather(1, &mut ended, 200, LONG)).await;
+        assert_eq!(batch, [1, 2, 3]);
+    }
 }

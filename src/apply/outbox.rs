@@ -29,6 +29,10 @@ pub(crate) struct Unrelayed {
     /// The transaction that wrote it.
     #[diesel(sql_type = BigInt)]
     pub txid: i64,
+    /// When its first update was published (µs; 0 when unknown): the
+    /// relay's latency metric starts there.
+    #[diesel(sql_type = BigInt)]
+    pub first_ts_us: i64,
 }
 
 /// Records the applied updates, in commit order, as stream messages of at
@@ -50,10 +54,12 @@ pub(crate) async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> 
             .first()
             .map(|e| format!("{}:{}", e.topic(), e.version))
             .unwrap_or_default();
-        prepared("INSERT INTO update_outbox (message_id, body, updates) VALUES ($1, $2, $3)")
+        let first_ts_us = chunk.first().map_or(0, |e| e.ts_us);
+        prepared("INSERT INTO update_outbox (message_id, body, updates, first_ts_us) VALUES ($1, $2, $3, $4)")
             .bind::<Text, _>(message_id)
             .bind::<Bytea, _>(body)
             .bind::<Integer, _>(chunk.len() as i32)
+            .bind::<BigInt, _>(first_ts_us)
             .execute(conn)
             .await?;
     }
@@ -77,7 +83,7 @@ pub(crate) async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diese
 
 /// The oldest pending messages, in commit order.
 pub(crate) async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Unrelayed>, diesel::result::Error> {
-    prepared("SELECT seq, message_id, body, updates, txid FROM update_outbox ORDER BY seq LIMIT $1")
+    prepared("SELECT seq, message_id, body, updates, txid, first_ts_us FROM update_outbox ORDER BY seq LIMIT $1")
         .bind::<BigInt, _>(limit)
         .load(conn)
         .await

@@ -141,6 +141,11 @@ async fn publish_pending(relay: &Relay, channel: &Channel) -> Result<usize, Rela
                 })
                 .collect();
             publish_all(channel, &messages, CONFIRM_TIMEOUT).await?;
+            // Confirmed now: the latency up to the stream ends here, not
+            // after the delete's commit.
+            for r in &rows {
+                crate::metrics::observe_since(&relay.metrics.relay_latency, r.first_ts_us);
+            }
             let updates: u64 = rows.iter().map(|r| r.updates as u64).sum();
             outbox::delete(conn, rows.iter().map(|r| r.seq).collect()).await?;
             Ok((rows.len(), updates))

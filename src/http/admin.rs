@@ -48,12 +48,17 @@ pub(crate) struct GeneratorChange {
 
 fn generator_status(state: &AppState) -> serde_json::Value {
     let c = state.generator.control();
-    json!({ "running": c.running, "rate": c.rate, "active_here": state.generator.is_leader() })
+    json!({
+        "running": c.running,
+        "rate": c.rate,
+        "active_here": state.generator.is_leader(),
+        "achieved_rate": state.generator.achieved(),
+    })
 }
 
 #[utoipa::path(get, path = "/admin/generator", tag = "admin", security(("admin" = [])),
     responses(
-        (status = 200, description = "Whether the generator runs, its rate, and whether it runs here", body = Object),
+        (status = 200, description = "Whether the generator runs, the rate asked, whether it runs here, and the rate it holds here (events confirmed per second over the last 5 s)", body = Object),
         (status = 401, description = "No or a wrong admin token", body = crate::http::error::ErrorBody),
     ))]
 pub(crate) async fn get_generator(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

@@ -6,12 +6,14 @@
 
 pub(crate) mod generator;
 
+pub use generator::{Control, GeneratorHandle};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use diesel::OptionalExtension;
-use diesel::sql_types::{BigInt, Bool};
+use diesel::sql_types::{Array, BigInt, Bool};
+use diesel::{OptionalExtension, QueryableByName};
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
@@ -23,7 +25,7 @@ use crate::store::{Db, StoreError};
 use crate::wire::encode_event;
 
 /// The state a change starts from, with freshly issued versions.
-#[derive(Debug, diesel::QueryableByName)]
+#[derive(Debug, QueryableByName)]
 pub struct Issued {
     #[diesel(sql_type = BigInt)]
     pub price_cents: i64,
@@ -59,6 +61,40 @@ pub async fn issue(db: &Db, id: ProductId, price: bool, stock: bool) -> Result<O
     .get_result::<Issued>(&mut conn)
     .await
     .optional()?;
+    Ok(issued)
+}
+
+/// One product's freshly issued versions in a batch ([`issue_many`]).
+#[derive(Debug, QueryableByName)]
+pub struct IssuedFor {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(embed)]
+    pub issued: Issued,
+}
+
+/// [`issue`] for many products in one statement: `(id, price, stock)` each,
+/// every id at most once. Products that do not exist, or whose requested
+/// kind is at [`MAX_VERSION`], are left out of the answer. The rows are
+/// locked in id order, as apply locks them, so concurrent batches and apply
+/// transactions wait for each other instead of deadlocking.
+pub async fn issue_many(db: &Db, picks: &[(ProductId, bool, bool)]) -> Result<Vec<IssuedFor>, StoreError> {
+    if picks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = picks.iter().map(|(id, _, _)| id.get()).collect();
+    let prices: Vec<bool> = picks.iter().map(|(_, p, _)| *p).collect();
+    let stocks: Vec<bool> = picks.iter().map(|(_, _, s)| *s).collect();
+    let mut conn = db.get().await?;
+    let issued = diesel::sql_query(
+        "WITH pick AS (SELECT * FROM unnest($1::int8[], $2::bool[], $3::bool[]) AS t(id, price, stock)),               locked AS (SELECT p.id FROM products p JOIN pick USING (id) ORDER BY p.id FOR UPDATE OF p)          UPDATE products p SET            price_issued = GREATEST(p.price_issued, p.price_version) + CASE WHEN pick.price THEN 1 ELSE 0 END,            stock_issued = GREATEST(p.stock_issued, p.stock_version) + CASE WHEN pick.stock THEN 1 ELSE 0 END          FROM pick JOIN locked USING (id)          WHERE p.id = pick.id            AND (NOT pick.price OR GREATEST(p.price_issued, p.price_version) < $4)            AND (NOT pick.stock OR GREATEST(p.stock_issued, p.stock_version) < $4)          RETURNING p.id, p.price_cents, p.stock, p.price_issued, p.stock_issued",
+    )
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<Array<Bool>, _>(prices)
+    .bind::<Array<Bool>, _>(stocks)
+    .bind::<BigInt, _>(MAX_VERSION)
+    .load::<IssuedFor>(&mut conn)
+    .await?;
     Ok(issued)
 }
 

@@ -442,6 +442,29 @@ impl TestApp {
             .await
     }
 
+    /// Binds the price queue to the events exchange, or unbinds it: a
+    /// price event is then unroutable, and the broker returns it instead of
+    /// confirming it.
+    pub async fn route_prices(&self, routed: bool) {
+        let t = &self.state.settings.rabbit.topology;
+        let conn = lapin::Connection::connect(&self.iso.amqp_url(), Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let (queue, exchange) = (t.price_queue.as_str().into(), t.events_exchange.as_str().into());
+        let args = lapin::types::FieldTable::default();
+        if routed {
+            ch.queue_bind(queue, exchange, "product.price.*".into(), Default::default(), args)
+                .await
+                .unwrap();
+        } else {
+            ch.queue_unbind(queue, exchange, "product.price.*".into(), args)
+                .await
+                .unwrap();
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+
     /// `POST /products/{id}/{kind}` with the ingest token, `body` and an
     /// optional idempotency key: the status, the JSON answer, and whether
     /// it was marked as a replay.

@@ -151,29 +151,6 @@ async fn bad_ingest_calls_get_4xx_json_and_publish_nothing() {
     off.stop().await;
 }
 
-/// Binds the price queue to the events exchange, or unbinds it: a price
-/// event is then unroutable, and the broker returns it instead of
-/// confirming it.
-async fn price_routed(app: &testkit::TestApp, routed: bool) {
-    let t = &app.state.settings.rabbit.topology;
-    let conn = lapin::Connection::connect(&app.iso.amqp_url(), Default::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let (queue, exchange) = (t.price_queue.as_str().into(), t.events_exchange.as_str().into());
-    let args = lapin::types::FieldTable::default();
-    if routed {
-        ch.queue_bind(queue, exchange, "product.price.*".into(), Default::default(), args)
-            .await
-            .unwrap();
-    } else {
-        ch.queue_unbind(queue, exchange, "product.price.*".into(), args)
-            .await
-            .unwrap();
-    }
-    let _ = conn.close(200, "done".into()).await;
-}
-
 #[actix_rt::test]
 async fn a_retry_after_a_failed_publish_sends_the_version_already_issued_and_applies_once() {
     let app = spawn_app().await;
@@ -181,11 +158,11 @@ async fn a_retry_after_a_failed_publish_sends_the_version_already_issued_and_app
     let (_, base, _) = app.ingest("price", 8, json!({ "price_cents": 700 }), None).await;
     let base = base["version"].as_i64().unwrap();
 
-    price_routed(&app, false).await;
+    app.route_prices(false).await;
     let body = json!({ "price_cents": 777 });
     let (status, refused, _) = app.ingest("price", 8, body.clone(), Some("reprice-8")).await;
     assert_eq!(status, 503, "{refused}");
-    price_routed(&app, true).await;
+    app.route_prices(true).await;
 
     // The retry publishes the event the first attempt issued and stored.
     let (status, accepted, replayed) = app.ingest("price", 8, body.clone(), Some("reprice-8")).await;

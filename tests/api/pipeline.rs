@@ -449,6 +449,26 @@ async fn version_issuing_refuses_a_product_at_the_version_bound_instead_of_overf
         .unwrap()
         .unwrap();
     assert_eq!(stock.stock_issued, 1);
+    // Issued in a batch (the generator's way): the product at the bound is
+    // left out, the others get their next versions, a missing one nothing.
+    let pid = |n| product_gateway::domain::ProductId::new(n).unwrap();
+    let batch = product_gateway::ingest::issue_many(
+        &app.state.db,
+        &[
+            (id, true, false),
+            (pid(8), true, true),
+            (pid(9), false, true),
+            (pid(999_999), true, false),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut got: Vec<(i64, i64, i64)> = batch
+        .iter()
+        .map(|r| (r.id, r.issued.price_issued, r.issued.stock_issued))
+        .collect();
+    got.sort();
+    assert_eq!(got, [(8, 1, 1), (9, 0, 1)]);
     app.stop().await;
 }
 
@@ -701,5 +721,34 @@ async fn the_generator_keeps_its_rate_over_sparse_ids_and_touches_only_existing_
     // bound sits far below the rate and far above that.
     assert!(events >= 0.3 * 200.0 * 3.0, "{events} events in {secs:.1} s");
     assert_eq!(per_product, 3, "every existing product is picked");
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn the_generator_reports_the_rate_it_holds_and_shows_when_it_falls_short() {
+    let app = spawn_app().await;
+    app.generator(true, Some(100)).await;
+    let held = || async {
+        let (_, g) = app.admin(Method::GET, "/admin/generator", None).await;
+        g["achieved_rate"].as_f64().unwrap_or(-1.0)
+    };
+    let holding = eventually(Duration::from_secs(30), "the generator holds 100 events/s", || async {
+        let r = held().await;
+        (80.0..=120.0).contains(&r).then_some(r)
+    })
+    .await;
+    assert_eq!(app.metric("gateway_generator_asked_rate", "").await, 100.0);
+    // Price events unroutable: they are refused and retried, and no fresh
+    // events are made meanwhile, so it holds far less than it is asked.
+    app.route_prices(false).await;
+    let short = eventually(Duration::from_secs(30), "the shortfall shows", || async {
+        let r = held().await;
+        (r < 50.0).then_some(r)
+    })
+    .await;
+    assert!(app.metric("gateway_generator_achieved_rate", "").await < 90.0);
+    println!("held {holding:.0} events/s, then {short:.0} with price events unroutable");
+    app.route_prices(true).await;
+    drain_generator(&app).await;
     app.stop().await;
 }

@@ -14,8 +14,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::Mutex;
 
 use super::Ctx;
-use crate::children::{Args, Child, PubProc};
-use crate::infra::{self, Instance, Isolation, mgmt_json, rss_kib};
+use crate::fleet::{Args, Child, PubProc};
+use crate::harness::{self, Instance, Isolation, mgmt_json, rss_kib};
 use crate::load::{Pace, pct_ms};
 use crate::report::thousands;
 use crate::wire::{self, Sse, Ws, find, now_us};
@@ -61,7 +61,7 @@ pub async fn scenario(ctx: &mut Ctx) -> Result<()> {
 }
 
 async fn run(ctx: &mut Ctx, iso: &Isolation) -> Result<()> {
-    let inst = Instance::start(infra::settings(iso, PRODUCTS)?, false).await?;
+    let inst = Instance::start(harness::settings(iso, PRODUCTS)?, false).await?;
     ctx.quiet().await;
     let started = Instant::now();
     product_gateway::seed::seed(&inst.state.db, PRODUCTS)
@@ -94,7 +94,7 @@ async fn run(ctx: &mut Ctx, iso: &Isolation) -> Result<()> {
     child.stop().await?;
     report_whole(ctx, &whole)?;
 
-    let inst = Instance::start(infra::settings(iso, PRODUCTS)?, false).await?;
+    let inst = Instance::start(harness::settings(iso, PRODUCTS)?, false).await?;
     ctx.quiet().await;
     one_product(ctx, &inst).await?;
     ctx.quiet().await;
@@ -169,9 +169,9 @@ pub fn catalog_whole(args: Args) -> Result<()> {
     iso.db_name = args.get("db")?;
     iso.vhost = args.get("vhost")?;
     iso.redis_prefix = args.get("redis-prefix")?;
-    let mut settings = infra::settings(&iso, PRODUCTS)?;
+    let mut settings = harness::settings(&iso, PRODUCTS)?;
     settings.hub.max_concurrent_snapshots = WHOLE_CLIENTS;
-    infra::raise_per_address_turns(&mut settings);
+    harness::raise_per_address_turns(&mut settings);
     settings.database.read_pool_size = WHOLE_CLIENTS + 2;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {

@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 
 use super::{Ctx, wait_clients_gone};
-use crate::children::Child;
-use crate::infra::{Instance, rss_kib};
+use crate::fleet::Child;
+use crate::harness::{Instance, rss_kib};
 use crate::report::thousands;
 
 /// Opens `ws` WebSocket and `sse` SSE idle connections from a child

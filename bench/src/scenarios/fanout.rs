@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::{Ctx, INTERFERENCE, wait_clients_gone};
-use crate::children::Child;
-use crate::infra::{Instance, cpu_sample};
+use super::{Ctx, INTERFERENCE, Points, wait_clients_gone};
+use crate::fleet::Child;
+use crate::harness::{Instance, cpu_sample};
 use crate::load::{self, Pace};
 use crate::report::{ms, thousands};
 
@@ -20,7 +20,20 @@ pub struct Fanout {
     pub p999: f64,
 }
 
-pub async fn fanout(
+/// What one fan-out window measured: the clients' result and readiness,
+/// the publisher's run and the service's latency points over the window.
+pub struct FanoutWindow {
+    pub result: serde_json::Value,
+    pub ready: serde_json::Value,
+    pub publish: load::PublishRun,
+    pub points: [f64; 4],
+}
+
+/// Measures `n` clients over `proto` receiving every event at `rate`, in a
+/// child process; a window disturbed by other programs is measured again
+/// when the run has time. `title` names it in the CPU shares.
+#[allow(clippy::too_many_arguments)]
+pub async fn fanout_window(
     ctx: &mut Ctx,
     inst: &Instance,
     proto: &str,
@@ -28,10 +41,8 @@ pub async fn fanout(
     addr: SocketAddr,
     n: usize,
     rate: f64,
-) -> Result<Fanout> {
-    const S: &str = "2. fan-out";
-    // The figures with targets are those at the base rate.
-    let base = rate == FANOUT_RATE;
+    title: &str,
+) -> Result<FanoutWindow> {
     let (warmup, window) = (Duration::from_secs(3), Duration::from_secs(15));
     if proto == "stomp" {
         let conn = lapin::Connection::connect(
@@ -51,7 +62,7 @@ pub async fn fanout(
         let _ = conn.close(200, "declared".into()).await;
     }
     let mut attempt = 0;
-    let (result, ready) = loop {
+    loop {
         attempt += 1;
         ctx.quiet().await;
         let mut child = Child::spawn(&[
@@ -83,12 +94,14 @@ pub async fn fanout(
         // CPU over the clients' whole measuring window.
         tokio::time::sleep(warmup).await;
         let cpu0 = cpu_sample();
+        let points0 = Points::read(inst);
         let perf = ctx.perf(&format!("fanout-{proto}"), 8);
         tokio::time::sleep(window).await;
         let cpu1 = cpu_sample();
+        let points = Points::read(inst).means_since(&points0);
         let result = child.expect("RESULT", Duration::from_secs(60)).await?;
         publish.stop();
-        publish.wait().await.context("fan-out publisher")?;
+        let publish = publish.wait().await.context("fan-out publisher")?;
         child.stop().await?;
         if proto != "stomp" {
             wait_clients_gone(inst).await?;
@@ -96,7 +109,7 @@ pub async fn fanout(
         let foreign = ctx
             .profile(
                 &format!(
-                    "2. fan-out, {n} {label} clients at {rate} events/s{}",
+                    "{title}, {n} {label} clients at {rate} events/s{}",
                     if attempt > 1 { " (measured again)" } else { "" }
                 ),
                 &cpu0,
@@ -106,9 +119,29 @@ pub async fn fanout(
             )
             .await;
         if foreign < INTERFERENCE || attempt > 1 || !ctx.may_retry() {
-            break (result, ready);
+            return Ok(FanoutWindow {
+                result,
+                ready,
+                publish,
+                points,
+            });
         }
-    };
+    }
+}
+
+pub async fn fanout(
+    ctx: &mut Ctx,
+    inst: &Instance,
+    proto: &str,
+    label: &str,
+    addr: SocketAddr,
+    n: usize,
+    rate: f64,
+) -> Result<Fanout> {
+    const S: &str = "2. fan-out";
+    // The figures with targets are those at the base rate.
+    let base = rate == FANOUT_RATE;
+    let FanoutWindow { result, ready, .. } = fanout_window(ctx, inst, proto, label, addr, n, rate, S).await?;
     let f = |k: &str| result[k].as_f64().unwrap_or(f64::NAN);
     let expected = rate * n as f64;
     let out = Fanout {

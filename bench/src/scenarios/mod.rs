@@ -8,6 +8,8 @@
 pub mod catalog;
 pub mod connections;
 pub mod fanout;
+pub mod floor;
+pub mod generator;
 pub mod photos;
 pub mod pipeline;
 pub mod resume;
@@ -25,12 +27,12 @@ use anyhow::{Result, anyhow, bail};
 use product_gateway::settings::Settings;
 use tokio_util::sync::CancellationToken;
 
-use crate::children::PubProc;
-use crate::infra::{
+use crate::fleet::PubProc;
+use crate::harness::{
     CpuSample, Instance, Isolation, Perf, cpu_shares, foreign_pct, format_shares, on_thread, wait_quiet,
 };
 use crate::load::{self, Pace, Tracker};
-use crate::report::{Profile, Report};
+use crate::report::{Profile, Report, ms};
 
 /// Events in flight (published, not yet consumed or delivered) in the
 /// closed-loop runs.
@@ -179,6 +181,22 @@ pub async fn wait_clients_gone(inst: &Instance) -> Result<()> {
     }
 }
 
+/// Waits until the apply queues are empty, as the service's lag gauge
+/// (sampled every 2 s) says twice in a row.
+pub async fn drain_applied(inst: &Instance, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    let mut empty = 0;
+    while empty < 2 {
+        let lag = inst.metric("gateway_consumer_lag_messages", "");
+        empty = if lag <= 0.0 { empty + 1 } else { 0 };
+        if Instant::now() > deadline {
+            bail!("{lag} events still wait in the apply queues after {} s", within.as_secs());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    Ok(())
+}
+
 // ------------------------------------------------------ 3. connections
 
 pub use connections::connections;
@@ -186,3 +204,57 @@ pub use fanout::{FANOUT_RATE, fanout, fanout_max};
 pub use photos::photos;
 pub use pipeline::pipeline;
 pub use resume::resume_scenario;
+
+/// The service's latency points: the time since an event's publish at
+/// successive places in the pipeline, as its histograms count them.
+const POINTS: [&str; 4] = [
+    "gateway_commit_latency_seconds",
+    "gateway_relay_latency_seconds",
+    "gateway_hub_latency_seconds",
+    "gateway_e2e_latency_seconds",
+];
+
+/// Sum and count of each latency point at one moment: two readings give
+/// the mean of each point over the time between them, and the difference
+/// of two means is the mean time of one hop.
+pub struct Points([(f64, f64); 4]);
+
+impl Points {
+    pub fn read(inst: &Instance) -> Self {
+        let text = inst.metrics_text();
+        Points(POINTS.map(|name| {
+            (
+                testkit::metric_value(&text, &format!("{name}_sum"), ""),
+                testkit::metric_value(&text, &format!("{name}_count"), ""),
+            )
+        }))
+    }
+
+    /// Each point's mean since `before`, ms after the publish (NaN where
+    /// nothing was counted).
+    pub fn means_since(&self, before: &Points) -> [f64; 4] {
+        let mut means = [f64::NAN; 4];
+        for (i, ((s1, c1), (s0, c0))) in self.0.iter().zip(&before.0).enumerate() {
+            if c1 > c0 {
+                means[i] = (s1 - s0) / (c1 - c0) * 1000.0;
+            }
+        }
+        means
+    }
+}
+
+/// One line of where the time went: the publisher's own publish → confirm,
+/// then each hop inside the service as the difference of two points' means.
+pub fn hops_text(confirm_ms: f64, means: [f64; 4]) -> String {
+    let [commit, stream, hub, socket] = means;
+    format!(
+        "publish → confirm {} (publisher); publish → commit {}; → stream confirmed +{}; → hub +{}; → socket +{} \
+         (= {} publish → socket)",
+        ms(confirm_ms),
+        ms(commit),
+        ms(stream - commit),
+        ms(hub - stream),
+        ms(socket - hub),
+        ms(socket)
+    )
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::{Ctx, INTERFERENCE};
-use crate::infra::{Instance, cpu_sample, http};
+use crate::harness::{Instance, cpu_sample, http};
 use crate::report::{ms, thousands};
 
 struct Wrk {

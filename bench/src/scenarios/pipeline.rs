@@ -11,7 +11,7 @@ use product_gateway::broker::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
 use super::{CLOSED_WINDOW, Ctx, INTERFERENCE, tracking_client};
-use crate::infra::{Instance, cpu_sample, on_thread};
+use crate::harness::{Instance, cpu_sample, on_thread};
 use crate::load::{self, Pace, key_of, pct_ms, version_of};
 use crate::report::{ms, thousands};
 

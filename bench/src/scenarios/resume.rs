@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::{CLOSED_WINDOW, Ctx, tracking_client, wait_clients_gone};
-use crate::infra::Instance;
+use crate::harness::Instance;
 use crate::load::{Pace, key_of, version_of};
 use crate::report::{ms, thousands};
 use crate::wire::{self, Sse, UpdateInfo, Ws};

@@ -24,8 +24,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::Ctx;
 use super::slow_clients::GROUPS;
-use crate::children::{Child, PubProc};
-use crate::infra::{self, Instance, Isolation, cpu_sample, rss_kib};
+use crate::fleet::{Child, PubProc};
+use crate::harness::{self, Instance, Isolation, cpu_sample, rss_kib};
 use crate::load::{Pace, pct_ms};
 use crate::report::{ms, thousands};
 use crate::wire::{self, now_us};
@@ -126,10 +126,10 @@ pub async fn scenario(ctx: &mut Ctx) -> Result<()> {
 }
 
 async fn run(ctx: &mut Ctx, iso: &Isolation) -> Result<()> {
-    let mut settings = infra::settings(iso, PRODUCTS)?;
+    let mut settings = harness::settings(iso, PRODUCTS)?;
     // The per-address caps as shipped: the stalled snapshots come from two
     // addresses of their own to take them.
-    let shipped = infra::shipped_settings()?;
+    let shipped = harness::shipped_settings()?;
     settings.hub.max_snapshots_per_ip = shipped.hub.max_snapshots_per_ip;
     settings.hub.max_catch_ups_per_ip = shipped.hub.max_catch_ups_per_ip;
     settings.hub.client_timeout = CLIENT_TIMEOUT;

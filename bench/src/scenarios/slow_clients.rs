@@ -6,27 +6,22 @@
 //! connecting: the service limits snapshots and stream catch-ups per client
 //! address, so the stalled requests must come from several addresses to take
 //! every instance-wide turn, and the healthy probes from one of their own.
-//! `wire`'s clients always connect from 127.0.0.1, hence the small WebSocket
-//! and SSE clients here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
-use bytes::{Buf, BytesMut};
+use anyhow::{Result, anyhow, bail};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant as Deadline;
 
-use crate::children::{Args, run_fleet};
-use crate::infra::raise_nofile;
+use crate::fleet::{Args, Connecting, lock, run_fleet};
+use crate::harness::raise_nofile;
 use crate::load::key_of;
-use crate::wire::{Dechunk, OP_CLOSE, OP_PING, UpdateInfo, find, now_us, num_after};
+use crate::wire::{OP_CLOSE, OP_PING, Sse, SseOpen, UpdateInfo, Ws, WsEvent, close_code, find, now_us, num_after};
 
 /// Both wildcard topics: every update there is, the way a stalled client
 /// gets its queue filled at the publisher's whole rate.
@@ -34,10 +29,6 @@ const WILDCARD: [&str; 2] = ["product.price.*", "product.stock.*"];
 const WILDCARD_QUERY: &str = "product.price.*,product.stock.*";
 /// Connection attempts at once per process.
 const CONNECTING: usize = 200;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The product healthy client `i` watches: spread over `lo..lo + span`
 /// (the products the measured window's events touch), not in order.
@@ -48,299 +39,30 @@ pub fn healthy_product(i: usize, lo: u64, span: u64) -> u64 {
     lo + (x ^ (x >> 31)) % span
 }
 
-// ---------------------------------------------------------------- sockets
-
-/// A TCP connection from a chosen loopback address, with its read buffer.
-struct Sock {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Sock {
-    async fn connect(src: Ipv4Addr, addr: SocketAddr) -> Result<Sock> {
-        let socket = TcpSocket::new_v4()?;
-        socket
-            .bind(SocketAddr::from((src, 0)))
-            .with_context(|| format!("bind {src}"))?;
-        let stream = socket
-            .connect(addr)
-            .await
-            .with_context(|| format!("connect {src} → {addr}"))?;
-        stream.set_nodelay(true)?;
-        Ok(Sock {
-            stream,
-            buf: BytesMut::with_capacity(4096),
-        })
-    }
-
-    async fn fill(&mut self) -> std::io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(8192);
-        }
-        self.stream.read_buf(&mut self.buf).await
-    }
-
-    /// Sends a request head and reads the response head: (status, head).
-    async fn exchange(&mut self, request: &str) -> Result<(u16, String)> {
-        self.stream.write_all(request.as_bytes()).await?;
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-                self.buf.advance(end + 4);
-                let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-                return Ok((status, head));
+/// Opens a WebSocket from `src` and subscribes with `subscribe` (the
+/// frame's fields besides `op`), waiting for `subscribed`.
+async fn subscribe(src: Ipv4Addr, addr: SocketAddr, mut subscribe: serde_json::Value) -> Result<Ws> {
+    let mut ws = Ws::connect_from(Some(src), addr, "/ws", None).await?;
+    subscribe["op"] = "subscribe".into();
+    ws.send_json(&subscribe).await?;
+    let deadline = Deadline::now() + Duration::from_secs(30);
+    loop {
+        match ws.next(deadline).await? {
+            WsEvent::Text(m) if find(&m, b"\"type\":\"subscribed\"").is_some() => return Ok(ws),
+            WsEvent::Text(m) if find(&m, b"\"type\":\"error\"").is_some() => {
+                bail!("subscribe refused: {}", String::from_utf8_lossy(&m))
             }
-            if self.buf.len() > 64 * 1024 {
-                bail!("response head over 64 KiB");
-            }
-            if self.fill().await? == 0 {
-                bail!("connection closed before the response head");
-            }
+            WsEvent::Text(_) => {}
+            WsEvent::Closed(code) => bail!("closed ({code:?}) before subscribed"),
         }
     }
 }
 
-/// One WebSocket frame at the front of the buffer.
-#[derive(Clone, Copy)]
-struct Frame {
-    op: u8,
-    start: usize,
-    end: usize,
-}
-
-/// What the control conversation of a WebSocket sees next.
-enum WsEvent {
-    Text(Vec<u8>),
-    Closed(Option<u16>),
-}
-
-struct WsC {
-    s: Sock,
-}
-
-impl WsC {
-    async fn open(src: Ipv4Addr, addr: SocketAddr) -> Result<WsC> {
-        let mut s = Sock::connect(src, addr).await?;
-        let req = format!(
-            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        let (status, head) = s.exchange(&req).await?;
-        if status != 101 {
-            bail!("WebSocket upgrade refused: {}", head.lines().next().unwrap_or(""));
-        }
-        Ok(WsC { s })
-    }
-
-    /// A masked frame; the mask key is zero, so the payload goes as it is.
-    async fn send(&mut self, first: u8, payload: &[u8]) -> std::io::Result<()> {
-        let len = payload.len();
-        let mut frame = Vec::with_capacity(len + 14);
-        frame.push(first);
-        if len < 126 {
-            frame.push(0x80 | len as u8);
-        } else if len <= usize::from(u16::MAX) {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        frame.extend_from_slice(&[0, 0, 0, 0]);
-        frame.extend_from_slice(payload);
-        self.s.stream.write_all(&frame).await
-    }
-
-    async fn send_json(&mut self, v: &serde_json::Value) -> std::io::Result<()> {
-        self.send(0x81, v.to_string().as_bytes()).await
-    }
-
-    fn frame(&self) -> Option<Frame> {
-        let b = &self.s.buf[..];
-        if b.len() < 2 {
-            return None;
-        }
-        let op = b[0] & 0x0f;
-        let (len, mut start): (usize, usize) = match b[1] & 0x7f {
-            126 => (u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize, 4),
-            127 => (u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize, 10),
-            n => (n as usize, 2),
-        };
-        if b[1] & 0x80 != 0 {
-            start += 4;
-        }
-        let end = start.checked_add(len)?;
-        (b.len() >= end).then_some(Frame { op, start, end })
-    }
-
-    fn payload(&self, f: &Frame) -> &[u8] {
-        &self.s.buf[f.start..f.end]
-    }
-
-    fn consume(&mut self, f: &Frame) {
-        self.s.buf.advance(f.end);
-    }
-
-    async fn pong(&mut self, f: &Frame) -> std::io::Result<()> {
-        let payload = self.payload(f).to_vec();
-        self.consume(f);
-        self.send(0x8A, &payload).await
-    }
-
-    async fn fill(&mut self) -> std::io::Result<usize> {
-        self.s.fill().await
-    }
-
-    /// Closes with 1000 and reads up to the server's close frame (for at
-    /// most a second): dropping a socket with unread data resets it, which
-    /// the service counts as a protocol error.
-    async fn close(mut self) {
-        if self.send(0x88, &1000u16.to_be_bytes()).await.is_err() {
-            return;
-        }
-        let deadline = Deadline::now() + Duration::from_secs(1);
-        while let Ok(WsEvent::Text(_)) = self.next(deadline).await {}
-    }
-
-    /// The next text message or the close, answering pings; an error at
-    /// the deadline or when the connection ends without a close frame.
-    async fn next(&mut self, deadline: Deadline) -> Result<WsEvent> {
-        loop {
-            while let Some(f) = self.frame() {
-                match f.op {
-                    OP_PING => self.pong(&f).await?,
-                    OP_CLOSE => {
-                        let code = close_code(self.payload(&f));
-                        self.consume(&f);
-                        return Ok(WsEvent::Closed(code));
-                    }
-                    0x0..=0x2 => {
-                        let text = self.payload(&f).to_vec();
-                        self.consume(&f);
-                        return Ok(WsEvent::Text(text));
-                    }
-                    _ => self.consume(&f),
-                }
-            }
-            let n = tokio::time::timeout_at(deadline, self.fill())
-                .await
-                .map_err(|_| anyhow!("no frame in time"))??;
-            if n == 0 {
-                bail!("the connection ended without a close frame");
-            }
-        }
-    }
-
-    /// Opens a WebSocket and subscribes with `subscribe` (the frame's
-    /// fields besides `op`), waiting for `subscribed`.
-    async fn subscribe(src: Ipv4Addr, addr: SocketAddr, mut subscribe: serde_json::Value) -> Result<WsC> {
-        let mut ws = WsC::open(src, addr).await?;
-        subscribe["op"] = "subscribe".into();
-        ws.send_json(&subscribe).await?;
-        let deadline = Deadline::now() + Duration::from_secs(30);
-        loop {
-            match ws.next(deadline).await? {
-                WsEvent::Text(m) if find(&m, b"\"type\":\"subscribed\"").is_some() => return Ok(ws),
-                WsEvent::Text(m) if find(&m, b"\"type\":\"error\"").is_some() => {
-                    bail!("subscribe refused: {}", String::from_utf8_lossy(&m))
-                }
-                WsEvent::Text(_) => {}
-                WsEvent::Closed(code) => bail!("closed ({code:?}) before subscribed"),
-            }
-        }
-    }
-}
-
-fn close_code(payload: &[u8]) -> Option<u16> {
-    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
-}
-
-/// Server-Sent Events over HTTP/1.1, chunked or not.
-struct SseC {
-    s: Sock,
-    chunked: bool,
-    state: Dechunk,
-    body: BytesMut,
-    /// The last chunk came: the server ended the stream.
-    ended: bool,
-}
-
-enum SseOpen {
-    Stream(SseC),
-    /// Refused with this HTTP status (503: busy or at a limit).
-    Refused(u16),
-}
-
-impl SseC {
-    async fn open(src: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<SseOpen> {
-        let mut s = Sock::connect(src, addr).await?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
-        let (status, head) = s.exchange(&req).await?;
-        if status != 200 {
-            return Ok(SseOpen::Refused(status));
-        }
-        let mut sse = SseC {
-            s,
-            chunked: head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
-            state: Dechunk::default(),
-            body: BytesMut::new(),
-            ended: false,
-        };
-        sse.dechunk()?;
-        Ok(SseOpen::Stream(sse))
-    }
-
-    /// [`SseC::open`], a refusal being an error.
-    async fn stream(src: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<SseC> {
-        match SseC::open(src, addr, path).await? {
-            SseOpen::Stream(s) => Ok(s),
-            SseOpen::Refused(status) => bail!("event stream refused: HTTP {status}"),
-        }
-    }
-
-    fn dechunk(&mut self) -> Result<()> {
-        if !self.chunked {
-            self.body.extend_from_slice(&self.s.buf);
-            self.s.buf.clear();
-            return Ok(());
-        }
-        self.ended |= self.state.feed(&mut self.s.buf, &mut self.body)?;
-        Ok(())
-    }
-
-    /// Length of the next complete event (without its blank line).
-    fn event_len(&self) -> Option<usize> {
-        find(&self.body, b"\n\n")
-    }
-
-    fn consume_event(&mut self, len: usize) {
-        self.body.advance(len + 2);
-    }
-
-    /// Reads more; Ok(false) at the end of the stream.
-    async fn fill(&mut self) -> std::io::Result<bool> {
-        if self.s.fill().await? == 0 {
-            return Ok(false);
-        }
-        self.dechunk().map_err(std::io::Error::other)?;
-        Ok(!self.ended)
-    }
-
-    /// The next event (comments included); None at the end of the stream.
-    async fn next(&mut self, deadline: Deadline) -> Result<Option<Vec<u8>>> {
-        loop {
-            if let Some(len) = self.event_len() {
-                let event = self.body[..len].to_vec();
-                self.consume_event(len);
-                return Ok(Some(event));
-            }
-            let more = tokio::time::timeout_at(deadline, self.fill())
-                .await
-                .map_err(|_| anyhow!("no event in time"))??;
-            if !more {
-                return Ok(None);
-            }
-        }
+/// An event stream from `src`, a refusal being an error.
+async fn sse_stream(src: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<Sse> {
+    match Sse::open(Some(src), addr, path, &[]).await? {
+        SseOpen::Stream(s) => Ok(s),
+        SseOpen::Refused(status) => bail!("event stream refused: HTTP {status}"),
     }
 }
 
@@ -448,64 +170,31 @@ pub fn healthy(args: Args) -> Result<()> {
     let every = Duration::from_millis(args.num("probe-every-ms").unwrap_or(5000));
     run_fleet(async move {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::with_capacity(1 << 16)));
-        let ready = Arc::new(AtomicUsize::new(0));
         let closed = Arc::new(AtomicUsize::new(0));
-        let failed: Arc<Mutex<Option<String>>> = Arc::default();
-        let gate = Arc::new(Semaphore::new(CONNECTING));
+        let connecting = Connecting::new(CONNECTING);
         let started = Instant::now();
         for k in 0..n {
-            let (seen, ready, closed, failed, gate) = (
-                seen.clone(),
-                ready.clone(),
-                closed.clone(),
-                failed.clone(),
-                gate.clone(),
-            );
+            let (seen, closed, connecting) = (seen.clone(), closed.clone(), connecting.clone());
             let product = healthy_product(first + k, lo, span);
             let ws = (first + k).is_multiple_of(2);
             tokio::spawn(async move {
-                let permit = gate.acquire_owned().await;
                 let topics = [format!("product.price.{product}"), format!("product.stock.{product}")];
-                let opened = tokio::time::timeout(Duration::from_secs(60), async {
+                let opened = connecting.open(async {
                     if ws {
-                        WsC::subscribe(src, addr, json!({ "topics": topics }))
-                            .await
-                            .map(Healthy::Ws)
+                        subscribe(src, addr, json!({ "topics": topics })).await.map(Healthy::Ws)
                     } else {
                         let path = format!("/events?topics={},{}", topics[0], topics[1]);
-                        SseC::stream(src, addr, &path).await.map(Healthy::Sse)
+                        sse_stream(src, addr, &path).await.map(Healthy::Sse)
                     }
-                })
-                .await
-                .map_err(|_| anyhow!("connect timed out"))
-                .and_then(|r| r);
-                drop(permit);
-                match opened {
-                    Ok(client) => {
-                        ready.fetch_add(1, Ordering::SeqCst);
-                        let why = record(client, k as u32, &seen).await;
-                        closed.fetch_add(1, Ordering::SeqCst);
-                        lock(&failed).get_or_insert(why);
-                    }
-                    Err(e) => {
-                        lock(&failed).get_or_insert(format!("{e:#}"));
-                    }
+                });
+                if let Some(client) = opened.await {
+                    let why = record(client, k as u32, &seen).await;
+                    closed.fetch_add(1, Ordering::SeqCst);
+                    connecting.fail(why);
                 }
             });
         }
-        let deadline = Instant::now() + Duration::from_secs(150);
-        while ready.load(Ordering::SeqCst) < n {
-            if let Some(e) = lock(&failed).clone() {
-                bail!("a healthy client failed while connecting: {e}");
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "only {} of {n} healthy clients connected within 150 s",
-                    ready.load(Ordering::SeqCst)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connecting.all_up(n, "healthy client", Duration::from_secs(150)).await?;
         let log: Arc<Mutex<ProbeLog>> = Arc::default();
         if let Some(probe_src) = probe {
             tokio::spawn(probe_loop(probe_src, addr, every, catalog, log.clone()));
@@ -538,7 +227,7 @@ pub fn healthy(args: Args) -> Result<()> {
             };
             let mut result = tally.count(&seen);
             result["closed"] = closed.load(Ordering::SeqCst).into();
-            result["first_error"] = lock(&failed).clone().into();
+            result["first_error"] = connecting.first_error().into();
             let log = lock(&log);
             result["probes"] = log
                 .records
@@ -563,8 +252,8 @@ pub fn healthy(args: Args) -> Result<()> {
 }
 
 enum Healthy {
-    Ws(WsC),
-    Sse(SseC),
+    Ws(Ws),
+    Sse(Sse),
 }
 
 /// Records every update a healthy client receives until its connection
@@ -792,7 +481,7 @@ async fn probe_loop(src: Ipv4Addr, addr: SocketAddr, every: Duration, catalog: i
 /// closed politely, outside the time.
 async fn attempt<F>(log: &Mutex<ProbeLog>, ws: bool, within: Duration, f: F) -> Try
 where
-    F: Future<Output = Result<(Outcome, Option<WsC>)>>,
+    F: Future<Output = Result<(Outcome, Option<Ws>)>>,
 {
     let opened = now_us();
     let started = Instant::now();
@@ -836,88 +525,117 @@ where
 
 async fn snapshot_once(src: Ipv4Addr, addr: SocketAddr, product: u64, sse: bool, log: &Mutex<ProbeLog>) -> Try {
     let topics = [format!("product.price.{product}"), format!("product.stock.{product}")];
-    let far = Deadline::now() + Duration::from_secs(60);
-    if !sse {
-        return attempt(log, true, Duration::from_secs(20), async {
-            let mut ws = WsC::open(src, addr).await?;
-            ws.send_json(&json!({ "op": "subscribe", "topics": topics, "snapshot": true }))
-                .await?;
-            let outcome = loop {
-                match ws.next(far).await? {
-                    WsEvent::Text(m) if find(&m, b"\"type\":\"snapshot_end\"").is_some() => {
-                        let offset = num_after(&m, b"\"offset\":").map(|o| o as u64);
-                        break (true, String::new(), offset, Duration::ZERO);
-                    }
-                    WsEvent::Text(m) if find(&m, b"\"type\":\"error\"").is_some() => {
-                        break (false, code_of(&m), None, retry_of(&m));
-                    }
-                    WsEvent::Text(_) => {}
-                    WsEvent::Closed(code) => return Ok((refused(format!("closed {code:?}")), None)),
-                }
-            };
-            Ok((outcome, Some(ws)))
+    let within = Duration::from_secs(20);
+    if sse {
+        let path = format!("/events?topics={},{}&snapshot=true", topics[0], topics[1]);
+        return probe_sse(src, addr, &path, within, log, |e| {
+            if event_is(e, b"snapshot_end") {
+                let offset = num_after(e, b"\"offset\":").or_else(|| num_after(e, b"id:"));
+                return Some((true, String::new(), offset.map(|o| o as u64), Duration::ZERO));
+            }
+            event_is(e, b"error").then(|| answered_error(e))
         })
         .await;
     }
-    attempt(log, false, Duration::from_secs(20), async {
-        let path = format!("/events?topics={},{}&snapshot=true", topics[0], topics[1]);
-        let mut sse = match SseC::open(src, addr, &path).await? {
-            SseOpen::Stream(s) => s,
-            SseOpen::Refused(status) => return Ok((refused(format!("HTTP {status}")), None)),
-        };
+    let subscribe = json!({ "op": "subscribe", "topics": topics, "snapshot": true });
+    probe_ws(src, addr, subscribe, within, log, |m| {
+        if find(m, b"\"type\":\"snapshot_end\"").is_some() {
+            let offset = num_after(m, b"\"offset\":").map(|o| o as u64);
+            return Some((true, String::new(), offset, Duration::ZERO));
+        }
+        find(m, b"\"type\":\"error\"").map(|_| answered_error(m))
+    })
+    .await
+}
+
+async fn resume_once(src: Ipv4Addr, addr: SocketAddr, since: u64, sse: bool, log: &Mutex<ProbeLog>) -> Try {
+    let within = Duration::from_secs(40);
+    if sse {
+        let path = wildcard_path(&format!("&since={since}"));
+        return probe_sse(src, addr, &path, within, log, |e| {
+            if event_is(e, b"price") || event_is(e, b"stock") {
+                Some((true, String::new(), None, Duration::ZERO))
+            } else if event_is(e, b"reset") {
+                Some(refused(reset_why(e)))
+            } else {
+                event_is(e, b"error").then(|| answered_error(e))
+            }
+        })
+        .await;
+    }
+    let subscribe = json!({ "op": "subscribe", "topics": WILDCARD, "since": since });
+    probe_ws(src, addr, subscribe, within, log, |m| {
+        if m.starts_with(b"{\"type\":\"update\"") {
+            Some((true, String::new(), None, Duration::ZERO))
+        } else if find(m, b"\"type\":\"reset\"").is_some() {
+            Some(refused(reset_why(m)))
+        } else {
+            find(m, b"\"type\":\"error\"").map(|_| answered_error(m))
+        }
+    })
+    .await
+}
+
+/// An error frame or event's outcome: its code, and when to come back.
+fn answered_error(text: &[u8]) -> Outcome {
+    (false, code_of(text), None, retry_of(text))
+}
+
+/// How a probe reads each message or event: its outcome, or None to read on.
+type Verdict = fn(&[u8]) -> Option<Outcome>;
+
+/// A probe over WebSocket: sends `subscribe`, then reads until `verdict`
+/// gives an outcome or the server closes.
+async fn probe_ws(
+    src: Ipv4Addr,
+    addr: SocketAddr,
+    subscribe: serde_json::Value,
+    within: Duration,
+    log: &Mutex<ProbeLog>,
+    verdict: Verdict,
+) -> Try {
+    let far = Deadline::now() + Duration::from_secs(60);
+    attempt(log, true, within, async {
+        let mut ws = Ws::connect_from(Some(src), addr, "/ws", None).await?;
+        ws.send_json(&subscribe).await?;
         loop {
-            match sse.next(far).await? {
-                None => return Ok((refused("stream ended".to_owned()), None)),
-                Some(e) if event_is(&e, b"snapshot_end") => {
-                    let offset = num_after(&e, b"\"offset\":").or_else(|| num_after(&e, b"id:"));
-                    return Ok(((true, String::new(), offset.map(|o| o as u64), Duration::ZERO), None));
+            match ws.next(far).await? {
+                WsEvent::Text(m) => {
+                    if let Some(outcome) = verdict(&m) {
+                        return Ok((outcome, Some(ws)));
+                    }
                 }
-                Some(e) if event_is(&e, b"error") => return Ok(((false, code_of(&e), None, retry_of(&e)), None)),
-                Some(_) => {}
+                WsEvent::Closed(code) => return Ok((refused(format!("closed {code:?}")), None)),
             }
         }
     })
     .await
 }
 
-async fn resume_once(src: Ipv4Addr, addr: SocketAddr, since: u64, sse: bool, log: &Mutex<ProbeLog>) -> Try {
+/// A probe over SSE: opens `path`, then reads until `verdict` gives an
+/// outcome or the stream ends.
+async fn probe_sse(
+    src: Ipv4Addr,
+    addr: SocketAddr,
+    path: &str,
+    within: Duration,
+    log: &Mutex<ProbeLog>,
+    verdict: Verdict,
+) -> Try {
     let far = Deadline::now() + Duration::from_secs(60);
-    if !sse {
-        return attempt(log, true, Duration::from_secs(40), async {
-            let mut ws = WsC::open(src, addr).await?;
-            ws.send_json(&json!({ "op": "subscribe", "topics": WILDCARD, "since": since }))
-                .await?;
-            let outcome = loop {
-                match ws.next(far).await? {
-                    WsEvent::Text(m) if m.starts_with(b"{\"type\":\"update\"") => {
-                        break (true, String::new(), None, Duration::ZERO);
-                    }
-                    WsEvent::Text(m) if find(&m, b"\"type\":\"reset\"").is_some() => break refused(reset_why(&m)),
-                    WsEvent::Text(m) if find(&m, b"\"type\":\"error\"").is_some() => {
-                        break (false, code_of(&m), None, retry_of(&m));
-                    }
-                    WsEvent::Text(_) => {}
-                    WsEvent::Closed(code) => return Ok((refused(format!("closed {code:?}")), None)),
-                }
-            };
-            Ok((outcome, Some(ws)))
-        })
-        .await;
-    }
-    attempt(log, false, Duration::from_secs(40), async {
-        let mut sse = match SseC::open(src, addr, &wildcard_path(&format!("&since={since}"))).await? {
+    attempt(log, false, within, async {
+        let mut sse = match Sse::open(Some(src), addr, path, &[]).await? {
             SseOpen::Stream(s) => s,
             SseOpen::Refused(status) => return Ok((refused(format!("HTTP {status}")), None)),
         };
         loop {
             match sse.next(far).await? {
                 None => return Ok((refused("stream ended".to_owned()), None)),
-                Some(e) if event_is(&e, b"price") || event_is(&e, b"stock") => {
-                    return Ok(((true, String::new(), None, Duration::ZERO), None));
+                Some(e) => {
+                    if let Some(outcome) = verdict(&e) {
+                        return Ok((outcome, None));
+                    }
                 }
-                Some(e) if event_is(&e, b"reset") => return Ok((refused(reset_why(&e)), None)),
-                Some(e) if event_is(&e, b"error") => return Ok(((false, code_of(&e), None, retry_of(&e)), None)),
-                Some(_) => {}
             }
         }
     })
@@ -1020,8 +738,7 @@ pub fn stalled(args: Args) -> Result<()> {
     let since: u64 = args.num("since")?;
     run_fleet(async move {
         let fates = Arc::new(Fates::default());
-        let failed: Arc<Mutex<Option<String>>> = Arc::default();
-        let gate = Arc::new(Semaphore::new(CONNECTING));
+        let connecting = Connecting::new(CONNECTING);
         let started = Instant::now();
         for i in 0..n_ws + n_sse {
             let group = if i < wild_ws {
@@ -1032,53 +749,46 @@ pub fn stalled(args: Args) -> Result<()> {
                 2
             };
             let k = fates.add(group);
-            let (fates, failed, gate) = (fates.clone(), failed.clone(), gate.clone());
+            let (fates, connecting) = (fates.clone(), connecting.clone());
             let product = exact_lo + (i as u64 * 7919) % span;
             tokio::spawn(async move {
-                let permit = gate.acquire_owned().await;
-                let opened = tokio::time::timeout(Duration::from_secs(60), async {
+                let opened = connecting.open(async {
                     match group {
-                        0 => WsC::subscribe(src, addr, json!({ "topics": WILDCARD }))
+                        0 => subscribe(src, addr, json!({ "topics": WILDCARD }))
                             .await
                             .map(Stalled::Ws),
                         1 => {
                             let topics = [format!("product.price.{product}"), format!("product.stock.{product}")];
-                            WsC::subscribe(src, addr, json!({ "topics": topics }))
-                                .await
-                                .map(Stalled::Ws)
+                            subscribe(src, addr, json!({ "topics": topics })).await.map(Stalled::Ws)
                         }
-                        _ => SseC::stream(src, addr, &wildcard_path("")).await.map(Stalled::Sse),
+                        _ => sse_stream(src, addr, &wildcard_path("")).await.map(Stalled::Sse),
                     }
-                })
-                .await
-                .map_err(|_| anyhow!("connect timed out"))
-                .and_then(|r| r);
-                drop(permit);
-                match opened {
-                    Ok(c) => {
-                        fates.ready(k);
-                        read_stalled(c, k, false, &fates).await;
-                    }
-                    Err(e) => {
-                        lock(&failed).get_or_insert(format!("{e:#}"));
-                    }
+                });
+                if let Some(c) = opened.await {
+                    fates.ready(k);
+                    read_stalled(c, k, false, &fates).await;
                 }
             });
         }
         let regular = n_ws + n_sse;
-        wait_ready(&fates, &failed, regular, Duration::from_secs(120), "stalled clients").await?;
+        wait_ready(
+            &fates,
+            &connecting,
+            regular,
+            Duration::from_secs(120),
+            "stalled clients",
+        )
+        .await?;
         // Then the snapshots and resumes, so that they have just started
         // (and still have most of their work ahead) when the process stops.
         for j in 0..snapshots {
             let k = fates.add(3);
             let from = snap_src[j * snap_src.len() / snapshots.max(1)];
-            let (fates, failed) = (fates.clone(), failed.clone());
+            let (fates, connecting) = (fates.clone(), connecting.clone());
             tokio::spawn(async move {
                 match open_retrying(from, addr, &wildcard_path("&snapshot=true")).await {
                     Ok(sse) => read_stalled(Stalled::Sse(sse), k, true, &fates).await,
-                    Err(e) => {
-                        lock(&failed).get_or_insert(format!("stalled snapshot: {e:#}"));
-                    }
+                    Err(e) => connecting.fail(format!("stalled snapshot: {e:#}")),
                 }
             });
         }
@@ -1086,10 +796,10 @@ pub fn stalled(args: Args) -> Result<()> {
             let ws = j % 2 == 0;
             let k = fates.add(if ws { 4 } else { 5 });
             let from = resume_src[j * resume_src.len() / resumes.max(1)];
-            let (fates, failed) = (fates.clone(), failed.clone());
+            let (fates, connecting) = (fates.clone(), connecting.clone());
             tokio::spawn(async move {
                 let opened = if ws {
-                    WsC::subscribe(from, addr, json!({ "topics": WILDCARD, "since": since }))
+                    subscribe(from, addr, json!({ "topics": WILDCARD, "since": since }))
                         .await
                         .map(Stalled::Ws)
                 } else {
@@ -1099,16 +809,14 @@ pub fn stalled(args: Args) -> Result<()> {
                 };
                 match opened {
                     Ok(c) => read_stalled(c, k, true, &fates).await,
-                    Err(e) => {
-                        lock(&failed).get_or_insert(format!("stalled resume: {e:#}"));
-                    }
+                    Err(e) => connecting.fail(format!("stalled resume: {e:#}")),
                 }
             });
         }
         let total = regular + snapshots + resumes;
         wait_ready(
             &fates,
-            &failed,
+            &connecting,
             total,
             Duration::from_secs(90),
             "stalled snapshots and resumes",
@@ -1140,16 +848,10 @@ pub fn stalled(args: Args) -> Result<()> {
     })
 }
 
-async fn wait_ready(
-    fates: &Fates,
-    failed: &Mutex<Option<String>>,
-    n: usize,
-    within: Duration,
-    what: &str,
-) -> Result<()> {
+async fn wait_ready(fates: &Fates, connecting: &Connecting, n: usize, within: Duration, what: &str) -> Result<()> {
     let deadline = Instant::now() + within;
     while fates.ready.load(Ordering::SeqCst) < n {
-        if let Some(e) = lock(failed).clone() {
+        if let Some(e) = connecting.first_error() {
             bail!("{what}: {e}");
         }
         if Instant::now() > deadline {
@@ -1169,11 +871,11 @@ async fn wait_ready(
 /// `error` event with `retry_ms`, then its end; asked again up to three
 /// times. Returns once the first snapshot part or update is in (left in
 /// the buffer, for [`read_stalled`] to see).
-async fn open_retrying(src: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<SseC> {
+async fn open_retrying(src: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<Sse> {
     let mut last = String::new();
     for _ in 0..4 {
         let mut wait = Duration::from_millis(500);
-        match SseC::open(src, addr, path).await? {
+        match Sse::open(Some(src), addr, path, &[]).await? {
             SseOpen::Refused(status) => last = format!("HTTP {status}"),
             SseOpen::Stream(mut sse) => {
                 let deadline = Deadline::now() + Duration::from_secs(60);
@@ -1209,8 +911,8 @@ async fn open_retrying(src: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<Ss
 }
 
 enum Stalled {
-    Ws(WsC),
-    Sse(SseC),
+    Ws(Ws),
+    Sse(Sse),
 }
 
 /// Reads a stalled connection (until SIGSTOP, and again after SIGCONT) to

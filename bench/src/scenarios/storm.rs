@@ -32,8 +32,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Ctx;
-use crate::children::{Args, Child, PubProc};
-use crate::infra::{Instance, cpu_sample, cpu_shares, format_shares, mgmt, mgmt_json, raise_nofile, wait_quiet};
+use crate::fleet::{Args, Child, PubProc};
+use crate::harness::{Instance, cpu_sample, cpu_shares, format_shares, mgmt, mgmt_json, raise_nofile, wait_quiet};
 use crate::load::Pace;
 use crate::report::{ms, thousands};
 use crate::wire::{Sse, now_us};

@@ -13,6 +13,7 @@ pub(crate) mod versions;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -30,7 +31,7 @@ use crate::domain::{Change, Event, PriceCents, ProductId, Stock};
 use crate::ingest;
 use crate::metrics::Metrics;
 use crate::settings::{GeneratorSettings, Settings};
-use crate::store::{self, Db};
+use crate::store::Db;
 
 /// Advisory lock key of the active generator (per database).
 const LEADER_LOCK: i64 = 0x0067_656e_6c65_6164;
@@ -48,11 +49,18 @@ pub struct Control {
 pub struct GeneratorHandle {
     control: watch::Sender<Control>,
     leader: watch::Receiver<bool>,
+    /// Events per second it holds (f64 bits; see [`Held`]).
+    achieved: Arc<AtomicU64>,
 }
 
 impl GeneratorHandle {
     pub fn control(&self) -> Control {
         *self.control.borrow()
+    }
+    /// Events confirmed per second over the last few seconds, here (0
+    /// where the generator runs on another instance).
+    pub fn achieved(&self) -> f64 {
+        f64::from_bits(AtomicU64::load(&self.achieved, Ordering::Relaxed))
     }
     pub fn set(&self, control: Control) {
         self.control.send_replace(control);
@@ -134,6 +142,8 @@ pub(crate) fn spawn(
         shutdown.clone(),
     ));
     let exchange = settings.rabbit.topology.events_exchange.clone();
+    let achieved = Arc::new(AtomicU64::new(0f64.to_bits()));
+    let held = Held::new(achieved.clone(), metrics.clone());
     tracker.spawn(publish_loop(
         g,
         exchange,
@@ -142,11 +152,13 @@ pub(crate) fn spawn(
         metrics,
         control_rx,
         leader_rx.clone(),
+        held,
         shutdown,
     ));
     GeneratorHandle {
         control: control_tx,
         leader: leader_rx,
+        achieved,
     }
 }
 
@@ -202,6 +214,7 @@ async fn publish_loop(
     metrics: Arc<Metrics>,
     mut control: watch::Receiver<Control>,
     leader: watch::Receiver<bool>,
+    mut held: Held,
     shutdown: CancellationToken,
 ) {
     let confirm_timeout = g.confirm_timeout;
@@ -264,12 +277,112 @@ async fn publish_loop(
                 Some((p, outcome)) = in_flight.next() => settle(p, outcome, &mut retry, &mut refused, &metrics, backoff),
                 _ = control.changed() => pace.reset(),
                 _ = tick.tick() => {
-                    let may = *leader.borrow() && retry.is_empty() && refused == 0;
-                    let n = pace.due(*control.borrow(), may, g.max_in_flight.saturating_sub(in_flight.len()));
+                    let c = *control.borrow();
+                    let leads = *leader.borrow();
+                    held.sample(metrics.events_published.get(), if leads && c.running { c.rate } else { 0.0 });
+                    let may = leads && retry.is_empty() && refused == 0;
+                    let n = pace.due(c, may, g.max_in_flight.saturating_sub(in_flight.len()));
                     make_fresh(&db, &mut ids, n, &mut retry).await;
                 }
             }
         }
+    }
+}
+
+/// What the generator holds: events confirmed per second over the last
+/// [`HELD_WINDOW`], for the admin API, the console and a metric, with a
+/// warning once it has stayed below [`HELD_SHORT`] of the rate asked for
+/// [`HELD_WARN_AFTER`] (the broker or database is slower than asked, or
+/// refuses events).
+struct Held {
+    /// (when, events confirmed so far), one every [`HELD_SAMPLE`].
+    samples: VecDeque<(Instant, u64)>,
+    achieved: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+    short_since: Option<Instant>,
+    warned: bool,
+}
+
+const HELD_WINDOW: Duration = Duration::from_secs(5);
+const HELD_SAMPLE: Duration = Duration::from_millis(100);
+const HELD_SHORT: f64 = 0.9;
+const HELD_WARN_AFTER: Duration = Duration::from_secs(10);
+
+impl Held {
+    fn new(achieved: Arc<AtomicU64>, metrics: Arc<Metrics>) -> Self {
+        Held {
+            samples: VecDeque::new(),
+            achieved,
+            metrics,
+            short_since: None,
+            warned: false,
+        }
+    }
+
+    /// Records the count of confirmed events now; `asked` is the rate
+    /// this instance should hold (0 while stopped or not the leader).
+    fn sample(&mut self, confirmed: u64, asked: f64) {
+        self.sample_at(Instant::now(), confirmed, asked);
+    }
+
+    fn sample_at(&mut self, now: Instant, confirmed: u64, asked: f64) {
+        if self
+            .samples
+            .back()
+            .is_some_and(|(t, _)| now.duration_since(*t) < HELD_SAMPLE)
+        {
+            return;
+        }
+        self.samples.push_back((now, confirmed));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= HELD_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let Some(&(since, before)) = self.samples.front() else {
+            return;
+        };
+        let secs = now.duration_since(since).as_secs_f64();
+        let rate = if secs > 0.0 {
+            confirmed.saturating_sub(before) as f64 / secs
+        } else {
+            0.0
+        };
+        self.achieved.store(rate.to_bits(), Ordering::Relaxed);
+        self.metrics.generator_asked_rate.set(asked);
+        self.metrics.generator_achieved_rate.set(rate);
+        // Judged only over a whole window: a start or a change of rate is
+        // not a shortfall.
+        let judged = secs >= HELD_WINDOW.as_secs_f64() * 0.9;
+        if asked > 0.0 && judged && rate < HELD_SHORT * asked {
+            let since = *self.short_since.get_or_insert(now);
+            if !self.warned && now.duration_since(since) >= HELD_WARN_AFTER {
+                self.warned = true;
+                tracing::warn!(
+                    asked,
+                    achieved = rate.round(),
+                    "the generator holds less than the rate asked"
+                );
+            }
+        } else if asked == 0.0 || rate >= HELD_SHORT * asked {
+            if self.warned {
+                tracing::info!(
+                    asked,
+                    achieved = rate.round(),
+                    "the generator holds the rate asked again"
+                );
+            }
+            self.short_since = None;
+            self.warned = false;
+        }
+    }
+
+    #[cfg(test)]
+    fn achieved(&self) -> f64 {
+        f64::from_bits(AtomicU64::load(&self.achieved, Ordering::Relaxed))
     }
 }
 
@@ -330,39 +443,75 @@ impl Ids {
         }
     }
 
-    fn pick(&self) -> Option<i64> {
-        (!self.ids.is_empty()).then(|| self.ids[rand::rng().random_range(0..self.ids.len())])
+    /// Distinct random products and what changes in each (price, stock),
+    /// `n` changes in all, or fewer when the catalog is small.
+    fn pick_changes(&self, n: usize) -> Vec<(ProductId, bool, bool)> {
+        let mut rng = rand::rng();
+        let mut taken = std::collections::HashSet::new();
+        let mut picks = Vec::new();
+        let mut left = n;
+        // Bounded: a catalog with fewer products than changes due runs
+        // out of distinct ones.
+        for _ in 0..n.saturating_mul(4) {
+            if left == 0 || self.ids.is_empty() {
+                break;
+            }
+            let id = self.ids[rng.random_range(0..self.ids.len())];
+            let Some(id) = ProductId::new(id).filter(|_| taken.insert(id)) else {
+                continue;
+            };
+            let (price, stock) = match rng.random_range(0..3u8) {
+                0 => (true, false),
+                1 => (false, true),
+                _ if left >= 2 => (true, true),
+                // One change left: either kind.
+                _ => {
+                    let price: bool = rng.random();
+                    (price, !price)
+                }
+            };
+            left -= usize::from(price) + usize::from(stock);
+            picks.push((id, price, stock));
+        }
+        picks
     }
 }
 
-/// Makes `n` fresh events from random products and schedules them now;
-/// stops early while the database is unavailable.
+/// Makes `n` fresh events and schedules them now: one or two (its price,
+/// its stock or both) for each of distinct random products, their versions
+/// issued together in one statement, so the rate the generator holds is
+/// the broker's, not one database round trip per event. Makes none while
+/// the database is unavailable.
 async fn make_fresh(db: &Db, ids: &mut Ids, n: usize, retry: &mut VecDeque<Outgoing>) {
     if n == 0 {
         return;
     }
     ids.refresh(db).await;
+    let picks = ids.pick_changes(n);
+    let issued = match ingest::issue_many(db, &picks).await {
+        Ok(issued) => issued,
+        Err(e) => {
+            tracing::warn!(error = %e, "generator paused: database unavailable");
+            return;
+        }
+    };
+    let wanted: std::collections::HashMap<i64, (bool, bool)> = picks
+        .iter()
+        .map(|(id, price, stock)| (id.get(), (*price, *stock)))
+        .collect();
     let now = Instant::now();
-    for _ in 0..n {
-        let Some(id) = ids.pick() else {
-            break;
+    for row in issued {
+        let (Some(id), Some(&(price, stock))) = (ProductId::new(row.id), wanted.get(&row.id)) else {
+            continue;
         };
-        match make_events(db, id).await {
-            Ok(events) => {
-                for event in events {
-                    let p = Outgoing {
-                        message_id: uuid::Uuid::new_v4().to_string(),
-                        event,
-                        attempts: 0,
-                        due: now,
-                    };
-                    schedule(retry, p);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "generator paused: database unavailable");
-                break;
-            }
+        for event in changes(id, price, stock, &row.issued) {
+            let p = Outgoing {
+                message_id: uuid::Uuid::new_v4().to_string(),
+                event,
+                attempts: 0,
+                due: now,
+            };
+            schedule(retry, p);
         }
     }
 }
@@ -450,20 +599,12 @@ async fn drain<F>(
 /// How often the generator reads the catalog's ids again.
 const IDS_REREAD: Duration = Duration::from_secs(60);
 
-/// Makes one or two events for product `id` with freshly issued versions.
-async fn make_events(db: &Db, id: i64) -> Result<Vec<Event>, store::StoreError> {
-    let what = rand::rng().random_range(0..3u8);
-    let Some(id) = ProductId::new(id) else {
-        return Ok(vec![]);
-    };
-    let (price, stock) = (what != 1, what != 0);
-    let Some(issued) = ingest::issue(db, id, price, stock).await? else {
-        return Ok(vec![]);
-    };
+/// The events of one product's change from its issued state: a price move
+/// of up to ±5 % and a stock move of a few units, each within sane bounds.
+fn changes(id: ProductId, price: bool, stock: bool, issued: &ingest::Issued) -> Vec<Event> {
     let mut rng = rand::rng();
     let mut events = Vec::with_capacity(2);
     if price {
-        // A move of up to ±5%, kept within sane bounds.
         let factor = 1.0 + rng.random_range(-0.05..=0.05);
         let cents = ((issued.price_cents as f64 * factor).round() as i64).clamp(99, 10_000_000);
         if let Ok(p) = PriceCents::try_from(cents) {
@@ -476,7 +617,7 @@ async fn make_events(db: &Db, id: i64) -> Result<Vec<Event>, store::StoreError> 
             events.push(ingest::event(id, Change::Stock(s), issued.stock_issued));
         }
     }
-    Ok(events)
+    events
 }
 
 #[cfg(test)]
@@ -506,6 +647,56 @@ mod tests {
         assert_eq!(pace.due_at(at(8010), on, true, 1000), 1);
         let off = Control { running: false, ..on };
         assert_eq!(pace.due_at(at(9000), off, true, 1000), 0);
+    }
+
+    #[test]
+    fn held_is_the_confirmed_rate_and_warns_only_after_a_sustained_shortfall() {
+        let metrics = Metrics::new();
+        let mut held = Held::new(Arc::new(AtomicU64::new(0)), metrics.clone());
+        let t0 = Instant::now();
+        let mut confirmed = 0;
+        // 500 events/s confirmed, 100 ms apart; `asked` for `secs` from `from`.
+        let mut run = |held: &mut Held, from: u64, secs: u64, asked: f64| {
+            for step in 0..secs * 10 {
+                confirmed += 50;
+                held.sample_at(t0 + Duration::from_millis((from * 10 + step) * 100), confirmed, asked);
+            }
+        };
+        run(&mut held, 0, 10, 500.0);
+        assert!((held.achieved() - 500.0).abs() < 1.0, "{}", held.achieved());
+        assert_eq!(metrics.generator_achieved_rate.get(), held.achieved());
+        assert!(!held.warned, "holds what is asked");
+        // Asked twice as much: short, but warned only after 10 s of it.
+        run(&mut held, 10, 9, 1000.0);
+        assert!(!held.warned, "not yet: a shortfall of 9 s");
+        run(&mut held, 19, 3, 1000.0);
+        assert!(held.warned, "a shortfall of 12 s");
+        assert_eq!(metrics.generator_asked_rate.get(), 1000.0);
+        // Stopped (or running elsewhere): nothing is asked, nothing short.
+        run(&mut held, 22, 1, 0.0);
+        assert!(!held.warned && held.short_since.is_none());
+    }
+
+    #[test]
+    fn the_changes_due_fall_on_distinct_products_and_add_up() {
+        let ids = Ids {
+            ids: (1..=1000).collect(),
+            read: None,
+        };
+        for due in [1, 2, 7, 100] {
+            let picks = ids.pick_changes(due);
+            let changes: usize = picks.iter().map(|(_, p, s)| usize::from(*p) + usize::from(*s)).sum();
+            assert_eq!(changes, due);
+            let distinct: std::collections::HashSet<_> = picks.iter().map(|(id, _, _)| id.get()).collect();
+            assert_eq!(distinct.len(), picks.len(), "one pick per product");
+            assert!(picks.iter().all(|(_, p, s)| *p || *s), "every pick changes something");
+        }
+        let few = Ids {
+            ids: (1..=10).collect(),
+            read: None,
+        };
+        let picks = few.pick_changes(100);
+        assert!(picks.len() <= 10, "no more products than the catalog has");
     }
 
     #[test]

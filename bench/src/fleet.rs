@@ -8,8 +8,8 @@
 //! nothing until the parent writes `STOP` or closes stdin (idle).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -18,7 +18,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::infra::raise_nofile;
+use crate::harness::raise_nofile;
 use crate::wire::{self, Sse, Ws, now_us};
 
 pub struct Args(Vec<String>);
@@ -64,6 +64,111 @@ pub fn run_fleet<F: Future<Output = Result<()>>>(fleet: F) -> Result<()> {
     let result = rt.block_on(fleet);
     rt.shutdown_background();
     result
+}
+
+/// A fleet's connection phase, shared by its client tasks: each client
+/// opens behind a gate of so many attempts at once (a burst of thousands of
+/// handshakes would time out against a busy service) and within a minute;
+/// the fleet then waits for all of them, and stops at the first failure.
+pub struct Connecting {
+    gate: Semaphore,
+    ready: AtomicUsize,
+    failed: AtomicUsize,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Connecting {
+    pub fn new(at_once: usize) -> Arc<Self> {
+        Arc::new(Connecting {
+            gate: Semaphore::new(at_once),
+            ready: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            first_error: Mutex::new(None),
+        })
+    }
+
+    /// Opens one client through the gate: Some when it connected, None
+    /// when it failed (counted, and its error kept if it was the first).
+    pub async fn open<T>(&self, opening: impl Future<Output = Result<T>>) -> Option<T> {
+        let permit = self.gate.acquire().await;
+        let opened = tokio::time::timeout(Duration::from_secs(60), opening)
+            .await
+            .map_err(|_| anyhow!("connect timed out"))
+            .and_then(|r| r);
+        drop(permit);
+        match opened {
+            Ok(client) => {
+                self.ready.fetch_add(1, Ordering::SeqCst);
+                Some(client)
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                self.fail(format!("{e:#}"));
+                None
+            }
+        }
+    }
+
+    /// Keeps `why` if it is the fleet's first error (a connected client
+    /// that later fails reports here too).
+    pub fn fail(&self, why: String) {
+        lock(&self.first_error).get_or_insert(why);
+    }
+
+    pub fn first_error(&self) -> Option<String> {
+        lock(&self.first_error).clone()
+    }
+
+    pub fn ready(&self) -> usize {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn failed(&self) -> usize {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until all `n` clients are connected; an error at the first
+    /// failure, or when `within` passes first.
+    pub async fn all_up(&self, n: usize, what: &str, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        while self.ready() < n {
+            if let Some(e) = self.first_error() {
+                bail!("a {what} failed while connecting: {e}");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {n} {what}s connected within {} s",
+                    self.ready(),
+                    within.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until each of `n` clients has connected or failed (a fleet
+    /// that reports how many it could hold); an error when `within` passes.
+    pub async fn all_tried(&self, n: usize, what: &str, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        while self.ready() + self.failed() < n {
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {n} {what}s connected within {} s",
+                    self.ready(),
+                    within.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Locks a mutex whose data stays usable when a holder panicked (the
+/// fleets only count and collect under their locks).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -195,52 +300,19 @@ pub fn fanout_clients(args: Args) -> Result<()> {
             end: AtomicI64::new(i64::MAX),
         });
         let done = CancellationToken::new();
-        let ready = Arc::new(AtomicUsize::new(0));
-        let gate = Arc::new(Semaphore::new(100));
+        let connecting = Connecting::new(100);
         let started = Instant::now();
-        let (fail_tx, mut fail_rx) = tokio::sync::mpsc::channel::<String>(16);
         let mut tasks = Vec::with_capacity(n);
         for _ in 0..n {
-            let (w, done, ready, gate, vhost, fail_tx) = (
-                w.clone(),
-                done.clone(),
-                ready.clone(),
-                gate.clone(),
-                vhost.clone(),
-                fail_tx.clone(),
-            );
+            let (w, done, connecting, vhost) = (w.clone(), done.clone(), connecting.clone(), vhost.clone());
             tasks.push(tokio::spawn(async move {
-                let permit = gate.acquire_owned().await;
-                let client = match tokio::time::timeout(Duration::from_secs(60), open(proto, addr, &vhost)).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        let _ = fail_tx.send(format!("{e:#}")).await;
-                        return Err(e);
-                    }
-                    Err(_) => {
-                        let _ = fail_tx.send("connect timed out".into()).await;
-                        bail!("connect timed out");
-                    }
+                let Some(client) = connecting.open(open(proto, addr, &vhost)).await else {
+                    bail!("not connected");
                 };
-                drop(permit);
-                ready.fetch_add(1, Ordering::SeqCst);
                 receive(proto, client, w, done).await
             }));
         }
-        drop(fail_tx);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while ready.load(Ordering::SeqCst) < n {
-            if let Ok(msg) = fail_rx.try_recv() {
-                bail!("a client could not connect: {msg}");
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "only {} of {n} clients connected within 120 s",
-                    ready.load(Ordering::SeqCst)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connecting.all_up(n, "client", Duration::from_secs(120)).await?;
         let connect_secs = started.elapsed().as_secs_f64();
         println!("READY {}", json!({ "connect_secs": connect_secs }));
         let start = now_us() + warmup.as_micros() as i64;
@@ -293,24 +365,14 @@ pub fn idle_clients(args: Args) -> Result<()> {
     let n_sse: usize = args.num("sse")?;
     run_fleet(async move {
         let done = CancellationToken::new();
-        let ready = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(AtomicUsize::new(0));
-        let first_error: Arc<std::sync::Mutex<Option<String>>> = Default::default();
-        let gate = Arc::new(Semaphore::new(200));
+        let connecting = Connecting::new(200);
         let started = Instant::now();
         let total = n_ws + n_sse;
         for i in 0..total {
-            let (done, ready, failed, gate, first_error) = (
-                done.clone(),
-                ready.clone(),
-                failed.clone(),
-                gate.clone(),
-                first_error.clone(),
-            );
+            let (done, connecting) = (done.clone(), connecting.clone());
             tokio::spawn(async move {
-                let permit = gate.acquire_owned().await;
                 let product = i % 1000 + 1;
-                let opened = tokio::time::timeout(Duration::from_secs(60), async {
+                let opened = connecting.open(async {
                     if i < n_ws {
                         let topic = format!("product.price.{product}");
                         wire::gateway_ws(addr, &[topic.as_str()], None).await.map(Client::Ws)
@@ -319,42 +381,19 @@ pub fn idle_clients(args: Args) -> Result<()> {
                             .await
                             .map(Client::Sse)
                     }
-                })
-                .await
-                .map_err(|_| anyhow!("connect timed out"))
-                .and_then(|r| r);
-                drop(permit);
-                let client = match opened {
-                    Ok(c) => c,
-                    Err(e) => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(format!("{e:#}"));
-                        return;
-                    }
-                };
-                ready.fetch_add(1, Ordering::SeqCst);
-                idle(client, done).await;
+                });
+                if let Some(client) = opened.await {
+                    idle(client, done).await;
+                }
             });
         }
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while ready.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst) < total {
-            if Instant::now() > deadline {
-                bail!(
-                    "only {} of {total} idle clients connected within 180 s",
-                    ready.load(Ordering::SeqCst)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let secs = started.elapsed().as_secs_f64();
-        let err = first_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        connecting
+            .all_tried(total, "idle client", Duration::from_secs(180))
+            .await?;
         println!(
             "READY {}",
-            json!({ "secs": secs, "connected": ready.load(Ordering::SeqCst),
-                    "failed": failed.load(Ordering::SeqCst), "first_error": err, "nofile": limit })
+            json!({ "secs": started.elapsed().as_secs_f64(), "connected": connecting.ready(),
+                    "failed": connecting.failed(), "first_error": connecting.first_error(), "nofile": limit })
         );
         // Idle until told to stop (or the parent goes away).
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -532,7 +571,7 @@ pub fn publish_proc(args: Args) -> Result<()> {
         println!(
             "RESULT {}",
             json!({ "first_seq": run.first_seq, "end_seq": run.end_seq, "secs": run.secs,
-                "confirmed_secs": run.confirmed_secs })
+                "confirmed_secs": run.confirmed_secs, "confirm_mean_ms": run.confirm_mean_ms })
         );
         Ok(())
     });
@@ -635,6 +674,7 @@ impl PubProc {
                                     end_seq: g("end_seq")?,
                                     secs: v["secs"].as_f64().unwrap_or(f64::NAN),
                                     confirmed_secs: v["confirmed_secs"].as_f64().unwrap_or(f64::NAN),
+                                    confirm_mean_ms: v["confirm_mean_ms"].as_f64().unwrap_or(f64::NAN),
                                 })
                             });
                         break;
