@@ -72,7 +72,7 @@ lint: ## rustfmt check, clippy (warnings are errors), and dependencies in pipeli
 # missing; the bench starts nginx on a free loopback port, and may restart an
 # idle local RabbitMQ to raise its open-files limit (scripts/bench-rabbit.sh).
 # BENCH_ONLY=2,5 runs some scenarios only (BENCHMARKS.md is then left alone).
-bench: services ## load benchmark, every scenario (< 26 min); table into BENCHMARKS.md
+bench: services ## load benchmark, every scenario (< 31 min); table into BENCHMARKS.md
 	scripts/bench-tools.sh
 	$(CARGO) build --release -p bench
 	BENCH_COMMAND="make bench" target/release/bench

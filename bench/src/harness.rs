@@ -355,6 +355,8 @@ pub fn settings(iso: &Isolation, products: u32) -> Result<Settings> {
     debug_assert_eq!(token.len(), ADMIN_TOKEN_LEN);
     s.admin.token = Secret::new(token);
     s.admin.dev_mode = false;
+    // The ingest scenario posts changes with it.
+    s.ingest.token = Secret::new(uuid::Uuid::new_v4().simple().to_string());
     s.database.url = Secret::new(iso.db_url());
     s.redis.url = Secret::new(iso.redis_url.clone());
     s.redis.key_prefix = iso.redis_prefix.clone();

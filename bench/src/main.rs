@@ -2,7 +2,7 @@
 //! process against the real PostgreSQL, RabbitMQ and Redis on loopback, in
 //! a database, vhosts and Redis prefix of its own, runs each scenario, prints
 //! one table and writes it to BENCHMARKS.md. Bounded: the whole run stops
-//! itself before 25 minutes, and on any failure, with a message, after
+//! itself before 30 minutes, and on any failure, with a message, after
 //! removing what it created.
 //!
 //! `bench` runs everything; `bench fanout-clients …`, `bench idle-clients …`,
@@ -33,7 +33,7 @@ use crate::report::{Report, thousands};
 use crate::scenarios::Ctx;
 
 /// Scenarios, numbered from 1.
-const SCENARIOS: u8 = 11;
+const SCENARIOS: u8 = 12;
 /// Products in the catalog: above the consumer's batch size (see `load`).
 const PRODUCTS: u32 = 1000;
 const FANOUT_CLIENTS: usize = 1000;
@@ -41,7 +41,7 @@ const IDLE_WS: usize = 5000;
 const IDLE_SSE: usize = 5000;
 const MISSED: u64 = 10_000;
 /// The scenarios stop at this age of the run, leaving time to clean up.
-const BUDGET: Duration = Duration::from_secs(25 * 60);
+const BUDGET: Duration = Duration::from_secs(30 * 60);
 const WEB_STOMP: &str = "127.0.0.1:15674";
 /// Longest the whole run waits, before its measurements, for programs that
 /// are not part of the bench (a compiler, a test run) to go quiet.
@@ -67,7 +67,7 @@ fn main() {
         Some("-h" | "--help" | "help") => {
             println!(
                 "usage: bench            run every scenario, print the table, write BENCHMARKS.md\n       \
-                 BENCH_ONLY=2,9 bench  run some scenarios, 1 to 11 (BENCHMARKS.md left alone)\n       \
+                 BENCH_ONLY=2,9 bench  run some scenarios, 1 to 12 (BENCHMARKS.md left alone)\n       \
                  (bench fanout-clients / idle-clients / selective-clients / storm-clients / catalog-whole / slow-healthy /\n       \
                  slow-stalled / publish are child processes it starts)"
             );
@@ -173,6 +173,7 @@ async fn bench(started: Instant) -> Result<()> {
         live: None,
         quiet_budget: QUIET_BUDGET,
         retry_until: started + RETRY_UNTIL,
+        ceiling: None,
     };
     let outcome = match created {
         Err(e) => Err(e),
@@ -353,6 +354,11 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
     if only.contains(&11) {
         eprintln!("bench: 11. generator: asked 2,000 and 10,000 events/s, 30 s each");
         scenarios::generator::scenario(ctx, &inst).await?;
+    }
+
+    if only.contains(&12) {
+        eprintln!("bench: 12. ingest API: wrk, 64 connections, a key per request");
+        scenarios::ingest::scenario(ctx, &inst).await?;
     }
 
     let inst = if only.contains(&4) {
@@ -632,6 +638,7 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
     md.push_str(scenarios::slow::METHOD);
     md.push_str(scenarios::floor::METHOD);
     md.push_str(scenarios::generator::METHOD);
+    md.push_str(scenarios::ingest::METHOD);
     md
 }
 

@@ -1,9 +1,12 @@
 //! Where changes enter the pipeline: a version issued from the product row,
 //! an event on `product.events`, published with a confirm. The ingest API
-//! (`http::ingest`) submits one change at a time and answers once the
-//! broker has confirmed it; the built-in generator issues and builds its
-//! events with the same functions and pipelines their confirms.
+//! (`http::ingest`) answers each change once the broker has confirmed it,
+//! its version issued in a batch with the other requests waiting
+//! (`admission`); the built-in generator issues its versions in batches
+//! with the same statement ([`issue_many`]) and pipelines its confirms.
 
+mod admission;
+mod batches;
 pub(crate) mod generator;
 
 pub use generator::{Control, GeneratorHandle};
@@ -12,17 +15,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use diesel::sql_types::{Array, BigInt, Bool};
-use diesel::{OptionalExtension, QueryableByName};
-use diesel_async::RunQueryDsl;
+use diesel::QueryableByName;
+use diesel::sql_types::{Array, BigInt};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 
 use crate::broker::link::Link;
 use crate::broker::publisher::{Confirmed, Outgoing, confirm_channel, publish_one};
-use crate::domain::{Change, Event, Kind, MAX_VERSION, ProductId, now_us};
-use crate::store::idempotency::{self, Claim, IssuedEvent};
+use crate::domain::{Change, Event, MAX_VERSION, ProductId, now_us};
+use crate::store::idempotency::{self, IssuedEvent};
 use crate::store::{Db, StoreError};
 use crate::wire::encode_event;
+use admission::{Admitted, Ask};
+use batches::Batches;
 
 /// The state a change starts from, with freshly issued versions.
 #[derive(Debug, QueryableByName)]
@@ -37,33 +42,6 @@ pub struct Issued {
     pub stock_issued: i64,
 }
 
-/// Issues the next version of the given kinds of one product. Versions come
-/// from the row itself, so no two publishers (instances, the generator, the
-/// ingest API) can hand out the same one. `None` when the product does not
-/// exist, or when a requested kind is at [`MAX_VERSION`] (only a row written
-/// before versions were bounded can be): a version above it would overflow
-/// or be refused by every consumer.
-pub async fn issue(db: &Db, id: ProductId, price: bool, stock: bool) -> Result<Option<Issued>, StoreError> {
-    let mut conn = db.get().await?;
-    let issued = diesel::sql_query(
-        "UPDATE products SET \
-           price_issued = GREATEST(price_issued, price_version) + CASE WHEN $2 THEN 1 ELSE 0 END, \
-           stock_issued = GREATEST(stock_issued, stock_version) + CASE WHEN $3 THEN 1 ELSE 0 END \
-         WHERE id = $1 \
-           AND (NOT $2 OR GREATEST(price_issued, price_version) < $4) \
-           AND (NOT $3 OR GREATEST(stock_issued, stock_version) < $4) \
-         RETURNING price_cents, stock, price_issued, stock_issued",
-    )
-    .bind::<BigInt, _>(id.get())
-    .bind::<Bool, _>(price)
-    .bind::<Bool, _>(stock)
-    .bind::<BigInt, _>(MAX_VERSION)
-    .get_result::<Issued>(&mut conn)
-    .await
-    .optional()?;
-    Ok(issued)
-}
-
 /// One product's freshly issued versions in a batch ([`issue_many`]).
 #[derive(Debug, QueryableByName)]
 pub struct IssuedFor {
@@ -73,27 +51,41 @@ pub struct IssuedFor {
     pub issued: Issued,
 }
 
-/// [`issue`] for many products in one statement: `(id, price, stock)` each,
-/// every id at most once. Products that do not exist, or whose requested
-/// kind is at [`MAX_VERSION`], are left out of the answer. The rows are
-/// locked in id order, as apply locks them, so concurrent batches and apply
-/// transactions wait for each other instead of deadlocking.
-pub async fn issue_many(db: &Db, picks: &[(ProductId, bool, bool)]) -> Result<Vec<IssuedFor>, StoreError> {
+/// Issues the next versions of many products in one statement: `(id, prices, stocks)`,
+/// how many versions of each kind to issue for the product (every id at
+/// most once); the answer holds each product's newest issued versions, so
+/// the `n` versions issued for a kind are the `n` up to it. Products that do
+/// not exist, or that a requested kind would take past [`MAX_VERSION`], are
+/// left out. The rows are locked in id order, as apply locks them, so
+/// concurrent batches and apply transactions wait for each other instead of
+/// deadlocking.
+pub async fn issue_many(
+    conn: &mut AsyncPgConnection,
+    picks: &[(ProductId, i64, i64)],
+) -> Result<Vec<IssuedFor>, StoreError> {
     if picks.is_empty() {
         return Ok(Vec::new());
     }
     let ids: Vec<i64> = picks.iter().map(|(id, _, _)| id.get()).collect();
-    let prices: Vec<bool> = picks.iter().map(|(_, p, _)| *p).collect();
-    let stocks: Vec<bool> = picks.iter().map(|(_, _, s)| *s).collect();
-    let mut conn = db.get().await?;
+    let prices: Vec<i64> = picks.iter().map(|(_, p, _)| *p).collect();
+    let stocks: Vec<i64> = picks.iter().map(|(_, _, s)| *s).collect();
     let issued = diesel::sql_query(
-        "WITH pick AS (SELECT * FROM unnest($1::int8[], $2::bool[], $3::bool[]) AS t(id, price, stock)),               locked AS (SELECT p.id FROM products p JOIN pick USING (id) ORDER BY p.id FOR UPDATE OF p)          UPDATE products p SET            price_issued = GREATEST(p.price_issued, p.price_version) + CASE WHEN pick.price THEN 1 ELSE 0 END,            stock_issued = GREATEST(p.stock_issued, p.stock_version) + CASE WHEN pick.stock THEN 1 ELSE 0 END          FROM pick JOIN locked USING (id)          WHERE p.id = pick.id            AND (NOT pick.price OR GREATEST(p.price_issued, p.price_version) < $4)            AND (NOT pick.stock OR GREATEST(p.stock_issued, p.stock_version) < $4)          RETURNING p.id, p.price_cents, p.stock, p.price_issued, p.stock_issued",
+        "WITH pick AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[]) AS t(id, prices, stocks)), \
+              locked AS (SELECT p.id FROM products p JOIN pick USING (id) ORDER BY p.id FOR UPDATE OF p) \
+         UPDATE products p SET \
+           price_issued = GREATEST(p.price_issued, p.price_version) + pick.prices, \
+           stock_issued = GREATEST(p.stock_issued, p.stock_version) + pick.stocks \
+         FROM pick JOIN locked USING (id) \
+         WHERE p.id = pick.id \
+           AND (pick.prices = 0 OR GREATEST(p.price_issued, p.price_version) <= $4 - pick.prices) \
+           AND (pick.stocks = 0 OR GREATEST(p.stock_issued, p.stock_version) <= $4 - pick.stocks) \
+         RETURNING p.id, p.price_cents, p.stock, p.price_issued, p.stock_issued",
     )
     .bind::<Array<BigInt>, _>(ids)
-    .bind::<Array<Bool>, _>(prices)
-    .bind::<Array<Bool>, _>(stocks)
+    .bind::<Array<BigInt>, _>(prices)
+    .bind::<Array<BigInt>, _>(stocks)
     .bind::<BigInt, _>(MAX_VERSION)
-    .load::<IssuedFor>(&mut conn)
+    .load::<IssuedFor>(conn)
     .await?;
     Ok(issued)
 }
@@ -152,27 +144,53 @@ pub enum IngestError {
     Broker(String),
 }
 
-/// Submits single changes: one confirm channel per instance, shared by
-/// every request (lapin publishes on it concurrently, each with its own
-/// confirm).
+/// Admission batches in flight at once: a request that arrives while one
+/// runs joins the next at once instead of waiting for it to commit.
+const ADMISSIONS_AT_ONCE: usize = 4;
+
+/// Submits changes: each request's first step is admitted in a batch with
+/// the others waiting ([`admission`]), its event published on one confirm
+/// channel per instance shared by every request (lapin publishes on it
+/// concurrently, each with its own confirm), and the answers under
+/// idempotency keys stored in batches too.
 pub struct Ingest {
     db: Db,
     link: Arc<Link>,
     exchange: String,
     confirm_timeout: Duration,
     channel: tokio::sync::Mutex<Option<lapin::Channel>>,
+    admission: Batches<Ask, Result<Admitted, StoreError>>,
+    answers: Batches<(String, serde_json::Value), ()>,
     /// When expired keys were last purged (seconds since the epoch).
     purged: AtomicI64,
 }
 
 impl Ingest {
+    /// Starts its batching tasks: call within the runtime.
     pub fn new(db: Db, link: Arc<Link>, exchange: String, confirm_timeout: Duration) -> Self {
+        let admit_db = db.clone();
+        let answer_db = db.clone();
         Self {
             db,
             link,
             exchange,
             confirm_timeout,
             channel: tokio::sync::Mutex::new(None),
+            admission: Batches::spawn(admission::BATCH, ADMISSIONS_AT_ONCE, move |asks| {
+                let db = admit_db.clone();
+                async move { admission::admit(&db, asks).await }
+            }),
+            answers: Batches::spawn(admission::BATCH, 1, move |answers: Vec<(String, serde_json::Value)>| {
+                let db = answer_db.clone();
+                async move {
+                    if let Err(e) = idempotency::answer_many(&db, &answers).await {
+                        // The keys keep their events: a retry, once the
+                        // claims are abandoned, sends those again.
+                        tracing::warn!(error = %e, keys = answers.len(), "idempotency answers not stored");
+                    }
+                    answers.iter().map(|_| ()).collect()
+                }
+            }),
             purged: AtomicI64::new(0),
         }
     }
@@ -189,76 +207,64 @@ impl Ingest {
         change: Change,
         key: Option<&str>,
     ) -> Result<(Accepted, bool), IngestError> {
-        let Some(key) = key else {
-            let issued = self.issue_event(id, change).await?;
-            return Ok((self.send(id, change, &issued).await?, false));
-        };
-        self.purge_now_and_then().await;
-        let request = format!("{}:{}:{}", change.kind().as_str(), id, change.value());
+        if key.is_some() {
+            self.purge_now_and_then().await;
+        }
         let owner = uuid::Uuid::new_v4().to_string();
-        let stored = match idempotency::claim(&self.db, key, &request, &owner).await? {
-            Claim::Claimed(stored) => stored,
-            Claim::Answered(answer) => {
+        let ask = Ask {
+            id,
+            kind: change.kind(),
+            key: key.map(|k| {
+                (
+                    k.to_owned(),
+                    format!("{}:{}:{}", change.kind().as_str(), id, change.value()),
+                )
+            }),
+            owner: owner.clone(),
+        };
+        let admitted = self
+            .admission
+            .submit(ask)
+            .await
+            .ok_or_else(|| StoreError::Unavailable("the ingest admission stopped".into()))??;
+        let issued = match admitted {
+            Admitted::Publish(issued) => issued,
+            Admitted::Answered(answer) => {
                 let accepted = serde_json::from_value(answer)
                     .map_err(|e| IngestError::Store(StoreError::Unavailable(format!("stored answer: {e}"))))?;
                 return Ok((accepted, true));
             }
-            Claim::InProgress => return Err(IngestError::KeyInProgress),
-            Claim::Mismatch => return Err(IngestError::KeyReused),
+            Admitted::InProgress => return Err(IngestError::KeyInProgress),
+            Admitted::Mismatch => return Err(IngestError::KeyReused),
+            Admitted::NoProduct => return Err(IngestError::NoProduct(id.get())),
+            Admitted::VersionBound => return Err(IngestError::VersionBound(id.get())),
         };
-        let sent = async {
-            let issued = match stored {
-                Some(issued) => issued,
-                None => {
-                    let issued = self.issue_event(id, change).await?;
-                    // Stored before it is published: whatever fails next, a
-                    // retry sends this event, not a newer one.
-                    if !idempotency::record(&self.db, key, &owner, &issued).await? {
-                        // A retry took the claim over meanwhile; it answers.
-                        return Err(IngestError::KeyInProgress);
-                    }
-                    issued
-                }
-            };
-            self.send(id, change, &issued).await
-        }
-        .await;
+        let sent = self.send(id, change, &issued).await;
+        let Some(key) = key else {
+            return sent.map(|accepted| (accepted, false));
+        };
         match sent {
             Ok(accepted) => {
+                // Stored in the next batch of answers, not waited for: the
+                // event is confirmed and already stored under the key, so a
+                // retry meanwhile is told to come back in a moment, and one
+                // after a failed store sends that same event again.
                 let answer = serde_json::to_value(&accepted).expect("plain fields serialise");
-                idempotency::answer(&self.db, key, &answer).await?;
+                if !self.answers.hand_over((key.to_owned(), answer)) {
+                    tracing::warn!("idempotency answers queue full; this answer is not stored");
+                }
                 Ok((accepted, false))
             }
             Err(e) => {
-                // A retry must be able to run; if this fails too, the claim
-                // is taken over once abandoned.
+                // A retry must be able to run at once (with the stored
+                // event); if this fails too, the claim is taken over once
+                // abandoned.
                 if let Err(release) = idempotency::release(&self.db, key, &owner).await {
                     tracing::warn!(error = %release, "idempotency key not released");
                 }
                 Err(e)
             }
         }
-    }
-
-    /// The change's version, issued from the product row, and the message
-    /// id it goes out under.
-    async fn issue_event(&self, id: ProductId, change: Change) -> Result<IssuedEvent, IngestError> {
-        let kind = change.kind();
-        let issued = issue(&self.db, id, kind == Kind::Price, kind == Kind::Stock).await?;
-        let Some(issued) = issued else {
-            return Err(match crate::store::catalog::get(&self.db, id).await? {
-                None => IngestError::NoProduct(id.get()),
-                Some(_) => IngestError::VersionBound(id.get()),
-            });
-        };
-        let version = match kind {
-            Kind::Price => issued.price_issued,
-            Kind::Stock => issued.stock_issued,
-        };
-        Ok(IssuedEvent {
-            version,
-            message_id: uuid::Uuid::new_v4().to_string(),
-        })
     }
 
     /// Publishes the event and waits for the broker's confirm.

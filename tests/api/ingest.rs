@@ -50,13 +50,26 @@ async fn a_posted_change_is_confirmed_applied_and_delivered() {
     app.stop().await;
 }
 
+/// A retry under `key` as a client makes it: told busy (the first answer
+/// is being stored), it comes back a moment later.
+async fn retried(app: &testkit::TestApp, kind: &str, id: i64, body: Value, key: &str) -> (u16, Value, bool) {
+    for _ in 0..100 {
+        let answer = app.ingest(kind, id, body.clone(), Some(key)).await;
+        if !(answer.0 == 503 && answer.1["code"] == "busy") {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("still busy after 2 s of retries under {key}");
+}
+
 #[actix_rt::test]
 async fn a_repeated_idempotency_key_returns_the_first_answer_and_publishes_once() {
     let app = spawn_app().await;
     let body = json!({ "price_cents": 1999 });
     let (status, first, replayed) = app.ingest("price", 5, body.clone(), Some("order-77-reprice")).await;
     assert_eq!((status, replayed), (202, false), "{first}");
-    let (status, again, replayed) = app.ingest("price", 5, body.clone(), Some("order-77-reprice")).await;
+    let (status, again, replayed) = retried(&app, "price", 5, body.clone(), "order-77-reprice").await;
     assert_eq!((status, replayed), (202, true), "{again}");
     assert_eq!(again, first, "the first answer, message id included");
 
@@ -180,7 +193,108 @@ async fn a_retry_after_a_failed_publish_sends_the_version_already_issued_and_app
     let (_, next, _) = app.ingest("price", 8, json!({ "price_cents": 778 }), None).await;
     assert_eq!(next["version"].as_i64(), Some(base + 2), "{next}");
     // And a replay of the key answers what the retry answered.
-    let (status, again, replayed) = app.ingest("price", 8, body, Some("reprice-8")).await;
+    let (status, again, replayed) = retried(&app, "price", 8, body, "reprice-8").await;
     assert_eq!((status, replayed, &again), (202, true, &accepted));
     app.stop().await;
+}
+
+#[actix_rt::test]
+async fn concurrent_changes_get_unique_versions_in_batches_and_each_its_own_answer() {
+    let app = spawn_app().await;
+    let base_price = app.product(5).await["price_version"].as_i64().unwrap();
+    let base_stock = app.product(6).await["stock_version"].as_i64().unwrap();
+    let asks = (0..20)
+        .map(|i| ("price", 5, json!({ "price_cents": 1000 + i }), None))
+        .chain((0..20).map(|i| ("stock", 6, json!({ "stock": i }), None)))
+        .chain((0..5).map(|_| ("price", 999_999, json!({ "price_cents": 1 }), None)))
+        .chain((0..5).map(|_| ("price", 7, json!({ "price_cents": 777 }), Some("same-key"))));
+    let shared = &app;
+    let answers = futures_util::future::join_all(
+        asks.map(|(kind, id, body, key)| async move { (kind, id, shared.ingest(kind, id, body, key).await) }),
+    )
+    .await;
+    let versions_of = |kind: &str, id: i64| {
+        let mut v: Vec<i64> = answers
+            .iter()
+            .filter(|(k, i, _)| *k == kind && *i == id)
+            .map(|(_, _, (status, body, _))| {
+                assert_eq!(*status, 202, "{body}");
+                body["version"].as_i64().unwrap()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // Every change of one product has a version of its own, none skipped.
+    assert_eq!(
+        versions_of("price", 5),
+        (base_price + 1..=base_price + 20).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        versions_of("stock", 6),
+        (base_stock + 1..=base_stock + 20).collect::<Vec<_>>()
+    );
+    let missing: Vec<u16> = answers
+        .iter()
+        .filter(|(_, id, _)| *id == 999_999)
+        .map(|(_, _, (s, _, _))| *s)
+        .collect();
+    assert_eq!(missing, [404; 5], "a missing product fails alone");
+    // One key, five at once: one publishes; the others are told to retry
+    // in a moment (503 busy) or get its answer.
+    let keyed: Vec<&(u16, Value, bool)> = answers
+        .iter()
+        .filter(|(_, id, _)| *id == 7)
+        .map(|(_, _, a)| a)
+        .collect();
+    let published: Vec<_> = keyed.iter().filter(|(s, _, replayed)| *s == 202 && !replayed).collect();
+    assert_eq!(published.len(), 1, "{keyed:?}");
+    let version = published[0].1["version"].clone();
+    for (status, body, replayed) in &keyed {
+        assert!(
+            (*status == 503 && body["code"] == "busy") || (*status == 202 && (!replayed || body["version"] == version)),
+            "{status} {body}"
+        );
+    }
+    // The newest of each is applied.
+    eventually(T, "the last versions applied", || async {
+        let (p, s) = (app.product(5).await, app.product(6).await);
+        (p["price_version"].as_i64() == Some(base_price + 20) && s["stock_version"].as_i64() == Some(base_stock + 20))
+            .then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn two_instances_issue_one_products_versions_without_a_collision() {
+    let iso = testkit::Isolation::new().await;
+    let a = testkit::spawn_with(iso.clone(), iso.settings()).await;
+    let b = testkit::spawn_with(iso.clone(), iso.settings()).await;
+    let base = a.product(4).await["price_version"].as_i64().unwrap();
+    let (on_a, on_b) = (&a, &b);
+    let answers = futures_util::future::join_all((0..40).map(|i| async move {
+        let app = if i % 2 == 0 { on_a } else { on_b };
+        app.ingest("price", 4, json!({ "price_cents": 2000 + i }), None).await
+    }))
+    .await;
+    let mut versions: Vec<i64> = answers
+        .iter()
+        .map(|(status, body, _)| {
+            assert_eq!(*status, 202, "{body}");
+            body["version"].as_i64().unwrap()
+        })
+        .collect();
+    versions.sort();
+    assert_eq!(
+        versions,
+        (base + 1..=base + 40).collect::<Vec<_>>(),
+        "unique, none skipped"
+    );
+    eventually(T, "the newest version applied", || async {
+        (a.product(4).await["price_version"].as_i64() == Some(base + 40)).then_some(())
+    })
+    .await;
+    b.stop().await;
+    a.stop().await;
 }

@@ -438,37 +438,29 @@ async fn version_issuing_refuses_a_product_at_the_version_bound_instead_of_overf
     .unwrap();
     drop(conn);
     let id = product_gateway::domain::ProductId::new(7).unwrap();
-    let issued = product_gateway::ingest::issue(&app.state.db, id, true, false).await;
-    assert!(
-        matches!(issued, Ok(None)),
-        "no version issued past the bound: {issued:?}"
-    );
-    // Its other kind is still issued normally.
-    let stock = product_gateway::ingest::issue(&app.state.db, id, false, true)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stock.stock_issued, 1);
-    // Issued in a batch (the generator's way): the product at the bound is
-    // left out, the others get their next versions, a missing one nothing.
     let pid = |n| product_gateway::domain::ProductId::new(n).unwrap();
+    let mut conn = app.state.db.get().await.unwrap();
+    // Product 7's price is at the bound: it is left out, the others get
+    // their next versions (two stock versions for 8), a missing one nothing.
     let batch = product_gateway::ingest::issue_many(
-        &app.state.db,
-        &[
-            (id, true, false),
-            (pid(8), true, true),
-            (pid(9), false, true),
-            (pid(999_999), true, false),
-        ],
+        &mut conn,
+        &[(id, 1, 0), (pid(8), 1, 2), (pid(9), 0, 1), (pid(999_999), 1, 0)],
     )
     .await
     .unwrap();
+    // Its other kind is still issued normally.
+    let stock = product_gateway::ingest::issue_many(&mut conn, &[(id, 0, 1)])
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(stock.len(), 1);
+    assert_eq!(stock[0].issued.stock_issued, 1);
     let mut got: Vec<(i64, i64, i64)> = batch
         .iter()
         .map(|r| (r.id, r.issued.price_issued, r.issued.stock_issued))
         .collect();
     got.sort();
-    assert_eq!(got, [(8, 1, 1), (9, 0, 1)]);
+    assert_eq!(got, [(8, 1, 2), (9, 0, 1)]);
     app.stop().await;
 }
 

@@ -10,6 +10,7 @@ pub mod connections;
 pub mod fanout;
 pub mod floor;
 pub mod generator;
+pub mod ingest;
 pub mod photos;
 pub mod pipeline;
 pub mod resume;
@@ -54,6 +55,8 @@ pub struct Ctx {
     pub quiet_budget: Duration,
     /// Until when a window disturbed by other programs is measured again.
     pub retry_until: Instant,
+    /// The broker's ceiling (msg/s), once measured in this run.
+    pub ceiling: Option<f64>,
 }
 
 /// CPU (% of a core) of programs outside the bench above which a measured
@@ -190,7 +193,10 @@ pub async fn drain_applied(inst: &Instance, within: Duration) -> Result<()> {
         let lag = inst.metric("gateway_consumer_lag_messages", "");
         empty = if lag <= 0.0 { empty + 1 } else { 0 };
         if Instant::now() > deadline {
-            bail!("{lag} events still wait in the apply queues after {} s", within.as_secs());
+            bail!(
+                "{lag} events still wait in the apply queues after {} s",
+                within.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

@@ -9,16 +9,31 @@ use super::{Ctx, INTERFERENCE};
 use crate::harness::{Instance, cpu_sample, http};
 use crate::report::{ms, thousands};
 
-struct Wrk {
-    rps: f64,
-    p99_ms: f64,
-    requests: String,
-    problems: Vec<String>,
+/// What one wrk run printed.
+pub struct Wrk {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub requests: String,
+    /// Non-2xx answers and socket errors, as wrk words them.
+    pub problems: Vec<String>,
 }
 
-async fn wrk(url: String, conns: u32, secs: u32) -> Result<Wrk> {
+/// Runs wrk (2 threads) on `url`; with `script`, its requests come from
+/// that Lua file.
+pub async fn wrk(url: String, conns: u32, secs: u32, script: Option<&std::path::Path>) -> Result<Wrk> {
+    let mut args = vec![
+        "-t2".to_owned(),
+        format!("-c{conns}"),
+        format!("-d{secs}s"),
+        "--latency".to_owned(),
+    ];
+    if let Some(script) = script {
+        args.extend(["-s".to_owned(), script.display().to_string()]);
+    }
+    args.push(url);
     let out = tokio::process::Command::new("wrk")
-        .args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", &url])
+        .args(&args)
         .kill_on_drop(true)
         .output()
         .await
@@ -32,11 +47,13 @@ async fn wrk(url: String, conns: u32, secs: u32) -> Result<Wrk> {
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| anyhow!("no Requests/sec in wrk's output: {text}"))?;
-    let p99 = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("99%"))
-        .map(|v| duration_ms(v.trim()))
-        .unwrap_or(f64::NAN);
+    let percentile = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .map(|v| duration_ms(v.trim()))
+            .unwrap_or(f64::NAN)
+    };
+    let (p50, p99) = (percentile("50%"), percentile("99%"));
     let requests = text
         .lines()
         .find(|l| l.contains("requests in"))
@@ -50,6 +67,7 @@ async fn wrk(url: String, conns: u32, secs: u32) -> Result<Wrk> {
         .collect();
     Ok(Wrk {
         rps,
+        p50_ms: p50,
         p99_ms: p99,
         requests,
         problems,
@@ -147,7 +165,7 @@ pub async fn photos(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         ] {
             for attempt in 1..=2 {
                 ctx.quiet().await;
-                let load = tokio::spawn(wrk(url.clone(), CONNS, SECS));
+                let load = tokio::spawn(wrk(url.clone(), CONNS, SECS, None));
                 // CPU shares while wrk runs (wrk's own included).
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 let cpu0 = cpu_sample();

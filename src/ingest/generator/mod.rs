@@ -488,7 +488,15 @@ async fn make_fresh(db: &Db, ids: &mut Ids, n: usize, retry: &mut VecDeque<Outgo
     }
     ids.refresh(db).await;
     let picks = ids.pick_changes(n);
-    let issued = match ingest::issue_many(db, &picks).await {
+    let counts: Vec<(ProductId, i64, i64)> = picks
+        .iter()
+        .map(|(id, price, stock)| (*id, i64::from(*price), i64::from(*stock)))
+        .collect();
+    let issued = async {
+        let mut conn = db.get().await?;
+        ingest::issue_many(&mut conn, &counts).await
+    };
+    let issued = match issued.await {
         Ok(issued) => issued,
         Err(e) => {
             tracing::warn!(error = %e, "generator paused: database unavailable");

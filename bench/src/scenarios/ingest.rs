@@ -1,0 +1,111 @@
+//! Scenario 12, the ingest API: wrk POSTs price and stock changes, each
+//! under an idempotency key of its own, over 64 connections; every 202 is
+//! an event the broker confirmed. Beside it, the broker's own ceiling.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::photos::wrk;
+use super::pipeline::measured_ceiling;
+use super::{Ctx, drain_applied};
+use crate::harness::{Instance, cpu_sample};
+use crate::report::{ms, thousands};
+
+pub const METHOD: &str = r#"- **12. Ingest API.** wrk, 2 threads and 64 connections for 20 s, POSTs `/products/{id}/price`
+  and `/stock` in turn (random products of the 1,000, random values), each with the ingest token and an
+  `Idempotency-Key` of its own: a 202 is an answer given after the broker confirmed the event and the
+  key stored it. *Accepted/s* is wrk's requests/s with every answer a 202 (a non-2xx would be named);
+  latency is wrk's p50 / p99. The ratio is to the broker's ceiling of the same run (scenario 1's, or
+  measured here when scenario 1 did not run).
+"#;
+
+const S: &str = "12. ingest API";
+const CONNS: u32 = 64;
+const SECS: u32 = 20;
+
+/// wrk's requests: alternating price and stock changes on random products,
+/// each with a key of its own (thread, count and run make it unique).
+fn script(token: &str, products: i64, run: &str) -> String {
+    format!(
+        r#"local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+function init(args)
+  n = 0
+  math.randomseed(tid * 7919 + os.time())
+end
+function request()
+  n = n + 1
+  local product = math.random(1, {products})
+  local path, body
+  if n % 2 == 0 then
+    path = "/products/" .. product .. "/price"
+    body = '{{"price_cents":' .. math.random(100, 99999) .. '}}'
+  else
+    path = "/products/" .. product .. "/stock"
+    body = '{{"stock":' .. math.random(0, 1000) .. '}}'
+  end
+  return wrk.format("POST", path, {{
+    ["Authorization"] = "Bearer {token}",
+    ["Content-Type"] = "application/json",
+    ["Idempotency-Key"] = "bench-{run}-" .. tid .. "-" .. n,
+  }}, body)
+end
+"#
+    )
+}
+
+pub async fn scenario(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
+    let ceiling = measured_ceiling(ctx).await?;
+    ctx.quiet().await;
+    let lua = std::env::temp_dir().join(format!("product-gateway-bench-ingest-{}.lua", ctx.iso.id));
+    std::fs::write(
+        &lua,
+        script(ctx.settings.ingest.token.expose(), ctx.products, &ctx.iso.id),
+    )
+    .with_context(|| format!("write {}", lua.display()))?;
+    let cpu0 = cpu_sample();
+    let perf = ctx.perf("ingest", u64::from(SECS) - 4);
+    let run = wrk(format!("http://{}", inst.addr()), CONNS, SECS, Some(&lua)).await;
+    let cpu1 = cpu_sample();
+    let _ = std::fs::remove_file(&lua);
+    let w = run?;
+    ctx.profile(&format!("{S}, wrk {CONNS} connections"), &cpu0, &cpu1, perf, false)
+        .await;
+    let cpu = cpu1.pct_of(&cpu0, std::process::id());
+    let all_accepted = w.problems.is_empty();
+    ctx.report.row(
+        S,
+        format!("POST a change with an Idempotency-Key, wrk {CONNS} connections {SECS} s: accepted/s, p50 / p99"),
+        format!(
+            "{} req/s, {} / {} ({}; service {cpu:.0}% of a core{})",
+            thousands(w.rps),
+            ms(w.p50_ms),
+            ms(w.p99_ms),
+            w.requests,
+            if all_accepted {
+                String::new()
+            } else {
+                format!("; {}", w.problems.join("; "))
+            }
+        ),
+        "≥ 10,000/s, p99 < 25 ms",
+        Some(all_accepted && w.rps >= 10_000.0 && w.p99_ms < 25.0),
+    );
+    ctx.report.row(
+        S,
+        "ingest accepted/s ÷ broker ceiling",
+        format!(
+            "{:.2} ({} ÷ {} msg/s)",
+            w.rps / ceiling,
+            thousands(w.rps),
+            thousands(ceiling)
+        ),
+        "≥ 0.5",
+        Some(all_accepted && w.rps / ceiling >= 0.5),
+    );
+    drain_applied(inst, Duration::from_secs(120)).await
+}
