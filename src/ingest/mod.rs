@@ -24,6 +24,7 @@ use crate::broker::link::Link;
 use crate::broker::publisher::{Confirmed, Outgoing, confirm_channel, publish_one};
 use crate::domain::{Change, Event, MAX_VERSION, ProductId, now_us};
 use crate::store::idempotency::{self, IssuedEvent};
+use crate::store::prepared::prepared;
 use crate::store::{Db, StoreError};
 use crate::wire::encode_event;
 use admission::{Admitted, Ask};
@@ -69,16 +70,17 @@ pub async fn issue_many(
     let ids: Vec<i64> = picks.iter().map(|(id, _, _)| id.get()).collect();
     let prices: Vec<i64> = picks.iter().map(|(_, p, _)| *p).collect();
     let stocks: Vec<i64> = picks.iter().map(|(_, _, s)| *s).collect();
-    let issued = diesel::sql_query(
+    let issued = prepared(
         "WITH pick AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[]) AS t(id, prices, stocks)), \
+              bound AS (SELECT $4::int8 AS max), \
               locked AS (SELECT p.id FROM products p JOIN pick USING (id) ORDER BY p.id FOR UPDATE OF p) \
          UPDATE products p SET \
            price_issued = GREATEST(p.price_issued, p.price_version) + pick.prices, \
            stock_issued = GREATEST(p.stock_issued, p.stock_version) + pick.stocks \
-         FROM pick JOIN locked USING (id) \
+         FROM pick JOIN locked USING (id), bound \
          WHERE p.id = pick.id \
-           AND (pick.prices = 0 OR GREATEST(p.price_issued, p.price_version) <= $4 - pick.prices) \
-           AND (pick.stocks = 0 OR GREATEST(p.stock_issued, p.stock_version) <= $4 - pick.stocks) \
+           AND (pick.prices = 0 OR GREATEST(p.price_issued, p.price_version) <= bound.max - pick.prices) \
+           AND (pick.stocks = 0 OR GREATEST(p.stock_issued, p.stock_version) <= bound.max - pick.stocks) \
          RETURNING p.id, p.price_cents, p.stock, p.price_issued, p.stock_issued",
     )
     .bind::<Array<BigInt>, _>(ids)

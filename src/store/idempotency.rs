@@ -80,6 +80,8 @@ pub(crate) async fn claim_many(
     let keys: Vec<String> = asks.iter().map(|a| a.key.to_owned()).collect();
     let requests: Vec<String> = asks.iter().map(|a| a.request.to_owned()).collect();
     let owners: Vec<String> = asks.iter().map(|a| a.owner.to_owned()).collect();
+    // Planned for each batch (not prepared): a generic plan for a join with
+    // an array of keys may scan the whole, ever larger, table.
     let taken: Vec<Taken> = diesel::sql_query(format!(
         "INSERT INTO ingest_keys (key, request, owner) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS a(key, request, owner) ORDER BY key \

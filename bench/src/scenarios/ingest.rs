@@ -12,12 +12,13 @@ use super::{Ctx, drain_applied};
 use crate::harness::{Instance, cpu_sample};
 use crate::report::{ms, thousands};
 
-pub const METHOD: &str = r#"- **12. Ingest API.** wrk, 2 threads and 64 connections for 20 s, POSTs `/products/{id}/price`
-  and `/stock` in turn (random products of the 1,000, random values), each with the ingest token and an
-  `Idempotency-Key` of its own: a 202 is an answer given after the broker confirmed the event and the
-  key stored it. *Accepted/s* is wrk's requests/s with every answer a 202 (a non-2xx would be named);
-  latency is wrk's p50 / p99. The ratio is to the broker's ceiling of the same run (scenario 1's, or
-  measured here when scenario 1 did not run).
+pub const METHOD: &str = r#"- **12. Ingest API.** wrk, 2 threads and 64 connections for 20 s, twice: without idempotency keys,
+  then with an `Idempotency-Key` of its own on every request (the figure with the target). It POSTs
+  `/products/{id}/price` and `/stock` in turn (random products of the 1,000, random values) with the
+  ingest token; a 202 is an answer given after the broker confirmed the event. *Accepted/s* is wrk's
+  requests/s with every answer a 202 (a non-2xx would be named); latency is wrk's p50 / p99. The ratio
+  is to the broker's ceiling of the same run (scenario 1's, or measured here when scenario 1 did not
+  run).
 "#;
 
 const S: &str = "12. ingest API";
@@ -25,8 +26,14 @@ const CONNS: u32 = 64;
 const SECS: u32 = 20;
 
 /// wrk's requests: alternating price and stock changes on random products,
-/// each with a key of its own (thread, count and run make it unique).
-fn script(token: &str, products: i64, run: &str) -> String {
+/// each with a key of its own (thread, count and run make it unique) when
+/// `keys`.
+fn script(token: &str, products: i64, run: &str, keys: bool) -> String {
+    let key = if keys {
+        format!(r#"["Idempotency-Key"] = "bench-{run}-" .. tid .. "-" .. n,"#)
+    } else {
+        String::new()
+    };
     format!(
         r#"local threads = 0
 function setup(thread)
@@ -51,7 +58,7 @@ function request()
   return wrk.format("POST", path, {{
     ["Authorization"] = "Bearer {token}",
     ["Content-Type"] = "application/json",
-    ["Idempotency-Key"] = "bench-{run}-" .. tid .. "-" .. n,
+    {key}
   }}, body)
 end
 "#
@@ -60,26 +67,46 @@ end
 
 pub async fn scenario(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
     let ceiling = measured_ceiling(ctx).await?;
+    for keys in [false, true] {
+        run(ctx, inst, keys, ceiling).await?;
+        drain_applied(inst, Duration::from_secs(120)).await?;
+    }
+    Ok(())
+}
+
+async fn run(ctx: &mut Ctx, inst: &Instance, keys: bool, ceiling: f64) -> Result<()> {
     ctx.quiet().await;
     let lua = std::env::temp_dir().join(format!("product-gateway-bench-ingest-{}.lua", ctx.iso.id));
     std::fs::write(
         &lua,
-        script(ctx.settings.ingest.token.expose(), ctx.products, &ctx.iso.id),
+        script(ctx.settings.ingest.token.expose(), ctx.products, &ctx.iso.id, keys),
     )
     .with_context(|| format!("write {}", lua.display()))?;
+    let what = if keys {
+        "with an Idempotency-Key each"
+    } else {
+        "without keys"
+    };
     let cpu0 = cpu_sample();
-    let perf = ctx.perf("ingest", u64::from(SECS) - 4);
+    let perf = ctx.perf(if keys { "ingest-keys" } else { "ingest" }, u64::from(SECS) - 4);
     let run = wrk(format!("http://{}", inst.addr()), CONNS, SECS, Some(&lua)).await;
     let cpu1 = cpu_sample();
     let _ = std::fs::remove_file(&lua);
     let w = run?;
-    ctx.profile(&format!("{S}, wrk {CONNS} connections"), &cpu0, &cpu1, perf, false)
-        .await;
+    ctx.profile(
+        &format!("{S}, {what}, wrk {CONNS} connections"),
+        &cpu0,
+        &cpu1,
+        perf,
+        false,
+    )
+    .await;
     let cpu = cpu1.pct_of(&cpu0, std::process::id());
     let all_accepted = w.problems.is_empty();
+    // The target is the one with keys; without, the cost of keys shows.
     ctx.report.row(
         S,
-        format!("POST a change with an Idempotency-Key, wrk {CONNS} connections {SECS} s: accepted/s, p50 / p99"),
+        format!("POST a change {what}, wrk {CONNS} connections {SECS} s: accepted/s, p50 / p99"),
         format!(
             "{} req/s, {} / {} ({}; service {cpu:.0}% of a core{})",
             thousands(w.rps),
@@ -92,20 +119,20 @@ pub async fn scenario(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
                 format!("; {}", w.problems.join("; "))
             }
         ),
-        "≥ 10,000/s, p99 < 25 ms",
-        Some(all_accepted && w.rps >= 10_000.0 && w.p99_ms < 25.0),
+        if keys { "≥ 10,000/s, p99 < 25 ms" } else { "" },
+        keys.then_some(all_accepted && w.rps >= 10_000.0 && w.p99_ms < 25.0),
     );
     ctx.report.row(
         S,
-        "ingest accepted/s ÷ broker ceiling",
+        format!("ingest accepted/s {what} ÷ broker ceiling"),
         format!(
             "{:.2} ({} ÷ {} msg/s)",
             w.rps / ceiling,
             thousands(w.rps),
             thousands(ceiling)
         ),
-        "≥ 0.5",
-        Some(all_accepted && w.rps / ceiling >= 0.5),
+        if keys { "≥ 0.5" } else { "" },
+        keys.then_some(all_accepted && w.rps / ceiling >= 0.5),
     );
-    drain_applied(inst, Duration::from_secs(120)).await
+    Ok(())
 }
