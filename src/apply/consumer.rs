@@ -104,16 +104,20 @@ async fn consume(ctx: &Ctx, conn: &Connection, queue: &str) -> anyhow::Result<()
         )
         .await?;
     let max_wait = ctx.settings.batch_max_wait;
+    // Whether the last batch found company: deliveries are coming faster
+    // than one batch at a time.
+    let mut busy = false;
     loop {
         let first = tokio::select! {
             d = consumer.next() => d,
             _ = ctx.shutdown.cancelled() => return Ok(()),
         };
         let first = next_delivery(first)?;
-        let batch = gather(Ok(first), &mut consumer, ctx.settings.batch_size, max_wait)
+        let batch = gather(Ok(first), &mut consumer, ctx.settings.batch_size, max_wait, busy)
             .await
             .into_iter()
             .collect::<lapin::Result<Vec<Delivery>>>()?;
+        busy = batch.len() > 1;
         let span = tracing::info_span!(
             "apply_batch",
             queue,
@@ -125,14 +129,16 @@ async fn consume(ctx: &Ctx, conn: &Connection, queue: &str) -> anyhow::Result<()
     }
 }
 
-/// A batch: `first`, whatever `deliveries` has already received, and, with
-/// a `linger`, what comes within it; at most `size`. What has arrived joins
-/// without a wait: under load, deliveries pile up while the previous batch
-/// commits, so batches grow with the load by themselves, and a lone event at
-/// light load is applied at once. A linger is for operators who would trade
-/// that much latency on every event for fewer commits at moderate rates.
-/// The end of the stream ends the batch; the next read reports it.
-async fn gather<S, T>(first: T, deliveries: &mut S, size: usize, linger: Duration) -> Vec<T>
+/// A batch: `first`, whatever `deliveries` has already received, and, when
+/// they come faster than one at a time, what comes within `linger`; at most
+/// `size`. A lone event at light load (nothing else arrived, the last batch
+/// was alone too) is applied at once, with no fixed wait. Under load the
+/// linger gathers a few milliseconds' worth: each batch is a transaction, an
+/// outbox row and a stream message, so batches of one at a thousand events
+/// a second would cost every later stage a message each. `busy` says the
+/// last batch had company. The end of the stream ends the batch; the next
+/// read reports it.
+async fn gather<S, T>(first: T, deliveries: &mut S, size: usize, linger: Duration, busy: bool) -> Vec<T>
 where
     S: Stream<Item = T> + Unpin,
 {
@@ -144,7 +150,7 @@ where
             None => break,
         }
     }
-    if linger.is_zero() {
+    if linger.is_zero() || (batch.len() == 1 && !busy) {
         return batch;
     }
     let deadline = tokio::time::Instant::now() + linger;
@@ -350,42 +356,47 @@ mod tests {
     #[tokio::test]
     async fn a_batch_takes_everything_that_has_arrived_without_waiting() {
         let mut arrived = stream::iter(2..=10).chain(stream::pending());
-        let batch = within_a_second(gather(1, &mut arrived, 200, Duration::ZERO)).await;
+        let batch = within_a_second(gather(1, &mut arrived, 200, Duration::ZERO, true)).await;
         assert_eq!(batch, (1..=10).collect::<Vec<_>>());
     }
 
     #[tokio::test]
     async fn a_batch_stops_at_its_size_and_leaves_the_rest_for_the_next() {
         let mut arrived = stream::iter(2..=10).chain(stream::pending());
-        let batch = within_a_second(gather(1, &mut arrived, 4, LONG)).await;
+        let batch = within_a_second(gather(1, &mut arrived, 4, LONG, true)).await;
         assert_eq!(batch, [1, 2, 3, 4]);
         assert_eq!(arrived.next().await, Some(5));
     }
 
     #[tokio::test]
-    async fn a_lone_delivery_is_a_batch_at_once_unless_a_linger_is_set() {
+    async fn a_lone_delivery_at_light_load_is_a_batch_at_once_and_under_load_lingers() {
         let late = || {
-            stream::once(async {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                2
-            })
-            .chain(stream::pending())
+            Box::pin(
+                stream::once(async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    2
+                })
+                .chain(stream::pending()),
+            )
         };
-        let mut arrivals = Box::pin(late());
-        let alone = within_a_second(gather(1, &mut arrivals, 200, Duration::ZERO)).await;
+        // Alone, and the last batch alone too: no wait, even with a linger.
+        let alone = within_a_second(gather(1, &mut late(), 200, LONG, false)).await;
         assert_eq!(alone, [1]);
-
-        let mut arrivals = Box::pin(late());
+        // Alone now, but the last batch had company: it lingers for more.
         let started = std::time::Instant::now();
-        let lingered = gather(1, &mut arrivals, 2, LONG).await;
+        let lingered = gather(1, &mut late(), 2, LONG, true).await;
         assert_eq!(lingered, [1, 2]);
         assert!(started.elapsed() < LONG, "a full batch ends the linger");
+        // Company already waiting: it lingers too.
+        let mut company = Box::pin(stream::iter([2]).chain(late().map(|n| n + 1)));
+        let lingered = gather(1, &mut company, 3, LONG, false).await;
+        assert_eq!(lingered, [1, 2, 3]);
     }
 
     #[tokio::test]
     async fn the_end_of_the_deliveries_ends_the_batch_and_its_linger() {
         let mut ended = stream::iter(2..=3);
-        let batch = within_a_second(gather(1, &mut ended, 200, LONG)).await;
+        let batch = within_a_second(gather(1, &mut ended, 200, LONG, true)).await;
         assert_eq!(batch, [1, 2, 3]);
     }
 }

@@ -1,15 +1,14 @@
 //! What the integration tests and the load benchmark share. Every test gets
 //! its own database, RabbitMQ vhost, Redis key prefix and port
 //! ([`Isolation`], [`spawn_app_with`]), so tests run in parallel and can run
-//! twice in a row; [`clients`] and [`rawws`] speak WebSocket and SSE as a
+//! twice in a row; [`clients`] and [`raw`] speak WebSocket and SSE as a
 //! browser or a stalled tab would; [`metric_value`] reads `/metrics`;
 //! [`verdict`] judges a chaos run.
 
 pub mod chaos;
 pub mod clients;
 pub mod proxy;
-pub mod rawsse;
-pub mod rawws;
+pub mod raw;
 pub mod verdict;
 
 use std::path::{Path, PathBuf};

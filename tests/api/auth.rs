@@ -313,7 +313,7 @@ async fn an_sse_stream_whose_client_stalls_sends_nothing_queued_after_its_token_
     let exp = now() + 3;
     let token = hs256(&["product.price.*"], exp);
     let (status, stalled) =
-        testkit::rawsse::RawSse::connect(app.port, &format!("/events?topics=product.price.*&token={token}")).await;
+        testkit::raw::sse::RawSse::connect(app.port, &format!("/events?topics=product.price.*&token={token}")).await;
     assert!(status.contains("200"), "{status}");
     // Updates flow from before the expiry to well after it, far more than
     // the socket buffers hold, while the client reads nothing.
@@ -325,7 +325,7 @@ async fn an_sse_stream_whose_client_stalls_sends_nothing_queued_after_its_token_
         p.burst(&events).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let testkit::rawsse::Drained::Closed(body) = stalled.drain(T).await else {
+    let testkit::raw::sse::Drained::Closed(body) = stalled.drain(T).await else {
         panic!("the expired stream did not end");
     };
     let body = String::from_utf8_lossy(&body);

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use testkit::rawws::RawWs;
+use testkit::raw::ws::RawWs;
 use testkit::{TestPublisher, eventually, spawn_app, spawn_app_with};
 
 fn json() -> BasicProperties {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use product_gateway::update::Update;
 use testkit::clients::{SseClient, WsClient, WsEvent};
-use testkit::rawws::RawWs;
+use testkit::raw::ws::RawWs;
 use testkit::{Isolation, TestPublisher, eventually, spawn_app, spawn_with};
 
 const T: Duration = Duration::from_secs(30);

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use testkit::clients::{WsClient, WsEvent};
-use testkit::rawsse::{Drained, RawSse};
-use testkit::rawws::RawWs;
+use testkit::raw::sse::{Drained, RawSse};
+use testkit::raw::ws::RawWs;
 use testkit::{TestApp, TestPublisher, eventually, spawn_app_with};
 
 const T: Duration = Duration::from_secs(30);
