@@ -144,7 +144,7 @@ impl Metrics {
             ),
             relay_latency: reg!(
                 "relay_latency_seconds",
-                "Publish of a stream message's first update to the broker's confirm of the message: the hops up to the update stream",
+                "Publish to the broker's confirm of the stream message carrying the update (per update, from the mean publish time of the message's updates): the hops up to the update stream",
                 Histogram::new(latency_buckets())
             ),
             photo_cache_hits: reg!(

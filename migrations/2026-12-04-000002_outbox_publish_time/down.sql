@@ -1,1 +1,1 @@
-ALTER TABLE update_outbox DROP COLUMN first_ts_us;
+ALTER TABLE update_outbox DROP COLUMN ts_us;

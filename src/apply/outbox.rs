@@ -29,10 +29,10 @@ pub(crate) struct Unrelayed {
     /// The transaction that wrote it.
     #[diesel(sql_type = BigInt)]
     pub txid: i64,
-    /// When its first update was published (µs; 0 when unknown): the
-    /// relay's latency metric starts there.
+    /// When its updates were published, on average (µs; 0 when unknown):
+    /// the relay's latency metric, counted once per update, starts there.
     #[diesel(sql_type = BigInt)]
-    pub first_ts_us: i64,
+    pub ts_us: i64,
 }
 
 /// Records the applied updates, in commit order, as stream messages of at
@@ -54,16 +54,25 @@ pub(crate) async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> 
             .first()
             .map(|e| format!("{}:{}", e.topic(), e.version))
             .unwrap_or_default();
-        let first_ts_us = chunk.first().map_or(0, |e| e.ts_us);
-        prepared("INSERT INTO update_outbox (message_id, body, updates, first_ts_us) VALUES ($1, $2, $3, $4)")
+        prepared("INSERT INTO update_outbox (message_id, body, updates, ts_us) VALUES ($1, $2, $3, $4)")
             .bind::<Text, _>(message_id)
             .bind::<Bytea, _>(body)
             .bind::<Integer, _>(chunk.len() as i32)
-            .bind::<BigInt, _>(first_ts_us)
+            .bind::<BigInt, _>(mean_ts_us(chunk))
             .execute(conn)
             .await?;
     }
     Ok(())
+}
+
+/// The mean publish time of the updates that have one (0 when none has).
+fn mean_ts_us(chunk: &[&Event]) -> i64 {
+    let stamped: Vec<i64> = chunk.iter().map(|e| e.ts_us).filter(|&t| t > 0).collect();
+    if stamped.is_empty() {
+        return 0;
+    }
+    // Summed in i128: no number of stamps can overflow it.
+    (stamped.iter().map(|&t| i128::from(t)).sum::<i128>() / stamped.len() as i128) as i64
 }
 
 /// Takes the relay lock for the current transaction; false when another
@@ -83,7 +92,7 @@ pub(crate) async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diese
 
 /// The oldest pending messages, in commit order.
 pub(crate) async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Unrelayed>, diesel::result::Error> {
-    prepared("SELECT seq, message_id, body, updates, txid, first_ts_us FROM update_outbox ORDER BY seq LIMIT $1")
+    prepared("SELECT seq, message_id, body, updates, txid, ts_us FROM update_outbox ORDER BY seq LIMIT $1")
         .bind::<BigInt, _>(limit)
         .load(conn)
         .await

@@ -62,10 +62,30 @@ pub(crate) async fn admit(db: &Db, asks: Vec<Ask>) -> Vec<Result<Admitted, Store
     }
 }
 
+/// The batch's answers so far, one slot per ask; None: not yet decided.
+type Slots = Vec<Option<Admitted>>;
+
 async fn admit_in(conn: &mut AsyncPgConnection, asks: &[Ask]) -> Result<Vec<Admitted>, StoreError> {
-    let mut out: Vec<Option<Admitted>> = asks.iter().map(|_| None).collect();
-    // 1. The keys. A key twice in one batch: the second finds the first's
-    // request in progress, as it would a moment later.
+    let mut out: Slots = asks.iter().map(|_| None).collect();
+    claim_keys(conn, asks, &mut out).await?;
+    let (recorded, forgotten) = issue_versions(conn, asks, &mut out).await?;
+    // The events under their keys; claims that issued nothing forgotten.
+    let key_of = |i: usize| asks[i].key.as_ref().map_or("", |(k, _)| k.as_str());
+    let events: Vec<(&str, &str, &IssuedEvent)> = recorded
+        .iter()
+        .map(|(i, e)| (key_of(*i), asks[*i].owner.as_str(), e))
+        .collect();
+    idempotency::record_many(conn, &events).await?;
+    let claims: Vec<(&str, &str)> = forgotten.iter().map(|&i| (key_of(i), asks[i].owner.as_str())).collect();
+    idempotency::forget_many(conn, &claims).await?;
+    Ok(out.into_iter().map(|a| a.unwrap_or(Admitted::InProgress)).collect())
+}
+
+/// Claims the asks' keys; decides every ask whose key was answered, is in
+/// progress, was used for another request, or holds a stored event. A key
+/// twice in one batch: the second finds the first's request in progress,
+/// as it would a moment later.
+async fn claim_keys(conn: &mut AsyncPgConnection, asks: &[Ask], out: &mut Slots) -> Result<(), StoreError> {
     let mut keys_seen = HashSet::new();
     let mut keyed: Vec<usize> = Vec::new();
     for (i, a) in asks.iter().enumerate() {
@@ -98,7 +118,18 @@ async fn admit_in(conn: &mut AsyncPgConnection, asks: &[Ask]) -> Result<Vec<Admi
             Claim::Mismatch => Some(Admitted::Mismatch),
         };
     }
-    // 2. Versions for the rest, counted per product and kind.
+    Ok(())
+}
+
+/// Issues versions for the undecided asks, counted per product and kind
+/// and handed out in ask order. Returns the keyed asks' new events (to
+/// store under their keys) and the keyed asks that got none (claims to
+/// forget).
+async fn issue_versions(
+    conn: &mut AsyncPgConnection,
+    asks: &[Ask],
+    out: &mut Slots,
+) -> Result<(Vec<(usize, IssuedEvent)>, Vec<usize>), StoreError> {
     let pending: Vec<usize> = (0..asks.len()).filter(|&i| out[i].is_none()).collect();
     let mut counts: BTreeMap<i64, (ProductId, i64, i64)> = BTreeMap::new();
     for &i in &pending {
@@ -123,8 +154,7 @@ async fn admit_in(conn: &mut AsyncPgConnection, asks: &[Ask]) -> Result<Vec<Admi
         .collect();
     let missing: Vec<i64> = counts.keys().filter(|id| !next.contains_key(id)).copied().collect();
     let existing = existing_of(conn, missing).await?;
-    let mut recorded: Vec<(usize, IssuedEvent)> = Vec::new();
-    let mut forgotten: Vec<usize> = Vec::new();
+    let (mut recorded, mut forgotten) = (Vec::new(), Vec::new());
     for &i in &pending {
         let id = asks[i].id.get();
         let Some(n) = next.get_mut(&id) else {
@@ -152,16 +182,7 @@ async fn admit_in(conn: &mut AsyncPgConnection, asks: &[Ask]) -> Result<Vec<Admi
         }
         out[i] = Some(Admitted::Publish(event));
     }
-    // 3. The events under their keys; claims that issued nothing forgotten.
-    let key_of = |i: usize| asks[i].key.as_ref().map_or("", |(k, _)| k.as_str());
-    let events: Vec<(&str, &str, &IssuedEvent)> = recorded
-        .iter()
-        .map(|(i, e)| (key_of(*i), asks[*i].owner.as_str(), e))
-        .collect();
-    idempotency::record_many(conn, &events).await?;
-    let claims: Vec<(&str, &str)> = forgotten.iter().map(|&i| (key_of(i), asks[i].owner.as_str())).collect();
-    idempotency::forget_many(conn, &claims).await?;
-    Ok(out.into_iter().map(|a| a.unwrap_or(Admitted::InProgress)).collect())
+    Ok((recorded, forgotten))
 }
 
 /// Which of `ids` are products (those not issued a version either do not
