@@ -104,20 +104,20 @@ async fn consume(ctx: &Ctx, conn: &Connection, queue: &str) -> anyhow::Result<()
         )
         .await?;
     let max_wait = ctx.settings.batch_max_wait;
-    // Whether the last batch found company: deliveries are coming faster
-    // than one batch at a time.
-    let mut busy = false;
+    let mut arrivals = Arrivals::default();
     loop {
         let first = tokio::select! {
             d = consumer.next() => d,
             _ = ctx.shutdown.cancelled() => return Ok(()),
         };
         let first = next_delivery(first)?;
+        let started = Instant::now();
+        let busy = arrivals.faster_than(max_wait);
         let batch = gather(Ok(first), &mut consumer, ctx.settings.batch_size, max_wait, busy)
             .await
             .into_iter()
             .collect::<lapin::Result<Vec<Delivery>>>()?;
-        busy = batch.len() > 1;
+        arrivals.batch(started, batch.len());
         let span = tracing::info_span!(
             "apply_batch",
             queue,
@@ -129,15 +129,41 @@ async fn consume(ctx: &Ctx, conn: &Connection, queue: &str) -> anyhow::Result<()
     }
 }
 
+/// How fast deliveries come: the mean gap between them, smoothed over the
+/// last batches (each batch's share of the time since the one before).
+#[derive(Debug, Default)]
+struct Arrivals {
+    last: Option<Instant>,
+    /// None until two batches were seen: a start is not a load.
+    gap: Option<Duration>,
+}
+
+impl Arrivals {
+    /// A batch of `n` deliveries began at `at`.
+    fn batch(&mut self, at: Instant, n: usize) {
+        if let Some(last) = self.last {
+            let gap = at.saturating_duration_since(last) / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+            // A quarter of the new gap: a burst or a pause moves it within
+            // a few batches, one odd gap does not.
+            self.gap = Some(self.gap.map_or(gap, |g| (g * 3 + gap) / 4));
+        }
+        self.last = Some(at);
+    }
+
+    /// Whether another delivery is to be expected within `linger`.
+    fn faster_than(&self, linger: Duration) -> bool {
+        self.gap.is_some_and(|g| g < linger)
+    }
+}
+
 /// A batch: `first`, whatever `deliveries` has already received, and, when
-/// they come faster than one at a time, what comes within `linger`; at most
-/// `size`. A lone event at light load (nothing else arrived, the last batch
-/// was alone too) is applied at once, with no fixed wait. Under load the
-/// linger gathers a few milliseconds' worth: each batch is a transaction, an
-/// outbox row and a stream message, so batches of one at a thousand events
-/// a second would cost every later stage a message each. `busy` says the
-/// last batch had company. The end of the stream ends the batch; the next
-/// read reports it.
+/// they come faster than one a `linger` (`busy`, from [`Arrivals`]), what
+/// comes within it; at most `size`. A lone event at light load is applied
+/// at once, with no fixed wait. Under load the linger gathers a few
+/// milliseconds' worth: each batch is a transaction, an outbox row and a
+/// stream message, so batches of one at a thousand events a second would
+/// cost every later stage a message each. The end of the stream ends the
+/// batch; the next read reports it.
 async fn gather<S, T>(first: T, deliveries: &mut S, size: usize, linger: Duration, busy: bool) -> Vec<T>
 where
     S: Stream<Item = T> + Unpin,
@@ -341,7 +367,7 @@ mod tests {
 
     use futures_util::stream::{self, StreamExt};
 
-    use super::gather;
+    use super::{Arrivals, gather};
 
     const LONG: Duration = Duration::from_secs(10);
 
@@ -391,6 +417,30 @@ mod tests {
         let mut company = Box::pin(stream::iter([2]).chain(late().map(|n| n + 1)));
         let lingered = gather(1, &mut company, 3, LONG, false).await;
         assert_eq!(lingered, [1, 2, 3]);
+    }
+
+    #[test]
+    fn arrivals_are_busy_when_deliveries_come_faster_than_the_linger() {
+        let linger = Duration::from_millis(5);
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut a = Arrivals::default();
+        assert!(!a.faster_than(linger), "nothing seen yet");
+        // 100 events/s over two queues: one every 20 ms, alone.
+        for i in 0..10 {
+            a.batch(at(i * 20), 1);
+        }
+        assert!(!a.faster_than(linger));
+        // 1,000 events/s: batches of 3 every 6 ms.
+        for i in 0..10 {
+            a.batch(at(200 + i * 6), 3);
+        }
+        assert!(a.faster_than(linger));
+        // Quiet again: within a few batches it stops lingering.
+        for i in 0..6 {
+            a.batch(at(300 + i * 50), 1);
+        }
+        assert!(!a.faster_than(linger));
     }
 
     #[tokio::test]
