@@ -157,7 +157,7 @@ impl Arrivals {
 }
 
 /// A batch: `first`, whatever `deliveries` has already received, and, when
-/// they come faster than one a `linger` (`busy`, from [`Arrivals`]), what
+/// they come faster than one per `linger` (`busy`, from [`Arrivals`]), what
 /// comes within it; at most `size`. A lone event at light load is applied
 /// at once, with no fixed wait. Under load the linger gathers a few
 /// milliseconds' worth: each batch is a transaction, an outbox row and a
