@@ -130,9 +130,25 @@ impl Connecting {
     /// Waits until all `n` clients are connected; an error at the first
     /// failure, or when `within` passes first.
     pub async fn all_up(&self, n: usize, what: &str, within: Duration) -> Result<()> {
+        self.wait(n, what, within, false).await
+    }
+
+    /// Waits until each of `n` clients has connected or failed (a fleet
+    /// that reports how many it could hold); an error when `within` passes.
+    pub async fn all_tried(&self, n: usize, what: &str, within: Duration) -> Result<()> {
+        self.wait(n, what, within, true).await
+    }
+
+    /// Waits until `n` clients are up, or, `failures_count`, have at least
+    /// tried; without it the first failure ends the wait.
+    async fn wait(&self, n: usize, what: &str, within: Duration, failures_count: bool) -> Result<()> {
         let deadline = Instant::now() + within;
-        while self.ready() < n {
-            if let Some(e) = self.first_error() {
+        loop {
+            let settled = self.ready() + if failures_count { self.failed() } else { 0 };
+            if settled >= n {
+                return Ok(());
+            }
+            if !failures_count && let Some(e) = self.first_error() {
                 bail!("a {what} failed while connecting: {e}");
             }
             if Instant::now() > deadline {
@@ -142,26 +158,8 @@ impl Connecting {
                     within.as_secs()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    }
-
-    /// Waits until each of `n` clients has connected or failed (a fleet
-    /// that reports how many it could hold); an error when `within` passes.
-    pub async fn all_tried(&self, n: usize, what: &str, within: Duration) -> Result<()> {
-        let deadline = Instant::now() + within;
-        while self.ready() + self.failed() < n {
-            if Instant::now() > deadline {
-                bail!(
-                    "only {} of {n} {what}s connected within {} s",
-                    self.ready(),
-                    within.as_secs()
-                );
-            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(())
     }
 }
 

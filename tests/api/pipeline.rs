@@ -744,3 +744,25 @@ async fn the_generator_reports_the_rate_it_holds_and_shows_when_it_falls_short()
     drain_generator(&app).await;
     app.stop().await;
 }
+
+/// The latency points are counted once per update, so the difference of
+/// two points' means is the mean time of one hop (a stream message carries
+/// several updates; counted per message, the relay point's mean would stand
+/// apart from the others').
+#[actix_rt::test]
+async fn every_latency_point_counts_each_update_once() {
+    let app = spawn_app().await;
+    let publisher = TestPublisher::connect(&app.iso).await;
+    // Published back to back: batches and stream messages carry several.
+    for id in 1..=40 {
+        publisher.event(id, "price", 700 + id, 1).await;
+    }
+    eventually(Duration::from_secs(20), "all 40 applied and relayed", || async {
+        let relayed = app.metric("gateway_updates_broadcast_total", "").await;
+        (relayed >= 40.0).then_some(())
+    })
+    .await;
+    assert_eq!(app.metric("gateway_commit_latency_seconds_count", "").await, 40.0);
+    assert_eq!(app.metric("gateway_relay_latency_seconds_count", "").await, 40.0);
+    app.stop().await;
+}
