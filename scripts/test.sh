@@ -5,7 +5,9 @@
 # failed. The services must answer already (`make services`).
 #
 #   all      every test; those that stop and restart the shared services
-#            (tests/service_restarts) alone, afterwards
+#            (tests/service_restarts) alone, afterwards; a replicated
+#            PostgreSQL of their own for the read-replica tests
+#            (scripts/replica.sh), taken down again
 #   cluster  the cluster fault run (tests/cluster) on three RabbitMQ nodes
 #            this script starts (scripts/cluster.sh) and takes down again
 #
@@ -40,6 +42,8 @@ alone() { # test-binary
 }
 
 all() {
+    # The read-replica tests' primary and standbys (tests/api/replica.rs).
+    run scripts/replica.sh up
     if nextest; then
         run "$CARGO" nextest run --workspace --no-fail-fast --profile ci \
             -E "not binary($RESTART_TEST) and not binary($CLUSTER_TEST)"
@@ -55,6 +59,7 @@ all() {
         done
         run "$CARGO" test --no-fail-fast "${selection[@]}"
     fi
+    scripts/replica.sh down
     alone "$RESTART_TEST"
 }
 
@@ -69,7 +74,7 @@ case "${1:-}" in
 all) all ;;
 cluster) cluster ;;
 *)
-    sed -n '2,13s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
     exit 2
     ;;
 esac

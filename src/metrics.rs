@@ -61,6 +61,7 @@ pub struct Metrics {
     pub catch_ups_running: Gauge,
     pub stream_republished: Counter,
     pub snapshot_rows: Counter,
+    pub snapshots_off_replica: Counter,
     pub broker_max_message_bytes: Gauge,
     pub consumer_reconnects: Counter,
 }
@@ -243,6 +244,11 @@ impl Metrics {
             snapshot_rows: reg!(
                 "snapshot_rows",
                 "Catalog rows read for snapshots (a snapshot of named products reads only them)",
+                Counter::default()
+            ),
+            snapshots_off_replica: reg!(
+                "snapshots_off_replica",
+                "Snapshots read on the primary because the replica had not replayed the primary's commits within database.replica_max_lag_ms",
                 Counter::default()
             ),
             broker_max_message_bytes: reg!(

@@ -160,6 +160,11 @@ pub struct DatabaseSettings {
     /// A replica for client reads; `url` when absent.
     #[serde(default)]
     pub read_url: Option<Secret>,
+    /// How long a snapshot waits for the replica to replay what the primary
+    /// had committed when the client subscribed; past it the snapshot is
+    /// read on the primary.
+    #[serde(rename = "replica_max_lag_ms", deserialize_with = "millis")]
+    pub replica_max_lag: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

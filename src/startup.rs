@@ -81,6 +81,7 @@ impl Application {
         let sessions = Arc::new(hub::session::SessionContext {
             hub: pipeline.hub.clone(),
             read_db: stores.read_db.clone(),
+            replica: stores.replica.clone(),
             snapshots: snapshots.clone(),
             catch_up: pipeline.catch_up.clone(),
         });
@@ -152,6 +153,7 @@ impl Application {
 struct Stores {
     db: Db,
     read_db: Db,
+    replica: Option<store::Replica>,
     photos: Arc<PhotoCache>,
 }
 
@@ -160,6 +162,7 @@ impl Stores {
         store::migrate(settings.database.url.expose()).await?;
         let db = store::pool(&settings.database)?;
         let read_db = store::read_pool(&settings.database)?;
+        let replica = store::replica(&settings.database)?;
         let photos = Arc::new(PhotoCache::new(
             &settings.redis,
             &settings.photos,
@@ -167,7 +170,12 @@ impl Stores {
             read_db.clone(),
             metrics.clone(),
         )?);
-        Ok(Self { db, read_db, photos })
+        Ok(Self {
+            db,
+            read_db,
+            replica,
+            photos,
+        })
     }
 }
 

@@ -3,7 +3,8 @@
 //! scheme that numbers updates. Neutral ground: the broker's stream reader
 //! produces these and the hub fans them out, so neither names the other.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -149,9 +150,73 @@ impl Visibility {
         })
     }
 
+    /// The first transaction that had not ended when the snapshot was taken.
+    pub fn xmax(&self) -> u64 {
+        self.xmax
+    }
+
     /// Whether the committed transaction `txid` is in the snapshot.
     pub fn sees(&self, txid: u64) -> bool {
         txid < self.xmin || (txid < self.xmax && self.running.binary_search(&txid).is_err())
+    }
+}
+
+/// What one snapshot holds, so the live updates already in it are skipped:
+/// those of the transactions its [`Visibility`] sees, and, for each product
+/// it read in a newer state than that (a read on a replica that had replayed
+/// past the primary's visibility), every version up to the one it read.
+#[derive(Debug)]
+pub struct SnapshotHolds {
+    visible: Visibility,
+    /// Where the snapshot's rows were read: every row was written by a
+    /// transaction before this one (the read's own xmax), which gives a
+    /// row's 32-bit transaction id its epoch.
+    rows_before: u64,
+    /// Versions read in rows written by transactions `visible` does not
+    /// see; empty when rows and visibility come from the same snapshot.
+    ahead: Mutex<HashMap<(i64, Kind), i64>>,
+}
+
+impl SnapshotHolds {
+    pub fn new(visible: Visibility, rows_before: u64) -> Self {
+        Self {
+            visible,
+            rows_before,
+            ahead: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn visibility(&self) -> &Visibility {
+        &self.visible
+    }
+
+    /// A product row was read as written by transaction `xmin` (its 32-bit
+    /// id) with these versions.
+    pub fn read_row(&self, id: i64, xmin: u32, price_version: i64, stock_version: i64) {
+        // The latest id with these low bits before the read's horizon. An
+        // old (frozen) id may land wrong: then a row the visibility already
+        // covers is recorded too, which skips only what the client has.
+        let low = (self.rows_before & !0xffff_ffff) | u64::from(xmin);
+        let full = if low < self.rows_before {
+            Some(low)
+        } else {
+            low.checked_sub(1 << 32)
+        };
+        if full.is_none_or(|x| self.visible.sees(x)) {
+            return;
+        }
+        let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+        ahead.insert((id, Kind::Price), price_version);
+        ahead.insert((id, Kind::Stock), stock_version);
+    }
+
+    /// Whether the snapshot already holds `u`.
+    pub fn holds(&self, u: &Update) -> bool {
+        if u.txid.is_some_and(|t| self.visible.sees(t)) {
+            return true;
+        }
+        let ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+        ahead.get(&u.key()).is_some_and(|v| u.version <= *v)
     }
 }
 
@@ -227,6 +292,47 @@ mod tests {
         for bad in ["", "1:2", "3:2:", "a:b:", "1:2:x", "1:2:3:4"] {
             assert_eq!(Visibility::parse(bad), None, "{bad:?}");
         }
+    }
+
+    fn price(id: i64, version: i64, txid: Option<u64>) -> Update {
+        let body = format!(r#"[{{"product_id":{id},"kind":"price","version":{version},"price_cents":5}}]"#);
+        Update::from_message(1, txid, body.as_bytes()).remove(0)
+    }
+
+    #[test]
+    fn a_snapshot_holds_the_transactions_it_sees_and_the_versions_of_rows_newer_than_them() {
+        // The primary saw up to 100 (103 running); the replica's read went
+        // on to 120, and product 7's row was written by 103, product 8's by 50.
+        let holds = SnapshotHolds::new(Visibility::parse("100:110:103").unwrap(), 120);
+        holds.read_row(7, 103, 12, 4);
+        holds.read_row(8, 50, 3, 3);
+        assert!(holds.holds(&price(9, 1, Some(104))), "seen by the visibility");
+        assert!(holds.holds(&price(7, 12, Some(103))), "in the newer row");
+        assert!(!holds.holds(&price(7, 13, Some(115))), "after the row read");
+        assert!(
+            !holds.holds(&price(8, 4, Some(111))),
+            "row 8 was not newer: only the visibility counts"
+        );
+        assert!(
+            !holds.holds(&price(9, 1, Some(103))),
+            "running when the primary was asked"
+        );
+    }
+
+    #[test]
+    fn a_rows_32_bit_writer_takes_the_epoch_of_the_read() {
+        let epoch = 5u64 << 32;
+        // Just past a wraparound: a row written at the end of the last epoch
+        // is old; one written in this epoch after the visibility is newer.
+        let holds = SnapshotHolds::new(Visibility::parse(&format!("{0}:{0}:", epoch + 10)).unwrap(), epoch + 20);
+        holds.read_row(1, u32::MAX, 2, 2);
+        holds.read_row(2, 15, 2, 2);
+        assert!(!holds.holds(&price(1, 2, None)), "the previous epoch's writer is seen");
+        assert!(holds.holds(&price(2, 2, None)), "this epoch's writer is not");
+        // In the first epoch an id above the read's horizon has no earlier epoch.
+        let first = SnapshotHolds::new(Visibility::parse("10:10:").unwrap(), 20);
+        first.read_row(3, 4_000_000, 2, 2);
+        assert!(!first.holds(&price(3, 2, None)));
     }
 
     #[test]

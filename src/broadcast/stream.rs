@@ -61,6 +61,12 @@ pub fn outbox_seq_of(d: &lapin::message::Delivery) -> Option<i64> {
     }
 }
 
+/// Messages read before where a read starts, only to learn their outbox
+/// rows and versions: a copy's original may lie just before the start, and
+/// a copy follows its original within a few relay transactions (64 rows
+/// each).
+const COPY_MARGIN: u64 = 256;
+
 /// Outbox rows remembered to recognise a copy published again: the relay
 /// publishes at most 64 rows per transaction, and a copy follows its first
 /// publication within a few of those.
@@ -74,6 +80,42 @@ const REMEMBERED: usize = 16_384;
 pub struct SeenOutboxRows {
     seen: std::collections::HashSet<i64>,
     order: std::collections::VecDeque<i64>,
+}
+
+/// The newest version handed on per product and kind, for the keys of the
+/// last [`REMEMBERED`] updates. A copy the relay published again can come
+/// after a newer update of its key, and a reader that started between the
+/// original and the copy has no record of the copy's row: without this it
+/// would hand a client the older version after the newer one. A key's
+/// versions only grow in the stream otherwise (apply commits a key's
+/// changes in version order, each with its outbox row).
+#[derive(Default)]
+pub struct NewestVersions {
+    newest: std::collections::HashMap<(i64, crate::domain::Kind), i64>,
+    order: std::collections::VecDeque<(i64, crate::domain::Kind)>,
+}
+
+impl NewestVersions {
+    /// False for an update no newer than one handed on before for its key.
+    pub fn newer(&mut self, u: &Update) -> bool {
+        let key = u.key();
+        match self.newest.insert(key, u.version) {
+            Some(v) if v >= u.version => {
+                self.newest.insert(key, v);
+                false
+            }
+            Some(_) => true,
+            None => {
+                self.order.push_back(key);
+                if self.order.len() > REMEMBERED
+                    && let Some(oldest) = self.order.pop_front()
+                {
+                    self.newest.remove(&oldest);
+                }
+                true
+            }
+        }
+    }
 }
 
 impl SeenOutboxRows {
@@ -200,7 +242,9 @@ pub fn spawn_live(
         let mut reader = LiveReader {
             start: None,
             warming: None,
+            learn_below: None,
             republished: SeenOutboxRows::default(),
+            newest: NewestVersions::default(),
             metrics: connector.metrics().clone(),
             ready: ready_tx,
         };
@@ -256,7 +300,11 @@ struct LiveReader {
     /// Offset of the newest message at a warm start, until the reader
     /// passes it.
     warming: Option<u64>,
+    /// Where a warm start's updates begin: the messages before it are read
+    /// only to recognise copies ([`COPY_MARGIN`]).
+    learn_below: Option<u64>,
     republished: SeenOutboxRows,
+    newest: NewestVersions,
     metrics: Arc<Metrics>,
     /// True once live updates flow (a warm start read back first).
     ready: tokio::sync::watch::Sender<bool>,
@@ -278,7 +326,8 @@ impl LiveReader {
                         "warm start: reading the stream's recent updates into memory"
                     );
                     self.warming = Some(newest);
-                    Start::Offset(from)
+                    self.learn_below = Some(from);
+                    Start::Offset(from.saturating_sub(COPY_MARGIN))
                 }
                 Ok(None) => Start::Next,
                 Err(e) => {
@@ -301,9 +350,20 @@ impl LiveReader {
         if self.republished.again(outbox_seq_of(d)) {
             self.metrics.stream_republished.inc();
         } else {
-            let updates = Update::from_message(offset, txid_of(d), &d.data);
+            let mut updates = Update::from_message(offset, txid_of(d), &d.data);
             if updates.is_empty() {
                 tracing::warn!(offset, "unreadable message in the update stream skipped");
+            }
+            let read = updates.len();
+            updates.retain(|u| self.newest.newer(u));
+            if updates.len() < read {
+                // A copy whose original this reader did not see.
+                self.metrics.stream_republished.inc();
+            }
+            if self.learn_below.is_some_and(|below| offset < below) {
+                updates.clear();
+            } else {
+                self.learn_below = None;
             }
             // Live updates only: those a warm start reads back are as old
             // as the instance's downtime.
@@ -312,7 +372,7 @@ impl LiveReader {
                     crate::metrics::observe_since(&self.metrics.hub_latency, u.ts_us);
                 }
             }
-            if !sink.publish(updates).await {
+            if !updates.is_empty() && !sink.publish(updates).await {
                 return false;
             }
         }
@@ -445,7 +505,12 @@ impl CatchUpReader {
         let from_offset = stream_offset_of(from);
         let (channel, mut consumer) = tokio::time::timeout(
             CATCH_UP_STALL,
-            open(&conn, &self.stream, Start::Offset(from_offset), self.prefetch),
+            open(
+                &conn,
+                &self.stream,
+                Start::Offset(from_offset.saturating_sub(COPY_MARGIN)),
+                self.prefetch,
+            ),
         )
         .await
         .map_err(|_| Stalled::Silent("opening"))??;
@@ -453,6 +518,7 @@ impl CatchUpReader {
             let mut acker = Acker::new(self.prefetch);
             let mut first = true;
             let mut republished = SeenOutboxRows::default();
+            let mut newest = NewestVersions::default();
             loop {
                 let d = tokio::select! {
                     d = tokio::time::timeout(CATCH_UP_STALL, consumer.next()) => d,
@@ -482,13 +548,15 @@ impl CatchUpReader {
                 }
                 first = false;
                 for u in updates {
+                    // Also what the client has: a copy of it must not follow.
+                    let newer = newest.newer(&u);
                     if u.offset < from {
                         continue;
                     }
                     if until.is_some_and(|until| u.offset >= until) {
                         return Ok(true);
                     }
-                    if wants(&u) && !hand(tx, CatchUpItem::Update(Arc::new(u)), self.stall).await? {
+                    if newer && wants(&u) && !hand(tx, CatchUpItem::Update(Arc::new(u)), self.stall).await? {
                         return Ok(false);
                     }
                 }
@@ -536,5 +604,25 @@ mod tests {
         }
         assert!(!r.again(Some(1)), "forgotten after {REMEMBERED} newer rows");
         assert!(r.order.len() <= REMEMBERED && r.seen.len() == r.order.len());
+    }
+
+    #[test]
+    fn a_version_no_newer_than_one_handed_on_for_its_key_is_held_back() {
+        let update = |id: i64, kind: &str, version: i64| {
+            let body =
+                format!(r#"[{{"product_id":{id},"kind":"{kind}","version":{version},"price_cents":1,"stock":1}}]"#);
+            Update::from_message(0, None, body.as_bytes()).remove(0)
+        };
+        let mut n = NewestVersions::default();
+        assert!(n.newer(&update(1, "price", 5)));
+        assert!(n.newer(&update(1, "price", 6)));
+        assert!(!n.newer(&update(1, "price", 5)), "older");
+        assert!(!n.newer(&update(1, "price", 6)), "the same again");
+        assert!(n.newer(&update(1, "stock", 2)), "another kind is another key");
+        assert!(n.newer(&update(1, "price", 7)));
+        for id in 2..=(REMEMBERED as i64 + 1) {
+            n.newer(&update(id, "price", 1));
+        }
+        assert!(n.newest.len() <= REMEMBERED && n.order.len() == n.newest.len());
     }
 }

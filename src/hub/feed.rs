@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::client::ClientQueue;
 use super::index::SubscriptionIndex;
 use super::pattern::Pattern;
-use crate::update::{CatchUpItem, ResetReason, Update, Visibility};
+use crate::update::{CatchUpItem, ResetReason, SnapshotHolds, Update};
 
 #[derive(Debug)]
 pub enum FeedItem {
@@ -99,11 +99,11 @@ pub(crate) struct Feed {
     catch_ups: VecDeque<CatchUp>,
     /// Offset of the last update handed out from an open-ended catch-up.
     last_caught_up: Option<u64>,
-    /// Per pattern, what its latest snapshot holds: an update of a
-    /// transaction that snapshot sees is skipped. A later snapshot of a
-    /// pattern sees all an earlier one did, so only the latest is kept, and
-    /// this never holds more than the connection's patterns.
-    snapshots: HashMap<Box<str>, (Pattern, Arc<Visibility>)>,
+    /// Per pattern, what its latest snapshot holds: an update it already
+    /// has is skipped. A later snapshot of a pattern holds all an earlier
+    /// one did, so only the latest is kept, and this never holds more than
+    /// the connection's patterns.
+    snapshots: HashMap<Box<str>, (Pattern, Arc<SnapshotHolds>)>,
     buf: Vec<Arc<Update>>,
     /// Told the queue that live updates wait on a catch-up.
     catching_up: bool,
@@ -151,10 +151,9 @@ impl Feed {
 
     /// Records what a snapshot of `patterns` holds, so the updates it
     /// already has are skipped.
-    pub(crate) fn snapshot_sees(&mut self, patterns: &[Pattern], visible: Visibility) {
-        let visible = Arc::new(visible);
+    pub(crate) fn snapshot_holds(&mut self, patterns: &[Pattern], holds: Arc<SnapshotHolds>) {
         for p in patterns {
-            self.snapshots.insert(p.as_str().into(), (p.clone(), visible.clone()));
+            self.snapshots.insert(p.as_str().into(), (p.clone(), holds.clone()));
         }
     }
 
@@ -319,12 +318,10 @@ impl Feed {
     }
 
     /// False for an update some snapshot of its topic already holds.
-    /// Updates written before transactions were recorded are never skipped.
     fn wanted(&self, u: &Update) -> bool {
-        let Some(txid) = u.txid else { return true };
         !self
             .snapshots
             .values()
-            .any(|(p, visible)| visible.sees(txid) && p.matches(&u.topic))
+            .any(|(p, holds)| holds.holds(u) && p.matches(&u.topic))
     }
 }

@@ -7,9 +7,9 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
 use super::schema::{product_photos, products};
-use super::{Db, DbConn, StoreError};
+use super::{Db, DbConn, Replica, StoreError};
 use crate::domain::ProductId;
-use crate::update::Visibility;
+use crate::update::{SnapshotHolds, Visibility};
 
 /// A product as clients see it, with the version of each attribute so that
 /// snapshot and updates can be merged without gaps or duplicates.
@@ -58,13 +58,105 @@ async fn page(
     query.load(conn).await
 }
 
+/// [`page`] with each row's writer: the 32-bit id of the transaction that
+/// wrote the row version read (`xmin`).
+async fn page_with_writers(
+    conn: &mut diesel_async::AsyncPgConnection,
+    after: i64,
+    limit: i64,
+    ids: Option<&[i64]>,
+) -> Result<Vec<(Product, i64)>, diesel::result::Error> {
+    let mut query = products::table
+        .select((
+            Product::as_select(),
+            diesel::dsl::sql::<diesel::sql_types::BigInt>("products.xmin::text::bigint"),
+        ))
+        .filter(products::id.gt(after))
+        .order(products::id)
+        .limit(limit)
+        .into_boxed();
+    if let Some(ids) = ids {
+        query = query.filter(products::id.eq_any(ids.to_vec()));
+    }
+    query.load(conn).await
+}
+
+#[derive(QueryableByName)]
+struct Snapshot {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    snapshot: String,
+}
+
+#[derive(QueryableByName)]
+struct Mark {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    snapshot: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    lsn: String,
+}
+
+#[derive(QueryableByName)]
+struct Replayed {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    done: bool,
+}
+
+fn unreadable(snapshot: &str) -> StoreError {
+    StoreError::Query(diesel::result::Error::DeserializationError(
+        format!("unreadable snapshot {snapshot:?}").into(),
+    ))
+}
+
+/// Which transactions the primary has committed, and a WAL position past
+/// all of them. The snapshot is the statement's, taken before the position
+/// is read, so the position is past every commit the snapshot sees.
+async fn primary_mark(primary: &Db) -> Result<(Visibility, String), StoreError> {
+    let mut conn = primary.get().await?;
+    let m: Mark =
+        diesel::sql_query("SELECT pg_current_snapshot()::text AS snapshot, pg_current_wal_insert_lsn()::text AS lsn")
+            .get_result(&mut *conn)
+            .await?;
+    let visible = Visibility::parse(&m.snapshot).ok_or_else(|| unreadable(&m.snapshot))?;
+    Ok((visible, m.lsn))
+}
+
+/// Waits until the server behind `conn` has replayed the WAL up to `lsn`
+/// (at once when it is not a standby); false when it has not within `wait`.
+async fn replayed(conn: &mut DbConn, lsn: &str, wait: std::time::Duration) -> Result<bool, StoreError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        let r: Replayed = diesel::sql_query("SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, true) AS done")
+            .bind::<diesel::sql_types::Text, _>(lsn)
+            .get_result(&mut **conn)
+            .await?;
+        if r.done {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(16));
+    }
+}
+
 /// One snapshot's read of the catalog: every page comes from the same
-/// database snapshot (one read-only repeatable-read transaction), whose
-/// [`Visibility`] says which updates the pages already hold. Pages are read
-/// one at a time, so memory stays bounded whatever the catalog's size.
+/// database snapshot (one read-only repeatable-read transaction), and its
+/// [`SnapshotHolds`] say which updates the pages already hold. Pages are
+/// read one at a time, so memory stays bounded whatever the catalog's size.
+///
+/// On a replica the transactions a snapshot holds are taken from the
+/// primary (after the client registered for live updates), and the read
+/// waits until the replica has replayed them: a standby's own snapshot
+/// does not list the transactions still running on the primary, and a
+/// lagging one would miss updates already broadcast. Rows the replica
+/// already holds in a newer state are recorded with their versions.
 pub struct SnapshotRead {
     conn: DbConn,
-    visible: Visibility,
+    holds: std::sync::Arc<SnapshotHolds>,
+    /// Read on the primary because the replica lagged too far behind.
+    on_primary: bool,
     /// The products to read, sorted, when they are named; the catalog
     /// otherwise.
     ids: Option<Vec<i64>>,
@@ -76,34 +168,41 @@ pub struct SnapshotRead {
 }
 
 impl SnapshotRead {
-    /// Opens the transaction and takes its snapshot. A reader dropped
-    /// before its end leaves its connection in a transaction: the pool
-    /// discards such a connection rather than reuse it.
-    pub async fn begin(db: &Db, ids: Option<Vec<i64>>) -> Result<Self, StoreError> {
+    /// Opens the transaction and takes its snapshot, on `db` or, when it is
+    /// a replica, as [`SnapshotRead`] says. A reader dropped before its end
+    /// leaves its connection in a transaction: the pool discards such a
+    /// connection rather than reuse it.
+    pub async fn begin(db: &Db, replica: Option<&Replica>, ids: Option<Vec<i64>>) -> Result<Self, StoreError> {
         use diesel_async::AnsiTransactionManager;
-        let mut conn = db.get().await?;
+        let (mut conn, primary_sees, on_primary) = match replica {
+            None => (db.get().await?, None, false),
+            Some(r) => {
+                let (visible, lsn) = primary_mark(&r.primary).await?;
+                let mut conn = db.get().await?;
+                if replayed(&mut conn, &lsn, r.max_lag).await? {
+                    (conn, Some(visible), false)
+                } else {
+                    drop(conn);
+                    (r.primary.get().await?, None, true)
+                }
+            }
+        };
         AnsiTransactionManager::begin_transaction_sql(
             &mut *conn,
             "BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY",
         )
         .await?;
-        #[derive(QueryableByName)]
-        struct Snapshot {
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            snapshot: String,
-        }
         // The first statement fixes the transaction's snapshot: this one.
         let s: Snapshot = diesel::sql_query("SELECT pg_current_snapshot()::text AS snapshot")
             .get_result(&mut *conn)
             .await?;
-        let visible = Visibility::parse(&s.snapshot).ok_or_else(|| {
-            StoreError::Query(diesel::result::Error::DeserializationError(
-                format!("unreadable snapshot {:?}", s.snapshot).into(),
-            ))
-        })?;
+        let own = Visibility::parse(&s.snapshot).ok_or_else(|| unreadable(&s.snapshot))?;
+        let rows_before = own.xmax();
+        let holds = SnapshotHolds::new(primary_sees.unwrap_or(own), rows_before);
         Ok(Self {
             conn,
-            visible,
+            holds: std::sync::Arc::new(holds),
+            on_primary,
             ids,
             read: 0,
             after: 0,
@@ -111,9 +210,14 @@ impl SnapshotRead {
         })
     }
 
-    /// Which committed transactions the pages reflect.
-    pub fn visibility(&self) -> &Visibility {
-        &self.visible
+    /// Which updates the pages hold; complete once the last page was read.
+    pub fn holds(&self) -> &std::sync::Arc<SnapshotHolds> {
+        &self.holds
+    }
+
+    /// Whether the replica lagged too far and the primary serves this read.
+    pub fn on_primary(&self) -> bool {
+        self.on_primary
     }
 
     /// The next at most `limit` products in id order; None once all were
@@ -128,7 +232,15 @@ impl SnapshotRead {
             .as_deref()
             .map(|ids| &ids[self.read..(self.read + limit).min(ids.len())]);
         let named = chunk.map_or(0, <[i64]>::len);
-        let page = page(&mut self.conn, self.after, limit as i64, chunk).await?;
+        let rows = page_with_writers(&mut self.conn, self.after, limit as i64, chunk).await?;
+        let page: Vec<Product> = rows
+            .into_iter()
+            .map(|(p, xmin)| {
+                let xmin = u32::try_from(xmin).unwrap_or(0);
+                self.holds.read_row(p.id, xmin, p.price_version, p.stock_version);
+                p
+            })
+            .collect();
         // Moved on only once the page is in hand.
         self.after = page.last().map_or(self.after, |p| p.id);
         self.read += named;

@@ -69,6 +69,38 @@ pub fn read_pool(settings: &DatabaseSettings) -> anyhow::Result<Db> {
     )
 }
 
+/// What a snapshot read on a replica asks of the primary: which
+/// transactions a snapshot holds (a standby's own snapshot does not list
+/// those still running, so it cannot tell), and how far the replica must
+/// have replayed to hold them.
+#[derive(Clone)]
+pub struct Replica {
+    /// Reads on the primary, apart from the apply path's pool.
+    pub primary: Db,
+    /// How long a snapshot waits for the replica to replay what the primary
+    /// had committed; a snapshot is read on the primary instead after it.
+    pub max_lag: Duration,
+}
+
+/// The replica's primary when client reads go to a replica; None otherwise.
+pub fn replica(settings: &DatabaseSettings) -> anyhow::Result<Option<Replica>> {
+    if settings.read_url.is_none() {
+        return Ok(None);
+    }
+    // Created as they are used: a replica that keeps up takes one
+    // connection here per snapshot being begun, not one per read.
+    let primary = build_pool(
+        settings.url.expose(),
+        settings.read_pool_size,
+        settings.acquire_timeout,
+        Some(READ_SESSION_SETUP),
+    )?;
+    Ok(Some(Replica {
+        primary,
+        max_lag: settings.replica_max_lag,
+    }))
+}
+
 fn build_pool(url: &str, size: usize, acquire_timeout: Duration, setup: Option<&'static str>) -> anyhow::Result<Db> {
     let mut config = ManagerConfig::<AsyncPgConnection>::default();
     if let Some(setup) = setup {

@@ -68,13 +68,15 @@ pub struct Isolation {
 
 #[derive(Debug)]
 struct Cleanup {
+    /// The PostgreSQL server holding the database.
+    server: String,
     database: String,
     vhost: String,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let (database, vhost) = (self.database.clone(), self.vhost.clone());
+        let (server, database, vhost) = (self.server.clone(), self.database.clone(), self.vhost.clone());
         // Drop cannot await: clean up on a thread with its own runtime.
         let done = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -84,7 +86,7 @@ impl Drop for Cleanup {
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let _ = rabbit_api_call(awc::http::Method::DELETE, &format!("/api/vhosts/{vhost}"), None).await;
-                let admin_url = format!("{}/postgres", pg_server());
+                let admin_url = format!("{server}/postgres");
                 if let Ok(mut conn) =
                     <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&admin_url).await
                 {
@@ -99,12 +101,19 @@ impl Drop for Cleanup {
 
 impl Isolation {
     pub async fn new() -> Self {
+        Self::on(&pg_server()).await
+    }
+
+    /// An isolation whose database is on the PostgreSQL server at `server`
+    /// (`postgres://user@host:port`).
+    pub async fn on(server: &str) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let iso = Isolation {
-            database_url: format!("{}/gw_test_{id}", pg_server()),
+            database_url: format!("{server}/gw_test_{id}"),
             vhost: format!("gw-test-{id}"),
             redis_prefix: format!("gw-test:{id}:"),
             _cleanup: std::sync::Arc::new(Cleanup {
+                server: server.to_owned(),
                 database: format!("gw_test_{id}"),
                 vhost: format!("gw-test-{id}"),
             }),

@@ -18,6 +18,7 @@ mod pipeline;
 mod reads;
 mod realtime;
 mod recovery;
+mod replica;
 mod resume;
 mod shared_turns;
 mod slow_clients;

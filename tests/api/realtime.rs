@@ -212,6 +212,15 @@ async fn snapshot_in_parts_then_updates_under_a_running_generator_equals_the_dat
     // Seven products a part: the 50-product catalog comes in eight parts,
     // read one page at a time while the generator changes it.
     let app = testkit::spawn_app_with(|s| s.hub.snapshot_part_products = 7).await;
+    snapshot_then_updates_under_the_generator_equal_the_database(&app).await;
+    app.stop().await;
+}
+
+/// A WebSocket and an SSE client take a snapshot of the whole catalog (in
+/// parts of `hub.snapshot_part_products` = 7) while the generator runs,
+/// then its updates: no update they already hold comes again, none is
+/// missing, and both end equal to the primary database.
+pub(crate) async fn snapshot_then_updates_under_the_generator_equal_the_database(app: &testkit::TestApp) {
     app.admin(
         Method::POST,
         "/admin/generator",
@@ -291,14 +300,16 @@ async fn snapshot_in_parts_then_updates_under_a_running_generator_equals_the_dat
         sse_applied > 50,
         "sse: updates flowed after the snapshot: {sse_applied}"
     );
-    let (_, page) = app.get_json("/products?limit=1000").await;
-    for p in page["products"].as_array().unwrap() {
-        let g = |k: &str| p[k].as_i64().unwrap();
-        let want = [g("price_cents"), g("price_version"), g("stock"), g("stock_version")];
-        assert_eq!(ws_view.0[&g("product_id")], want, "ws: product {}", g("product_id"));
-        assert_eq!(sse_view.0[&g("product_id")], want, "sse: product {}", g("product_id"));
+    // The write pool: the primary, also when client reads go to a replica.
+    let products = product_gateway::store::catalog::list(&app.state.db, 0, 1000, None)
+        .await
+        .unwrap();
+    assert_eq!(products.len(), 50);
+    for p in products {
+        let want = [p.price_cents, p.price_version, p.stock, p.stock_version];
+        assert_eq!(ws_view.0[&p.id], want, "ws: product {}", p.id);
+        assert_eq!(sse_view.0[&p.id], want, "sse: product {}", p.id);
     }
-    app.stop().await;
 }
 
 #[actix_rt::test]
@@ -567,9 +578,31 @@ async fn a_snapshot_of_named_products_reads_only_their_rows() {
     app.stop().await;
 }
 
+/// Publishes one stream message as the outbox relay does: one price
+/// update (`version`, 777 cents) of `product`, from outbox row `seq`.
+async fn publish_to_stream(app: &testkit::TestApp, ch: &lapin::Channel, seq: i64, product: i64, version: i64) {
+    use lapin::types::{AMQPValue, FieldTable};
+    let exchange = &app.state.settings.rabbit.topology.updates_exchange;
+    let body =
+        format!(r#"[{{"product_id":{product},"kind":"price","price_cents":777,"version":{version},"ts_us":1}}]"#);
+    let mut headers = FieldTable::default();
+    headers.insert("x-outbox-seq".into(), AMQPValue::LongLongInt(seq));
+    headers.insert("x-txid".into(), AMQPValue::LongLongInt(1));
+    ch.basic_publish(
+        exchange.as_str().into(),
+        "product.updates.batch".into(),
+        Default::default(),
+        body.as_bytes(),
+        lapin::BasicProperties::default().with_headers(headers),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
 #[actix_rt::test]
 async fn a_stream_message_published_again_reaches_clients_once() {
-    use lapin::types::{AMQPValue, FieldTable};
     // A memory of one update: a resume from before the copies reads them
     // back from the stream, through the catch-up reader.
     let app = testkit::spawn_app_with(|s| s.hub.history = 1).await;
@@ -579,28 +612,7 @@ async fn a_stream_message_published_again_reaches_clients_once() {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let publish = |seq: i64, product: i64| {
-        let ch = ch.clone();
-        let exchange = app.state.settings.rabbit.topology.updates_exchange.clone();
-        async move {
-            let body =
-                format!(r#"[{{"product_id":{product},"kind":"price","price_cents":777,"version":9,"ts_us":1}}]"#);
-            let mut headers = FieldTable::default();
-            headers.insert("x-outbox-seq".into(), AMQPValue::LongLongInt(seq));
-            headers.insert("x-txid".into(), AMQPValue::LongLongInt(1));
-            ch.basic_publish(
-                exchange.as_str().into(),
-                "product.updates.batch".into(),
-                Default::default(),
-                body.as_bytes(),
-                lapin::BasicProperties::default().with_headers(headers),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        }
-    };
+    let publish = |seq: i64, product: i64| publish_to_stream(&app, &ch, seq, product, 9);
     publish(4241, 1).await;
     // What the outbox relay does when a node dies with its confirm in
     // flight: the same outbox row published twice.
@@ -631,5 +643,44 @@ async fn a_stream_message_published_again_reaches_clients_once() {
     if let Some(testkit::clients::WsEvent::Json(v)) = resumed.next(Duration::from_millis(500)).await {
         assert_ne!(v["type"], "update", "replayed twice: {v}");
     }
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_copy_read_back_without_its_original_never_follows_a_newer_version() {
+    // A memory of one update: the resume reads the stream back.
+    let app = testkit::spawn_app_with(|s| s.hub.history = 1).await;
+    let mut ws = WsClient::connect(&app.address).await;
+    ws.subscribe(&["product.price.4"], None, false).await;
+    let conn = lapin::Connection::connect(&app.iso.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    // Row 51 (version 5) published, then row 52 (version 6), then row 51
+    // again: its confirm was lost, and the relay published it once more.
+    publish_to_stream(&app, &ch, 51, 4, 5).await;
+    publish_to_stream(&app, &ch, 52, 4, 6).await;
+    publish_to_stream(&app, &ch, 51, 4, 5).await;
+    // Another product's update: the memory of one holds it, so the resume
+    // below is read back from the stream.
+    publish_to_stream(&app, &ch, 53, 8, 1).await;
+    let live = ws.updates(2, T).await;
+    let versions =
+        |updates: &[Value]| -> Vec<i64> { updates.iter().map(|u| u["data"]["version"].as_i64().unwrap()).collect() };
+    assert_eq!(versions(&live), [5, 6]);
+    // A client that has version 6 resumes: it is read back from the stream
+    // from the message after version 6's, where the copy is the next
+    // update of its product, and its original lies before the read.
+    let mut resumed = WsClient::connect(&app.address).await;
+    resumed
+        .subscribe(&["product.price.4"], live[1]["offset"].as_u64(), false)
+        .await;
+    publish_to_stream(&app, &ch, 54, 4, 7).await;
+    assert_eq!(
+        versions(&resumed.updates(1, T).await),
+        [7],
+        "no older version after the newer one"
+    );
+    assert_eq!(versions(&ws.updates(1, T).await), [7], "live: the copy not broadcast");
     app.stop().await;
 }

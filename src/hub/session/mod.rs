@@ -19,7 +19,7 @@ use super::scope::Grant;
 use super::{ConnectionSlot, HubHandle, Refused};
 use crate::broadcast::stream::CatchUpReader;
 use crate::metrics::Metrics;
-use crate::store::{Db, catalog};
+use crate::store::{Db, Replica, catalog};
 
 pub use self::codes::{ClientError, ClientErrorCode, Dropped, Transport, reset_json};
 pub use self::snapshot::{SnapshotFrame, SnapshotFrames, SnapshotLimit, next_snapshot_frame};
@@ -32,6 +32,8 @@ pub struct SessionContext {
     pub hub: HubHandle,
     /// Pool of client reads, for snapshots.
     pub read_db: Db,
+    /// The primary behind `read_db` when that is a replica.
+    pub replica: Option<Replica>,
     pub snapshots: SnapshotLimit,
     /// Reads the stream back for resumes older than the hub's memory.
     pub catch_up: CatchUpReader,
@@ -234,13 +236,17 @@ impl Session {
         let Some(turn) = turn else { return Ok(None) };
         // Registered first, read second: an update committed after the
         // read's snapshot is queued, one the snapshot sees is skipped.
-        let read = catalog::SnapshotRead::begin(&self.ctx.read_db, named_products(&patterns))
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "snapshot read failed");
-                snapshot_unavailable()
-            })?;
-        self.feed.snapshot_sees(&patterns, read.visibility().clone());
+        let read =
+            catalog::SnapshotRead::begin(&self.ctx.read_db, self.ctx.replica.as_ref(), named_products(&patterns))
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "snapshot read failed");
+                    snapshot_unavailable()
+                })?;
+        if read.on_primary() {
+            self.ctx.hub.metrics().snapshots_off_replica.inc();
+        }
+        self.feed.snapshot_holds(&patterns, read.holds().clone());
         Ok(Some(stream_snapshot(SnapshotStream {
             read,
             patterns,
