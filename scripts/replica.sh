@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
-# A PostgreSQL primary with two streaming standbys on loopback, beside the
-# machine's own PostgreSQL: what snapshots served from a read replica are
-# tested against. Everything lives under $REPLICA_DIR and runs as the
-# postgres user from the machine's PostgreSQL install.
+# A PostgreSQL primary with streaming standbys, beside the machine's own
+# PostgreSQL: what snapshots served from a read replica are tested against.
+# The servers run as the postgres user from the machine's PostgreSQL install.
 #
-#   scripts/replica.sh up     primary :5440, standby :5441, lagging standby :5442
-#   scripts/replica.sh down   stops all three and removes $REPLICA_DIR
-#   scripts/replica.sh urls   the three server URLs, one a line
+#   scripts/replica.sh up     on loopback, under $REPLICA_DIR: primary :5440,
+#                             standby :5441, lagging standby :5442
+#   scripts/replica.sh down   stops those three and removes $REPLICA_DIR
+#   scripts/replica.sh urls   their server URLs, one a line
 #
-# The lagging standby applies each commit $REPLICA_DELAY after the primary
-# made it (recovery_min_apply_delay): a replica under load, made repeatable.
+# One server at a time, for hosts of their own (scripts/netlab.sh runs these
+# inside a network namespace each); NET is who may connect (CIDR):
+#
+#   scripts/replica.sh primary DIR ADDRESS PORT NET
+#   scripts/replica.sh standby DIR ADDRESS PORT NET PRIMARY_ADDRESS PRIMARY_PORT [DELAY]
+#   scripts/replica.sh stop DIR
+#   scripts/replica.sh delay DIR DELAY   a running standby applies commits DELAY late
+#
+# A standby with DELAY applies each commit that long after the primary made
+# it (recovery_min_apply_delay): a replica under load, made repeatable.
 set -euo pipefail
 
 REPLICA_DIR=${REPLICA_DIR:-/tmp/product-gateway-replica}
 REPLICA_DELAY=${REPLICA_DELAY:-2s}
 WAIT_SECS=${REPLICA_WAIT_SECS:-60}
-NAMES=(primary standby lagging)
+LOOPBACK=(primary:5440 standby:5441 lagging:5442)
 
 log() { echo "replica: $*" >&2; }
 die() { log "$*"; exit 1; }
-
-port() { case $1 in primary) echo 5440 ;; standby) echo 5441 ;; lagging) echo 5442 ;; esac; }
-url() { echo "postgres://postgres@127.0.0.1:$(port "$1")"; }
 
 bin() {
     local dir
@@ -35,71 +40,98 @@ as_pg() {
     if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-running() { as_pg "$(bin pg_ctl)" -D "$REPLICA_DIR/$1" status >/dev/null 2>&1; }
+running() { [[ -f "$1/PG_VERSION" ]] && as_pg "$(bin pg_ctl)" -D "$1" status >/dev/null 2>&1; }
 
-start() {
-    as_pg "$(bin pg_ctl)" -D "$REPLICA_DIR/$1" -l "$REPLICA_DIR/$1.log" -w -t "$WAIT_SECS" start >/dev/null \
-        || { tail -20 "$REPLICA_DIR/$1.log" >&2; die "$1 did not start"; }
+# A directory the servers' data and sockets live in, the postgres user's.
+own_dir() {
+    mkdir -p "$1"
+    chown postgres "$1" 2>/dev/null || true
+    chmod 700 "$1"
 }
 
-init_primary() {
-    local dir="$REPLICA_DIR/primary"
-    as_pg "$(bin initdb)" -D "$dir" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
-    cat >>"$dir/postgresql.conf" <<EOF
-port = $(port primary)
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$REPLICA_DIR'
+start() { # DIR
+    as_pg "$(bin pg_ctl)" -D "$1" -l "$1.log" -w -t "$WAIT_SECS" start >/dev/null \
+        || { tail -20 "$1.log" >&2; die "the server in $1 did not start"; }
+}
+
+primary() { # DIR ADDRESS PORT NET
+    local dir=$1 address=$2 port=$3 net=$4
+    if running "$dir"; then return 0; fi
+    own_dir "$(dirname "$dir")"
+    if [[ ! -f "$dir/PG_VERSION" ]]; then
+        as_pg "$(bin initdb)" -D "$dir" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+        cat >>"$dir/postgresql.conf" <<EOF
+port = $port
+listen_addresses = '$address'
+unix_socket_directories = '$(dirname "$dir")'
 max_connections = 300
 shared_buffers = 64MB
 wal_level = replica
 max_wal_senders = 10
-# Tests, not durability: the servers are thrown away after every run.
+# Tests, not durability: these servers are thrown away after every run.
 fsync = off
 full_page_writes = off
 EOF
-    echo "host replication all 127.0.0.1/32 trust" >>"$dir/pg_hba.conf"
+        printf 'host all all %s trust\nhost replication all %s trust\n' "$net" "$net" >>"$dir/pg_hba.conf"
+    fi
+    start "$dir"
+    log "primary on postgres://postgres@$address:$port"
 }
 
-init_standby() {
-    local name=$1 dir="$REPLICA_DIR/$1"
-    as_pg "$(bin pg_basebackup)" -h 127.0.0.1 -p "$(port primary)" -U postgres -D "$dir" -R -X stream -c fast
-    cat >>"$dir/postgresql.conf" <<EOF
-port = $(port "$name")
+standby() { # DIR ADDRESS PORT NET PRIMARY_ADDRESS PRIMARY_PORT [DELAY]
+    local dir=$1 address=$2 port=$3 net=$4 from=$5 from_port=$6 delay=${7:-}
+    if running "$dir"; then return 0; fi
+    own_dir "$(dirname "$dir")"
+    if [[ ! -f "$dir/PG_VERSION" ]]; then
+        as_pg "$(bin pg_basebackup)" -h "$from" -p "$from_port" -U postgres -D "$dir" -R -X stream -c fast
+        cat >>"$dir/postgresql.conf" <<EOF
+port = $port
+listen_addresses = '$address'
+unix_socket_directories = '$(dirname "$dir")'
 hot_standby = on
 # Long snapshot reads are not cancelled by the primary's vacuum.
 hot_standby_feedback = on
 EOF
-    if [[ $name == lagging ]]; then
-        echo "recovery_min_apply_delay = '$REPLICA_DELAY'" >>"$dir/postgresql.conf"
+        [[ -z "$delay" ]] || echo "recovery_min_apply_delay = '$delay'" >>"$dir/postgresql.conf"
+        # The copy carries the primary's pg_hba.conf; NET may differ.
+        printf 'host all all %s trust\n' "$net" >>"$dir/pg_hba.conf"
     fi
+    start "$dir"
+    log "standby${delay:+ (applies $delay late)} on postgres://postgres@$address:$port"
+}
+
+delay() { # DIR DELAY: a running standby's apply delay, changed in place
+    local conf="$1/postgresql.auto.conf"
+    [[ -f "$conf" ]] || die "no server in $1"
+    sed -i '/^recovery_min_apply_delay/d' "$conf"
+    echo "recovery_min_apply_delay = '$2'" >>"$conf"
+    as_pg "$(bin pg_ctl)" -D "$1" reload >/dev/null
+}
+
+stop() { # DIR
+    if running "$1"; then as_pg "$(bin pg_ctl)" -D "$1" -m immediate stop >/dev/null; fi
 }
 
 up() {
-    mkdir -p "$REPLICA_DIR"
-    chown postgres "$REPLICA_DIR" 2>/dev/null || true
-    chmod 700 "$REPLICA_DIR"
-    local name
-    for name in "${NAMES[@]}"; do
-        if running "$name"; then continue; fi
-        if [[ ! -f "$REPLICA_DIR/$name/PG_VERSION" ]]; then
-            if [[ $name == primary ]]; then init_primary; else init_standby "$name"; fi
-        fi
-        start "$name"
-        log "$name on $(url "$name")"
-    done
+    own_dir "$REPLICA_DIR"
+    primary "$REPLICA_DIR/primary" 127.0.0.1 5440 127.0.0.1/32
+    standby "$REPLICA_DIR/standby" 127.0.0.1 5441 127.0.0.1/32 127.0.0.1 5440
+    standby "$REPLICA_DIR/lagging" 127.0.0.1 5442 127.0.0.1/32 127.0.0.1 5440 "$REPLICA_DELAY"
 }
 
 down() {
-    local name
-    for name in "${NAMES[@]}"; do
-        if running "$name"; then as_pg "$(bin pg_ctl)" -D "$REPLICA_DIR/$name" -m immediate stop >/dev/null; fi
-    done
+    local s
+    for s in "${LOOPBACK[@]}"; do stop "$REPLICA_DIR/${s%%:*}"; done
     rm -rf "$REPLICA_DIR"
 }
 
 case ${1:-} in
     up) up ;;
     down) down ;;
-    urls) for n in "${NAMES[@]}"; do url "$n"; done ;;
-    *) die "usage: $0 up|down|urls" ;;
+    urls) for s in "${LOOPBACK[@]}"; do echo "postgres://postgres@127.0.0.1:${s##*:}"; done ;;
+    primary) primary "${@:2}" ;;
+    standby) standby "${@:2}" ;;
+    stop) stop "$2" ;;
+    delay) delay "$2" "$3" ;;
+    *) die "usage: $0 up|down|urls, or primary|standby|stop (see the script's head)" ;;
 esac

@@ -516,16 +516,21 @@ impl Sse {
         self.body.advance(len + 2);
     }
 
-    /// Reads more; false at end of stream. A malformed chunk is an
-    /// `InvalidData` error, so that every failure reads as a socket's.
+    /// Reads more; false at end of stream, once what came before it is in
+    /// `body` (the last chunk often arrives with the last events). A
+    /// malformed chunk is an `InvalidData` error, so that every failure
+    /// reads as a socket's.
     pub async fn fill(&mut self) -> std::io::Result<bool> {
+        if self.ended {
+            return Ok(false);
+        }
         let n = self.conn.fill().await?;
         if n == 0 {
             return Ok(false);
         }
         self.dechunk()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        Ok(!self.ended)
+        Ok(true)
     }
 
     /// The next event (comments included); None at the end of the stream.
