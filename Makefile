@@ -32,7 +32,7 @@ test: export RUST_LOG ?= warn
 CLUSTER_TEST  := cluster
 CLUSTER_ENV   := GATEWAY_TEST_AMQP=amqp://guest:guest@127.0.0.1:5701 GATEWAY_TEST_RABBIT_API=http://127.0.0.1:15701
 
-.PHONY: help services definitions build run test test-cluster lint deny bench chaos cluster cluster-stop cluster-chaos fmt clean
+.PHONY: help services definitions build run test test-cluster test-partitions partitions lint deny bench chaos cluster cluster-stop cluster-chaos fmt clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -82,6 +82,12 @@ chaos: services ## five-minute fault run (tests/service_restarts, harness testki
 
 test-cluster: services ## cluster fault run (tests/cluster): three RabbitMQ nodes started, a node killed under load, nodes taken down
 	CARGO=$(CARGO) scripts/test.sh cluster
+
+test-partitions: services ## network fault run, short (tests/partitions): the lab of scripts/netlab.sh, one broker partition under load
+	CARGO=$(CARGO) scripts/test.sh partitions short
+
+partitions: services ## every network fault in the lab (about eight minutes); prints lost = 0, double-applied = 0, client gaps and recovery times
+	CARGO=$(CARGO) scripts/test.sh partitions full
 
 cluster: services ## three RabbitMQ nodes, three gateways behind HAProxy on :8090; prints every URL
 	$(CARGO) build --release --bin product-gateway

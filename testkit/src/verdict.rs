@@ -168,6 +168,19 @@ pub fn recovered_at(before: i64, samples: &[Sample]) -> Option<Duration> {
         .map(|s| s.at)
 }
 
+/// The longest stretch of `[from, to)` in which nothing happened, given
+/// when things happened (in order): how long publishing, applying or a
+/// client's deliveries were unavailable during a fault.
+pub fn longest_pause(events: &[std::time::Instant], from: std::time::Instant, to: std::time::Instant) -> Duration {
+    let mut last = from;
+    let mut longest = Duration::ZERO;
+    for &t in events.iter().filter(|&&t| t >= from && t < to) {
+        longest = longest.max(t - last);
+        last = t;
+    }
+    longest.max(to.saturating_duration_since(last))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +362,19 @@ mod tests {
         );
         let bad = serde_json::json!({"product_id": 7, "kind": "price", "version": 2});
         assert_eq!(Seen::from_data(9, "product.price.7", &bad), None);
+    }
+
+    #[test]
+    fn the_longest_pause_counts_from_the_window_start_to_its_end() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let events = [at(50), at(100), at(900), at(1000), at(2500)];
+        assert_eq!(longest_pause(&events, at(0), at(1200)), Duration::from_millis(800));
+        assert_eq!(longest_pause(&events, at(950), at(1200)), Duration::from_millis(200));
+        assert_eq!(
+            longest_pause(&[], at(0), at(300)),
+            Duration::from_millis(300),
+            "nothing at all"
+        );
     }
 }

@@ -2,18 +2,29 @@
 //! and resume through every fault, and the readiness poller.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::evidence::applied_sum;
 use super::processes::readyz;
 use crate::clients::{SseClient, WsClient, WsEvent};
 use crate::verdict::Seen;
+use product_gateway::store;
 
 #[derive(Default)]
 pub(super) struct ClientLog {
     pub(super) seen: Vec<Seen>,
+    /// When each of `seen` arrived.
+    pub(super) at: Vec<Instant>,
     pub(super) reconnects: u32,
+}
+
+impl ClientLog {
+    fn push(&mut self, s: Seen) {
+        self.seen.push(s);
+        self.at.push(Instant::now());
+    }
 }
 
 pub(super) struct Client {
@@ -24,13 +35,19 @@ pub(super) struct Client {
 
 /// A client that stays subscribed: on any disconnect it reconnects (to its
 /// own instance, else the other) with the last offset it saw.
-pub(super) fn spawn_client(name: String, sse: bool, pattern: &str, ports: [u16; 2], stop: CancellationToken) -> Client {
+pub(super) fn spawn_client(
+    name: String,
+    sse: bool,
+    pattern: &str,
+    bases: [String; 2],
+    stop: CancellationToken,
+) -> Client {
     let log = Arc::new(Mutex::new(ClientLog::default()));
     let (l, p) = (log.clone(), pattern.to_owned());
     tokio::task::spawn_local(async move {
         let mut attempt = 0usize;
         while !stop.is_cancelled() {
-            let base = format!("http://127.0.0.1:{}", ports[attempt % 2]);
+            let base = &bases[attempt % 2];
             attempt += 1;
             let since = l.lock().unwrap().seen.last().map(|s| s.offset);
             if sse {
@@ -38,7 +55,7 @@ pub(super) fn spawn_client(name: String, sse: bool, pattern: &str, ports: [u16; 
                 if let Some(s) = since {
                     q.push_str(&format!("&since={s}"));
                 }
-                let Ok(mut c) = SseClient::connect(&base, &q, None).await else {
+                let Ok(mut c) = SseClient::connect(base, &q, None).await else {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     continue;
                 };
@@ -48,7 +65,7 @@ pub(super) fn spawn_client(name: String, sse: bool, pattern: &str, ports: [u16; 
                         Some(e) if e.event == "price" || e.event == "stock" => {
                             let topic = format!("product.{}.{}", e.event, e.data["product_id"]);
                             if let Some(s) = Seen::from_data(e.id.unwrap_or(0), &topic, &e.data) {
-                                l.lock().unwrap().seen.push(s);
+                                l.lock().unwrap().push(s);
                             }
                         }
                         Some(_) => {}
@@ -57,7 +74,7 @@ pub(super) fn spawn_client(name: String, sse: bool, pattern: &str, ports: [u16; 
                     }
                 }
             } else {
-                let Some(mut c) = WsClient::try_connect(&base).await else {
+                let Some(mut c) = WsClient::try_connect(base).await else {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     continue;
                 };
@@ -72,7 +89,7 @@ pub(super) fn spawn_client(name: String, sse: bool, pattern: &str, ports: [u16; 
                         Some(WsEvent::Json(v)) if v["type"] == "update" => {
                             let offset = v["offset"].as_u64().unwrap_or(0);
                             if let Some(s) = Seen::from_data(offset, v["topic"].as_str().unwrap_or(""), &v["data"]) {
-                                l.lock().unwrap().seen.push(s);
+                                l.lock().unwrap().push(s);
                             }
                         }
                         Some(WsEvent::Closed(_)) => break,
@@ -97,15 +114,15 @@ pub(super) fn spawn_client(name: String, sse: bool, pattern: &str, ports: [u16; 
 pub(super) type Observations = Arc<Mutex<Vec<(String, u16, serde_json::Value)>>>;
 
 pub(super) fn spawn_poller(
-    ports: Vec<(&'static str, u16)>,
+    bases: Vec<(&'static str, String)>,
     phase: Arc<Mutex<String>>,
     seen: Observations,
     stop: CancellationToken,
 ) {
     tokio::task::spawn_local(async move {
         while !stop.is_cancelled() {
-            for (name, port) in &ports {
-                if let Some((status, body)) = readyz(*port).await {
+            for (name, base) in &bases {
+                if let Some((status, body)) = readyz(base).await {
                     let p = phase.lock().unwrap().clone();
                     seen.lock().unwrap().push((format!("{p}/{name}"), status, body));
                 }
@@ -113,4 +130,49 @@ pub(super) fn spawn_poller(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
+}
+
+/// When the events the instances published (confirmed by the broker), and
+/// those applied, grew: read every 100 ms (the instances'
+/// `gateway_events_confirmed_total`, the catalog's summed versions).
+#[derive(Default)]
+pub(super) struct Progress {
+    pub(super) published: Vec<Instant>,
+    pub(super) applied: Vec<Instant>,
+}
+
+pub(super) fn spawn_progress(bases: Vec<String>, db: store::Db, stop: CancellationToken) -> Arc<Mutex<Progress>> {
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let p = progress.clone();
+    tokio::task::spawn_local(async move {
+        let client = awc::Client::builder().timeout(Duration::from_secs(1)).finish();
+        // Per instance: a restarted one counts from zero again.
+        let (mut confirmed, mut applied) = (vec![0.0; bases.len()], 0);
+        while !stop.is_cancelled() {
+            let mut grew = false;
+            for (base, last) in bases.iter().zip(confirmed.iter_mut()) {
+                if let Ok(mut res) = client.get(format!("{base}/metrics")).send().await
+                    && let Ok(body) = res.body().limit(8 << 20).await
+                {
+                    let now = crate::metric_value(&String::from_utf8_lossy(&body), "gateway_events_confirmed", "");
+                    grew |= now > *last;
+                    *last = now;
+                }
+            }
+            let now_applied = applied_sum(&db).await;
+            let at = Instant::now();
+            {
+                let mut p = p.lock().unwrap();
+                if grew {
+                    p.published.push(at);
+                }
+                if now_applied > applied {
+                    p.applied.push(at);
+                }
+            }
+            applied = applied.max(now_applied);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    progress
 }

@@ -156,13 +156,13 @@ pub(super) async fn applied_sum(db: &store::Db) -> i64 {
 }
 
 /// Until every instance is ready again and events are being applied.
-pub(super) async fn recovery(ports: &[u16], db: &store::Db, since: Instant) -> Duration {
+pub(super) async fn recovery(bases: &[String], db: &store::Db, since: Instant) -> Duration {
     let before = applied_sum(db).await;
     let mut samples = Vec::new();
     loop {
         let mut all_ready = true;
-        for p in ports {
-            all_ready &= matches!(readyz(*p).await, Some((200, ref b)) if b["status"] == "ready");
+        for base in bases {
+            all_ready &= matches!(readyz(base).await, Some((200, ref b)) if b["status"] == "ready");
         }
         let applied = applied_sum(db).await;
         samples.push(Sample {
@@ -179,16 +179,13 @@ pub(super) async fn recovery(ports: &[u16], db: &store::Db, since: Instant) -> D
 }
 
 /// Photo requests answered 200 by any instance during `window`, two a second.
-pub(super) async fn photos_served(ports: &[u16], window: Duration) -> usize {
+pub(super) async fn photos_served(bases: &[String], window: Duration) -> usize {
     let client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
     let mut ok = 0;
     let until = Instant::now() + window;
     while Instant::now() < until {
-        for port in ports {
-            if let Ok(res) = client
-                .get(format!("http://127.0.0.1:{port}/products/1/photo"))
-                .send()
-                .await
+        for base in bases {
+            if let Ok(res) = client.get(format!("{base}/products/1/photo")).send().await
                 && res.status().as_u16() == 200
             {
                 ok += 1;

@@ -26,12 +26,13 @@ use product_gateway::settings::Settings;
 use product_gateway::store;
 use tokio_util::sync::CancellationToken;
 
-use self::clients::{Client, Observations, spawn_client, spawn_poller};
+use self::clients::{Client, Observations, Progress, spawn_client, spawn_poller, spawn_progress};
 use self::evidence::{Evidence, applied_sum, declare_audit, photos_served, recovery};
 pub use self::plan::Plan;
+use self::plan::Site;
 use self::plan::{Action, Fault, Led};
-pub use self::processes::cluster;
-use self::processes::{Instance, admin, free_port, inject, readyz};
+use self::processes::{Instance, Place, admin, inject, netlab_can_slow, readyz};
+pub use self::processes::{cluster, netlab};
 use crate::Isolation;
 use crate::verdict;
 
@@ -60,7 +61,7 @@ pub async fn run(plan: Plan) -> Report {
     let faults = running.apply_faults().await;
     running.drain().await;
     let evidence = Evidence::collect(&setup.iso.amqp_url(), &setup.settings, &setup.db).await;
-    let (status, body) = readyz(running.ports[0]).await.unwrap_or((0, serde_json::Value::Null));
+    let (status, body) = readyz(&running.bases[0]).await.unwrap_or((0, serde_json::Value::Null));
     assert_eq!(status, 200, "a is ready at the end: {body}");
     let report = judge(&plan, &running, &faults, &evidence, started.elapsed());
     running.a.kill().await;
@@ -78,7 +79,7 @@ struct Setup {
 async fn prepare(plan: &Plan) -> Setup {
     let iso = Isolation::new().await;
     let mut settings = iso.settings();
-    if plan.cluster {
+    if plan.site != Site::Local {
         settings.rabbit.topology.replicas = 3;
     }
     let db = store::pool(&settings.database).unwrap();
@@ -91,6 +92,8 @@ async fn prepare(plan: &Plan) -> Setup {
 /// One fault as it went: how long it took, and when the system recovered.
 struct Applied {
     name: &'static str,
+    /// When it began.
+    at: Instant,
     took: Duration,
     recovered: Duration,
 }
@@ -101,11 +104,18 @@ struct Running<'a> {
     setup: &'a Setup,
     a: Instance,
     b: Instance,
-    ports: [u16; 2],
+    /// Where b runs, to start it again there.
+    place_b: Place,
+    bases: [String; 2],
     clients: Vec<Client>,
     /// The phase the poller files its answers under.
     phase: Arc<Mutex<String>>,
     observed: Observations,
+    progress: Arc<Mutex<Progress>>,
+    /// When the load began, and when the drain began: the last fault's
+    /// window ends there.
+    started: Instant,
+    drained_at: Option<Instant>,
     stop: CancellationToken,
     /// Photos served while Redis was down.
     photos_ok: usize,
@@ -114,46 +124,64 @@ struct Running<'a> {
 
 impl<'a> Running<'a> {
     async fn start(plan: &'a Plan, setup: &'a Setup) -> Running<'a> {
-        let (pa, pb) = (free_port(), free_port());
-        let a = Instance::start(&setup.iso, "a", pa, plan).await;
-        let b = Instance::start(&setup.iso, "b", pb, plan).await;
+        let (place_a, place_b) = (Place::of("a", plan).await, Place::of("b", plan).await);
+        let a = Instance::start(&setup.iso, &place_a, plan).await;
+        let b = Instance::start(&setup.iso, &place_b, plan).await;
+        let (pa, pb) = (place_a.base(), place_b.base());
         let stop = CancellationToken::new();
         let clients = vec![
-            spawn_client("ws@a product.#".into(), false, "product.#", [pa, pb], stop.clone()),
+            spawn_client(
+                "ws@a product.#".into(),
+                false,
+                "product.#",
+                [pa.clone(), pb.clone()],
+                stop.clone(),
+            ),
             spawn_client(
                 "sse@a product.price.*".into(),
                 true,
                 "product.price.*",
-                [pa, pb],
+                [pa.clone(), pb.clone()],
                 stop.clone(),
             ),
             spawn_client(
                 "ws@b product.stock.*".into(),
                 false,
                 "product.stock.*",
-                [pb, pa],
+                [pb.clone(), pa.clone()],
                 stop.clone(),
             ),
-            spawn_client("sse@b product.*.1".into(), true, "product.*.1", [pb, pa], stop.clone()),
-            spawn_client("ws@b #".into(), false, "#", [pb, pa], stop.clone()),
+            spawn_client(
+                "sse@b product.*.1".into(),
+                true,
+                "product.*.1",
+                [pb.clone(), pa.clone()],
+                stop.clone(),
+            ),
+            spawn_client("ws@b #".into(), false, "#", [pb.clone(), pa.clone()], stop.clone()),
         ];
         let phase = Arc::new(Mutex::new("warm-up".to_owned()));
         let observed: Observations = Arc::default();
         spawn_poller(
-            vec![("a", pa), ("b", pb)],
+            vec![("a", pa.clone()), ("b", pb.clone())],
             phase.clone(),
             observed.clone(),
             stop.clone(),
         );
+        let progress = spawn_progress(vec![pa.clone(), pb.clone()], setup.db.clone(), stop.clone());
         Running {
             plan,
             setup,
             a,
             b,
-            ports: [pa, pb],
+            place_b,
+            bases: [pa, pb],
             clients,
             phase,
             observed,
+            progress,
+            started: Instant::now(),
+            drained_at: None,
             stop,
             photos_ok: 0,
             lines: Vec::new(),
@@ -179,10 +207,11 @@ impl<'a> Running<'a> {
             }
             let recovered = match while_away {
                 Some(d) => d,
-                None => recovery(&self.ports, &self.setup.db, Instant::now()).await,
+                None => recovery(&self.bases, &self.setup.db, Instant::now()).await,
             };
             applied.push(Applied {
                 name: fault.name,
+                at: t,
                 took,
                 recovered,
             });
@@ -200,7 +229,7 @@ impl<'a> Running<'a> {
 
     /// One fault; for a cluster node, the recovery while it is away.
     async fn apply(&mut self, fault: &Fault) -> Option<Duration> {
-        let (iso, db, ports) = (&self.setup.iso, &self.setup.db, self.ports);
+        let (iso, db, bases) = (&self.setup.iso, &self.setup.db, &self.bases);
         match fault.action {
             Action::CloseBrokerConnections => {
                 let out = tokio::process::Command::new("rabbitmqctl")
@@ -214,12 +243,12 @@ impl<'a> Running<'a> {
             Action::KillGatewayB => {
                 self.b.kill().await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                self.b = Instance::start(iso, "b", ports[1], self.plan).await;
+                self.b = Instance::start(iso, &self.place_b, self.plan).await;
             }
             Action::RestartPostgres => inject("restart-postgres").await,
             Action::StopRedis => {
                 inject("stop-redis").await;
-                self.photos_ok += photos_served(&ports, self.plan.redis_down).await;
+                self.photos_ok += photos_served(bases, self.plan.redis_down).await;
                 inject("start-redis").await;
             }
             Action::KillLeaderOf(led) => {
@@ -231,26 +260,65 @@ impl<'a> Running<'a> {
                 let node = cluster(&["leader", &iso.vhost, queue]).await;
                 self.lines.push(format!("{}: {queue} led by {node}", fault.phase));
                 cluster(&["kill", &node]).await;
-                let away = recovery(&ports, db, Instant::now()).await;
+                let away = recovery(bases, db, Instant::now()).await;
                 cluster(&["start", &node]).await;
                 return Some(away);
             }
             Action::RestartNode(node) => {
                 cluster(&["stop", node]).await;
-                let away = recovery(&ports, db, Instant::now()).await;
+                let away = recovery(bases, db, Instant::now()).await;
                 cluster(&["start", node]).await;
                 return Some(away);
             }
+            Action::Net(commands) => return Some(self.hold_network_fault(commands, None).await),
+            Action::Slow(commands) => {
+                if !netlab_can_slow().await {
+                    self.lines.push(format!(
+                        "{}: skipped, this kernel has no netem (sch_netem): no delay or loss can be made",
+                        fault.phase
+                    ));
+                    return Some(Duration::ZERO);
+                }
+                return Some(self.hold_network_fault(commands, None).await);
+            }
+            Action::NetThenKill(commands, node) => {
+                return Some(self.hold_network_fault(commands, Some(node)).await);
+            }
         }
         None
+    }
+
+    /// Applies the lab commands, optionally kills a broker node, and holds
+    /// the fault for `Plan::hold`; returns how long until the system was
+    /// ready and applying again while the fault held (the whole hold when
+    /// it never was). The node is started again, then every link healed.
+    async fn hold_network_fault(&mut self, commands: &[&[&str]], kill: Option<&str>) -> Duration {
+        let started = Instant::now();
+        for c in commands {
+            netlab(c).await;
+        }
+        if let Some(node) = kill {
+            netlab(&["kill", node]).await;
+        }
+        let away = tokio::select! {
+            r = recovery(&self.bases, &self.setup.db, started) => r,
+            _ = tokio::time::sleep(self.plan.hold) => self.plan.hold,
+        };
+        tokio::time::sleep(self.plan.hold.saturating_sub(started.elapsed())).await;
+        if let Some(node) = kill {
+            netlab(&["start", node]).await;
+        }
+        netlab(&["heal"]).await;
+        away
     }
 
     /// Stops generating, waits until nothing more is applied, and stops
     /// the clients.
     async fn drain(&mut self) {
         self.set_phase("drain");
-        for port in self.ports {
-            admin(port, serde_json::json!({"running": false})).await;
+        self.drained_at = Some(Instant::now());
+        for base in &self.bases {
+            admin(base, serde_json::json!({"running": false})).await;
         }
         let mut last = -2;
         let mut stable = 0;
@@ -264,6 +332,47 @@ impl<'a> Running<'a> {
         self.stop.cancel();
         tokio::time::sleep(Duration::from_millis(800)).await;
     }
+}
+
+/// Per fault, from its start to the next one's (or the drain): the longest
+/// stretch without a confirmed publish, without an applied change, and,
+/// per client, without a delivery (with the client it was).
+fn unavailability(running: &Running<'_>, faults: &[Applied]) -> Vec<String> {
+    let progress = running.progress.lock().unwrap();
+    let end = running.drained_at.unwrap_or_else(Instant::now);
+    let mut lines =
+        vec!["fault | unavailable: publishing (confirmed) | applying | delivering, longest client pause".to_owned()];
+    // Before the first fault: what a pause is without one.
+    let first = faults.first().map_or(end, |f| f.at);
+    let windows = std::iter::once(("no fault (before the first)", running.started, first)).chain(
+        faults
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name, f.at, faults.get(i + 1).map_or(end, |n| n.at))),
+    );
+    for (name, from, to) in windows {
+        let published = verdict::longest_pause(&progress.published, from, to);
+        let applied = verdict::longest_pause(&progress.applied, from, to);
+        // Per instance its clients' longest pause; a client of one product
+        // pauses between its product's changes anyway, so it is left out.
+        let delivered = |instance: &str| {
+            running
+                .clients
+                .iter()
+                .filter(|c| c.name.contains(instance) && !c.pattern.ends_with(|ch: char| ch.is_ascii_digit()))
+                .map(|c| verdict::longest_pause(&c.log.lock().unwrap().at, from, to))
+                .max()
+                .unwrap_or_default()
+        };
+        lines.push(format!(
+            "{name} | {:.1} s | {:.1} s | clients of a {:.1} s, of b {:.1} s",
+            published.as_secs_f64(),
+            applied.as_secs_f64(),
+            delivered("@a").as_secs_f64(),
+            delivered("@b").as_secs_f64()
+        ));
+    }
+    lines
 }
 
 /// What the evidence shows, as report lines; panics on a failed verdict
@@ -286,10 +395,10 @@ fn judge(plan: &Plan, running: &Running<'_>, faults: &[Applied], evidence: &Evid
         took.as_secs_f64(),
         plan.rate,
         plan.products,
-        if plan.cluster {
-            ", three-node RabbitMQ cluster"
-        } else {
-            ""
+        match plan.site {
+            Site::Local => "",
+            Site::Cluster => ", three-node RabbitMQ cluster",
+            Site::Lab => ", network lab (three broker hosts, PostgreSQL with a standby, a host per gateway)",
         }
     ));
     lines.push(format!("confirmed events (audit copy): {}", evidence.audit.len()));
@@ -312,7 +421,7 @@ fn judge(plan: &Plan, running: &Running<'_>, faults: &[Applied], evidence: &Evid
         "stream messages published again by the relay (confirm lost), dropped by every reader: {}",
         stream.republished
     ));
-    lines.push(if plan.cluster {
+    lines.push(if plan.site != Site::Local {
         "fault | took (until the node is back) | recovered (ready + applying) after, the node still away".to_owned()
     } else {
         "fault | took | recovered (ready + applying) after".to_owned()
@@ -325,6 +434,7 @@ fn judge(plan: &Plan, running: &Running<'_>, faults: &[Applied], evidence: &Evid
             f.recovered.as_secs_f64()
         ));
     }
+    lines.extend(unavailability(running, faults));
 
     // Clients: offsets strictly increase, equal the stream's matching
     // updates over the span they covered, and end on the catalog's state.
@@ -364,7 +474,7 @@ fn judge(plan: &Plan, running: &Running<'_>, faults: &[Applied], evidence: &Evid
     let pg_down_seen = saw("restart-postgres", &|s, b| {
         s == 503 && b["checks"]["postgres"] == "down"
     });
-    if !plan.cluster {
+    if plan.site == Site::Local {
         lines.push(format!(
         "readyz: 503 with rabbitmq down during its restart {rabbit_down_seen}; 503 with postgres down during its restart {pg_down_seen}; \
          degraded (200) while Redis was down {redis_degraded_seen}; 503 because of Redis {redis_wrongly_unready}"

@@ -1,5 +1,6 @@
 //! What a chaos run does: its load, how long it runs, and its faults in
-//! order, for one node or the three-node cluster.
+//! order, for one node, the three-node cluster on loopback, or the network
+//! lab's hosts (`scripts/netlab.sh`).
 
 use std::time::Duration;
 
@@ -10,9 +11,9 @@ pub struct Plan {
     pub rate: f64,
     pub products: u32,
     pub(super) faults: &'static [Fault],
-    /// Against the three-node cluster of `scripts/cluster.sh` rather than
-    /// the machine's broker.
-    pub(super) cluster: bool,
+    /// How long a network fault holds before it is healed.
+    pub hold: Duration,
+    pub(super) site: Site,
     /// The gateway binary the instances run.
     pub(super) gateway: &'static str,
 }
@@ -26,7 +27,8 @@ impl Plan {
             rate: 500.0,
             products: 200,
             faults: &FAULTS,
-            cluster: false,
+            hold: Duration::ZERO,
+            site: Site::Local,
             gateway,
         }
     }
@@ -39,7 +41,8 @@ impl Plan {
             rate: 500.0,
             products: 1000,
             faults: &FAULTS,
-            cluster: false,
+            hold: Duration::ZERO,
+            site: Site::Local,
             gateway,
         }
     }
@@ -53,7 +56,8 @@ impl Plan {
             rate: 300.0,
             products: 200,
             faults: &CLUSTER_FAULTS[..1],
-            cluster: true,
+            hold: Duration::ZERO,
+            site: Site::Cluster,
             gateway,
         }
     }
@@ -67,7 +71,37 @@ impl Plan {
             rate: 300.0,
             products: 1000,
             faults: &CLUSTER_FAULTS,
-            cluster: true,
+            hold: Duration::ZERO,
+            site: Site::Cluster,
+            gateway,
+        }
+    }
+
+    /// A couple of minutes in the network lab: one broker node cut off
+    /// from the other two under load, then healed (CI).
+    pub fn partition_short(gateway: &'static str) -> Self {
+        Plan {
+            settle: Duration::from_secs(8),
+            redis_down: Duration::ZERO,
+            rate: 300.0,
+            products: 200,
+            faults: &LAB_FAULTS[..1],
+            hold: Duration::from_secs(20),
+            site: Site::Lab,
+            gateway,
+        }
+    }
+
+    /// Every network fault of the lab in turn (`make partitions`).
+    pub fn partitions(gateway: &'static str) -> Self {
+        Plan {
+            settle: Duration::from_secs(20),
+            redis_down: Duration::ZERO,
+            rate: 300.0,
+            products: 500,
+            faults: &LAB_FAULTS,
+            hold: Duration::from_secs(30),
+            site: Site::Lab,
             gateway,
         }
     }
@@ -77,6 +111,18 @@ impl Plan {
             .iter()
             .any(|f| std::mem::discriminant(&f.action) == std::mem::discriminant(&action))
     }
+}
+
+/// Where the run's brokers (and, in the lab, every service) are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Site {
+    /// The machine's own services.
+    Local,
+    /// Three RabbitMQ nodes on loopback (`scripts/cluster.sh`).
+    Cluster,
+    /// Hosts with addresses of their own (`scripts/netlab.sh`): three broker
+    /// nodes, PostgreSQL with a standby, Redis, a gateway host per instance.
+    Lab,
 }
 
 /// What a fault does to the running system.
@@ -94,6 +140,15 @@ pub(super) enum Action {
     KillLeaderOf(Led),
     /// One cluster node is stopped and started again, as in a rolling restart.
     RestartNode(&'static str),
+    /// Network faults in the lab (`scripts/netlab.sh` commands), held for
+    /// `Plan::hold`, then healed.
+    Net(&'static [&'static [&'static str]]),
+    /// Slow or lossy links (netem), held like `Net`; skipped, and said so,
+    /// where the kernel has no netem.
+    Slow(&'static [&'static [&'static str]]),
+    /// A network fault held, and this broker node killed during it and
+    /// started again before the heal.
+    NetThenKill(&'static [&'static [&'static str]], &'static str),
 }
 
 /// Which queue's leader a cluster fault kills.
@@ -171,5 +226,50 @@ const CLUSTER_FAULTS: [Fault; 4] = [
         phase: "restart-c2",
         after: None,
         action: Action::RestartNode("c2"),
+    },
+];
+
+/// The network faults of the lab (`scripts/netlab.sh`), in order: gateway
+/// a prefers node r1, gateway b node r2.
+const LAB_FAULTS: [Fault; 6] = [
+    Fault {
+        name: "partition: broker r1 cut from r2 and r3",
+        phase: "cut-r1",
+        after: Some("after-cut-r1"),
+        action: Action::Net(&[&["cut", "r1", "r2,r3"]]),
+    },
+    Fault {
+        name: "asymmetric: r2's packets to r3 lost, r3's to r2 delivered",
+        phase: "one-way-r2-r3",
+        after: Some("after-one-way"),
+        action: Action::Net(&[&["cut-from", "r3", "r2"]]),
+    },
+    Fault {
+        name: "gateway a cut from its broker node r1, its clients still connected",
+        phase: "cut-g1-r1",
+        after: Some("after-cut-g1"),
+        action: Action::Net(&[&["cut", "g1", "r1"]]),
+    },
+    Fault {
+        name: "bridge: r1 and r3 cut from each other, r2 sees both",
+        phase: "bridge",
+        after: Some("after-bridge"),
+        action: Action::Net(&[&["cut", "r1", "r3"]]),
+    },
+    Fault {
+        name: "slow links: 200 ms ± 50 ms and 5 % loss on every broker node",
+        phase: "slow-brokers",
+        after: Some("after-slow"),
+        action: Action::Slow(&[
+            &["slow", "r1", "delay 200ms 50ms loss 5%"],
+            &["slow", "r2", "delay 200ms 50ms loss 5%"],
+            &["slow", "r3", "delay 200ms 50ms loss 5%"],
+        ]),
+    },
+    Fault {
+        name: "r3 cut from r1 and r2, and r1 killed during it",
+        phase: "cut-r3-kill-r1",
+        after: Some("after-cut-kill"),
+        action: Action::NetThenKill(&[&["cut", "r3", "r1,r2"]], "r1"),
     },
 ];

@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::Plan;
+use super::plan::Site;
 use crate::{ADMIN_TOKEN, Isolation, redis_url, repo_root};
 
 /// A script of `scripts/` with these arguments; its standard output.
@@ -34,12 +35,65 @@ pub(super) async fn inject(cmd: &str) {
     script("faults.sh", &[cmd]).await;
 }
 
+/// `scripts/netlab.sh` with these arguments; its standard output.
+pub async fn netlab(args: &[&str]) -> String {
+    script("netlab.sh", args).await
+}
+
+/// Whether the lab's kernel can make slow links (`netlab.sh can-slow`).
+pub(super) async fn netlab_can_slow() -> bool {
+    tokio::process::Command::new("bash")
+        .arg(repo_root().join("scripts/netlab.sh"))
+        .arg("can-slow")
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Where a gateway instance runs and answers: on this machine's loopback,
+/// or on a host of the network lab (`scripts/netlab.sh`).
+#[derive(Clone)]
+pub(super) struct Place {
+    pub(super) name: &'static str,
+    /// The lab host (its namespace) the instance runs on.
+    host: Option<&'static str>,
+    address: String,
+    port: u16,
+}
+
+impl Place {
+    /// Instance `name`'s place: in the lab, a gateway host of its own.
+    pub(super) async fn of(name: &'static str, plan: &Plan) -> Place {
+        match plan.site {
+            Site::Lab => {
+                let host = if name == "a" { "g1" } else { "g2" };
+                Place {
+                    name,
+                    host: Some(host),
+                    address: netlab(&["addr", host]).await,
+                    port: 8080,
+                }
+            }
+            Site::Local | Site::Cluster => Place {
+                name,
+                host: None,
+                address: "127.0.0.1".into(),
+                port: free_port(),
+            },
+        }
+    }
+
+    pub(super) fn base(&self) -> String {
+        format!("http://{}:{}", self.address, self.port)
+    }
+}
+
 /// One gateway process, killed when dropped.
 pub(super) struct Instance {
     child: Option<tokio::process::Child>,
 }
 
-pub(super) fn free_port() -> u16 {
+fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -47,23 +101,50 @@ pub(super) fn free_port() -> u16 {
         .port()
 }
 
+/// The broker nodes' URLs with the isolation's vhost; in the lab, instance
+/// b's list starts at another node than a's, so a cut of one node leaves
+/// one instance on it and the other not.
+async fn broker_urls(iso: &Isolation, place: &Place, plan: &Plan) -> Option<Vec<String>> {
+    let list = match plan.site {
+        Site::Local => return None,
+        Site::Cluster => cluster(&["urls"]).await,
+        Site::Lab => netlab(&["urls"]).await,
+    };
+    let mut urls: Vec<String> = list
+        .split(',')
+        .map(|u| format!("{}/{}", u.trim_end_matches("/%2f"), iso.vhost))
+        .collect();
+    if place.host == Some("g2") {
+        urls.rotate_left(1);
+    }
+    Some(urls)
+}
+
 impl Instance {
-    pub(super) async fn start(iso: &Isolation, name: &'static str, port: u16, plan: &Plan) -> Instance {
+    pub(super) async fn start(iso: &Isolation, place: &Place, plan: &Plan) -> Instance {
         let logs = repo_root().join("target/chaos-logs");
         std::fs::create_dir_all(&logs).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(logs.join(format!("{name}.log")))
+            .open(logs.join(format!("{}.log", place.name)))
             .unwrap();
-        let mut command = tokio::process::Command::new(plan.gateway);
-        if plan.cluster {
-            // Every node, each with the isolation's vhost.
-            let urls: Vec<String> = cluster(&["urls"])
-                .await
-                .split(',')
-                .map(|u| format!("{}/{}", u.trim_end_matches("/%2f"), iso.vhost))
-                .collect();
+        let mut command = match place.host {
+            Some(host) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", &format!("gwlab-{host}"), plan.gateway]);
+                // Snapshots from the lab's streaming standby.
+                let name = iso.database_url.rsplit('/').next().unwrap_or_default();
+                let standby = netlab(&["addr", "replica"]).await;
+                c.env(
+                    "GATEWAY__DATABASE__READ_URL",
+                    format!("postgres://postgres@{standby}:5432/{name}"),
+                );
+                c
+            }
+            None => tokio::process::Command::new(plan.gateway),
+        };
+        if let Some(urls) = broker_urls(iso, place, plan).await {
             command
                 .env("GATEWAY__RABBIT__URLS", urls.join(","))
                 .env("GATEWAY__RABBIT__TOPOLOGY__REPLICAS", "3")
@@ -72,7 +153,8 @@ impl Instance {
         let child = command
             .arg("serve")
             .env("GATEWAY_CONFIG_DIR", repo_root().join("config"))
-            .env("GATEWAY__SERVER__PORT", port.to_string())
+            .env("GATEWAY__SERVER__HOST", &place.address)
+            .env("GATEWAY__SERVER__PORT", place.port.to_string())
             .env("GATEWAY__SERVER__STATIC_DIR", repo_root().join("static"))
             .env("GATEWAY__ADMIN__TOKEN", ADMIN_TOKEN)
             .env("GATEWAY__ADMIN__DEV_MODE", "false")
@@ -93,8 +175,8 @@ impl Instance {
             .expect("gateway process starts");
         let i = Instance { child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while readyz(port).await.map(|r| r.0) != Some(200) {
-            assert!(Instant::now() < deadline, "{name} did not become ready");
+        while readyz(&place.base()).await.map(|r| r.0) != Some(200) {
+            assert!(Instant::now() < deadline, "{} did not become ready", place.name);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         i
@@ -109,22 +191,18 @@ impl Instance {
 }
 
 /// Status and body of `/readyz`, None when nothing answers.
-pub(super) async fn readyz(port: u16) -> Option<(u16, serde_json::Value)> {
+pub(super) async fn readyz(base: &str) -> Option<(u16, serde_json::Value)> {
     let client = awc::Client::builder().timeout(Duration::from_secs(3)).finish();
-    let mut res = client
-        .get(format!("http://127.0.0.1:{port}/readyz"))
-        .send()
-        .await
-        .ok()?;
+    let mut res = client.get(format!("{base}/readyz")).send().await.ok()?;
     let body = res.json().await.unwrap_or(serde_json::Value::Null);
     Some((res.status().as_u16(), body))
 }
 
 /// Sets the generator through the admin API.
-pub(super) async fn admin(port: u16, body: serde_json::Value) {
+pub(super) async fn admin(base: &str, body: serde_json::Value) {
     let client = awc::Client::builder().timeout(Duration::from_secs(5)).finish();
     let _ = client
-        .post(format!("http://127.0.0.1:{port}/admin/generator"))
+        .post(format!("{base}/admin/generator"))
         .insert_header(("Authorization", format!("Bearer {ADMIN_TOKEN}")))
         .send_json(&body)
         .await;

@@ -1,0 +1,41 @@
+//! The network fault run on hosts with addresses of their own
+//! (`scripts/netlab.sh`): three broker nodes, PostgreSQL with a streaming
+//! standby that serves snapshots, Redis, and a host per gateway; broker
+//! partitions, one-way loss, a gateway cut from its node, a bridge, slow
+//! and lossy links, and a node killed during a partition, each under load
+//! and then healed. `make partitions` builds the lab, runs this file on the
+//! lab's client host and takes the lab down again, also after a failure.
+
+use testkit::chaos::{Plan, run};
+
+/// The gateway binary the run's instances are.
+const GATEWAY: &str = env!("CARGO_BIN_EXE_product-gateway");
+
+/// The harness reaches the lab's services at their lab addresses: `make
+/// partitions` says so in `GATEWAY_TEST_PG` and the other test variables.
+fn in_the_lab() {
+    let pg = std::env::var("GATEWAY_TEST_PG").unwrap_or_default();
+    assert!(
+        pg.contains("10.231.0.21"),
+        "run by `make partitions`, on the lab's client host, with GATEWAY_TEST_PG at the lab's database (got {pg:?})"
+    );
+}
+
+#[actix_rt::test]
+async fn a_broker_node_partitioned_from_the_others_under_load_loses_nothing() {
+    in_the_lab();
+    let report = run(Plan::partition_short(GATEWAY)).await;
+    report.print("network fault run (one partition)");
+    assert!(report.confirmed > 1000, "the run carried load: {}", report.confirmed);
+    assert_eq!(report.lost, 0);
+}
+
+/// `make partitions`: every network fault of the lab, some eight minutes.
+#[actix_rt::test]
+#[ignore = "about eight minutes; run by `make partitions`"]
+async fn every_network_fault_loses_nothing() {
+    in_the_lab();
+    let report = run(Plan::partitions(GATEWAY)).await;
+    report.print("network fault run");
+    assert_eq!(report.lost, 0);
+}
