@@ -141,6 +141,26 @@ async fn replayed(conn: &mut DbConn, lsn: &str, wait: std::time::Duration) -> Re
     }
 }
 
+/// A connection to the replica once it has replayed `lsn`; None when it has
+/// not within `wait`, or does not answer (within the pool's own wait).
+async fn on_replica_when_replayed(db: &Db, lsn: &str, wait: std::time::Duration) -> Option<DbConn> {
+    let mut conn = match db.get().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(error = %e, "the read replica does not answer; snapshot read on the primary");
+            return None;
+        }
+    };
+    match replayed(&mut conn, lsn, wait).await {
+        Ok(true) => Some(conn),
+        Ok(false) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "the read replica failed; snapshot read on the primary");
+            None
+        }
+    }
+}
+
 /// One snapshot's read of the catalog: every page comes from the same
 /// database snapshot (one read-only repeatable-read transaction), and its
 /// [`SnapshotHolds`] say which updates the pages already hold. Pages are
@@ -181,12 +201,10 @@ impl SnapshotRead {
             None => (db.get().await?, None, false),
             Some(r) => {
                 let (visible, lsn) = primary_mark(&r.primary).await?;
-                let mut conn = db.get().await?;
-                if replayed(&mut conn, &lsn, r.max_lag).await? {
-                    (conn, Some(visible), false)
-                } else {
-                    drop(conn);
-                    (r.primary.get().await?, None, true)
+                match on_replica_when_replayed(db, &lsn, r.max_lag).await {
+                    Some(conn) => (conn, Some(visible), false),
+                    // Behind, or not answering: the primary serves it.
+                    None => (r.primary.get().await?, None, true),
                 }
             }
         };

@@ -217,3 +217,19 @@ async fn snapshots_from_a_lagging_standby_under_a_running_generator_then_updates
     crate::realtime::snapshot_then_updates_under_the_generator_equal_the_database(&app).await;
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_snapshot_is_read_on_the_primary_when_the_replica_does_not_answer() {
+    // The machine's PostgreSQL as primary; the replica's address has
+    // nothing listening.
+    let app = testkit::spawn_app_with(|s| {
+        let name = s.database.url.expose().rsplit('/').next().unwrap().to_owned();
+        s.database.read_url = Some(Secret::new(format!("postgres://postgres@127.0.0.1:9/{name}")));
+        s.database.acquire_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let (_ws, product) = snapshot_of(&app, 4).await;
+    assert_eq!(product["price_version"], price_version(&app, 4).await, "{product}");
+    assert_eq!(app.metric("gateway_snapshots_off_replica_total", "").await, 1.0);
+    app.stop().await;
+}
