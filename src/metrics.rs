@@ -60,6 +60,7 @@ pub struct Metrics {
     pub catch_up_resets: Counter,
     pub catch_ups_running: Gauge,
     pub stream_republished: Counter,
+    pub stream_moves: Counter,
     pub snapshot_rows: Counter,
     pub snapshots_off_replica: Counter,
     pub broker_max_message_bytes: Gauge,
@@ -234,6 +235,11 @@ impl Metrics {
             stream_republished: reg!(
                 "stream_republished",
                 "Stream messages dropped as a copy the outbox relay published again (its confirm was lost)",
+                Counter::default()
+            ),
+            stream_moves: reg!(
+                "stream_moves",
+                "Times the live stream reader left its node because this instance's committed updates stopped coming back (a node cut from the stream's leader)",
                 Counter::default()
             ),
             catch_ups_running: reg!(

@@ -188,6 +188,11 @@ pub struct RabbitSettings {
     pub reconnect_min: Duration,
     #[serde(rename = "reconnect_max_ms", deserialize_with = "millis")]
     pub reconnect_max: Duration,
+    /// AMQP heartbeat asked of every connection (the lower of this and the
+    /// broker's wins; 0 takes the broker's). A node cut off by the network
+    /// sends no error: two missed heartbeats are how a connection learns it
+    /// is gone and moves to the next node.
+    pub heartbeat_secs: u16,
     pub topology: TopologySettings,
 }
 

@@ -241,7 +241,7 @@ impl Pipeline {
             db.clone(),
             connector.clone(),
             metrics.clone(),
-            committed,
+            committed.outbox,
             shutdown.clone(),
             tracker,
         );
@@ -252,6 +252,7 @@ impl Pipeline {
             settings.hub.stream_prefetch,
             settings.hub.warm_start.then_some(settings.hub.history),
             hub.clone(),
+            committed.pulse,
             shutdown.clone(),
             tracker,
         );

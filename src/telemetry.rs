@@ -15,7 +15,11 @@ pub fn init() {
     let _ = tracing_subscriber::registry()
         .with(ExpectedRefusals)
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_target(false))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_writer(std::io::stderr),
+        )
         .try_init();
 }
 

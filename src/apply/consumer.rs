@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::apply::pulse::StreamPulse;
 use crate::apply::write::{Outcome, apply_batch};
 use crate::broker::link::{Connector, Link};
 use crate::broker::publisher::{Outgoing, confirm_channel, publish_all};
@@ -37,11 +38,12 @@ struct Ctx {
     metrics: Arc<Metrics>,
     /// Wakes the outbox relay once a batch committed.
     outbox: Arc<Notify>,
+    pulse: Arc<StreamPulse>,
     shutdown: CancellationToken,
 }
 
-/// Starts one consumer per apply queue. Returns the signal notified after
-/// each committed batch, which wakes the outbox relay.
+/// Starts one consumer per apply queue. Returns what it signals after each
+/// committed batch.
 pub(crate) fn spawn(
     settings: &ConsumerSettings,
     topology: &TopologySettings,
@@ -50,14 +52,16 @@ pub(crate) fn spawn(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
-) -> Arc<Notify> {
+) -> Committed {
     let outbox = Arc::new(Notify::new());
+    let pulse = Arc::new(StreamPulse::default());
     let ctx = Ctx {
         settings: settings.clone(),
         topology: topology.clone(),
         db,
         metrics,
         outbox: outbox.clone(),
+        pulse: pulse.clone(),
         shutdown,
     };
     for (queue, stage) in [
@@ -66,7 +70,16 @@ pub(crate) fn spawn(
     ] {
         tracker.spawn(run(ctx.clone(), connector.clone(), queue.clone(), stage));
     }
-    outbox
+    Committed { outbox, pulse }
+}
+
+/// What apply tells the stages after it about each committed batch.
+pub(crate) struct Committed {
+    /// Notified after each batch: wakes the outbox relay.
+    pub outbox: Arc<Notify>,
+    /// Marked for each batch that wrote updates: the live stream reader
+    /// checks they come back.
+    pub pulse: Arc<StreamPulse>,
 }
 
 async fn run(ctx: Ctx, connector: Connector, queue: String, stage: &'static str) {
@@ -239,6 +252,9 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
     // The applied updates are in the outbox, committed with the batch.
     ctx.outbox.notify_one();
 
+    if outcomes.iter().any(|o| matches!(o, Outcome::Applied)) {
+        ctx.pulse.committed();
+    }
     let mut unknown = Vec::new();
     for ((delivery, event), outcome) in valid.into_iter().zip(outcomes) {
         let kind = event.kind().as_str();

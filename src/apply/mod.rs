@@ -8,4 +8,5 @@
 pub(crate) mod consumer;
 pub(crate) mod dead_letters;
 pub(crate) mod outbox;
+pub(crate) mod pulse;
 pub(crate) mod write;

@@ -23,7 +23,11 @@ use crate::store::{Db, StoreError};
 use crate::wire::{BATCH_ROUTING_KEY, OUTBOX_SEQ_HEADER, TXID_HEADER};
 
 const STAGE: &str = "outbox-relay";
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// A confirm this late means the node no longer reaches its cluster's
+/// majority (a partition the connection itself does not notice until its
+/// heartbeat): the relay then leaves that node for the next one. Every
+/// client waits for the relay, so it must not wait out a partition.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often pending rows are looked for without a wake-up: rows of another
 /// instance, or left by a failed attempt.
 const POLL: Duration = Duration::from_millis(500);
@@ -42,6 +46,13 @@ enum RelayError {
     Publish(#[from] PublishError),
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+}
+
+impl RelayError {
+    /// The broker, not the database, failed the attempt.
+    fn is_broker(&self) -> bool {
+        matches!(self, RelayError::Publish(_) | RelayError::Broker(_))
+    }
 }
 
 struct Relay {
@@ -89,6 +100,11 @@ async fn run(relay: Relay) {
         let Err(e) = result else { return };
         // The rows stay in the outbox: nothing is lost, only later.
         tracing::warn!(stage = STAGE, error = %e, retry_in = ?delay, "outbox relay failed; retrying");
+        if e.is_broker() {
+            // The next connection starts at the next node; the dropped one
+            // closes in the background (or its heartbeat ends it).
+            conn = None;
+        }
         tokio::select! {
             _ = relay.shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}

@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 
 use crate::turns::PerAddress;
 
+use crate::apply::pulse::StreamPulse;
 use crate::broker::link::{Connector, Link};
 use crate::metrics::Metrics;
 use crate::settings::HubSettings;
@@ -228,12 +229,16 @@ async fn warm_start(conn: &Connection, stream: &str, history: usize) -> lapin::R
 /// The returned receiver says when it is attached and, after a warm start,
 /// caught up with the stream's end as it was at start: until then, updates
 /// would pass this instance by, or a resume would not find them in memory.
+/// When `pulse` says this instance's commits stopped coming back, it moves
+/// to another node ([`StreamPulse`]).
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_live(
     connector: Connector,
     stream: String,
     prefetch: u16,
     warm: Option<usize>,
     mut sink: impl UpdateSink,
+    pulse: Arc<StreamPulse>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> tokio::sync::watch::Receiver<bool> {
@@ -256,11 +261,17 @@ pub fn spawn_live(
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             };
-            let (channel, mut consumer) = match open(&conn, &stream, from, prefetch).await {
-                Ok(c) => c,
-                Err(e) => {
+            // A node whose stream member waits for a leader lost to a
+            // partition may never answer the consume: the next node then.
+            let (channel, mut consumer) = match tokio::time::timeout(STREAM_STALL, open(&conn, &stream, from, prefetch)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "stream consumer failed");
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(stall = ?STREAM_STALL, "the stream consumer was not started in time; moving to another node");
                     continue;
                 }
             };
@@ -268,6 +279,8 @@ pub fn spawn_live(
                 reader.ready.send_replace(true);
             }
             let mut acker = Acker::new(prefetch);
+            let mut beat = tokio::time::interval(PULSE_CHECK);
+            pulse.received();
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -276,11 +289,21 @@ pub fn spawn_live(
                         if acker.flush(&channel).await.is_err() { break; }
                         continue;
                     }
+                    _ = beat.tick() => {
+                        if !pulse.stalled(STREAM_STALL) { continue; }
+                        connector.metrics().stream_moves.inc();
+                        tracing::warn!(
+                            stall = ?STREAM_STALL,
+                            "committed updates are not coming back from the stream; moving to another node"
+                        );
+                        break;
+                    }
                 };
                 let Some(Ok(d)) = next else {
                     tracing::warn!("stream consumer interrupted; reconnecting");
                     break;
                 };
+                pulse.received();
                 if !reader.take(&d, &mut sink).await {
                     return;
                 }
@@ -292,6 +315,13 @@ pub fn spawn_live(
     });
     ready
 }
+
+/// How long the live reader waits for any message after one of this
+/// instance's commits before it leaves its node; well above the relay's
+/// commit-to-stream time under load (milliseconds), below the time a client
+/// notices (its ping, 15 s).
+const STREAM_STALL: Duration = Duration::from_secs(5);
+const PULSE_CHECK: Duration = Duration::from_secs(1);
 
 /// The live reader's state across its connections.
 struct LiveReader {

@@ -17,33 +17,49 @@ use crate::settings::{RabbitSettings, Secret};
 /// is tried.
 const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a reconnection waits for the topology to be declared again.
+/// Declaring takes the broker's metadata store, which stalls while a node
+/// of the cluster is cut off and not yet given up for lost (Erlang's
+/// `net_ticktime`, 60 s); the topology declared earlier by this process is
+/// still there, so a reconnection goes on without the answer.
+const REDECLARE_WAIT: Duration = Duration::from_secs(1);
+
 /// What a stage needs to (re)connect.
 #[derive(Clone)]
 pub struct Connector {
     settings: RabbitSettings,
     /// The broker's nodes; connections take them in turn.
     endpoints: Arc<[Secret]>,
-    /// The endpoint the next connection tries first: stages spread over the
-    /// nodes, and a connection lost with its node tries the next one first.
+    /// The endpoint the next stage connecting for the first time tries
+    /// first, so stages spread over the nodes.
     next: Arc<AtomicUsize>,
     topology: Arc<Topology>,
     metrics: Arc<Metrics>,
     /// Prefix of connection names in the management UI, per instance.
     instance: String,
-    /// Stages that have connected before, so a later connection counts as a reconnect.
-    connected: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Per stage that has connected before, the endpoint it last used: a
+    /// later connection counts as a reconnect and tries the next node first,
+    /// as the one it leaves may be the one that failed.
+    connected: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    /// Whether this process has declared the topology once.
+    declared: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Connector {
     pub fn new(settings: RabbitSettings, topology: Arc<Topology>, metrics: Arc<Metrics>, instance: String) -> Self {
         Self {
-            endpoints: settings.endpoints().into(),
+            endpoints: settings
+                .endpoints()
+                .iter()
+                .map(|url| Secret::new(with_heartbeat(url.expose(), settings.heartbeat_secs)))
+                .collect(),
             next: Arc::default(),
             settings,
             topology,
             metrics,
             instance,
             connected: Default::default(),
+            declared: Default::default(),
         }
     }
 
@@ -58,13 +74,25 @@ impl Connector {
     /// One attempt: the endpoints in turn until one accepts the connection
     /// and the topology is declared; the last failure when none does.
     pub async fn connect(&self, stage: &str) -> lapin::Result<Connection> {
-        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let last = self.stages().get(stage).copied();
+        let first = match last {
+            Some(i) => i + 1,
+            None => self.next.fetch_add(1, Ordering::Relaxed),
+        };
         let mut failure = None;
         for i in 0..self.endpoints.len() {
-            let endpoint = &self.endpoints[(first + i) % self.endpoints.len()];
+            let at = (first + i) % self.endpoints.len();
+            let endpoint = &self.endpoints[at];
             let attempt = tokio::time::timeout(ENDPOINT_TIMEOUT, self.connect_to(endpoint, stage)).await;
             match attempt {
-                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Ok(conn)) => {
+                    if let Some(before) = self.stages().insert(stage.to_owned(), at)
+                        && before != at
+                    {
+                        tracing::info!(stage, endpoint = %endpoint_label(endpoint.expose()), "moved to another node");
+                    }
+                    return Ok(conn);
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(stage, endpoint = %endpoint_label(endpoint.expose()), error = %e, "endpoint refused");
                     failure = Some(e);
@@ -78,11 +106,27 @@ impl Connector {
         Err(failure.unwrap_or_else(|| lapin::Error::from(std::io::Error::from(std::io::ErrorKind::NotFound))))
     }
 
+    fn stages(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.connected.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn connect_to(&self, endpoint: &Secret, stage: &str) -> lapin::Result<Connection> {
         let name = format!("{}/{}", self.instance, stage);
         let props = ConnectionProperties::default().with_connection_name(name.into());
         let conn = Connection::connect(endpoint.expose(), props).await?;
-        self.topology.declare(&conn).await?;
+        if !self.declared.load(Ordering::Relaxed) {
+            self.topology.declare(&conn).await?;
+            self.declared.store(true, Ordering::Relaxed);
+        } else {
+            match tokio::time::timeout(REDECLARE_WAIT, self.topology.declare(&conn)).await {
+                Ok(declared) => declared?,
+                Err(_) => tracing::warn!(
+                    stage,
+                    endpoint = %endpoint_label(endpoint.expose()),
+                    "the broker did not confirm the topology in time (a cluster node cut off?); going on with the one declared before"
+                ),
+            }
+        }
         tracing::debug!(stage, endpoint = %endpoint_label(endpoint.expose()), "connected");
         Ok(conn)
     }
@@ -91,17 +135,13 @@ impl Connector {
     pub async fn connect_retry(&self, stage: &str, shutdown: &CancellationToken) -> Option<Connection> {
         let mut delay = self.settings.reconnect_min;
         let max = self.settings.reconnect_max;
+        let reconnect = self.stages().contains_key(stage);
         loop {
             let within = ENDPOINT_TIMEOUT * self.endpoints.len() as u32 + Duration::from_secs(5);
             let attempt = tokio::time::timeout(within, self.connect(stage));
             match tokio::select! { r = attempt => r, _ = shutdown.cancelled() => return None } {
                 Ok(Ok(conn)) => {
-                    let fresh = self
-                        .connected
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(stage.to_owned());
-                    if !fresh {
+                    if reconnect {
                         self.metrics.broker_reconnects.inc();
                         tracing::info!(stage, "reconnected to RabbitMQ");
                     }
@@ -159,6 +199,18 @@ impl Link {
     }
 }
 
+/// `url` asking for a heartbeat of `secs` unless it names one itself (or
+/// `secs` is 0: the broker's).
+fn with_heartbeat(url: &str, secs: u16) -> String {
+    let query = url.split_once('?').map(|(_, q)| q);
+    let named = query.is_some_and(|q| q.split('&').any(|kv| kv.starts_with("heartbeat=")));
+    match (secs, named, query) {
+        (0, _, _) | (_, true, _) => url.to_owned(),
+        (_, false, Some(_)) => format!("{url}&heartbeat={secs}"),
+        (_, false, None) => format!("{url}?heartbeat={secs}"),
+    }
+}
+
 /// An AMQP URL without its credentials, for logs: `host:port/vhost`.
 fn endpoint_label(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -167,7 +219,24 @@ fn endpoint_label(url: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::endpoint_label;
+    use super::{endpoint_label, with_heartbeat};
+
+    #[test]
+    fn every_endpoint_asks_for_the_heartbeat_unless_it_names_its_own() {
+        assert_eq!(with_heartbeat("amqp://h:1/%2f", 10), "amqp://h:1/%2f?heartbeat=10");
+        assert_eq!(
+            with_heartbeat("amqp://h:1/%2f?frame_max=8192", 5),
+            "amqp://h:1/%2f?frame_max=8192&heartbeat=5"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h:1/v?heartbeat=30", 5),
+            "amqp://h:1/v?heartbeat=30"
+        );
+        assert_eq!(with_heartbeat("amqp://h:1/v", 0), "amqp://h:1/v");
+        // The URI parser lapin uses reads it back.
+        let uri: lapin::uri::AMQPUri = with_heartbeat("amqp://g:g@h:1/v", 7).parse().unwrap();
+        assert_eq!(uri.query.heartbeat, Some(7));
+    }
 
     #[test]
     fn endpoint_labels_leave_the_credentials_out() {

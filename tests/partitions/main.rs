@@ -6,6 +6,8 @@
 //! and then healed. `make partitions` builds the lab, runs this file on the
 //! lab's client host and takes the lab down again, also after a failure.
 
+use std::time::Duration;
+
 use testkit::chaos::{Plan, run};
 
 /// The gateway binary the run's instances are.
@@ -28,6 +30,23 @@ async fn a_broker_node_partitioned_from_the_others_under_load_loses_nothing() {
     report.print("network fault run (one partition)");
     assert!(report.confirmed > 1000, "the run carried load: {}", report.confirmed);
     assert_eq!(report.lost, 0);
+    // Every stage moves to the majority while the partition still holds
+    // (30 s; the stream's leader moves some 10-20 s into it): a relay or a
+    // stream reader left on the cut-off node would stall every client until
+    // the heal and beyond.
+    let cut = &report.unavailable[1];
+    for (stage, pause) in [
+        ("publishing", cut.publishing),
+        ("applying", cut.applying),
+        ("delivering to a", cut.delivering[0]),
+        ("delivering to b", cut.delivering[1]),
+    ] {
+        assert!(
+            pause < Duration::from_secs(25),
+            "{stage} stopped for {pause:?} during {:?}",
+            cut.fault
+        );
+    }
 }
 
 /// `make partitions`: every network fault of the lab, some eight minutes.

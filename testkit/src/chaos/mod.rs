@@ -39,7 +39,22 @@ use crate::verdict;
 pub struct Report {
     pub lost: usize,
     pub confirmed: usize,
+    /// Per fault (the first row: before any), how long each stage was
+    /// unavailable.
+    pub unavailable: Vec<Unavailable>,
     pub lines: Vec<String>,
+}
+
+/// The longest stretch of one fault's window without progress, per stage.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    pub fault: &'static str,
+    /// Without a confirmed publish.
+    pub publishing: Duration,
+    /// Without an applied change.
+    pub applying: Duration,
+    /// Without a delivery, the longest of any client of instance a, of b.
+    pub delivering: [Duration; 2],
 }
 
 impl Report {
@@ -337,11 +352,9 @@ impl<'a> Running<'a> {
 /// Per fault, from its start to the next one's (or the drain): the longest
 /// stretch without a confirmed publish, without an applied change, and,
 /// per client, without a delivery (with the client it was).
-fn unavailability(running: &Running<'_>, faults: &[Applied]) -> Vec<String> {
+fn unavailability(running: &Running<'_>, faults: &[Applied]) -> Vec<Unavailable> {
     let progress = running.progress.lock().unwrap();
     let end = running.drained_at.unwrap_or_else(Instant::now);
-    let mut lines =
-        vec!["fault | unavailable: publishing (confirmed) | applying | delivering, longest client pause".to_owned()];
     // Before the first fault: what a pause is without one.
     let first = faults.first().map_or(end, |f| f.at);
     let windows = std::iter::once(("no fault (before the first)", running.started, first)).chain(
@@ -350,29 +363,27 @@ fn unavailability(running: &Running<'_>, faults: &[Applied]) -> Vec<String> {
             .enumerate()
             .map(|(i, f)| (f.name, f.at, faults.get(i + 1).map_or(end, |n| n.at))),
     );
-    for (name, from, to) in windows {
-        let published = verdict::longest_pause(&progress.published, from, to);
-        let applied = verdict::longest_pause(&progress.applied, from, to);
-        // Per instance its clients' longest pause; a client of one product
-        // pauses between its product's changes anyway, so it is left out.
-        let delivered = |instance: &str| {
-            running
-                .clients
-                .iter()
-                .filter(|c| c.name.contains(instance) && !c.pattern.ends_with(|ch: char| ch.is_ascii_digit()))
-                .map(|c| verdict::longest_pause(&c.log.lock().unwrap().at, from, to))
-                .max()
-                .unwrap_or_default()
-        };
-        lines.push(format!(
-            "{name} | {:.1} s | {:.1} s | clients of a {:.1} s, of b {:.1} s",
-            published.as_secs_f64(),
-            applied.as_secs_f64(),
-            delivered("@a").as_secs_f64(),
-            delivered("@b").as_secs_f64()
-        ));
-    }
-    lines
+    windows
+        .map(|(fault, from, to)| {
+            // Per instance its clients' longest pause; a client of one product
+            // pauses between its product's changes anyway, so it is left out.
+            let delivered = |instance: &str| {
+                running
+                    .clients
+                    .iter()
+                    .filter(|c| c.name.contains(instance) && !c.pattern.ends_with(|ch: char| ch.is_ascii_digit()))
+                    .map(|c| verdict::longest_pause(&c.log.lock().unwrap().at, from, to))
+                    .max()
+                    .unwrap_or_default()
+            };
+            Unavailable {
+                fault,
+                publishing: verdict::longest_pause(&progress.published, from, to),
+                applying: verdict::longest_pause(&progress.applied, from, to),
+                delivering: [delivered("@a"), delivered("@b")],
+            }
+        })
+        .collect()
 }
 
 /// What the evidence shows, as report lines; panics on a failed verdict
@@ -434,7 +445,18 @@ fn judge(plan: &Plan, running: &Running<'_>, faults: &[Applied], evidence: &Evid
             f.recovered.as_secs_f64()
         ));
     }
-    lines.extend(unavailability(running, faults));
+    let unavailable = unavailability(running, faults);
+    lines.push("fault | unavailable: publishing (confirmed) | applying | delivering, longest client pause".to_owned());
+    for u in &unavailable {
+        lines.push(format!(
+            "{} | {:.1} s | {:.1} s | clients of a {:.1} s, of b {:.1} s",
+            u.fault,
+            u.publishing.as_secs_f64(),
+            u.applying.as_secs_f64(),
+            u.delivering[0].as_secs_f64(),
+            u.delivering[1].as_secs_f64()
+        ));
+    }
 
     // Clients: offsets strictly increase, equal the stream's matching
     // updates over the span they covered, and end on the catalog's state.
@@ -507,6 +529,7 @@ fn judge(plan: &Plan, running: &Running<'_>, faults: &[Applied], evidence: &Evid
     Report {
         lost,
         confirmed: evidence.audit.len(),
+        unavailable,
         lines,
     }
 }

@@ -86,7 +86,10 @@ impl Plan {
             rate: 300.0,
             products: 200,
             faults: &LAB_FAULTS[..1],
-            hold: Duration::from_secs(20),
+            // Long enough for the cluster to give the cut node up (the lab's
+            // net_ticktime, 10 s) and move the stream's leader, so delivery
+            // can be seen resuming before the heal.
+            hold: Duration::from_secs(30),
             site: Site::Lab,
             gateway,
         }

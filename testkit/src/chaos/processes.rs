@@ -167,7 +167,8 @@ impl Instance {
             .env("GATEWAY__RABBIT__URL", iso.amqp_url())
             .env("GATEWAY__GENERATOR__ENABLED", "true")
             .env("GATEWAY__GENERATOR__RATE", plan.rate.to_string())
-            .env("RUST_LOG", "warn")
+            // Warnings, and every move between broker nodes.
+            .env("RUST_LOG", "warn,product_gateway::broker::link=info")
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
