@@ -191,13 +191,18 @@ urls() {
 # Each server its own folder: both use port 5432, and their sockets live there.
 pg_data() { echo "$NETLAB_DIR/pg-$1/data"; }
 
+redis_answers() { [[ "$(in_ns c redis-cli -h "$(addr redis)" ping 2>/dev/null)" == PONG ]]; }
+
 databases_up() {
     in_ns db "$ROOT/scripts/replica.sh" primary "$(pg_data db)" "$(addr db)" 5432 "$NET.0/24"
     in_ns replica "$ROOT/scripts/replica.sh" standby "$(pg_data replica)" "$(addr replica)" 5432 "$NET.0/24" \
         "$(addr db)" 5432
-    in_ns redis redis-server --bind "$(addr redis)" --port 6379 --save "" --appendonly no \
+    # Protected mode would refuse every host but its own: the lab's network
+    # exists only inside its namespaces.
+    in_ns redis redis-server --bind "$(addr redis)" --port 6379 --save "" --appendonly no --protected-mode no \
         --daemonize yes --pidfile "$NETLAB_DIR/redis.pid" --dir "$NETLAB_DIR" --logfile "$NETLAB_DIR/redis.log"
-    wait_until "Redis" in_ns redis redis-cli -h "$(addr redis)" ping
+    # Asked from the clients' host: an answer from another host is the one that counts.
+    wait_until "Redis" redis_answers
 }
 
 # The standby's apply delay, changed in place (a reload is enough).

@@ -147,6 +147,49 @@ pub fn client(seen: &[Seen], stream: &[Seen], matches: impl Fn(&str) -> bool, ca
     }
 }
 
+/// What a client that began with a snapshot saw, judged against the
+/// stream: the snapshot (`(value, version)` per key) and where updates
+/// resume after it (`from`, the snapshot's offset), then its updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotVerdict {
+    pub updates: usize,
+    /// No update it already held (by the snapshot or an earlier update)
+    /// came again or out of order.
+    pub duplicate_free: bool,
+    /// Every stream update after the snapshot and newer than what it held
+    /// came, up to the last one it saw, and none the snapshot should have
+    /// held is missing: at the end it holds, per key, at least the newest
+    /// version the stream had broadcast by then.
+    pub gap_free: bool,
+}
+
+pub fn snapshot_client(snapshot: &State, from: u64, seen: &[Seen], stream: &[Seen]) -> SnapshotVerdict {
+    let mut view: HashMap<Key, i64> = snapshot.iter().map(|(k, &(_, v))| (k.clone(), v)).collect();
+    let mut duplicate_free = true;
+    for s in seen {
+        let held = view.entry(s.key()).or_insert(0);
+        duplicate_free &= s.version > *held && s.offset > from;
+        *held = (*held).max(s.version);
+    }
+    let last = seen.last().map_or(from, |s| s.offset.max(from));
+    let got: Vec<u64> = seen.iter().map(|s| s.offset).collect();
+    let want: Vec<u64> = stream
+        .iter()
+        .filter(|s| s.offset > from && s.offset <= last)
+        .filter(|s| s.version > snapshot.get(&s.key()).map_or(0, |&(_, v)| v))
+        .map(|s| s.offset)
+        .collect();
+    let behind = stream
+        .iter()
+        .filter(|s| s.offset <= last)
+        .any(|s| view.get(&s.key()).is_none_or(|&v| v < s.version));
+    SnapshotVerdict {
+        updates: seen.len(),
+        duplicate_free,
+        gap_free: got == want && !behind,
+    }
+}
+
 /// One look at the service while a fault heals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
@@ -376,5 +419,48 @@ mod tests {
             Duration::from_millis(300),
             "nothing at all"
         );
+    }
+
+    #[test]
+    fn a_snapshot_client_is_gap_free_with_every_newer_update_after_its_offset() {
+        let stream = [
+            seen(1, 1, "price", 10, 1),
+            seen(2, 2, "price", 20, 1),
+            seen(3, 1, "price", 11, 2),
+            seen(4, 2, "price", 21, 2),
+            seen(5, 1, "price", 12, 3),
+        ];
+        // Snapshot at offset 2 (held both first versions), then 3, 4, 5.
+        let snap = state(&[(1, "price", 10, 1), (2, "price", 20, 1)]);
+        let v = snapshot_client(&snap, 2, &stream[2..], &stream);
+        assert!(v.gap_free && v.duplicate_free, "{v:?}");
+        // Update 4 missing in between.
+        let v = snapshot_client(&snap, 2, &[stream[2].clone(), stream[4].clone()], &stream);
+        assert!(!v.gap_free && v.duplicate_free, "{v:?}");
+        // A snapshot already holding product 2's version 2 (committed after
+        // offset 2, broadcast at 4): update 4 is rightly not sent.
+        let newer = state(&[(1, "price", 10, 1), (2, "price", 21, 2)]);
+        let v = snapshot_client(&newer, 2, &[stream[2].clone(), stream[4].clone()], &stream);
+        assert!(v.gap_free && v.duplicate_free, "{v:?}");
+        // ... but sending it again is a duplicate.
+        let v = snapshot_client(&newer, 2, &stream[2..], &stream);
+        assert!(!v.duplicate_free, "{v:?}");
+    }
+
+    #[test]
+    fn a_snapshot_missing_what_was_broadcast_before_its_offset_is_a_gap() {
+        // A replica behind: the snapshot at offset 3 still has product 1 at
+        // version 1, though version 2 went out at offset 3, before it.
+        let stream = [
+            seen(1, 1, "price", 10, 1),
+            seen(3, 1, "price", 11, 2),
+            seen(4, 2, "stock", 5, 1),
+        ];
+        let stale = state(&[(1, "price", 10, 1)]);
+        let v = snapshot_client(&stale, 3, &stream[2..], &stream);
+        assert!(!v.gap_free, "{v:?}");
+        let fresh = state(&[(1, "price", 11, 2)]);
+        let v = snapshot_client(&fresh, 3, &stream[2..], &stream);
+        assert!(v.gap_free && v.duplicate_free, "{v:?}");
     }
 }

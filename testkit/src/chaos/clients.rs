@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::evidence::applied_sum;
 use super::processes::readyz;
 use crate::clients::{SseClient, WsClient, WsEvent};
-use crate::verdict::Seen;
+use crate::verdict::{Seen, State};
 use product_gateway::store;
 
 #[derive(Default)]
@@ -175,4 +175,111 @@ pub(super) fn spawn_progress(bases: Vec<String>, db: store::Db, stop: Cancellati
         }
     });
     progress
+}
+
+/// A client that began with a snapshot of every product: what it held,
+/// where its updates resume, and the updates it saw after.
+pub(super) struct SnapshotRun {
+    pub(super) instance: &'static str,
+    pub(super) snapshot: State,
+    pub(super) from: u64,
+    pub(super) seen: Vec<Seen>,
+}
+
+#[derive(Default)]
+pub(super) struct SnapshotRounds {
+    pub(super) runs: Vec<SnapshotRun>,
+    /// Clients that got no snapshot, with why.
+    pub(super) failed: Vec<String>,
+    /// Instances still running a client.
+    pub(super) running: usize,
+}
+
+/// Until `stop`: on each instance, one fresh WebSocket client at a time
+/// subscribes to every product with a snapshot and reads its updates for
+/// `watch`, then `pause`, then the next.
+pub(super) fn spawn_snapshot_rounds(
+    bases: [(&'static str, String); 2],
+    watch: Duration,
+    pause: Duration,
+    stop: CancellationToken,
+) -> Arc<Mutex<SnapshotRounds>> {
+    let rounds = Arc::new(Mutex::new(SnapshotRounds {
+        running: bases.len(),
+        ..Default::default()
+    }));
+    for (instance, base) in bases {
+        let (rounds, stop) = (rounds.clone(), stop.clone());
+        tokio::task::spawn_local(async move {
+            while !stop.is_cancelled() {
+                let run = snapshot_run(instance, &base, watch).await;
+                match run {
+                    Ok(run) => rounds.lock().unwrap().runs.push(run),
+                    Err(why) => rounds.lock().unwrap().failed.push(format!("{instance}: {why}")),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            rounds.lock().unwrap().running -= 1;
+        });
+    }
+    rounds
+}
+
+async fn snapshot_run(instance: &'static str, base: &str, watch: Duration) -> Result<SnapshotRun, String> {
+    let mut c = WsClient::try_connect(base).await.ok_or("could not connect")?;
+    c.send(serde_json::json!({"op": "subscribe", "topics": ["product.#"], "snapshot": true}))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut gathered = crate::clients::Snapshot::default();
+    let whole = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match c.next(left).await {
+            Some(WsEvent::Json(v)) if v["type"] == "snapshot" || v["type"] == "snapshot_end" => {
+                if let Some(done) = gathered.take(&v) {
+                    break done;
+                }
+            }
+            Some(WsEvent::Json(v)) if v["type"] == "error" || v["type"] == "reset" => return Err(v.to_string()),
+            Some(WsEvent::Json(_)) => {}
+            Some(WsEvent::Closed(code)) => return Err(format!("closed ({code:?}) before the snapshot's end")),
+            None => return Err("no snapshot within 30 s".to_owned()),
+        }
+    };
+    let mut snapshot = State::new();
+    for p in whole["products"].as_array().into_iter().flatten() {
+        let (id, g) = (p["product_id"].as_i64().unwrap_or(0), |k: &str| {
+            p[k].as_i64().unwrap_or(0)
+        });
+        snapshot.insert((id, "price".to_owned()), (g("price_cents"), g("price_version")));
+        snapshot.insert((id, "stock".to_owned()), (g("stock"), g("stock_version")));
+    }
+    let from = whole["offset"].as_u64().ok_or("a snapshot_end without an offset")?;
+    let mut seen = Vec::new();
+    let until = tokio::time::Instant::now() + watch;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match c.next(left).await {
+            Some(WsEvent::Json(v)) if v["type"] == "update" => {
+                let offset = v["offset"].as_u64().unwrap_or(0);
+                if let Some(s) = Seen::from_data(offset, v["topic"].as_str().unwrap_or(""), &v["data"]) {
+                    seen.push(s);
+                }
+            }
+            Some(WsEvent::Json(v)) if v["type"] == "reset" => return Err(format!("reset after the snapshot: {v}")),
+            Some(WsEvent::Closed(code)) => return Err(format!("closed ({code:?}) after the snapshot")),
+            _ => {}
+        }
+    }
+    Ok(SnapshotRun {
+        instance,
+        snapshot,
+        from,
+        seen,
+    })
 }

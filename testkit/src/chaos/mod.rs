@@ -26,7 +26,9 @@ use product_gateway::settings::Settings;
 use product_gateway::store;
 use tokio_util::sync::CancellationToken;
 
-use self::clients::{Client, Observations, Progress, spawn_client, spawn_poller, spawn_progress};
+use self::clients::{
+    Client, Observations, Progress, SnapshotRounds, spawn_client, spawn_poller, spawn_progress, spawn_snapshot_rounds,
+};
 use self::evidence::{Evidence, applied_sum, declare_audit, photos_served, recovery};
 pub use self::plan::Plan;
 use self::plan::Site;
@@ -134,6 +136,8 @@ struct Running<'a> {
     stop: CancellationToken,
     /// Photos served while Redis was down.
     photos_ok: usize,
+    /// Clients that began with a snapshot while the read replica lagged.
+    snapshots: Option<Arc<Mutex<SnapshotRounds>>>,
     lines: Vec<String>,
 }
 
@@ -199,6 +203,7 @@ impl<'a> Running<'a> {
             drained_at: None,
             stop,
             photos_ok: 0,
+            snapshots: None,
             lines: Vec::new(),
         }
     }
@@ -298,6 +303,21 @@ impl<'a> Running<'a> {
             }
             Action::NetThenKill(commands, node) => {
                 return Some(self.hold_network_fault(commands, Some(node)).await);
+            }
+            Action::LaggingReplica(secs) => {
+                netlab(&["lag", secs]).await;
+                let stop = self.stop.child_token();
+                let bases = [("a", self.bases[0].clone()), ("b", self.bases[1].clone())];
+                let rounds = spawn_snapshot_rounds(bases, Duration::from_secs(6), Duration::from_secs(1), stop.clone());
+                tokio::time::sleep(self.plan.hold).await;
+                stop.cancel();
+                // The clients still reading finish before the replica catches up.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while rounds.lock().unwrap().running > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                netlab(&["lag", "0"]).await;
+                self.snapshots = Some(rounds);
             }
         }
         None
@@ -428,6 +448,7 @@ fn judge(plan: &Plan, running: &Running<'_>, faults: &[Applied], evidence: &Evid
         lines.push(format!("photos served while Redis was down: {}", running.photos_ok));
     }
     lines.push(format!("double-applied = {}", stream.double_applied));
+    let mut snapshot_failures = 0;
     lines.push(format!(
         "stream messages published again by the relay (confirm lost), dropped by every reader: {}",
         stream.republished
@@ -455,6 +476,29 @@ fn judge(plan: &Plan, running: &Running<'_>, faults: &[Applied], evidence: &Evid
             u.applying.as_secs_f64(),
             u.delivering[0].as_secs_f64(),
             u.delivering[1].as_secs_f64()
+        ));
+    }
+
+    if let Some(rounds) = &running.snapshots {
+        let rounds = rounds.lock().unwrap();
+        for instance in ["a", "b"] {
+            let runs: Vec<_> = rounds.runs.iter().filter(|r| r.instance == instance).collect();
+            let verdicts: Vec<_> = runs
+                .iter()
+                .map(|r| verdict::snapshot_client(&r.snapshot, r.from, &r.seen, &stream.seen))
+                .collect();
+            let gaps = verdicts.iter().filter(|v| !v.gap_free).count();
+            let duplicates = verdicts.iter().filter(|v| !v.duplicate_free).count();
+            lines.push(format!(
+                "snapshot clients of {instance} while the replica lagged: {}, {} updates after their snapshots, with a gap {gaps}, with a duplicate {duplicates}",
+                runs.len(),
+                verdicts.iter().map(|v| v.updates).sum::<usize>()
+            ));
+            snapshot_failures += gaps + duplicates;
+        }
+        lines.push(format!(
+            "snapshot clients that got no snapshot: {}",
+            rounds.failed.len()
         ));
     }
 
@@ -516,8 +560,24 @@ fn judge(plan: &Plan, running: &Running<'_>, faults: &[Applied], evidence: &Evid
         "every client gap-free, duplicate-free and converged:\n{}",
         lines.join("\n")
     );
+    assert_eq!(
+        snapshot_failures,
+        0,
+        "every snapshot client gap-free and duplicate-free:\n{}",
+        lines.join("\n")
+    );
     if plan.has(Action::RestartRabbitmq) {
         assert!(rabbit_down_seen, "readiness reported RabbitMQ down during its restart");
+    }
+    if let Some(rounds) = &running.snapshots {
+        let rounds = rounds.lock().unwrap();
+        assert!(rounds.failed.is_empty(), "snapshot clients failed: {:?}", rounds.failed);
+        for instance in ["a", "b"] {
+            assert!(
+                rounds.runs.iter().any(|r| r.instance == instance && !r.seen.is_empty()),
+                "a snapshot client of {instance} saw updates while the replica lagged"
+            );
+        }
     }
     if plan.has(Action::StopRedis) {
         assert!(

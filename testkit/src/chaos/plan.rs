@@ -152,6 +152,10 @@ pub(super) enum Action {
     /// A network fault held, and this broker node killed during it and
     /// started again before the heal.
     NetThenKill(&'static [&'static [&'static str]], &'static str),
+    /// The read replica applies commits this many seconds late, held like
+    /// `Net`, while fresh clients on both instances take snapshots (a
+    /// waits for the replica, b reads on the primary past 1 s).
+    LaggingReplica(&'static str),
 }
 
 /// Which queue's leader a cluster fault kills.
@@ -234,7 +238,7 @@ const CLUSTER_FAULTS: [Fault; 4] = [
 
 /// The network faults of the lab (`scripts/netlab.sh`), in order: gateway
 /// a prefers node r1, gateway b node r2.
-const LAB_FAULTS: [Fault; 6] = [
+const LAB_FAULTS: [Fault; 7] = [
     Fault {
         name: "partition: broker r1 cut from r2 and r3",
         phase: "cut-r1",
@@ -268,6 +272,12 @@ const LAB_FAULTS: [Fault; 6] = [
             &["slow", "r2", "delay 200ms 50ms loss 5%"],
             &["slow", "r3", "delay 200ms 50ms loss 5%"],
         ]),
+    },
+    Fault {
+        name: "read replica 10 s behind while snapshots are served from it",
+        phase: "replica-lag",
+        after: Some("after-replica-lag"),
+        action: Action::LaggingReplica("10"),
     },
     Fault {
         name: "r3 cut from r1 and r2, and r1 killed during it",

@@ -140,6 +140,11 @@ impl Instance {
                     "GATEWAY__DATABASE__READ_URL",
                     format!("postgres://postgres@{standby}:5432/{name}"),
                 );
+                if place.name == "a" {
+                    // a's snapshots wait for a lagging standby (up to 15 s);
+                    // b's read on the primary past the default 1 s.
+                    c.env("GATEWAY__DATABASE__REPLICA_MAX_LAG_MS", "15000");
+                }
                 c
             }
             None => tokio::process::Command::new(plan.gateway),
