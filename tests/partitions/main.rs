@@ -30,10 +30,10 @@ async fn a_broker_node_partitioned_from_the_others_under_load_loses_nothing() {
     report.print("network fault run (one partition)");
     assert!(report.confirmed > 1000, "the run carried load: {}", report.confirmed);
     assert_eq!(report.lost, 0);
-    // Every stage moves to the majority while the partition still holds
-    // (30 s; the stream's leader moves some 10-20 s into it): a relay or a
-    // stream reader left on the cut-off node would stall every client until
-    // the heal and beyond.
+    // Every stage resumes on the majority before the heal (30 s; the
+    // stream's leader moves some 10-20 s into it): a relay or a stream
+    // reader left on the cut-off node stalls every client until the heal
+    // and beyond (50 s in a run before they moved).
     let cut = &report.unavailable[1];
     for (stage, pause) in [
         ("publishing", cut.publishing),
@@ -42,7 +42,7 @@ async fn a_broker_node_partitioned_from_the_others_under_load_loses_nothing() {
         ("delivering to b", cut.delivering[1]),
     ] {
         assert!(
-            pause < Duration::from_secs(25),
+            pause < Duration::from_secs(28),
             "{stage} stopped for {pause:?} during {:?}",
             cut.fault
         );
