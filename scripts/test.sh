@@ -13,7 +13,8 @@
 #   partitions short|full
 #            the network fault run (tests/partitions): the lab of
 #            scripts/netlab.sh built, the run on its client host, the lab
-#            taken down again; short is one partition, full every fault
+#            taken down again; short is a broker partition and a gateway cut,
+#            full every fault
 #
 # Usage: scripts/test.sh all|cluster|partitions short|full
 set -euo pipefail

@@ -241,7 +241,7 @@ impl Pipeline {
             db.clone(),
             connector.clone(),
             metrics.clone(),
-            committed.outbox,
+            &committed,
             shutdown.clone(),
             tracker,
         );

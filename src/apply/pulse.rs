@@ -5,13 +5,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Whether the update stream still reaches this instance. Apply marks each
-/// batch whose updates went to the outbox; the live stream reader marks
-/// each message it reads. A batch followed by no message at all for a while
-/// means the reader's node no longer receives the stream although its
-/// connection lives on (the node cut from the stream's leader, as by a
-/// bridge partition): the reader then moves to another node. A relay that
-/// cannot publish stalls the stream too; the reader's move then costs one
-/// reconnection and resumes at its offset, losing nothing.
+/// batch whose updates went to the outbox, this instance's outbox relay
+/// each message the broker confirmed on the stream, and the live stream
+/// reader each message it reads. A mark followed by no message at all for
+/// a while means the reader's node no longer receives the stream although
+/// its connection lives on (the node cut from the stream's leader, as by a
+/// bridge partition, or from this host while the relay moved on): the
+/// reader then moves to another node. A relay that cannot publish stalls
+/// the stream too; the reader's move then costs one reconnection and
+/// resumes at its offset, losing nothing.
 pub struct StreamPulse {
     origin: Instant,
     /// Milliseconds after `origin` (plus one) of the oldest batch committed
@@ -33,7 +35,8 @@ impl StreamPulse {
         self.origin.elapsed().as_millis() as u64 + 1
     }
 
-    /// A batch's updates are in the outbox: the stream should bring them.
+    /// A batch's updates are in the outbox, or a message is on the stream:
+    /// the reader should see it.
     pub fn committed(&self) {
         let _ = self
             .awaited

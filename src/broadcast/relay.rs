@@ -14,7 +14,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::apply::consumer::Committed;
 use crate::apply::outbox;
+use crate::apply::pulse::StreamPulse;
 use crate::broker::link::Connector;
 use crate::broker::publisher::{Outgoing, PublishError, confirm_channel, publish_all};
 use crate::metrics::Metrics;
@@ -61,16 +63,18 @@ struct Relay {
     exchange: String,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
+    /// Told of each confirmed publish: the live reader should see it.
+    pulse: Arc<StreamPulse>,
     shutdown: CancellationToken,
 }
 
-/// Starts the relay; `wake` is notified after each committed apply batch.
+/// Starts the relay, woken by `committed` after each apply batch.
 pub(crate) fn spawn(
     topology: &TopologySettings,
     db: Db,
     connector: Connector,
     metrics: Arc<Metrics>,
-    wake: Arc<Notify>,
+    committed: &Committed,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
@@ -79,7 +83,8 @@ pub(crate) fn spawn(
         connector,
         exchange: topology.updates_exchange.clone(),
         metrics,
-        wake,
+        wake: committed.outbox.clone(),
+        pulse: committed.pulse.clone(),
         shutdown,
     };
     tracker.spawn(run(relay));
@@ -172,5 +177,8 @@ async fn publish_pending(relay: &Relay, channel: &Channel) -> Result<usize, Rela
         })
         .await?;
     relay.metrics.updates_broadcast.inc_by(updates);
+    if sent > 0 {
+        relay.pulse.committed();
+    }
     Ok(sent)
 }

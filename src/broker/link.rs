@@ -14,8 +14,10 @@ use crate::metrics::Metrics;
 use crate::settings::{RabbitSettings, Secret};
 
 /// How long one endpoint may take to accept a connection before the next
-/// is tried.
-const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(5);
+/// is tried: a node on this host's network answers in milliseconds, and
+/// every second here is a second a stage leaving a cut-off node may spend
+/// on another one that is cut off too.
+const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long a reconnection waits for the topology to be declared again.
 /// Declaring takes the broker's metadata store, which stalls while a node

@@ -277,7 +277,19 @@ async fn publish_loop(
                     }
                     break 'connection;
                 }
-                Some((p, outcome)) = in_flight.next() => settle(p, outcome, &mut retry, &mut refused, &metrics, backoff),
+                Some((p, outcome)) = in_flight.next() => {
+                    let timed_out = matches!(&outcome, Err(e) if e == CONFIRM_TIMED_OUT);
+                    settle(p, outcome, &mut retry, &mut refused, &metrics, backoff);
+                    if timed_out {
+                        // The node no longer reaches its cluster's majority
+                        // (or this host no longer reaches the node): the
+                        // rest of what is in flight comes back within the
+                        // same time-out, then the next node.
+                        tracing::warn!(timeout = ?confirm_timeout, "a confirm did not come in time; moving the generator to another node");
+                        drain(&mut in_flight, &mut retry, &mut refused, &metrics, backoff).await;
+                        continue 'connection;
+                    }
+                }
                 _ = control.changed() => pace.reset(),
                 _ = tick.tick() => {
                     let c = *control.borrow();
@@ -341,6 +353,8 @@ async fn make_fresh(db: &Db, ids: &mut Ids, n: usize, retry: &mut VecDeque<Outgo
 
 type ConfirmOutcome = Result<lapin::Confirmation, String>;
 
+const CONFIRM_TIMED_OUT: &str = "confirm timed out";
+
 async fn publish(channel: &lapin::Channel, exchange: &str, p: &Outgoing) -> lapin::Result<lapin::PublisherConfirm> {
     // Never expected; an error is a failed publish, never an empty body.
     let out =
@@ -352,7 +366,7 @@ async fn wait_confirm(p: Outgoing, confirm: lapin::PublisherConfirm, timeout: Du
     let outcome = match tokio::time::timeout(timeout, confirm).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("confirm timed out".to_owned()),
+        Err(_) => Err(CONFIRM_TIMED_OUT.to_owned()),
     };
     (p, outcome)
 }

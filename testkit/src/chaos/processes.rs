@@ -140,6 +140,10 @@ impl Instance {
                     "GATEWAY__DATABASE__READ_URL",
                     format!("postgres://postgres@{standby}:5432/{name}"),
                 );
+                // A node cut from this host is dropped by the broker after
+                // two missed heartbeats, and the deliveries its consumers
+                // held go to the others only then.
+                c.env("GATEWAY__RABBIT__HEARTBEAT_SECS", "5");
                 if place.name == "a" {
                     // a's snapshots wait for a lagging standby (up to 15 s);
                     // b's read on the primary past the default 1 s.
