@@ -83,7 +83,7 @@ chaos: services ## five-minute fault run (tests/service_restarts, harness testki
 test-cluster: services ## cluster fault run (tests/cluster): three RabbitMQ nodes started, a node killed under load, nodes taken down
 	CARGO=$(CARGO) scripts/test.sh cluster
 
-test-partitions: services ## network fault run, short (tests/partitions): the lab of scripts/netlab.sh, a broker partition and a gateway cut from its node, under load
+test-partitions: services ## network fault run, short (tests/partitions): the lab of scripts/netlab.sh, a gateway cut from two broker nodes and a broker partition, under load
 	CARGO=$(CARGO) scripts/test.sh partitions short
 
 partitions: services ## every network fault in the lab (about eight minutes); prints lost = 0, double-applied = 0, client gaps and recovery times

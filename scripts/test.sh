@@ -13,7 +13,7 @@
 #   partitions short|full
 #            the network fault run (tests/partitions): the lab of
 #            scripts/netlab.sh built, the run on its client host, the lab
-#            taken down again; short is a broker partition and a gateway cut,
+#            taken down again; short is a gateway cut and a broker partition,
 #            full every fault
 #
 # Usage: scripts/test.sh all|cluster|partitions short|full

@@ -77,17 +77,17 @@ impl Plan {
         }
     }
 
-    /// A few minutes in the network lab: one broker node cut off from the
-    /// other two, then gateway a cut from its node, under load (CI).
+    /// A few minutes in the network lab: gateway a cut from two broker
+    /// nodes, then one broker node cut off from the other two, under load
+    /// (CI).
     pub fn partition_short(gateway: &'static str) -> Self {
         Plan {
             settle: Duration::from_secs(8),
             redis_down: Duration::ZERO,
             rate: 300.0,
             products: 200,
-            // A broker node cut from the others, then gateway a cut from
-            // its node: the cluster moves in the first, only the gateway in
-            // the second.
+            // Gateway a cut from two of its nodes (only it must move), then
+            // a broker node cut from the others (the cluster must move).
             faults: &LAB_FAULTS[..2],
             // Long enough for the cluster to give the cut node up (the lab's
             // net_ticktime, 10 s) and move the stream's leader, so delivery
@@ -242,19 +242,19 @@ const CLUSTER_FAULTS: [Fault; 4] = [
 /// The network faults of the lab (`scripts/netlab.sh`), in order: gateway
 /// a prefers node r1, gateway b node r2.
 const LAB_FAULTS: [Fault; 7] = [
-    Fault {
-        name: "partition: broker r1 cut from r2 and r3",
-        phase: "cut-r1",
-        after: Some("after-cut-r1"),
-        action: Action::Net(&[&["cut", "r1", "r2,r3"]]),
-    },
-    // After the first fault a's connections are on r2 and r3: cut from
-    // both, every stage of a must find r1.
+    // First, from a whole cluster: every stage of a that sits on r2 or r3
+    // must find r1.
     Fault {
         name: "gateway a cut from broker nodes r2 and r3, its clients still connected",
         phase: "cut-g1-r2-r3",
         after: Some("after-cut-g1"),
         action: Action::Net(&[&["cut", "g1", "r2,r3"]]),
+    },
+    Fault {
+        name: "partition: broker r1 cut from r2 and r3",
+        phase: "cut-r1",
+        after: Some("after-cut-r1"),
+        action: Action::Net(&[&["cut", "r1", "r2,r3"]]),
     },
     Fault {
         name: "asymmetric: r2's packets to r3 lost, r3's to r2 delivered",
