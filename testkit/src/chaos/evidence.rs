@@ -55,7 +55,19 @@ pub(super) struct Evidence {
 
 impl Evidence {
     pub(super) async fn collect(amqp_url: &str, settings: &Settings, db: &store::Db) -> Evidence {
-        let conn = lapin::Connection::connect(amqp_url, Default::default()).await.unwrap();
+        // A broker node a partition paused restarts some time after the
+        // heal; the harness's node may be that one.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let conn = loop {
+            match lapin::Connection::connect(amqp_url, Default::default()).await {
+                Ok(conn) => break conn,
+                Err(e) if Instant::now() < deadline => {
+                    println!("evidence: the broker does not answer yet ({e}); again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => panic!("the broker did not answer within 90 s: {e}"),
+            }
+        };
         let topology = &settings.rabbit.topology;
         let audit = read_all(&conn, AUDIT, false).await;
         let stream = read_all(&conn, &topology.updates_stream, true).await;
