@@ -33,7 +33,7 @@ use self::evidence::{Evidence, applied_sum, declare_audit, photos_served, recove
 pub use self::plan::Plan;
 use self::plan::Site;
 use self::plan::{Action, Fault, Led};
-use self::processes::{Instance, Place, admin, inject, netlab_can_slow, readyz};
+use self::processes::{Instance, Place, admin, broker_urls, inject, netlab_can_slow, readyz};
 pub use self::processes::{cluster, netlab};
 use crate::Isolation;
 use crate::verdict;
@@ -77,7 +77,12 @@ pub async fn run(plan: Plan) -> Report {
     tokio::time::sleep(plan.settle).await;
     let faults = running.apply_faults().await;
     running.drain().await;
-    let evidence = Evidence::collect(&setup.iso.amqp_url(), &setup.settings, &setup.db).await;
+    // Any node of a cluster holds the evidence; the first may be one a
+    // partition paused, restarting at its own pace.
+    let urls = broker_urls(&setup.iso, &Place::of("a", &plan).await, &plan)
+        .await
+        .unwrap_or_else(|| vec![setup.iso.amqp_url()]);
+    let evidence = Evidence::collect(&urls, &setup.settings, &setup.db).await;
     let (status, body) = readyz(&running.bases[0]).await.unwrap_or((0, serde_json::Value::Null));
     assert_eq!(status, 200, "a is ready at the end: {body}");
     let report = judge(&plan, &running, &faults, &evidence, started.elapsed());

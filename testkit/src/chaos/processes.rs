@@ -104,7 +104,7 @@ fn free_port() -> u16 {
 /// The broker nodes' URLs with the isolation's vhost; in the lab, instance
 /// b's list starts at another node than a's, so a cut of one node leaves
 /// one instance on it and the other not.
-async fn broker_urls(iso: &Isolation, place: &Place, plan: &Plan) -> Option<Vec<String>> {
+pub(super) async fn broker_urls(iso: &Isolation, place: &Place, plan: &Plan) -> Option<Vec<String>> {
     let list = match plan.site {
         Site::Local => return None,
         Site::Cluster => cluster(&["urls"]).await,
