@@ -77,8 +77,8 @@ pub(crate) fn spawn(
 pub(crate) struct Committed {
     /// Notified after each batch: wakes the outbox relay.
     pub outbox: Arc<Notify>,
-    /// Marked for each batch that wrote updates: the live stream reader
-    /// checks they come back.
+    /// Marked for each batch that wrote updates (and by the relay for each
+    /// message it publishes): the live stream reader checks they come back.
     pub pulse: Arc<StreamPulse>,
 }
 

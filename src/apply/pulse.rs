@@ -72,21 +72,21 @@ mod tests {
 
     #[test]
     fn a_commit_with_no_message_after_it_is_a_stall_once_per_wait() {
+        // Waits well apart from each other: a busy machine may pause this
+        // thread for some milliseconds between two lines.
+        let (wait, past) = (Duration::from_millis(200), Duration::from_millis(300));
         let pulse = StreamPulse::default();
         assert!(!pulse.stalled(Duration::ZERO), "nothing committed, nothing awaited");
         pulse.committed();
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(past);
         pulse.committed(); // the oldest commit counts
         assert!(!pulse.stalled(Duration::from_secs(60)));
-        assert!(pulse.stalled(Duration::from_millis(2)));
-        assert!(!pulse.stalled(Duration::from_millis(2)), "the wait started over");
-        std::thread::sleep(Duration::from_millis(5));
-        assert!(pulse.stalled(Duration::from_millis(2)));
+        assert!(pulse.stalled(wait));
+        assert!(!pulse.stalled(wait), "the wait started over");
+        std::thread::sleep(past);
+        assert!(pulse.stalled(wait));
         pulse.received();
-        std::thread::sleep(Duration::from_millis(5));
-        assert!(
-            !pulse.stalled(Duration::from_millis(2)),
-            "a message came after the commit"
-        );
+        std::thread::sleep(past);
+        assert!(!pulse.stalled(wait), "a message came after the commit");
     }
 }
