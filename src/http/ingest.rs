@@ -87,7 +87,7 @@ enum ChangeAnswers {
     /// Not JSON
     #[response(status = 415)]
     NotJson(ErrorBody),
-    /// Not confirmed by the broker, or the same key is being published: retry
+    /// Not confirmed by the broker, or the same key is being admitted right now: retry
     #[response(status = 503)]
     Unavailable(ErrorBody),
 }
@@ -95,7 +95,7 @@ enum ChangeAnswers {
 #[utoipa::path(post, path = "/products/{id}/price", tag = "ingest",
     params(
         ("id" = i64, Path, minimum = 1, description = "Product id, a positive integer"),
-        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "1 to 255 visible ASCII characters; a retry with it gets the first answer"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "1 to 255 visible ASCII characters; a retry with it gets the first request's change (same version), never a second one"),
     ),
     request_body = NewPrice,
     security(("ingest" = [])),
@@ -116,7 +116,7 @@ pub(crate) async fn price(
 #[utoipa::path(post, path = "/products/{id}/stock", tag = "ingest",
     params(
         ("id" = i64, Path, minimum = 1, description = "Product id, a positive integer"),
-        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "1 to 255 visible ASCII characters; a retry with it gets the first answer"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "1 to 255 visible ASCII characters; a retry with it gets the first request's change (same version), never a second one"),
     ),
     request_body = NewStock,
     security(("ingest" = [])),

@@ -1,11 +1,12 @@
 //! An ingest request's first step, batched ([`Batches`](super::batches)):
 //! the requests waiting meanwhile are admitted together in one transaction
-//! that claims their idempotency keys, issues their versions and stores the
-//! issued events under their keys. One transaction for many requests, not
-//! three or four round trips each, is what lets the ingest API take changes
-//! at the broker's speed. A product's versions are issued in the order its
-//! requests joined the batch; claim, version and stored event commit
-//! together, so a retry finds either nothing or the event to send again.
+//! that looks up their idempotency keys, issues the versions of the new
+//! requests and stores each keyed request's issued event under its key.
+//! One transaction for many requests, not three or four round trips each,
+//! is what lets the ingest API take changes at the broker's speed. A
+//! product's versions are issued in the order its requests joined the
+//! batch; version and key commit together, so a retry finds either nothing
+//! or the event to send again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -14,7 +15,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::issue_many;
 use crate::domain::{Kind, ProductId};
-use crate::store::idempotency::{self, Claim, IssuedEvent, KeyAsk};
+use crate::store::idempotency::{self, Held, IssuedEvent, KeyAsk};
 use crate::store::{Db, StoreError};
 
 /// Requests admitted in one transaction, at most.
@@ -26,19 +27,21 @@ pub(crate) struct Ask {
     pub(crate) id: ProductId,
     pub(crate) kind: Kind,
     pub(crate) key: Option<(String, String)>,
-    /// Who claims the key for this request.
-    pub(crate) owner: String,
 }
 
 /// What a request may do next.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Admitted {
-    /// Publish this event: issued now, or stored under the key by an
-    /// earlier attempt of the same request.
-    Publish(IssuedEvent),
-    /// The key holds the answer of the same request.
-    Answered(serde_json::Value),
-    /// The same request is being published under the key right now.
+    /// Publish this event: issued now, or (`replayed`) issued under the key
+    /// by an earlier attempt of the same request and not applied yet.
+    Publish {
+        event: IssuedEvent,
+        replayed: bool,
+    },
+    /// The key holds this request's event and the product has applied it:
+    /// nothing to publish.
+    Applied(IssuedEvent),
+    /// Another attempt of the same request is being admitted right now.
     InProgress,
     /// The key was used for another request.
     Mismatch,
@@ -67,25 +70,26 @@ type Slots = Vec<Option<Admitted>>;
 
 async fn admit_in(conn: &mut AsyncPgConnection, asks: &[Ask]) -> Result<Vec<Admitted>, StoreError> {
     let mut out: Slots = asks.iter().map(|_| None).collect();
-    claim_keys(conn, asks, &mut out).await?;
-    let (recorded, forgotten) = issue_versions(conn, asks, &mut out).await?;
-    // The events under their keys; claims that issued nothing forgotten.
-    let key_of = |i: usize| asks[i].key.as_ref().map_or("", |(k, _)| k.as_str());
-    let events: Vec<(&str, &str, &IssuedEvent)> = recorded
-        .iter()
-        .map(|(i, e)| (key_of(*i), asks[*i].owner.as_str(), e))
-        .collect();
-    idempotency::record_many(conn, &events).await?;
-    let claims: Vec<(&str, &str)> = forgotten.iter().map(|&i| (key_of(i), asks[i].owner.as_str())).collect();
-    idempotency::forget_many(conn, &claims).await?;
+    let replays = look_up_keys(conn, asks, &mut out).await?;
+    let fresh = issue_versions(conn, asks, &mut out).await?;
+    hold_keys(conn, asks, &fresh, &mut out).await?;
+    settle_replays(conn, asks, replays, &mut out).await?;
     Ok(out.into_iter().map(|a| a.unwrap_or(Admitted::InProgress)).collect())
 }
 
-/// Claims the asks' keys; decides every ask whose key was answered, is in
-/// progress, was used for another request, or holds a stored event. A key
-/// twice in one batch: the second finds the first's request in progress,
-/// as it would a moment later.
-async fn claim_keys(conn: &mut AsyncPgConnection, asks: &[Ask], out: &mut Slots) -> Result<(), StoreError> {
+fn key_of(ask: &Ask) -> Option<KeyAsk<'_>> {
+    ask.key.as_ref().map(|(key, request)| KeyAsk { key, request })
+}
+
+/// Looks up the asks' keys; decides every ask whose key was used for
+/// another request, and returns those whose key holds their event (the
+/// replays). A key twice in one batch: the second finds the first's
+/// request in progress, as it would a moment later.
+async fn look_up_keys(
+    conn: &mut AsyncPgConnection,
+    asks: &[Ask],
+    out: &mut Slots,
+) -> Result<Vec<(usize, IssuedEvent)>, StoreError> {
     let mut keys_seen = HashSet::new();
     let mut keyed: Vec<usize> = Vec::new();
     for (i, a) in asks.iter().enumerate() {
@@ -97,39 +101,31 @@ async fn claim_keys(conn: &mut AsyncPgConnection, asks: &[Ask], out: &mut Slots)
             }
         }
     }
-    let key_asks: Vec<KeyAsk<'_>> = keyed
-        .iter()
-        .filter_map(|&i| {
-            let (key, request) = asks[i].key.as_ref()?;
-            Some(KeyAsk {
-                key,
-                request,
-                owner: &asks[i].owner,
-            })
-        })
-        .collect();
-    let claims = idempotency::claim_many(conn, &key_asks).await?;
-    for (&i, claim) in keyed.iter().zip(claims) {
-        out[i] = match claim {
-            Claim::Claimed(None) => None,
-            Claim::Claimed(Some(stored)) => Some(Admitted::Publish(stored)),
-            Claim::Answered(answer) => Some(Admitted::Answered(answer)),
-            Claim::InProgress => Some(Admitted::InProgress),
-            Claim::Mismatch => Some(Admitted::Mismatch),
-        };
+    let key_asks: Vec<KeyAsk<'_>> = keyed.iter().filter_map(|&i| key_of(&asks[i])).collect();
+    let mut held = idempotency::held_many(conn, &key_asks).await?;
+    let mut replays = Vec::new();
+    for (i, ask) in keyed.into_iter().zip(key_asks) {
+        match held.remove(ask.key) {
+            None => {}
+            Some(Held::Other) => out[i] = Some(Admitted::Mismatch),
+            Some(Held::Issued(event)) => {
+                // Decided once the product's applied version is known.
+                out[i] = Some(Admitted::InProgress);
+                replays.push((i, event));
+            }
+        }
     }
-    Ok(())
+    Ok(replays)
 }
 
 /// Issues versions for the undecided asks, counted per product and kind
-/// and handed out in ask order. Returns the keyed asks' new events (to
-/// store under their keys) and the keyed asks that got none (claims to
-/// forget).
+/// and handed out in ask order. Returns the keyed asks' new events, to
+/// store under their keys.
 async fn issue_versions(
     conn: &mut AsyncPgConnection,
     asks: &[Ask],
     out: &mut Slots,
-) -> Result<(Vec<(usize, IssuedEvent)>, Vec<usize>), StoreError> {
+) -> Result<Vec<(usize, IssuedEvent)>, StoreError> {
     let pending: Vec<usize> = (0..asks.len()).filter(|&i| out[i].is_none()).collect();
     let mut counts: BTreeMap<i64, (ProductId, i64, i64)> = BTreeMap::new();
     for &i in &pending {
@@ -154,7 +150,7 @@ async fn issue_versions(
         .collect();
     let missing: Vec<i64> = counts.keys().filter(|id| !next.contains_key(id)).copied().collect();
     let existing = existing_of(conn, missing).await?;
-    let (mut recorded, mut forgotten) = (Vec::new(), Vec::new());
+    let mut fresh = Vec::new();
     for &i in &pending {
         let id = asks[i].id.get();
         let Some(n) = next.get_mut(&id) else {
@@ -163,9 +159,6 @@ async fn issue_versions(
             } else {
                 Admitted::NoProduct
             });
-            if asks[i].key.is_some() {
-                forgotten.push(i);
-            }
             continue;
         };
         let slot = match asks[i].kind {
@@ -178,11 +171,82 @@ async fn issue_versions(
         };
         *slot += 1;
         if asks[i].key.is_some() {
-            recorded.push((i, event.clone()));
+            fresh.push((i, event.clone()));
         }
-        out[i] = Some(Admitted::Publish(event));
+        out[i] = Some(Admitted::Publish { event, replayed: false });
     }
-    Ok((recorded, forgotten))
+    Ok(fresh)
+}
+
+/// Stores the keyed asks' new events under their keys. A key another
+/// transaction stored meanwhile (a retry racing its first attempt, on
+/// another batch or instance) keeps that one's event: this ask publishes
+/// nothing and is told to come back, when it will find that event; the
+/// version it was issued is left unused.
+async fn hold_keys(
+    conn: &mut AsyncPgConnection,
+    asks: &[Ask],
+    fresh: &[(usize, IssuedEvent)],
+    out: &mut Slots,
+) -> Result<(), StoreError> {
+    let events: Vec<(&str, &str, &IssuedEvent)> = fresh
+        .iter()
+        .filter_map(|(i, e)| asks[*i].key.as_ref().map(|(k, r)| (k.as_str(), r.as_str(), e)))
+        .collect();
+    let stored = idempotency::hold_many(conn, &events).await?;
+    for (i, _) in fresh {
+        if asks[*i].key.as_ref().is_some_and(|(k, _)| !stored.contains(k)) {
+            out[*i] = Some(Admitted::InProgress);
+        }
+    }
+    Ok(())
+}
+
+/// Decides the replays: an event the product has applied is answered
+/// without publishing; one it has not (its attempt failed, or is still on
+/// its way) is published again.
+async fn settle_replays(
+    conn: &mut AsyncPgConnection,
+    asks: &[Ask],
+    replays: Vec<(usize, IssuedEvent)>,
+    out: &mut Slots,
+) -> Result<(), StoreError> {
+    if replays.is_empty() {
+        return Ok(());
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Applied {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+        #[diesel(sql_type = BigInt)]
+        price_version: i64,
+        #[diesel(sql_type = BigInt)]
+        stock_version: i64,
+    }
+    let ids: Vec<i64> = replays.iter().map(|(i, _)| asks[*i].id.get()).collect();
+    let applied: HashMap<i64, Applied> =
+        diesel::sql_query("SELECT id, price_version, stock_version FROM products WHERE id = ANY($1)")
+            .bind::<Array<BigInt>, _>(ids)
+            .load::<Applied>(conn)
+            .await?
+            .into_iter()
+            .map(|a| (a.id, a))
+            .collect();
+    for (i, event) in replays {
+        let done = applied.get(&asks[i].id.get()).is_some_and(|a| {
+            event.version
+                <= match asks[i].kind {
+                    Kind::Price => a.price_version,
+                    Kind::Stock => a.stock_version,
+                }
+        });
+        out[i] = Some(if done {
+            Admitted::Applied(event)
+        } else {
+            Admitted::Publish { event, replayed: true }
+        });
+    }
+    Ok(())
 }
 
 /// Which of `ids` are products (those not issued a version either do not

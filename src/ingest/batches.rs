@@ -55,12 +55,6 @@ impl<T: Send + 'static, R: Send + 'static> Batches<T, R> {
         Batches { tx }
     }
 
-    /// Queues `item` for the next batch without waiting for its answer.
-    pub(crate) fn hand_over(&self, item: T) -> bool {
-        let (reply, _) = oneshot::channel();
-        self.tx.try_send((item, reply)).is_ok()
-    }
-
     /// Queues `item` for the next batch and waits for its answer; None when
     /// the task is gone.
     pub(crate) async fn submit(&self, item: T) -> Option<R> {

@@ -119,6 +119,18 @@ pub fn message(exchange: &str, event: &Event, message_id: &str) -> Result<Outgoi
     ))
 }
 
+/// The answer for `change` issued as `issued`.
+fn accepted(id: ProductId, change: Change, issued: &IssuedEvent) -> Accepted {
+    Accepted {
+        product_id: id.get(),
+        kind: change.kind().as_str().to_owned(),
+        value: change.value(),
+        topic: change.kind().topic(id),
+        version: issued.version,
+        message_id: issued.message_id.clone(),
+    }
+}
+
 /// What a submitted change became: the answer of the ingest API.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Accepted {
@@ -138,7 +150,7 @@ pub enum IngestError {
     VersionBound(i64),
     #[error("this Idempotency-Key was used for another request")]
     KeyReused,
-    #[error("a request with this Idempotency-Key is being published; retry in a moment")]
+    #[error("another request with this Idempotency-Key is being admitted right now; retry in a moment")]
     KeyInProgress,
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -151,10 +163,9 @@ pub enum IngestError {
 const ADMISSIONS_AT_ONCE: usize = 4;
 
 /// Submits changes: each request's first step is admitted in a batch with
-/// the others waiting ([`admission`]), its event published on one confirm
-/// channel per instance shared by every request (lapin publishes on it
-/// concurrently, each with its own confirm), and the answers under
-/// idempotency keys stored in batches too.
+/// the others waiting ([`admission`]), and its event published on one
+/// confirm channel per instance shared by every request (lapin publishes on
+/// it concurrently, each with its own confirm).
 pub struct Ingest {
     db: Db,
     link: Arc<Link>,
@@ -162,7 +173,6 @@ pub struct Ingest {
     confirm_timeout: Duration,
     channel: tokio::sync::Mutex<Option<lapin::Channel>>,
     admission: Batches<Ask, Result<Admitted, StoreError>>,
-    answers: Batches<(String, serde_json::Value), ()>,
     /// When expired keys were last purged (seconds since the epoch).
     purged: AtomicI64,
 }
@@ -171,7 +181,6 @@ impl Ingest {
     /// Starts its batching tasks: call within the runtime.
     pub fn new(db: Db, link: Arc<Link>, exchange: String, confirm_timeout: Duration) -> Self {
         let admit_db = db.clone();
-        let answer_db = db.clone();
         Self {
             db,
             link,
@@ -182,27 +191,17 @@ impl Ingest {
                 let db = admit_db.clone();
                 async move { admission::admit(&db, asks).await }
             }),
-            answers: Batches::spawn(admission::BATCH, 1, move |answers: Vec<(String, serde_json::Value)>| {
-                let db = answer_db.clone();
-                async move {
-                    if let Err(e) = idempotency::answer_many(&db, &answers).await {
-                        // The keys keep their events: a retry, once the
-                        // claims are abandoned, sends those again.
-                        tracing::warn!(error = %e, keys = answers.len(), "idempotency answers not stored");
-                    }
-                    answers.iter().map(|_| ()).collect()
-                }
-            }),
             purged: AtomicI64::new(0),
         }
     }
 
     /// Issues the change's version, publishes it and waits for the broker's
-    /// confirm. Under an idempotency key, a retry of the same request gets
-    /// the first answer (`replayed` true) and publishes nothing; a retry of
-    /// one that issued its event but was not answered (the confirm lost or
-    /// late, the answer not stored, the request gone) publishes that same
-    /// event again, so the change is applied once.
+    /// confirm. Under an idempotency key the key holds the issued event from
+    /// the start: a retry of the same request issues nothing (`replayed`
+    /// true) and publishes that same event again unless the product has
+    /// applied it, so however the first attempt ended (confirm lost or late,
+    /// the request gone) the change is applied once, with the version first
+    /// issued.
     pub async fn submit(
         &self,
         id: ProductId,
@@ -212,7 +211,6 @@ impl Ingest {
         if key.is_some() {
             self.purge_now_and_then().await;
         }
-        let owner = uuid::Uuid::new_v4().to_string();
         let ask = Ask {
             id,
             kind: change.kind(),
@@ -222,50 +220,19 @@ impl Ingest {
                     format!("{}:{}:{}", change.kind().as_str(), id, change.value()),
                 )
             }),
-            owner: owner.clone(),
         };
         let admitted = self
             .admission
             .submit(ask)
             .await
             .ok_or_else(|| StoreError::Unavailable("the ingest admission stopped".into()))??;
-        let issued = match admitted {
-            Admitted::Publish(issued) => issued,
-            Admitted::Answered(answer) => {
-                let accepted = serde_json::from_value(answer)
-                    .map_err(|e| IngestError::Store(StoreError::Unavailable(format!("stored answer: {e}"))))?;
-                return Ok((accepted, true));
-            }
-            Admitted::InProgress => return Err(IngestError::KeyInProgress),
-            Admitted::Mismatch => return Err(IngestError::KeyReused),
-            Admitted::NoProduct => return Err(IngestError::NoProduct(id.get())),
-            Admitted::VersionBound => return Err(IngestError::VersionBound(id.get())),
-        };
-        let sent = self.send(id, change, &issued).await;
-        let Some(key) = key else {
-            return sent.map(|accepted| (accepted, false));
-        };
-        match sent {
-            Ok(accepted) => {
-                // Stored in the next batch of answers, not waited for: the
-                // event is confirmed and already stored under the key, so a
-                // retry meanwhile is told to come back in a moment, and one
-                // after a failed store sends that same event again.
-                let answer = serde_json::to_value(&accepted).expect("plain fields serialise");
-                if !self.answers.hand_over((key.to_owned(), answer)) {
-                    tracing::warn!("idempotency answers queue full; this answer is not stored");
-                }
-                Ok((accepted, false))
-            }
-            Err(e) => {
-                // A retry must be able to run at once (with the stored
-                // event); if this fails too, the claim is taken over once
-                // abandoned.
-                if let Err(release) = idempotency::release(&self.db, key, &owner).await {
-                    tracing::warn!(error = %release, "idempotency key not released");
-                }
-                Err(e)
-            }
+        match admitted {
+            Admitted::Publish { event, replayed } => Ok((self.send(id, change, &event).await?, replayed)),
+            Admitted::Applied(issued) => Ok((accepted(id, change, &issued), true)),
+            Admitted::InProgress => Err(IngestError::KeyInProgress),
+            Admitted::Mismatch => Err(IngestError::KeyReused),
+            Admitted::NoProduct => Err(IngestError::NoProduct(id.get())),
+            Admitted::VersionBound => Err(IngestError::VersionBound(id.get())),
         }
     }
 
@@ -283,14 +250,7 @@ impl Ingest {
             .map_err(|_| IngestError::Broker(format!("no confirm within {:?}", self.confirm_timeout)))?
             .map_err(|e| IngestError::Broker(e.to_string()))?;
         match Confirmed::of(&confirmation) {
-            Confirmed::Ack => Ok(Accepted {
-                product_id: id.get(),
-                kind: change.kind().as_str().to_owned(),
-                value: change.value(),
-                topic: event.topic(),
-                version: issued.version,
-                message_id: issued.message_id.clone(),
-            }),
+            Confirmed::Ack => Ok(accepted(id, change, issued)),
             Confirmed::Returned => Err(IngestError::Broker("unroutable: no queue is bound for it".into())),
             Confirmed::Nacked => Err(IngestError::Broker("refused by the broker".into())),
         }
