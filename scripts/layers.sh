@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 ranks=(
     testing                                    # what unit tests share (lib.rs)
-    domain settings turns metrics wire update  # neutral ground
+    domain settings turns metrics trace wire update  # neutral ground
     store broker                               # infrastructure
     ingest apply broadcast hub photos          # the stages, in pipeline order
     http telemetry seed startup                # the edge and start-up

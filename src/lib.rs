@@ -8,7 +8,8 @@
 //!
 //! - neutral ground: `domain` (products, events, versions), `wire` (the
 //!   broker's message formats), `update` (an applied update and its client
-//!   frames), `settings`, `metrics`, `telemetry`, `turns` (per-address limits)
+//!   frames), `settings`, `metrics`, `trace` (trace context between hops),
+//!   `turns` (per-address limits)
 //! - infrastructure: `store` (PostgreSQL pools, schema, catalog reads),
 //!   `broker` (RabbitMQ connections, topology, publishing with confirms)
 //! - `ingest`: where changes enter (version issuing, the generator)
@@ -17,7 +18,7 @@
 //! - `hub`: subscriptions, fan-out, sessions (snapshots, resumes)
 //! - `photos`: the photo cache
 //! - `http`: the edge (REST, WebSocket, SSE, admin, ingest API)
-//! - `seed`, `startup`: wiring it all
+//! - `telemetry` (logs, the trace exporter), `seed`, `startup`: wiring it all
 #![forbid(unsafe_code)]
 // Public only what the binary, the tests and the bench use: everything
 // else is the crate's own, and an item marked `pub` that nothing outside
@@ -28,6 +29,7 @@ pub mod domain;
 pub mod metrics;
 pub mod settings;
 pub mod telemetry;
+pub mod trace;
 pub(crate) mod turns;
 pub mod update;
 pub mod wire;

@@ -11,11 +11,12 @@ use product_gateway::{http, seed, store, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
     let config_dir = std::env::var("GATEWAY_CONFIG_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| "config".into());
     let settings = Settings::load(&config_dir)?;
+    // Held to the end: its drop sends the spans still queued.
+    let _traces = telemetry::init(&settings.tracing)?;
     let command = std::env::args().nth(1).unwrap_or_else(|| "serve".into());
     match command.as_str() {
         "serve" => serve(settings).await,

@@ -21,6 +21,7 @@ pub struct Settings {
     pub hub: HubSettings,
     pub photos: PhotoSettings,
     pub seed: SeedSettings,
+    pub tracing: TracingSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,6 +340,20 @@ pub struct SeedSettings {
     pub products: u32,
 }
 
+/// Traces over OTLP (HTTP/protobuf). Off while no endpoint is set here or
+/// in `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`;
+/// the other `OTEL_*` variables (sampler, service name, export queue) are
+/// read as the OpenTelemetry SDK reads them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TracingSettings {
+    /// The collector's traces URL, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub otlp_endpoint: String,
+    /// Share of new traces recorded (0 to 1); a change that arrives with a
+    /// sampled `traceparent` is always recorded, an unsampled one never.
+    /// `OTEL_TRACES_SAMPLER` overrides it.
+    pub sample_ratio: f64,
+}
+
 /// Durations are written as whole milliseconds (`*_ms` keys) or seconds
 /// (`*_secs` keys) in the config and the environment, and are `Duration`
 /// from the moment settings load, so no use site converts (or mixes units).
@@ -472,6 +487,12 @@ impl Settings {
                 self.consumer.retry_max,
             ),
         ];
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(SettingsError::Invalid {
+                key: "tracing.sample_ratio",
+                reason: "must be between 0 and 1",
+            });
+        }
         if let Some((key, _, _)) = ordered.iter().find(|(_, min, max)| min > max) {
             return Err(SettingsError::Invalid {
                 key,

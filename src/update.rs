@@ -11,6 +11,7 @@ use bytestring::ByteString;
 use serde::Deserialize;
 
 use crate::domain::Kind;
+use crate::trace::Traced;
 
 /// Updates in one stream message at most; an update's id is
 /// `stream offset × MAX_UPDATES_PER_MESSAGE + index`, so ids grow with the
@@ -43,6 +44,9 @@ pub struct Update {
     pub ws_frame: ByteString,
     /// `id:/event:/data:` SSE event.
     pub sse_event: Bytes,
+    /// The trace it carries to a socket, when its stream message's is
+    /// recorded.
+    pub trace: Option<Arc<Traced>>,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +109,7 @@ impl Update {
             txid: None,
             ws_frame: ByteString::from(ws),
             sse_event: Bytes::from(sse),
+            trace: None,
         })
     }
 

@@ -230,8 +230,19 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
     }
     dead_letter(ctx, publisher, &rejected).await?;
 
+    // One span per batch: the child of its first traced event's publish,
+    // linked to the others'; its context goes to the outbox with the batch.
+    let span = tracing::info_span!("apply", events = valid.len());
+    crate::trace::follow_all(
+        &span,
+        valid
+            .iter()
+            .filter_map(|(d, _)| crate::trace::of_headers(d.properties.headers())),
+    );
     let events: Vec<Event> = valid.iter().map(|(_, e)| e.clone()).collect();
-    let Some(outcomes) = apply_with_retry(ctx, &events).await else {
+    let trace = crate::trace::traceparent(&span);
+    let applied = apply_with_retry(ctx, &events, trace.as_deref()).instrument(span).await;
+    let Some(outcomes) = applied else {
         // Still failing: hand the valid events back to the broker, which
         // counts the delivery toward the limit and dead-letters it past that.
         // Each tag is settled once: a multiple-nack would also cover the
@@ -280,13 +291,13 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
 
 /// Applies with in-process retries and back-off; None when every attempt
 /// failed (or shutdown came first).
-async fn apply_with_retry(ctx: &Ctx, events: &[Event]) -> Option<Vec<Outcome>> {
+async fn apply_with_retry(ctx: &Ctx, events: &[Event], trace: Option<&str>) -> Option<Vec<Outcome>> {
     if events.is_empty() {
         return Some(vec![]);
     }
     let mut delay = ctx.settings.retry_min;
     for attempt in 0..=ctx.settings.transient_retries {
-        match apply_batch(&ctx.db, events).await {
+        match apply_batch(&ctx.db, events, trace).await {
             Ok(outcomes) => return Some(outcomes),
             Err(e) => {
                 ctx.metrics.transient_failures.inc();

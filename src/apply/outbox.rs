@@ -2,7 +2,7 @@
 //! batch's stream message in its own transaction; the relay reads the rows in
 //! commit order, publishes them and deletes them once confirmed.
 
-use diesel::sql_types::{Array, BigInt, Bool, Bytea, Integer, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Bytea, Integer, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::domain::Event;
@@ -33,11 +33,19 @@ pub(crate) struct Unrelayed {
     /// the relay's latency metric, counted once per update, starts there.
     #[diesel(sql_type = BigInt)]
     pub ts_us: i64,
+    /// The traceparent of the apply batch that wrote it (tracing on).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub traceparent: Option<String>,
 }
 
 /// Records the applied updates, in commit order, as stream messages of at
-/// most `MAX_UPDATES_PER_MESSAGE` updates. Runs inside the apply transaction.
-pub(crate) async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> Result<(), diesel::result::Error> {
+/// most `MAX_UPDATES_PER_MESSAGE` updates, with the apply batch's
+/// traceparent. Runs inside the apply transaction.
+pub(crate) async fn record(
+    conn: &mut AsyncPgConnection,
+    applied: &[&Event],
+    trace: Option<&str>,
+) -> Result<(), diesel::result::Error> {
     for chunk in applied.chunks(MAX_UPDATES_PER_MESSAGE) {
         let mut body = Vec::with_capacity(chunk.len() * 160 + 2);
         body.push(b'[');
@@ -54,13 +62,16 @@ pub(crate) async fn record(conn: &mut AsyncPgConnection, applied: &[&Event]) -> 
             .first()
             .map(|e| format!("{}:{}", e.topic(), e.version))
             .unwrap_or_default();
-        prepared("INSERT INTO update_outbox (message_id, body, updates, ts_us) VALUES ($1, $2, $3, $4)")
-            .bind::<Text, _>(message_id)
-            .bind::<Bytea, _>(body)
-            .bind::<Integer, _>(chunk.len() as i32)
-            .bind::<BigInt, _>(mean_ts_us(chunk))
-            .execute(conn)
-            .await?;
+        prepared(
+            "INSERT INTO update_outbox (message_id, body, updates, ts_us, traceparent) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind::<Text, _>(message_id)
+        .bind::<Bytea, _>(body)
+        .bind::<Integer, _>(chunk.len() as i32)
+        .bind::<BigInt, _>(mean_ts_us(chunk))
+        .bind::<Nullable<Text>, _>(trace)
+        .execute(conn)
+        .await?;
     }
     Ok(())
 }
@@ -92,7 +103,7 @@ pub(crate) async fn try_lock(conn: &mut AsyncPgConnection) -> Result<bool, diese
 
 /// The oldest pending messages, in commit order.
 pub(crate) async fn pending(conn: &mut AsyncPgConnection, limit: i64) -> Result<Vec<Unrelayed>, diesel::result::Error> {
-    prepared("SELECT seq, message_id, body, updates, txid, ts_us FROM update_outbox ORDER BY seq LIMIT $1")
+    prepared("SELECT seq, message_id, body, updates, txid, ts_us, traceparent FROM update_outbox ORDER BY seq LIMIT $1")
         .bind::<BigInt, _>(limit)
         .load(conn)
         .await

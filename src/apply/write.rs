@@ -47,8 +47,9 @@ impl Locked {
 /// Applies a batch in one transaction; the outcome of each event, in order.
 /// The applied updates are written to the outbox in the same transaction.
 /// Within a batch only the newest version per product and kind is written;
-/// the older ones count as duplicates, as they would one by one.
-pub(crate) async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome>, StoreError> {
+/// the older ones count as duplicates, as they would one by one. `trace`:
+/// the batch span's traceparent, recorded with its stream messages.
+pub(crate) async fn apply_batch(db: &Db, events: &[Event], trace: Option<&str>) -> Result<Vec<Outcome>, StoreError> {
     let mut newest: HashMap<(ProductId, Kind), usize> = HashMap::new();
     for (i, e) in events.iter().enumerate() {
         let slot = newest.entry((e.product_id, e.kind())).or_insert(i);
@@ -112,7 +113,7 @@ pub(crate) async fn apply_batch(db: &Db, events: &[Event]) -> Result<Vec<Outcome
                 .filter(|(_, o)| **o == Outcome::Applied)
                 .map(|(e, _)| e)
                 .collect();
-            outbox::record(conn, &applied).await?;
+            outbox::record(conn, &applied, trace).await?;
             Ok::<_, diesel::result::Error>(outcomes)
         })
         .await?;

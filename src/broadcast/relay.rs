@@ -146,12 +146,26 @@ async fn publish_pending(relay: &Relay, channel: &Channel) -> Result<usize, Rela
                 return Ok::<_, RelayError>((0, 0));
             }
             let rows = outbox::pending(conn, BATCH).await?;
-            let messages: Vec<Outgoing> = rows
+            // A span per traced message, from its apply batch to its confirm.
+            let spans: Vec<Option<tracing::Span>> = rows
                 .iter()
                 .map(|r| {
+                    let parent = crate::trace::parse(r.traceparent.as_deref()?)?;
+                    let span = tracing::info_span!("relay", seq = r.seq, updates = r.updates);
+                    crate::trace::follow(&span, &parent);
+                    Some(span)
+                })
+                .collect();
+            let messages: Vec<Outgoing> = rows
+                .iter()
+                .zip(&spans)
+                .map(|(r, span)| {
                     let mut headers = FieldTable::default();
                     headers.insert(TXID_HEADER.into(), AMQPValue::LongLongInt(r.txid));
                     headers.insert(OUTBOX_SEQ_HEADER.into(), AMQPValue::LongLongInt(r.seq));
+                    if let Some(span) = span {
+                        crate::trace::add_to(&mut headers, span);
+                    }
                     Outgoing::json(
                         &relay.exchange,
                         BATCH_ROUTING_KEY.to_owned(),
@@ -162,6 +176,7 @@ async fn publish_pending(relay: &Relay, channel: &Channel) -> Result<usize, Rela
                 })
                 .collect();
             publish_all(channel, &messages, CONFIRM_TIMEOUT).await?;
+            drop(spans);
             // Confirmed now: the latency up to the stream ends here, not
             // after the delete's commit.
             // Once per update, from the mean of their publish times: the

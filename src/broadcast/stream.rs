@@ -14,6 +14,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use tokio::sync::Semaphore;
 
@@ -402,7 +403,7 @@ impl LiveReader {
                     crate::metrics::observe_since(&self.metrics.hub_latency, u.ts_us);
                 }
             }
-            if !updates.is_empty() && !sink.publish(updates).await {
+            if !updates.is_empty() && !fan_out(d, updates, sink).await {
                 return false;
             }
         }
@@ -413,6 +414,24 @@ impl LiveReader {
         }
         true
     }
+}
+
+/// Hands a stream message's updates to the sink; within a span that follows
+/// the relay's when the message carries a trace, and whose context the
+/// updates carry on to a socket when it is recorded.
+async fn fan_out(d: &lapin::message::Delivery, mut updates: Vec<Update>, sink: &mut impl UpdateSink) -> bool {
+    let Some(parent) = crate::trace::of_headers(d.properties.headers()) else {
+        return sink.publish(updates).await;
+    };
+    let span = tracing::info_span!("fan_out", updates = updates.len());
+    crate::trace::follow(&span, &parent);
+    if let Some(sc) = crate::trace::sampled(&span) {
+        let traced = Arc::new(crate::trace::Traced::new(sc));
+        for u in &mut updates {
+            u.trace = Some(traced.clone());
+        }
+    }
+    sink.publish(updates).instrument(span).await
 }
 
 /// How long a catch-up may wait for its next delivery before giving up.

@@ -9,12 +9,14 @@ use actix_web::dev::Payload;
 use actix_web::http::header::HeaderName;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
 use serde::Deserialize;
+use tracing::Instrument;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{bearer_is, parse_id};
 use crate::domain::{Change, PriceCents, Stock};
 use crate::ingest::IngestError;
+use crate::trace;
 
 pub(crate) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// Set on an answer given again for a repeated idempotency key.
@@ -137,7 +139,17 @@ pub(crate) async fn stock(
 async fn submit(state: &AppState, raw_id: &str, req: &HttpRequest, change: Change) -> Result<HttpResponse, ApiError> {
     let id = parse_id(raw_id)?;
     let key = idempotency_key(req)?;
-    let outcome = state.ingest.submit(id, change, key).await;
+    // The change's trace starts here, or continues an upstream's.
+    let span = tracing::info_span!("ingest", product_id = id.get(), kind = change.kind().as_str());
+    if let Some(parent) = req
+        .headers()
+        .get(trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(trace::parse)
+    {
+        trace::follow(&span, &parent);
+    }
+    let outcome = state.ingest.submit(id, change, key).instrument(span.clone()).await;
     let label = match &outcome {
         Ok((_, true)) => "replayed",
         Ok((_, false)) => "accepted",
@@ -158,6 +170,9 @@ async fn submit(state: &AppState, raw_id: &str, req: &HttpRequest, change: Chang
     let mut res = HttpResponse::Accepted();
     if replayed {
         res.insert_header((REPLAYED, "true"));
+    }
+    if let Some(tp) = trace::traceparent(&span) {
+        res.insert_header((trace::TRACERESPONSE, tp));
     }
     Ok(res.json(accepted))
 }

@@ -144,7 +144,7 @@ fn run(
             let send: OptionFuture<_> = conn
                 .pending
                 .front()
-                .map(|(frame, _)| Box::pin(send_frame(&mut conn.writer, frame.clone())))
+                .map(|(frame, ..)| Box::pin(send_frame(&mut conn.writer, frame.clone())))
                 .into();
             let next = tokio::select! {
                 _ = shutdown.cancelled() => Next::Close(Some(reason(CloseCode::Away, "server shutting down"))),
@@ -194,8 +194,9 @@ struct Connection {
     /// holding up the loop: a client that stops reading fills the socket,
     /// and the heartbeat must still see it and close it.
     writer: actix_ws::Session,
-    /// Frames to send in order, with the `ts_us` of those that are updates.
-    pending: VecDeque<(ByteString, Option<i64>)>,
+    /// Frames to send in order, with the `ts_us` of those that are updates
+    /// and the span of an update's traced delivery, ended once it is sent.
+    pending: VecDeque<(ByteString, Option<i64>, Option<Box<tracing::Span>>)>,
     /// A snapshot being sent: its parts go out before any live update.
     snapshot: Option<SnapshotFrames>,
     out: Vec<FeedItem>,
@@ -355,14 +356,14 @@ impl Connection {
     fn on_snapshot_frame(&mut self, frame: Option<Result<SnapshotFrame, ClientError>>) {
         self.last_progress = Instant::now();
         match frame {
-            Some(Ok(f)) => self.pending.push_back((f.json.into(), None)),
+            Some(Ok(f)) => self.pending.push_back((f.json.into(), None, None)),
             Some(Err(e)) => {
                 self.state
                     .metrics
                     .client_errors
                     .get_or_create(&[("code", e.code.as_str())])
                     .inc();
-                self.pending.push_back((e.to_json().into(), None));
+                self.pending.push_back((e.to_json().into(), None, None));
                 self.snapshot = None;
             }
             None => self.snapshot = None,
@@ -374,8 +375,8 @@ impl Connection {
         self.last_progress = Instant::now();
         for item in self.out.drain(..) {
             self.pending.push_back(match item {
-                FeedItem::Update(u) => (u.ws_frame.clone(), Some(u.ts_us)),
-                FeedItem::Reset { offset, reason } => (reset_json(offset, reason).to_string().into(), None),
+                FeedItem::Update(u) => (u.ws_frame.clone(), Some(u.ts_us), deliver_span(&u, "ws")),
+                FeedItem::Reset { offset, reason } => (reset_json(offset, reason).to_string().into(), None, None),
             });
         }
         if open {
@@ -394,7 +395,7 @@ impl Connection {
         }
         self.last_progress = Instant::now();
         self.sub.progressed();
-        if let Some((_, Some(ts_us))) = self.pending.pop_front() {
+        if let Some((_, Some(ts_us), _)) = self.pending.pop_front() {
             count_delivery(&self.state.metrics, self.sub.transport(), ts_us);
         }
         Next::Go
@@ -404,6 +405,15 @@ impl Connection {
         self.sub.cut_off();
         Next::Close(Some(slow_consumer()))
     }
+}
+
+/// The span of an update's delivery on this socket, from the hub's hand to
+/// the write, when its trace is sampled and no other socket traces it.
+pub(crate) fn deliver_span(u: &crate::update::Update, transport: &'static str) -> Option<Box<tracing::Span>> {
+    let parent = u.trace.as_ref().and_then(|t| t.claim())?;
+    let span = tracing::info_span!("deliver", transport, offset = u.offset);
+    crate::trace::follow(&span, parent);
+    Some(Box::new(span))
 }
 
 /// Whether a pong's payload is that of one of our last two pings.

@@ -18,7 +18,9 @@ use std::time::Duration;
 use diesel::QueryableByName;
 use diesel::sql_types::{Array, BigInt};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::broker::link::Link;
 use crate::broker::publisher::{Confirmed, Outgoing, confirm_channel, publish_one};
@@ -105,17 +107,27 @@ pub fn event(id: ProductId, change: Change, version: i64) -> Event {
 
 /// The message of one publish attempt of `event`: `ts_us` is the publish
 /// time, set at each attempt so latency is measured from the publish that
-/// reached the broker.
-pub fn message(exchange: &str, event: &Event, message_id: &str) -> Result<Outgoing, serde_json::Error> {
+/// reached the broker; `trace`, the traceparent of the span publishing it.
+pub fn message(
+    exchange: &str,
+    event: &Event,
+    message_id: &str,
+    trace: Option<&str>,
+) -> Result<Outgoing, serde_json::Error> {
     let mut event = event.clone();
     event.ts_us = now_us();
     let body = encode_event(&event)?;
+    let headers = trace.map(|tp| {
+        let mut h = FieldTable::default();
+        h.insert(crate::trace::TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
+        h
+    });
     Ok(Outgoing::json(
         exchange,
         event.topic(),
         body,
         message_id.to_owned(),
-        None,
+        headers,
     ))
 }
 
@@ -238,9 +250,21 @@ impl Ingest {
 
     /// Publishes the event and waits for the broker's confirm.
     async fn send(&self, id: ProductId, change: Change, issued: &IssuedEvent) -> Result<Accepted, IngestError> {
+        let span = tracing::info_span!("publish", version = issued.version);
+        self.publish(id, change, issued, &span).instrument(span.clone()).await
+    }
+
+    async fn publish(
+        &self,
+        id: ProductId,
+        change: Change,
+        issued: &IssuedEvent,
+        span: &tracing::Span,
+    ) -> Result<Accepted, IngestError> {
         let event = event(id, change, issued.version);
-        let out =
-            message(&self.exchange, &event, &issued.message_id).map_err(|e| IngestError::Broker(e.to_string()))?;
+        let trace = crate::trace::traceparent(span);
+        let out = message(&self.exchange, &event, &issued.message_id, trace.as_deref())
+            .map_err(|e| IngestError::Broker(e.to_string()))?;
         let channel = self.channel().await?;
         let confirm = publish_one(&channel, &out)
             .await

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::broker::link::Connector;
 use crate::broker::publisher::{Confirmed, confirm_channel, publish_one};
@@ -77,6 +78,8 @@ impl GeneratorHandle {
 struct Outgoing {
     event: Event,
     message_id: String,
+    /// The traceparent of the tick that made it (tracing on).
+    trace: Option<Arc<str>>,
     attempts: u32,
     /// Not published again before this: the back-off after a failed attempt.
     due: Instant,
@@ -314,6 +317,9 @@ async fn make_fresh(db: &Db, ids: &mut Ids, n: usize, retry: &mut VecDeque<Outgo
         return;
     }
     ids.refresh(db).await;
+    // One span per tick, not per event: the tick's events share its trace.
+    let span = tracing::info_span!("generate", events = n);
+    let trace: Option<Arc<str>> = crate::trace::traceparent(&span).map(Into::into);
     let picks = ids.pick_changes(n);
     let counts: Vec<(ProductId, i64, i64)> = picks
         .iter()
@@ -323,7 +329,7 @@ async fn make_fresh(db: &Db, ids: &mut Ids, n: usize, retry: &mut VecDeque<Outgo
         let mut conn = db.get().await?;
         ingest::issue_many(&mut conn, &counts).await
     };
-    let issued = match issued.await {
+    let issued = match issued.instrument(span).await {
         Ok(issued) => issued,
         Err(e) => {
             tracing::warn!(error = %e, "generator paused: database unavailable");
@@ -342,6 +348,7 @@ async fn make_fresh(db: &Db, ids: &mut Ids, n: usize, retry: &mut VecDeque<Outgo
         for event in changes(id, price, stock, &row.issued) {
             let p = Outgoing {
                 message_id: uuid::Uuid::new_v4().to_string(),
+                trace: trace.clone(),
                 event,
                 attempts: 0,
                 due: now,
@@ -357,8 +364,8 @@ const CONFIRM_TIMED_OUT: &str = "confirm timed out";
 
 async fn publish(channel: &lapin::Channel, exchange: &str, p: &Outgoing) -> lapin::Result<lapin::PublisherConfirm> {
     // Never expected; an error is a failed publish, never an empty body.
-    let out =
-        ingest::message(exchange, &p.event, &p.message_id).map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
+    let out = ingest::message(exchange, &p.event, &p.message_id, p.trace.as_deref())
+        .map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
     publish_one(channel, &out).await
 }
 

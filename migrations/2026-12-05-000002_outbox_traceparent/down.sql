@@ -1,0 +1,1 @@
+ALTER TABLE update_outbox DROP COLUMN traceparent;
