@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -51,6 +52,9 @@ pub struct Metrics {
     pub client_buffer_high_water: Gauge,
     pub hub_latency: Histogram,
     pub e2e_latency: Histogram,
+    /// Kept apart from `e2e_latency`: an exemplar takes a lock, which only
+    /// the few traced deliveries may pay.
+    pub traced_latency: HistogramWithExemplars<TraceExemplar>,
     pub clients_refused: Family<Label, Counter>,
     pub client_errors: Family<Label, Counter>,
     pub auth_refused: Family<Label, Counter>,
@@ -202,6 +206,11 @@ impl Metrics {
                 "Generator publish to client hand-off",
                 Histogram::new(latency_buckets())
             ),
+            traced_latency: reg!(
+                "traced_delivery_latency_seconds",
+                "Publish to socket hand-off of the traced deliveries (one per recorded trace), with trace ids as exemplars",
+                HistogramWithExemplars::new(latency_buckets())
+            ),
             clients_refused: reg!(
                 "clients_refused",
                 "Connections or frames refused, by reason",
@@ -327,6 +336,24 @@ impl Metrics {
     }
 }
 
+/// The exemplar of a traced delivery: the trace to open from a dashboard.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TraceExemplar {
+    pub trace_id: String,
+}
+
+impl Metrics {
+    /// Observes a traced delivery's latency since its publish time `ts_us`,
+    /// its trace id the exemplar.
+    pub fn observe_traced(&self, ts_us: i64, trace_id: String) {
+        if ts_us > 0 {
+            let seconds = (crate::domain::now_us() - ts_us).max(0) as f64 / 1e6;
+            self.traced_latency
+                .observe(seconds, Some(TraceExemplar { trace_id }), None);
+        }
+    }
+}
+
 /// Observes the time since an event's publish time `ts_us` in one of the
 /// latency histograms; an event without one (0) is not counted.
 pub fn observe_since(histogram: &Histogram, ts_us: i64) {
@@ -359,7 +386,8 @@ fn classic_text(open_metrics: &str) -> String {
                 let suffix = if counters.contains(name) { "_total" } else { "" };
                 out.push_str(&format!("{marker}{name}{suffix} {tail}"));
             }
-            None => out.push_str(line),
+            // Exemplars (` # {trace_id="…"} value`) are OpenMetrics only.
+            None => out.push_str(line.split_once(" # {").map_or(line, |(sample, _)| sample)),
         }
         out.push('\n');
     }

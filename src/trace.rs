@@ -57,6 +57,19 @@ impl Traced {
     }
 }
 
+/// Writes the trace id into `span`'s `trace_id` field (declared empty) when
+/// the span is recorded, so the log lines inside it name their trace.
+pub fn show_id(span: &tracing::Span) {
+    if let Some(sc) = sampled(span) {
+        span.record("trace_id", tracing::field::display(sc.trace_id()));
+    }
+}
+
+/// The trace id of a recorded span, for an exemplar.
+pub fn id_of(span: &tracing::Span) -> Option<String> {
+    sampled(span).map(|sc| sc.trace_id().to_string())
+}
+
 /// The traceparent of a span context (version 00).
 pub fn format(sc: &SpanContext) -> String {
     format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8())
@@ -110,14 +123,19 @@ pub fn follow(span: &tracing::Span, parent: &SpanContext) {
 }
 
 /// Makes the first of `contexts` `span`'s parent and links it to the
-/// others: a batch serves many traces, and each of them leads to it.
+/// others, each once: a batch serves many traces, and each of them leads to
+/// it (a generator tick's events share one context).
 pub fn follow_all(span: &tracing::Span, contexts: impl IntoIterator<Item = SpanContext>) {
-    let mut contexts = contexts.into_iter();
-    if let Some(first) = contexts.next() {
-        follow(span, &first);
-    }
-    for other in contexts {
-        span.add_link(other);
+    let mut seen = std::collections::HashSet::new();
+    for (i, cx) in contexts.into_iter().enumerate() {
+        if !seen.insert(cx.span_id()) {
+            continue;
+        }
+        if i == 0 {
+            follow(span, &cx);
+        } else {
+            span.add_link(cx);
+        }
     }
 }
 

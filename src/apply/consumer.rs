@@ -232,13 +232,14 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
 
     // One span per batch: the child of its first traced event's publish,
     // linked to the others'; its context goes to the outbox with the batch.
-    let span = tracing::info_span!("apply", events = valid.len());
+    let span = tracing::info_span!("apply", events = valid.len(), trace_id = tracing::field::Empty);
     crate::trace::follow_all(
         &span,
         valid
             .iter()
             .filter_map(|(d, _)| crate::trace::of_headers(d.properties.headers())),
     );
+    crate::trace::show_id(&span);
     let events: Vec<Event> = valid.iter().map(|(_, e)| e.clone()).collect();
     let trace = crate::trace::traceparent(&span);
     let applied = apply_with_retry(ctx, &events, trace.as_deref()).instrument(span).await;

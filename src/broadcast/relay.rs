@@ -151,8 +151,14 @@ async fn publish_pending(relay: &Relay, channel: &Channel) -> Result<usize, Rela
                 .iter()
                 .map(|r| {
                     let parent = crate::trace::parse(r.traceparent.as_deref()?)?;
-                    let span = tracing::info_span!("relay", seq = r.seq, updates = r.updates);
+                    let span = tracing::info_span!(
+                        "relay",
+                        seq = r.seq,
+                        updates = r.updates,
+                        trace_id = tracing::field::Empty
+                    );
                     crate::trace::follow(&span, &parent);
+                    crate::trace::show_id(&span);
                     Some(span)
                 })
                 .collect();

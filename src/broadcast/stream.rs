@@ -423,8 +423,9 @@ async fn fan_out(d: &lapin::message::Delivery, mut updates: Vec<Update>, sink: &
     let Some(parent) = crate::trace::of_headers(d.properties.headers()) else {
         return sink.publish(updates).await;
     };
-    let span = tracing::info_span!("fan_out", updates = updates.len());
+    let span = tracing::info_span!("fan_out", updates = updates.len(), trace_id = tracing::field::Empty);
     crate::trace::follow(&span, &parent);
+    crate::trace::show_id(&span);
     if let Some(sc) = crate::trace::sampled(&span) {
         let traced = Arc::new(crate::trace::Traced::new(sc));
         for u in &mut updates {

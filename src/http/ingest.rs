@@ -140,7 +140,12 @@ async fn submit(state: &AppState, raw_id: &str, req: &HttpRequest, change: Chang
     let id = parse_id(raw_id)?;
     let key = idempotency_key(req)?;
     // The change's trace starts here, or continues an upstream's.
-    let span = tracing::info_span!("ingest", product_id = id.get(), kind = change.kind().as_str());
+    let span = tracing::info_span!(
+        "ingest",
+        product_id = id.get(),
+        kind = change.kind().as_str(),
+        trace_id = tracing::field::Empty
+    );
     if let Some(parent) = req
         .headers()
         .get(trace::TRACEPARENT)
@@ -149,6 +154,7 @@ async fn submit(state: &AppState, raw_id: &str, req: &HttpRequest, change: Chang
     {
         trace::follow(&span, &parent);
     }
+    trace::show_id(&span);
     let outcome = state.ingest.submit(id, change, key).instrument(span.clone()).await;
     let label = match &outcome {
         Ok((_, true)) => "replayed",

@@ -16,6 +16,7 @@ use super::access::connection_span;
 use super::admit::{Admitted, admit, refusal_text};
 use super::auth;
 use super::error::ApiError;
+use super::ws::deliver_span;
 use crate::hub::Refused;
 use crate::hub::client::Ended;
 use crate::hub::feed::FeedItem;
@@ -111,7 +112,7 @@ pub(crate) async fn events(
     let settings = state.hub.settings();
     let first = format!(": product-gateway\nretry: {}\n\n", settings.sse_retry.as_millis());
     let mut pending = VecDeque::new();
-    pending.push_back(Bytes::from(first));
+    pending.push_back((Bytes::from(first), None));
     let keepalive = super::heartbeat(settings.sse_keepalive);
     let expiry = auth::expiry(sub.grant());
     let body = futures_util::stream::unfold(
@@ -120,6 +121,7 @@ pub(crate) async fn events(
             sub,
             snapshot,
             pending,
+            in_flight: None,
             out: Vec::new(),
             keepalive,
             shutdown: state.shutdown.clone(),
@@ -156,13 +158,21 @@ fn retry_later(e: ClientError, origin: Option<header::HeaderValue>) -> HttpRespo
     stream_response(origin).body(body)
 }
 
+/// A traced delivery's span and its update's publish time.
+type Traced = (Box<tracing::Span>, i64);
+
 struct EventStream {
     /// The connection's span, entered while the body is produced.
     span: tracing::Span,
     sub: Session,
     /// The snapshot being sent: its parts go before any live update.
     snapshot: Option<SnapshotFrames>,
-    pending: VecDeque<Bytes>,
+    /// Chunks to send in order; an update's with the span of its traced
+    /// delivery and its publish time.
+    pending: VecDeque<(Bytes, Option<Traced>)>,
+    /// The traced delivery whose chunk was taken last: written once the
+    /// body is polled again.
+    in_flight: Option<Traced>,
     out: Vec<FeedItem>,
     keepalive: tokio::time::Interval,
     /// When the token runs out; the stream then ends with an error event.
@@ -183,12 +193,18 @@ fn next_chunk(
                 // Nothing queued after the token ran out is sent, whether or
                 // not the client was reading when it did.
                 s.pending.clear();
-                s.pending.push_back(token_expired_event());
+                s.pending.push_back((token_expired_event(), None));
                 s.done = true;
             }
-            if let Some(chunk) = s.pending.pop_front() {
-                // Being polled means the last chunk was taken: progress.
+            // Being polled means the last chunk was taken: progress.
+            if let Some((span, ts_us)) = s.in_flight.take()
+                && let Some(trace_id) = crate::trace::id_of(&span)
+            {
+                s.sub.traced(ts_us, trace_id);
+            }
+            if let Some((chunk, traced)) = s.pending.pop_front() {
                 s.sub.progressed();
+                s.in_flight = traced;
                 return Some((Ok(chunk), s));
             }
             if s.done {
@@ -197,16 +213,16 @@ fn next_chunk(
             tokio::select! {
                 _ = s.shutdown.cancelled() => s.done = true,
                 _ = auth::expired(&mut s.expiry) => {
-                    s.pending.push_back(token_expired_event());
+                    s.pending.push_back((token_expired_event(), None));
                     s.done = true;
                 }
-                _ = s.keepalive.tick() => s.pending.push_back(Bytes::from_static(b": keep-alive\n\n")),
+                _ = s.keepalive.tick() => s.pending.push_back((Bytes::from_static(b": keep-alive\n\n"), None)),
                 // A snapshot's parts go out before any live update.
                 frame = next_snapshot_frame(&mut s.snapshot) => match frame {
-                    Some(Ok(f)) => s.pending.push_back(snapshot_event(f)),
+                    Some(Ok(f)) => s.pending.push_back((snapshot_event(f), None)),
                     Some(Err(e)) => {
                         // The client reconnects without an event id: a fresh snapshot.
-                        s.pending.push_back(error_event(&e));
+                        s.pending.push_back((error_event(&e), None));
                         s.done = true;
                     }
                     None => s.snapshot = None,
@@ -216,19 +232,19 @@ fn next_chunk(
                         match item {
                             FeedItem::Update(u) => {
                                 s.sub.delivered(u.ts_us);
-                                s.pending.push_back(u.sse_event.clone());
+                                s.pending.push_back((u.sse_event.clone(), deliver_span(&u, "sse").map(|span| (span, u.ts_us))));
                             }
                             FeedItem::Reset { offset, reason } => {
-                                s.pending.push_back(Bytes::from(format!("event: reset\ndata: {}\n\n", reset_json(offset, reason))));
+                                s.pending.push_back((Bytes::from(format!("event: reset\ndata: {}\n\n", reset_json(offset, reason))), None));
                             }
                         }
                     }
                     if !open {
                         if s.sub.ended() == Ended::SlowConsumer {
-                            s.pending.push_back(error_event(&ClientError::new(
+                            s.pending.push_back((error_event(&ClientError::new(
                                 ClientErrorCode::SlowConsumer,
                                 "this client fell too far behind; reconnect to resume",
-                            )));
+                            )), None));
                         }
                         s.done = true;
                     }

@@ -395,8 +395,11 @@ impl Connection {
         }
         self.last_progress = Instant::now();
         self.sub.progressed();
-        if let Some((_, Some(ts_us), _)) = self.pending.pop_front() {
+        if let Some((_, Some(ts_us), traced)) = self.pending.pop_front() {
             count_delivery(&self.state.metrics, self.sub.transport(), ts_us);
+            if let Some(trace_id) = traced.and_then(|span| crate::trace::id_of(&span)) {
+                self.sub.traced(ts_us, trace_id);
+            }
         }
         Next::Go
     }
@@ -411,8 +414,14 @@ impl Connection {
 /// the write, when its trace is sampled and no other socket traces it.
 pub(crate) fn deliver_span(u: &crate::update::Update, transport: &'static str) -> Option<Box<tracing::Span>> {
     let parent = u.trace.as_ref().and_then(|t| t.claim())?;
-    let span = tracing::info_span!("deliver", transport, offset = u.offset);
+    let span = tracing::info_span!(
+        "deliver",
+        transport,
+        offset = u.offset,
+        trace_id = tracing::field::Empty
+    );
     crate::trace::follow(&span, parent);
+    crate::trace::show_id(&span);
     Some(Box::new(span))
 }
 

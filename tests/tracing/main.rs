@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use product_gateway::settings::TracingSettings;
 use receiver::Receiver;
 use serde_json::json;
-use testkit::clients::WsClient;
+use testkit::clients::{SseClient, WsClient};
 use testkit::{INGEST_TOKEN, eventually, spawn_app};
 
 const T: Duration = Duration::from_secs(20);
@@ -152,6 +152,61 @@ async fn one_ingested_change_is_one_trace_from_the_upstream_to_the_socket() {
         );
     }
     eprintln!("{tree}");
+
+    // The traced delivery's latency carries its trace id as an exemplar,
+    // in OpenMetrics (classic text has no exemplars).
+    let mut res = app
+        .client()
+        .get(app.url("/metrics"))
+        .insert_header(("Accept", "application/openmetrics-text; version=1.0.0"))
+        .send()
+        .await
+        .unwrap();
+    let open_metrics = String::from_utf8(res.body().limit(16 << 20).await.unwrap().to_vec()).unwrap();
+    let exemplar = format!("# {{trace_id=\"{UPSTREAM_TRACE}\"}}");
+    assert!(
+        open_metrics
+            .lines()
+            .any(|l| l.starts_with("gateway_traced_delivery_latency_seconds_bucket") && l.contains(&exemplar)),
+        "no exemplar {exemplar} in:\n{open_metrics}"
+    );
+    assert!(
+        !app.metrics_text().await.contains(" # {"),
+        "classic text without exemplars"
+    );
+
+    // An SSE client's delivery ends its trace as well.
+    let mut sse = SseClient::connect(&app.address, "topics=product.price.4", None)
+        .await
+        .unwrap();
+    let sse_trace = "0af7651916cd43dd8448eb211c80319c";
+    let (status, _) = post_price(&app, 4, 777, Some(&format!("00-{sse_trace}-b7ad6b7169203331-01"))).await;
+    assert_eq!(status, 202);
+    assert_eq!(sse.updates(1, T).await[0].data["price_cents"], 777);
+    let traces = tokio::task::spawn_blocking(move || {
+        traces.flush();
+        traces
+    })
+    .await
+    .unwrap();
+    let sse_hops = eventually(T, "the SSE delivery's trace at the receiver", || async {
+        hops_of(&receiver.received.spans(), sse_trace)
+    })
+    .await;
+    for pair in sse_hops.windows(2) {
+        assert_eq!(hex(&pair[1].parent_span_id), hex(&pair[0].span_id));
+    }
+    let transport = sse_hops[5]
+        .attributes
+        .iter()
+        .find(|a| a.key == "transport")
+        .and_then(|a| a.value.clone())
+        .map(|v| format!("{v:?}"));
+    assert!(
+        transport.is_some_and(|t| t.contains("sse")),
+        "{:?}",
+        sse_hops[5].attributes
+    );
 
     // A change without an upstream trace starts one of its own.
     let (status, own) = post_price(&app, 3, 4322, None).await;

@@ -301,6 +301,11 @@ impl Session {
     pub fn delivered(&self, ts_us: i64) {
         count_delivery(self.ctx.hub.metrics(), self.transport, ts_us);
     }
+
+    /// Observes a traced delivery's latency, its trace id the exemplar.
+    pub fn traced(&self, ts_us: i64, trace_id: String) {
+        self.ctx.hub.metrics().observe_traced(ts_us, trace_id);
+    }
 }
 
 /// Counts a hand-off and its end-to-end latency.

@@ -318,7 +318,8 @@ async fn make_fresh(db: &Db, ids: &mut Ids, n: usize, retry: &mut VecDeque<Outgo
     }
     ids.refresh(db).await;
     // One span per tick, not per event: the tick's events share its trace.
-    let span = tracing::info_span!("generate", events = n);
+    let span = tracing::info_span!("generate", events = n, trace_id = tracing::field::Empty);
+    crate::trace::show_id(&span);
     let trace: Option<Arc<str>> = crate::trace::traceparent(&span).map(Into::into);
     let picks = ids.pick_changes(n);
     let counts: Vec<(ProductId, i64, i64)> = picks
