@@ -16,7 +16,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| "config".into());
     let settings = Settings::load(&config_dir)?;
     // Held to the end: its drop sends the spans still queued.
-    let _traces = telemetry::init(&settings.tracing)?;
+    let _traces = telemetry::init(&settings.tracing, telemetry::DEFAULT_LOGS)?;
     let command = std::env::args().nth(1).unwrap_or_else(|| "serve".into());
     match command.as_str() {
         "serve" => serve(settings).await,

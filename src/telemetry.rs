@@ -3,14 +3,17 @@
 //! OTLP when a collector is configured ([`TracingSettings`]).
 
 use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Link, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
-use opentelemetry_sdk::trace::{BatchSpanProcessor, Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{BatchSpanProcessor, Sampler, SamplingResult, SdkTracerProvider, ShouldSample};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::filter::dynamic_filter_fn;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -20,21 +23,42 @@ use crate::settings::TracingSettings;
 /// "Tracing").
 const HOPS: [&str; 7] = ["ingest", "generate", "publish", "apply", "relay", "fan_out", "deliver"];
 
+/// The default log filter of the service.
+pub const DEFAULT_LOGS: &str = "info,lapin=warn,actix_server=warn";
+
 /// The trace exporter while it runs; dropping it sends the spans still
 /// queued (bounded by the export timeout) and stops it.
 #[must_use = "traces stop when this is dropped"]
-pub struct Traces(Option<SdkTracerProvider>);
+pub struct Traces {
+    provider: Option<SdkTracerProvider>,
+    /// Whether the hops' spans reach the exporter (off: as if no collector
+    /// were configured, nothing built, no header written).
+    on: Arc<AtomicBool>,
+    /// The share of new traces recorded, as `f64` bits.
+    ratio: Arc<AtomicU64>,
+}
 
 impl Traces {
     /// Whether spans are exported.
     pub fn on(&self) -> bool {
-        self.0.is_some()
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// Turns traces off (None) or on, recording `ratio` of the new ones,
+    /// while the service runs (the benchmark measures each); on needs an
+    /// exporter.
+    pub fn set(&self, ratio: Option<f64>) {
+        if let Some(r) = ratio {
+            self.ratio.store(r.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+        }
+        self.on
+            .store(ratio.is_some() && self.provider.is_some(), Ordering::Relaxed);
     }
 
     /// Sends the spans queued so far; blocks until the collector answered
     /// or the export timed out.
     pub fn flush(&self) {
-        if let Some(provider) = &self.0
+        if let Some(provider) = &self.provider
             && let Err(e) = provider.force_flush()
         {
             tracing::warn!(error = %e, "spans not flushed");
@@ -44,7 +68,7 @@ impl Traces {
 
 impl Drop for Traces {
     fn drop(&mut self) {
-        if let Some(provider) = self.0.take()
+        if let Some(provider) = self.provider.take()
             && let Err(e) = provider.shutdown()
         {
             tracing::warn!(error = %e, "trace exporter did not stop cleanly");
@@ -52,25 +76,31 @@ impl Drop for Traces {
     }
 }
 
-/// Starts logs, and traces when a collector is configured. Only the first
-/// call in a process sets them up (tests start several apps in one); later
-/// ones return an exporter that is off.
-pub fn init(settings: &TracingSettings) -> anyhow::Result<Traces> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,actix_server=warn"));
+/// Starts logs (`RUST_LOG`, else `default_logs`), and traces when a
+/// collector is configured. Only the first call in a process sets them up
+/// (tests start several apps in one); later ones return traces that are off.
+pub fn init(settings: &TracingSettings, default_logs: &str) -> anyhow::Result<Traces> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_logs));
     let logs = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(std::io::stderr)
         .with_filter(filter);
-    let provider = exporter(settings)?;
+    let ratio = Arc::new(AtomicU64::new(settings.sample_ratio.to_bits()));
+    let provider = exporter(settings, &ratio)?;
+    let on = Arc::new(AtomicBool::new(provider.is_some()));
     // The pipeline's hops only, whatever RUST_LOG says of the logs: not
     // the access log's request and connection spans (a WebSocket's lasts
-    // hours), nor log lines.
+    // hours), nor log lines. Asked at each span, so `Traces::set` holds at
+    // once.
     let spans = provider.as_ref().map(|p| {
+        let on = on.clone();
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("product-gateway"))
-            .with_filter(filter_fn(|meta| {
-                meta.is_span() && meta.target().starts_with("product_gateway") && HOPS.contains(&meta.name())
+            .with_filter(dynamic_filter_fn(move |meta, _| {
+                on.load(Ordering::Relaxed)
+                    && meta.is_span()
+                    && meta.target().starts_with("product_gateway")
+                    && HOPS.contains(&meta.name())
             }))
     });
     let installed = tracing_subscriber::registry()
@@ -80,12 +110,16 @@ pub fn init(settings: &TracingSettings) -> anyhow::Result<Traces> {
         .try_init()
         .is_ok();
     if !installed {
-        return Ok(Traces(None));
+        return Ok(Traces {
+            provider: None,
+            on: Arc::new(AtomicBool::new(false)),
+            ratio,
+        });
     }
     if provider.is_some() {
         tracing::info!(endpoint = %endpoint(settings).unwrap_or_default(), "traces exported over OTLP");
     }
-    Ok(Traces(provider))
+    Ok(Traces { provider, on, ratio })
 }
 
 /// The collector's traces URL: the settings', else the OTLP variables'.
@@ -101,11 +135,39 @@ fn endpoint(settings: &TracingSettings) -> Option<String> {
         .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT").map(|base| format!("{}/v1/traces", base.trim_end_matches('/'))))
 }
 
+/// Parent-based sampling at a ratio that can change while the service
+/// runs: a span with a parent follows the parent's decision, a new trace is
+/// recorded at the current ratio.
+#[derive(Clone, Debug)]
+struct Ratio(Arc<AtomicU64>);
+
+impl ShouldSample for Ratio {
+    fn should_sample(
+        &self,
+        parent_context: Option<&opentelemetry::Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        let ratio = f64::from_bits(self.0.load(Ordering::Relaxed));
+        Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))).should_sample(
+            parent_context,
+            trace_id,
+            name,
+            span_kind,
+            attributes,
+            links,
+        )
+    }
+}
+
 /// The tracer provider, when traces are on: spans queue in the SDK's batch
 /// processor (bounded, `OTEL_BSP_MAX_QUEUE_SIZE`, 2,048 by default; a full
 /// queue drops spans rather than wait) and leave from its own thread, so a
 /// slow or absent collector costs the pipeline nothing but those spans.
-fn exporter(settings: &TracingSettings) -> anyhow::Result<Option<SdkTracerProvider>> {
+fn exporter(settings: &TracingSettings, ratio: &Arc<AtomicU64>) -> anyhow::Result<Option<SdkTracerProvider>> {
     let Some(endpoint) = endpoint(settings) else {
         return Ok(None);
     };
@@ -117,9 +179,7 @@ fn exporter(settings: &TracingSettings) -> anyhow::Result<Option<SdkTracerProvid
     let mut provider = SdkTracerProvider::builder().with_span_processor(BatchSpanProcessor::builder(exporter).build());
     // OTEL_TRACES_SAMPLER, when set, is the SDK's to read.
     if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
-        provider = provider.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            settings.sample_ratio,
-        ))));
+        provider = provider.with_sampler(Ratio(ratio.clone()));
     }
     let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "product-gateway".into());
     let resource = opentelemetry_sdk::Resource::builder()

@@ -33,7 +33,7 @@ use crate::report::{Report, thousands};
 use crate::scenarios::Ctx;
 
 /// Scenarios, numbered from 1.
-const SCENARIOS: u8 = 12;
+const SCENARIOS: u8 = 13;
 /// Products in the catalog: above the consumer's batch size (see `load`).
 const PRODUCTS: u32 = 1000;
 const FANOUT_CLIENTS: usize = 1000;
@@ -58,6 +58,7 @@ fn main() {
         Some("fanout-clients") => child(fleet::fanout_clients(Args::new(args[1..].to_vec()))),
         Some("idle-clients") => child(fleet::idle_clients(Args::new(args[1..].to_vec()))),
         Some("publish") => child(fleet::publish_proc(Args::new(args[1..].to_vec()))),
+        Some("otlp-sink") => child(scenarios::tracing::sink(Args::new(args[1..].to_vec()))),
         Some("selective-clients") => child(scenarios::selective::selective_clients(Args::new(args[1..].to_vec()))),
         Some("storm-clients") => child(scenarios::storm::storm_clients(Args::new(args[1..].to_vec()))),
         Some("catalog-whole") => child(scenarios::catalog::catalog_whole(Args::new(args[1..].to_vec()))),
@@ -67,9 +68,9 @@ fn main() {
         Some("-h" | "--help" | "help") => {
             println!(
                 "usage: bench            run every scenario, print the table, write BENCHMARKS.md\n       \
-                 BENCH_ONLY=2,9 bench  run some scenarios, 1 to 12 (BENCHMARKS.md left alone)\n       \
+                 BENCH_ONLY=2,9 bench  run some scenarios, 1 to 13 (BENCHMARKS.md left alone)\n       \
                  (bench fanout-clients / idle-clients / selective-clients / storm-clients / catalog-whole / slow-healthy /\n       \
-                 slow-stalled / publish are child processes it starts)"
+                 slow-stalled / publish / otlp-sink are child processes it starts)"
             );
             0
         }
@@ -92,16 +93,10 @@ fn child(r: Result<()>) -> i32 {
 }
 
 fn run_all() -> i32 {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=error"));
-    {
-        use tracing_subscriber::layer::SubscriberExt;
-        use tracing_subscriber::util::SubscriberInitExt;
-        let _ = tracing_subscriber::registry()
-            .with(product_gateway::telemetry::ExpectedRefusals)
-            .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_target(false))
-            .try_init();
+    // Logs as the service's, and its trace exporter, off until scenario 13.
+    if let Err(e) = scenarios::tracing::init("warn,lapin=error") {
+        eprintln!("bench: FAILED: logs and traces: {e:#}");
+        return 1;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -380,6 +375,11 @@ async fn scenarios(ctx: &mut Ctx, only: &[u8]) -> Result<()> {
         scenarios::selective::selective(ctx, &inst).await?;
     }
 
+    if only.contains(&13) {
+        eprintln!("bench: 13. tracing cost: 19k WebSocket clients, 1,000 events/s, traces off, at 1 %, at 100 %");
+        scenarios::tracing::scenario(ctx, &inst).await?;
+    }
+
     let inst = if only.contains(&7) {
         eprintln!("bench: 7. resume storm: 10,000 SSE clients resume at once after a restart");
         let inst = scenarios::storm::scenario(ctx, inst).await?;
@@ -639,6 +639,7 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
     md.push_str(scenarios::floor::METHOD);
     md.push_str(scenarios::generator::METHOD);
     md.push_str(scenarios::ingest::METHOD);
+    md.push_str(scenarios::tracing::METHOD);
     md
 }
 

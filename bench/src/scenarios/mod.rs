@@ -18,6 +18,7 @@ pub mod selective;
 pub mod slow;
 pub mod slow_clients;
 pub mod storm;
+pub mod tracing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -258,13 +258,39 @@ fn tally(
 }
 
 /// One measured window's figures.
-struct Figures {
-    clients: usize,
-    rate: f64,
-    delivered: f64,
-    expected: f64,
+pub struct Figures {
+    pub clients: usize,
+    pub rate: f64,
+    pub delivered: f64,
+    pub expected: f64,
     /// Service CPU per delivered message, µs.
-    cpu_us_per_msg: f64,
+    pub cpu_us_per_msg: f64,
+    /// The clients' p99 latency, ms.
+    pub p99_ms: f64,
+}
+
+/// One measured window of a fleet: the offered rate, and the traces it
+/// runs with (scenario 13; None: as they are, off).
+pub struct Window {
+    pub rate: f64,
+    pub tracing: Option<Tracing>,
+}
+
+/// The traces of a window: off, or on recording this share of new traces.
+#[derive(Clone, Copy)]
+pub struct Tracing(pub Option<f64>);
+
+impl Tracing {
+    fn label(self) -> String {
+        match self.0 {
+            None => ", tracing off".to_owned(),
+            Some(r) => format!(", tracing on at {}%", r * 100.0),
+        }
+    }
+}
+
+fn at_rates(rates: &[f64]) -> Vec<Window> {
+    rates.iter().map(|&rate| Window { rate, tracing: None }).collect()
 }
 
 /// Runs the scenario: WebSocket at 1k, 5k and 19k clients, each at both
@@ -277,7 +303,7 @@ pub async fn selective(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
         ("ws", 19_000, &[1000.0, 2000.0][..]),
         ("sse", 19_000, &[2000.0][..]),
     ] {
-        figures.extend(fleet(ctx, inst, proto, n, rates).await?);
+        figures.extend(fleet(ctx, inst, S, proto, n, &at_rates(rates)).await?);
     }
     // Flat means the biggest fleet costs no more per message than the
     // smallest at the same rate (fixed costs per update favour the biggest).
@@ -310,8 +336,17 @@ pub async fn selective(ctx: &mut Ctx, inst: &Instance) -> Result<()> {
     Ok(())
 }
 
-async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f64]) -> Result<Vec<Figures>> {
-    let label = if proto == "sse" { "SSE" } else { "WebSocket" };
+/// Runs `n` one-product clients (`proto`) through the windows, reporting
+/// each under `section`.
+pub async fn fleet(
+    ctx: &mut Ctx,
+    inst: &Instance,
+    section: &'static str,
+    proto: &str,
+    n: usize,
+    windows: &[Window],
+) -> Result<Vec<Figures>> {
+    let transport = if proto == "sse" { "SSE" } else { "WebSocket" };
     let procs = n.div_ceil(PER_PROCESS);
     let mut children = Vec::with_capacity(procs);
     for p in 0..procs {
@@ -336,11 +371,16 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
         let ready = c
             .expect("READY", Duration::from_secs(180))
             .await
-            .with_context(|| format!("{n} {label} clients"))?;
+            .with_context(|| format!("{n} {transport} clients"))?;
         connect_secs = connect_secs.max(ready["connect_secs"].as_f64().unwrap_or(f64::NAN));
     }
     let mut out = Vec::new();
-    for &rate in rates {
+    for window in windows {
+        let rate = window.rate;
+        let label = format!("{transport}{}", window.tracing.map(Tracing::label).unwrap_or_default());
+        if let Some(Tracing(ratio)) = window.tracing {
+            super::tracing::set(ratio);
+        }
         ctx.quiet().await;
         let publish = ctx
             .publish(
@@ -407,14 +447,16 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
         let own = std::process::id();
         let cpu_pct = cpu1.pct_of(&cpu0, own);
         let cpu_us_per_msg = cpu_pct / 100.0 * 1e6 / (delivered / secs).max(1.0);
-        let title = format!("6. selective fan-out, {n} {label} clients, {} events/s", rate as u32);
+        let title = format!("{section}, {n} {label} clients, {} events/s", rate as u32);
         ctx.profile(&title, &cpu0, &cpu1, perf, false).await;
         let share = delivered / expected.max(1.0);
-        let big = n >= 19_000 && rate >= 2000.0;
+        // The targets are scenario 6's (tracing windows only compare).
+        let targets = window.tracing.is_none();
+        let big = targets && n >= 19_000 && rate >= 2000.0;
         // The latency target under load: 19k one-product clients at 1,000 events/s.
-        let floor = n >= 19_000 && rate == 1000.0;
+        let floor = targets && n >= 19_000 && rate == 1000.0;
         ctx.report.row(
-            S,
+            section,
             format!(
                 "{label}, {} clients × 1 product, {} events/s: delivered ÷ expected",
                 thousands(n as f64),
@@ -431,7 +473,7 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
             big.then_some(share >= 0.9999),
         );
         ctx.report.row(
-            S,
+            section,
             format!(
                 "{label}, {} clients, {} events/s: latency p50 / p99 / p999",
                 thousands(n as f64),
@@ -452,7 +494,7 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
             },
         );
         ctx.report.row(
-            S,
+            section,
             format!(
                 "{label}, {} clients, {} events/s: where the time goes (means)",
                 thousands(n as f64),
@@ -463,7 +505,7 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
             None,
         );
         ctx.report.row(
-            S,
+            section,
             format!(
                 "{label}, {} clients, {} events/s: inside the service (the service's histograms, so bucket bounds) p50 / p99",
                 thousands(n as f64),
@@ -483,7 +525,7 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
             None,
         );
         ctx.report.row(
-            S,
+            section,
             format!(
                 "{label}, {} clients, {} events/s: service CPU",
                 thousands(n as f64),
@@ -494,7 +536,7 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
             None,
         );
         ctx.report.note(format!(
-            "Selective fan-out, {} {label} clients, {} events/s: the slowest update published in each second \
+            "{section}, {} {label} clients, {} events/s: the slowest update published in each second \
              of the window, ms: {}.",
             thousands(n as f64),
             thousands(rate),
@@ -506,7 +548,7 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
         ));
         if !errors.is_empty() {
             ctx.report
-                .note(format!("Selective fan-out, {n} {label}: {}", errors.join("; ")));
+                .note(format!("{section}, {n} {label}: {}", errors.join("; ")));
         }
         out.push(Figures {
             clients: n,
@@ -514,6 +556,7 @@ async fn fleet(ctx: &mut Ctx, inst: &Instance, proto: &str, n: usize, rates: &[f
             delivered,
             expected,
             cpu_us_per_msg,
+            p99_ms: p99,
         });
     }
     for c in children {
