@@ -377,7 +377,8 @@ pub async fn fleet(
     let mut out = Vec::new();
     for window in windows {
         let rate = window.rate;
-        let label = format!("{transport}{}", window.tracing.map(Tracing::label).unwrap_or_default());
+        let tracing = window.tracing.map(Tracing::label).unwrap_or_default();
+        let label = format!("{transport}{tracing}");
         if let Some(Tracing(ratio)) = window.tracing {
             super::tracing::set(ratio);
         }
@@ -447,7 +448,7 @@ pub async fn fleet(
         let own = std::process::id();
         let cpu_pct = cpu1.pct_of(&cpu0, own);
         let cpu_us_per_msg = cpu_pct / 100.0 * 1e6 / (delivered / secs).max(1.0);
-        let title = format!("{section}, {n} {label} clients, {} events/s", rate as u32);
+        let title = format!("{section}, {n} {transport} clients{tracing}, {} events/s", rate as u32);
         ctx.profile(&title, &cpu0, &cpu1, perf, false).await;
         let share = delivered / expected.max(1.0);
         // The targets are scenario 6's (tracing windows only compare).
@@ -536,7 +537,7 @@ pub async fn fleet(
             None,
         );
         ctx.report.note(format!(
-            "{section}, {} {label} clients, {} events/s: the slowest update published in each second \
+            "{section}, {} {transport} clients{tracing}, {} events/s: the slowest update published in each second \
              of the window, ms: {}.",
             thousands(n as f64),
             thousands(rate),
