@@ -1,5 +1,5 @@
 //! Logs: `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
-//! Traces: the pipeline's spans (`product_gateway` at info), exported over
+//! Traces: the spans of the pipeline's hops (`HOPS`), exported over
 //! OTLP when a collector is configured ([`TracingSettings`]).
 
 use std::fmt::Debug;
