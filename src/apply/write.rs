@@ -9,6 +9,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::outbox;
 use crate::domain::{Event, Kind, ProductId};
+use crate::store::AppliedVersions;
 use crate::store::prepared::prepared;
 use crate::store::{Db, StoreError};
 
@@ -22,26 +23,6 @@ pub(crate) enum Outcome {
     Duplicate { current: i64 },
     /// No such product: the event can never apply.
     UnknownProduct,
-}
-
-/// A product's versions, read under its row lock.
-#[derive(diesel::QueryableByName)]
-struct Locked {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-    #[diesel(sql_type = BigInt)]
-    price_version: i64,
-    #[diesel(sql_type = BigInt)]
-    stock_version: i64,
-}
-
-impl Locked {
-    fn version(&self, kind: Kind) -> i64 {
-        match kind {
-            Kind::Price => self.price_version,
-            Kind::Stock => self.stock_version,
-        }
-    }
 }
 
 /// Applies a batch in one transaction; the outcome of each event, in order.
@@ -73,13 +54,13 @@ pub(crate) async fn apply_batch(db: &Db, events: &[Event], trace: Option<&str>) 
             ids.dedup();
             // The versions read under the lock are the ones the update
             // compares with, so they say which events apply.
-            let locked: Vec<Locked> = prepared(
+            let locked: Vec<AppliedVersions> = prepared(
                 "SELECT id, price_version, stock_version FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE",
             )
             .bind::<Array<BigInt>, _>(ids)
             .load(conn)
             .await?;
-            let locked: HashMap<i64, Locked> = locked.into_iter().map(|l| (l.id, l)).collect();
+            let locked: HashMap<i64, AppliedVersions> = locked.into_iter().map(|l| (l.id, l)).collect();
             for (kind, idx) in &by_kind {
                 let newer: Vec<usize> = idx
                     .iter()
@@ -125,7 +106,7 @@ pub(crate) async fn apply_batch(db: &Db, events: &[Event], trace: Option<&str>) 
 fn outcomes_of(
     events: &[Event],
     newest: &HashMap<(ProductId, Kind), usize>,
-    locked: &HashMap<i64, Locked>,
+    locked: &HashMap<i64, AppliedVersions>,
 ) -> Vec<Outcome> {
     events
         .iter()

@@ -16,7 +16,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use super::issue_many;
 use crate::domain::{Kind, ProductId};
 use crate::store::idempotency::{self, Held, IssuedEvent, KeyAsk};
-use crate::store::{Db, StoreError};
+use crate::store::{AppliedVersions, Db, StoreError};
 
 /// Requests admitted in one transaction, at most.
 pub(crate) const BATCH: usize = 256;
@@ -214,32 +214,19 @@ async fn settle_replays(
     if replays.is_empty() {
         return Ok(());
     }
-    #[derive(diesel::QueryableByName)]
-    struct Applied {
-        #[diesel(sql_type = BigInt)]
-        id: i64,
-        #[diesel(sql_type = BigInt)]
-        price_version: i64,
-        #[diesel(sql_type = BigInt)]
-        stock_version: i64,
-    }
     let ids: Vec<i64> = replays.iter().map(|(i, _)| asks[*i].id.get()).collect();
-    let applied: HashMap<i64, Applied> =
+    let applied: HashMap<i64, AppliedVersions> =
         diesel::sql_query("SELECT id, price_version, stock_version FROM products WHERE id = ANY($1)")
             .bind::<Array<BigInt>, _>(ids)
-            .load::<Applied>(conn)
+            .load::<AppliedVersions>(conn)
             .await?
             .into_iter()
             .map(|a| (a.id, a))
             .collect();
     for (i, event) in replays {
-        let done = applied.get(&asks[i].id.get()).is_some_and(|a| {
-            event.version
-                <= match asks[i].kind {
-                    Kind::Price => a.price_version,
-                    Kind::Stock => a.stock_version,
-                }
-        });
+        let done = applied
+            .get(&asks[i].id.get())
+            .is_some_and(|a| event.version <= a.version(asks[i].kind));
         out[i] = Some(if done {
             Admitted::Applied(event)
         } else {

@@ -25,6 +25,28 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 const MIGRATION_LOCK: i64 = 0x0070_726f_646d_6967;
 
 pub type Db = Pool<AsyncPgConnection>;
+
+/// A product's applied versions (`SELECT id, price_version, stock_version`):
+/// what apply compares an event with under the row lock, and what tells an
+/// ingest retry whether its event is applied.
+#[derive(diesel::QueryableByName)]
+pub(crate) struct AppliedVersions {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub(crate) id: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub(crate) price_version: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub(crate) stock_version: i64,
+}
+
+impl AppliedVersions {
+    pub(crate) fn version(&self, kind: crate::domain::Kind) -> i64 {
+        match kind {
+            crate::domain::Kind::Price => self.price_version,
+            crate::domain::Kind::Stock => self.stock_version,
+        }
+    }
+}
 pub type DbConn = Object<AsyncPgConnection>;
 
 #[derive(Debug, thiserror::Error)]
