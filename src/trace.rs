@@ -111,8 +111,13 @@ pub fn of_headers(headers: &Option<FieldTable>) -> Option<SpanContext> {
 /// Adds `span`'s context to an AMQP message's headers, when it has one.
 pub fn add_to(headers: &mut FieldTable, span: &tracing::Span) {
     if let Some(tp) = traceparent(span) {
-        headers.insert(TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
+        insert(headers, &tp);
     }
+}
+
+/// Adds a traceparent to an AMQP message's headers.
+pub fn insert(headers: &mut FieldTable, traceparent: &str) {
+    headers.insert(TRACEPARENT.into(), AMQPValue::LongString(traceparent.into()));
 }
 
 /// Makes the span of another hop (or an upstream system) `span`'s parent.

@@ -159,7 +159,7 @@ fn retry_later(e: ClientError, origin: Option<header::HeaderValue>) -> HttpRespo
 }
 
 /// A traced delivery's span and its update's publish time.
-type Traced = (Box<tracing::Span>, i64);
+type TracedWrite = (Box<tracing::Span>, i64);
 
 struct EventStream {
     /// The connection's span, entered while the body is produced.
@@ -169,10 +169,10 @@ struct EventStream {
     snapshot: Option<SnapshotFrames>,
     /// Chunks to send in order; an update's with the span of its traced
     /// delivery and its publish time.
-    pending: VecDeque<(Bytes, Option<Traced>)>,
+    pending: VecDeque<(Bytes, Option<TracedWrite>)>,
     /// The traced delivery whose chunk was taken last: written once the
     /// body is polled again.
-    in_flight: Option<Traced>,
+    in_flight: Option<TracedWrite>,
     out: Vec<FeedItem>,
     keepalive: tokio::time::Interval,
     /// When the token runs out; the stream then ends with an error event.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use diesel::QueryableByName;
 use diesel::sql_types::{Array, BigInt};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use serde::Serialize;
 use tracing::Instrument;
 
@@ -119,7 +119,7 @@ pub fn message(
     let body = encode_event(&event)?;
     let headers = trace.map(|tp| {
         let mut h = FieldTable::default();
-        h.insert(crate::trace::TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
+        crate::trace::insert(&mut h, tp);
         h
     });
     Ok(Outgoing::json(
