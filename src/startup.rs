@@ -283,6 +283,7 @@ impl Pipeline {
             Arc::new(Link::new(connector.clone(), "ingest")),
             topology.events_exchange.clone(),
             settings.generator.confirm_timeout,
+            metrics.clone(),
         ));
         Ok(Self {
             generator,

@@ -1,24 +1,24 @@
 //! An ingest request's first step, batched ([`Batches`](super::batches)):
-//! the requests waiting meanwhile are admitted together in one transaction
+//! the requests waiting meanwhile are admitted together by one statement
 //! that looks up their idempotency keys, issues the versions of the new
 //! requests and stores each keyed request's issued event under its key.
-//! One transaction for many requests, not three or four round trips each,
-//! is what lets the ingest API take changes at the broker's speed. A
-//! product's versions are issued in the order its requests joined the
-//! batch; version and key commit together, so a retry finds either nothing
-//! or the event to send again.
+//! One statement for many requests, sent in one round trip and committed
+//! on its own, is what lets the ingest API take changes at the broker's
+//! speed: a transaction of a statement per step kept its product rows
+//! locked across five round trips, and apply waited for them (and they for
+//! apply). A product's versions are issued in the order its requests
+//! joined the batch; version and key commit together, so a retry finds
+//! either nothing or the event to send again.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use diesel::QueryableByName;
+use diesel::sql_types::{Array, BigInt, Nullable, Text};
+use diesel_async::RunQueryDsl;
 
-use diesel::sql_types::{Array, BigInt};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use crate::domain::{Kind, MAX_VERSION, ProductId};
+use crate::store::idempotency::IssuedEvent;
+use crate::store::{Db, StoreError};
 
-use super::issue_many;
-use crate::domain::{Kind, ProductId};
-use crate::store::idempotency::{self, Held, IssuedEvent, KeyAsk};
-use crate::store::{AppliedVersions, Db, StoreError};
-
-/// Requests admitted in one transaction, at most.
+/// Requests admitted in one statement, at most.
 pub(crate) const BATCH: usize = 256;
 
 /// One request: the product and kind of its change, and, under an
@@ -49,15 +49,129 @@ pub(crate) enum Admitted {
     VersionBound,
 }
 
+/// The batch, one statement: `ask` holds the requests in order (`ord`);
+/// `first`, each key's first ask (a key twice in one batch: the second
+/// finds the first's request in progress, as it would a moment later);
+/// `held`, what those keys hold already; `fresh`, the asks to issue a
+/// version for, counted per product and kind in `counts`; `issued` takes
+/// the versions (rows locked in id order, as apply locks them, so batches
+/// and apply wait for each other instead of deadlocking; a product the
+/// counts would take past the version bound is left out); `handed` gives each
+/// fresh ask its version in ask order; `stored` keeps the keyed ones'
+/// events under their keys, in key order so two instances' batches wait
+/// rather than deadlock. A key missing from `stored` was taken by another
+/// transaction since `held` looked (a retry racing its first attempt, on
+/// another batch or instance): that ask publishes nothing and is told to
+/// come back, when it finds that event; its version is left unused.
+/// `products` in the last select is read as the statement began, and only
+/// for the asks not handed a version (by key, never by a scan: the rows of
+/// a busy catalog carry many dead versions): the versions applied, for the
+/// replays, and whether a product refused is there at all.
+const ADMIT: &str = "\
+WITH ask AS (
+    SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[])
+        WITH ORDINALITY AS a(id, kind, key, request, message_id, ord)
+), bound AS (
+    SELECT $6::int8 AS max
+), first AS (
+    SELECT DISTINCT ON (key) key, ord FROM ask WHERE key IS NOT NULL ORDER BY key, ord
+), held AS (
+    SELECT k.key, k.request, k.version, k.message_id FROM ingest_keys k JOIN first USING (key)
+), fresh AS (
+    SELECT a.* FROM ask a
+    WHERE a.key IS NULL OR (a.ord IN (SELECT ord FROM first) AND a.key NOT IN (SELECT key FROM held))
+), counts AS (
+    SELECT id, count(*) FILTER (WHERE kind = 'price') AS prices, count(*) FILTER (WHERE kind = 'stock') AS stocks
+    FROM fresh GROUP BY id
+), locked AS (
+    SELECT p.id FROM products p JOIN counts USING (id) ORDER BY p.id FOR UPDATE OF p
+), issued AS (
+    UPDATE products p SET
+        price_issued = GREATEST(p.price_issued, p.price_version) + c.prices,
+        stock_issued = GREATEST(p.stock_issued, p.stock_version) + c.stocks
+    FROM counts c JOIN locked USING (id), bound
+    WHERE p.id = c.id
+      AND (c.prices = 0 OR GREATEST(p.price_issued, p.price_version) <= bound.max - c.prices)
+      AND (c.stocks = 0 OR GREATEST(p.stock_issued, p.stock_version) <= bound.max - c.stocks)
+    RETURNING p.id, p.price_issued, p.stock_issued
+), handed AS (
+    SELECT f.ord, f.key, f.request, f.message_id,
+        CASE f.kind WHEN 'price' THEN i.price_issued - c.prices ELSE i.stock_issued - c.stocks END
+            + row_number() OVER (PARTITION BY f.id, f.kind ORDER BY f.ord) AS version
+    FROM fresh f JOIN counts c USING (id) JOIN issued i USING (id)
+), stored AS (
+    INSERT INTO ingest_keys (key, request, version, message_id)
+    SELECT key, request, version, message_id FROM handed WHERE key IS NOT NULL ORDER BY key
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key
+)
+SELECT a.ord,
+    CASE
+        WHEN h.ord IS NOT NULL THEN CASE WHEN a.key IS NULL OR s.key IS NOT NULL THEN 'publish' ELSE 'busy' END
+        WHEN a.key IS NOT NULL AND a.ord NOT IN (SELECT ord FROM first) THEN 'busy'
+        WHEN k.key IS NOT NULL THEN CASE
+            WHEN k.request <> a.request THEN 'mismatch'
+            WHEN k.version <= CASE a.kind WHEN 'price' THEN p.price_version ELSE p.stock_version END THEN 'applied'
+            ELSE 'replay' END
+        WHEN p.id IS NOT NULL THEN 'bound'
+        ELSE 'no_product'
+    END AS outcome,
+    COALESCE(h.version, k.version, 0) AS version,
+    COALESCE(h.message_id, k.message_id, '') AS message_id
+FROM ask a
+LEFT JOIN handed h ON h.ord = a.ord
+LEFT JOIN stored s ON s.key = a.key
+LEFT JOIN held k ON k.key = a.key
+LEFT JOIN LATERAL (
+    -- OFFSET 0 keeps it a lookup per ask: joined flat, a small table is scanned.
+    SELECT id, price_version, stock_version FROM products WHERE id = a.id AND h.ord IS NULL OFFSET 0
+) p ON true
+ORDER BY a.ord";
+
+/// One ask's outcome, as [`ADMIT`] answers it.
+#[derive(QueryableByName)]
+struct Outcome {
+    #[diesel(sql_type = Text)]
+    outcome: String,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+    #[diesel(sql_type = Text)]
+    message_id: String,
+}
+
+impl Outcome {
+    fn admitted(self) -> Admitted {
+        let event = || IssuedEvent {
+            version: self.version,
+            message_id: self.message_id.clone(),
+        };
+        match self.outcome.as_str() {
+            "publish" => Admitted::Publish {
+                event: event(),
+                replayed: false,
+            },
+            "replay" => Admitted::Publish {
+                event: event(),
+                replayed: true,
+            },
+            "applied" => Admitted::Applied(event()),
+            "mismatch" => Admitted::Mismatch,
+            "bound" => Admitted::VersionBound,
+            "no_product" => Admitted::NoProduct,
+            _ => Admitted::InProgress,
+        }
+    }
+}
+
 /// Admits a batch: one answer per ask, in order; a database failure fails
 /// every ask of the batch alike.
 pub(crate) async fn admit(db: &Db, asks: Vec<Ask>) -> Vec<Result<Admitted, StoreError>> {
-    let admitted = async {
-        let mut conn = db.get().await?;
-        conn.transaction(async |conn| admit_in(conn, &asks).await).await
-    };
-    match admitted.await {
-        Ok(answers) => answers.into_iter().map(Ok).collect(),
+    match admit_all(db, &asks).await {
+        Ok(answers) if answers.len() == asks.len() => answers.into_iter().map(Ok).collect(),
+        Ok(answers) => {
+            let why = format!("admission answered {} of {} requests", answers.len(), asks.len());
+            asks.iter().map(|_| Err(StoreError::Unavailable(why.clone()))).collect()
+        }
         Err(e) => {
             let why = e.to_string();
             asks.iter().map(|_| Err(StoreError::Unavailable(why.clone()))).collect()
@@ -65,191 +179,25 @@ pub(crate) async fn admit(db: &Db, asks: Vec<Ask>) -> Vec<Result<Admitted, Store
     }
 }
 
-/// The batch's answers so far, one slot per ask; None: not yet decided.
-type Slots = Vec<Option<Admitted>>;
-
-async fn admit_in(conn: &mut AsyncPgConnection, asks: &[Ask]) -> Result<Vec<Admitted>, StoreError> {
-    let mut out: Slots = asks.iter().map(|_| None).collect();
-    let replays = look_up_keys(conn, asks, &mut out).await?;
-    let fresh = issue_versions(conn, asks, &mut out).await?;
-    hold_keys(conn, asks, &fresh, &mut out).await?;
-    settle_replays(conn, asks, replays, &mut out).await?;
-    Ok(out.into_iter().map(|a| a.unwrap_or(Admitted::InProgress)).collect())
-}
-
-fn key_of(ask: &Ask) -> Option<KeyAsk<'_>> {
-    ask.key.as_ref().map(|(key, request)| KeyAsk { key, request })
-}
-
-/// Looks up the asks' keys; decides every ask whose key was used for
-/// another request, and returns those whose key holds their event (the
-/// replays). A key twice in one batch: the second finds the first's
-/// request in progress, as it would a moment later.
-async fn look_up_keys(
-    conn: &mut AsyncPgConnection,
-    asks: &[Ask],
-    out: &mut Slots,
-) -> Result<Vec<(usize, IssuedEvent)>, StoreError> {
-    let mut keys_seen = HashSet::new();
-    let mut keyed: Vec<usize> = Vec::new();
-    for (i, a) in asks.iter().enumerate() {
-        if let Some((key, _)) = &a.key {
-            if keys_seen.insert(key.as_str()) {
-                keyed.push(i);
-            } else {
-                out[i] = Some(Admitted::InProgress);
-            }
-        }
-    }
-    let key_asks: Vec<KeyAsk<'_>> = keyed.iter().filter_map(|&i| key_of(&asks[i])).collect();
-    let mut held = idempotency::held_many(conn, &key_asks).await?;
-    let mut replays = Vec::new();
-    for (i, ask) in keyed.into_iter().zip(key_asks) {
-        match held.remove(ask.key) {
-            None => {}
-            Some(Held::Other) => out[i] = Some(Admitted::Mismatch),
-            Some(Held::Issued(event)) => {
-                // Decided once the product's applied version is known.
-                out[i] = Some(Admitted::InProgress);
-                replays.push((i, event));
-            }
-        }
-    }
-    Ok(replays)
-}
-
-/// Issues versions for the undecided asks, counted per product and kind
-/// and handed out in ask order. Returns the keyed asks' new events, to
-/// store under their keys.
-async fn issue_versions(
-    conn: &mut AsyncPgConnection,
-    asks: &[Ask],
-    out: &mut Slots,
-) -> Result<Vec<(usize, IssuedEvent)>, StoreError> {
-    let pending: Vec<usize> = (0..asks.len()).filter(|&i| out[i].is_none()).collect();
-    let mut counts: BTreeMap<i64, (ProductId, i64, i64)> = BTreeMap::new();
-    for &i in &pending {
-        let c = counts.entry(asks[i].id.get()).or_insert((asks[i].id, 0, 0));
-        match asks[i].kind {
-            Kind::Price => c.1 += 1,
-            Kind::Stock => c.2 += 1,
-        }
-    }
-    let picks: Vec<(ProductId, i64, i64)> = counts.values().copied().collect();
-    let issued = issue_many(conn, &picks).await?;
-    // The next version to hand out, per product: the first of those issued.
-    let mut next: HashMap<i64, (i64, i64)> = issued
-        .iter()
-        .filter_map(|r| {
-            let (_, prices, stocks) = counts.get(&r.id)?;
-            Some((
-                r.id,
-                (r.issued.price_issued - prices + 1, r.issued.stock_issued - stocks + 1),
-            ))
-        })
-        .collect();
-    let missing: Vec<i64> = counts.keys().filter(|id| !next.contains_key(id)).copied().collect();
-    let existing = existing_of(conn, missing).await?;
-    let mut fresh = Vec::new();
-    for &i in &pending {
-        let id = asks[i].id.get();
-        let Some(n) = next.get_mut(&id) else {
-            out[i] = Some(if existing.contains(&id) {
-                Admitted::VersionBound
-            } else {
-                Admitted::NoProduct
-            });
-            continue;
-        };
-        let slot = match asks[i].kind {
-            Kind::Price => &mut n.0,
-            Kind::Stock => &mut n.1,
-        };
-        let event = IssuedEvent {
-            version: *slot,
-            message_id: uuid::Uuid::new_v4().to_string(),
-        };
-        *slot += 1;
-        if asks[i].key.is_some() {
-            fresh.push((i, event.clone()));
-        }
-        out[i] = Some(Admitted::Publish { event, replayed: false });
-    }
-    Ok(fresh)
-}
-
-/// Stores the keyed asks' new events under their keys. A key another
-/// transaction stored meanwhile (a retry racing its first attempt, on
-/// another batch or instance) keeps that one's event: this ask publishes
-/// nothing and is told to come back, when it will find that event; the
-/// version it was issued is left unused.
-async fn hold_keys(
-    conn: &mut AsyncPgConnection,
-    asks: &[Ask],
-    fresh: &[(usize, IssuedEvent)],
-    out: &mut Slots,
-) -> Result<(), StoreError> {
-    let events: Vec<(&str, &str, &IssuedEvent)> = fresh
-        .iter()
-        .filter_map(|(i, e)| asks[*i].key.as_ref().map(|(k, r)| (k.as_str(), r.as_str(), e)))
-        .collect();
-    let stored = idempotency::hold_many(conn, &events).await?;
-    for (i, _) in fresh {
-        if asks[*i].key.as_ref().is_some_and(|(k, _)| !stored.contains(k)) {
-            out[*i] = Some(Admitted::InProgress);
-        }
-    }
-    Ok(())
-}
-
-/// Decides the replays: an event the product has applied is answered
-/// without publishing; one it has not (its attempt failed, or is still on
-/// its way) is published again.
-async fn settle_replays(
-    conn: &mut AsyncPgConnection,
-    asks: &[Ask],
-    replays: Vec<(usize, IssuedEvent)>,
-    out: &mut Slots,
-) -> Result<(), StoreError> {
-    if replays.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<i64> = replays.iter().map(|(i, _)| asks[*i].id.get()).collect();
-    let applied: HashMap<i64, AppliedVersions> =
-        diesel::sql_query("SELECT id, price_version, stock_version FROM products WHERE id = ANY($1)")
-            .bind::<Array<BigInt>, _>(ids)
-            .load::<AppliedVersions>(conn)
-            .await?
-            .into_iter()
-            .map(|a| (a.id, a))
-            .collect();
-    for (i, event) in replays {
-        let done = applied
-            .get(&asks[i].id.get())
-            .is_some_and(|a| event.version <= a.version(asks[i].kind));
-        out[i] = Some(if done {
-            Admitted::Applied(event)
-        } else {
-            Admitted::Publish { event, replayed: true }
-        });
-    }
-    Ok(())
-}
-
-/// Which of `ids` are products (those not issued a version either do not
-/// exist or are at the version bound).
-async fn existing_of(conn: &mut AsyncPgConnection, ids: Vec<i64>) -> Result<HashSet<i64>, StoreError> {
-    if ids.is_empty() {
-        return Ok(HashSet::new());
-    }
-    #[derive(diesel::QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = BigInt)]
-        id: i64,
-    }
-    let rows: Vec<Id> = diesel::sql_query("SELECT id FROM products WHERE id = ANY($1)")
+async fn admit_all(db: &Db, asks: &[Ask]) -> Result<Vec<Admitted>, StoreError> {
+    let ids: Vec<i64> = asks.iter().map(|a| a.id.get()).collect();
+    let kinds: Vec<&str> = asks.iter().map(|a| a.kind.as_str()).collect();
+    let keys: Vec<Option<&str>> = asks.iter().map(|a| a.key.as_ref().map(|(k, _)| k.as_str())).collect();
+    let requests: Vec<Option<&str>> = asks.iter().map(|a| a.key.as_ref().map(|(_, r)| r.as_str())).collect();
+    // A message id for every ask: only the fresh ones' are used.
+    let message_ids: Vec<String> = asks.iter().map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let mut conn = db.get().await?;
+    // Planned for each batch, not prepared: a plan kept from when the keys'
+    // table was small scans it whole once it is large (a generic plan
+    // cannot see how few keys a batch asks for).
+    let rows: Vec<Outcome> = diesel::sql_query(ADMIT)
         .bind::<Array<BigInt>, _>(ids)
-        .load(conn)
+        .bind::<Array<Text>, _>(kinds)
+        .bind::<Array<Nullable<Text>>, _>(keys)
+        .bind::<Array<Nullable<Text>>, _>(requests)
+        .bind::<Array<Text>, _>(message_ids)
+        .bind::<BigInt, _>(MAX_VERSION)
+        .load(&mut conn)
         .await?;
-    Ok(rows.into_iter().map(|r| r.id).collect())
+    Ok(rows.into_iter().map(Outcome::admitted).collect())
 }

@@ -13,7 +13,7 @@ pub use generator::{Control, GeneratorHandle};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::QueryableByName;
 use diesel::sql_types::{Array, BigInt};
@@ -25,6 +25,7 @@ use tracing::Instrument;
 use crate::broker::link::Link;
 use crate::broker::publisher::{Confirmed, Outgoing, confirm_channel, publish_one};
 use crate::domain::{Change, Event, MAX_VERSION, ProductId, now_us};
+use crate::metrics::Metrics;
 use crate::store::idempotency::{self, IssuedEvent};
 use crate::store::prepared::prepared;
 use crate::store::{Db, StoreError};
@@ -171,8 +172,12 @@ pub enum IngestError {
 }
 
 /// Admission batches in flight at once: a request that arrives while one
-/// runs joins the next at once instead of waiting for it to commit.
-const ADMISSIONS_AT_ONCE: usize = 4;
+/// runs joins the next at once instead of waiting for it to commit. Two,
+/// not more: each batch is a commit and locks its products' rows, so more
+/// batches at once make them smaller and let them wait on each other's
+/// rows (measured in `make bench` scenario 12: keyed requests/s at 1, 2, 4
+/// and 8 at once were 1,517, 1,432–1,478, 937–1,220 and 951).
+const ADMISSIONS_AT_ONCE: usize = 2;
 
 /// Submits changes: each request's first step is admitted in a batch with
 /// the others waiting ([`admission`]), and its event published on one
@@ -185,13 +190,14 @@ pub struct Ingest {
     confirm_timeout: Duration,
     channel: tokio::sync::Mutex<Option<lapin::Channel>>,
     admission: Batches<Ask, Result<Admitted, StoreError>>,
+    metrics: Arc<Metrics>,
     /// When expired keys were last purged (seconds since the epoch).
     purged: AtomicI64,
 }
 
 impl Ingest {
     /// Starts its batching tasks: call within the runtime.
-    pub fn new(db: Db, link: Arc<Link>, exchange: String, confirm_timeout: Duration) -> Self {
+    pub fn new(db: Db, link: Arc<Link>, exchange: String, confirm_timeout: Duration, metrics: Arc<Metrics>) -> Self {
         let admit_db = db.clone();
         Self {
             db,
@@ -203,6 +209,7 @@ impl Ingest {
                 let db = admit_db.clone();
                 async move { admission::admit(&db, asks).await }
             }),
+            metrics,
             purged: AtomicI64::new(0),
         }
     }
@@ -233,19 +240,34 @@ impl Ingest {
                 )
             }),
         };
+        let started = Instant::now();
         let admitted = self
             .admission
             .submit(ask)
             .await
             .ok_or_else(|| StoreError::Unavailable("the ingest admission stopped".into()))??;
+        self.observe("admit", started);
         match admitted {
-            Admitted::Publish { event, replayed } => Ok((self.send(id, change, &event).await?, replayed)),
+            Admitted::Publish { event, replayed } => {
+                let started = Instant::now();
+                let accepted = self.send(id, change, &event).await?;
+                self.observe("confirm", started);
+                Ok((accepted, replayed))
+            }
             Admitted::Applied(issued) => Ok((accepted(id, change, &issued), true)),
             Admitted::InProgress => Err(IngestError::KeyInProgress),
             Admitted::Mismatch => Err(IngestError::KeyReused),
             Admitted::NoProduct => Err(IngestError::NoProduct(id.get())),
             Admitted::VersionBound => Err(IngestError::VersionBound(id.get())),
         }
+    }
+
+    /// Counts the time since `started` in the `step` of accepted requests.
+    fn observe(&self, step: &'static str, started: Instant) {
+        self.metrics
+            .ingest_steps
+            .get_or_create(&[("step", step)])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Publishes the event and waits for the broker's confirm.

@@ -142,7 +142,30 @@ async fn bad_ingest_calls_get_4xx_json_and_publish_nothing() {
             "{auth:?}"
         );
     }
+    // A product whose prices have used every version refuses a price,
+    // with a conflict, and still takes a stock change.
+    let mut conn = app.state.db.get().await.unwrap();
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(format!(
+            "UPDATE products SET price_issued = {} WHERE id = 2",
+            product_gateway::domain::MAX_VERSION
+        )),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let (status, answer, _) = app
+        .ingest("price", 2, json!({ "price_cents": 100 }), Some("bound-1"))
+        .await;
+    assert_eq!((status, answer["code"].as_str()), (409, Some("conflict")), "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("another version"),
+        "{answer}"
+    );
     assert_eq!(app.metric("gateway_ingest_requests_total", "accepted").await, 0.0);
+    let (status, answer, _) = app.ingest("stock", 2, json!({ "stock": 3 }), None).await;
+    assert_eq!(status, 202, "{answer}");
     // No refused call issued a version: the next good one takes the next.
     let (status, ok, _) = app.ingest("price", 1, json!({ "price_cents": 100 }), None).await;
     assert_eq!(status, 202, "{ok}");

@@ -25,6 +25,18 @@ const S: &str = "12. ingest API";
 const CONNS: u32 = 64;
 const SECS: u32 = 20;
 
+/// Sum and count of the service's admit and confirm step times.
+fn steps(inst: &Instance) -> [(f64, f64); 2] {
+    let text = inst.metrics_text();
+    ["admit", "confirm"].map(|step| {
+        let label = format!("step=\"{step}\"");
+        (
+            testkit::metric_value(&text, "gateway_ingest_step_seconds_sum", &label),
+            testkit::metric_value(&text, "gateway_ingest_step_seconds_count", &label),
+        )
+    })
+}
+
 /// wrk's requests: alternating price and stock changes on random products,
 /// each with a key of its own (thread, count and run make it unique) when
 /// `keys`.
@@ -87,10 +99,12 @@ async fn run(ctx: &mut Ctx, inst: &Instance, keys: bool, ceiling: f64) -> Result
     } else {
         "without keys"
     };
+    let steps0 = steps(inst);
     let cpu0 = cpu_sample();
     let perf = ctx.perf(if keys { "ingest-keys" } else { "ingest" }, u64::from(SECS) - 4);
     let run = wrk(format!("http://{}", inst.addr()), CONNS, SECS, Some(&lua)).await;
     let cpu1 = cpu_sample();
+    let steps1 = steps(inst);
     let _ = std::fs::remove_file(&lua);
     let w = run?;
     ctx.profile(
@@ -121,6 +135,25 @@ async fn run(ctx: &mut Ctx, inst: &Instance, keys: bool, ceiling: f64) -> Result
         ),
         if keys { "≥ 10,000/s, p99 < 25 ms" } else { "" },
         keys.then_some(all_accepted && w.rps >= 10_000.0 && w.p99_ms < 25.0),
+    );
+    let mean = |i: usize| {
+        let ((s1, c1), (s0, c0)) = (steps1[i], steps0[i]);
+        if c1 > c0 {
+            (s1 - s0) / (c1 - c0) * 1000.0
+        } else {
+            f64::NAN
+        }
+    };
+    ctx.report.row(
+        S,
+        format!("where an accepted request's time went {what}: admit / publish → confirm, mean"),
+        format!(
+            "{} / {} (the service's `gateway_ingest_step_seconds`)",
+            ms(mean(0)),
+            ms(mean(1))
+        ),
+        "",
+        None,
     );
     ctx.report.row(
         S,
