@@ -2,11 +2,10 @@
 //! the requests waiting meanwhile are admitted together by one statement
 //! that looks up their idempotency keys, issues the versions of the new
 //! requests and stores each keyed request's issued event under its key.
-//! One statement for many requests, sent in one round trip and committed
-//! on its own, is what lets the ingest API take changes at the broker's
-//! speed: a transaction of a statement per step kept its product rows
-//! locked across five round trips, and apply waited for them (and they for
-//! apply). A product's versions are issued in the order its requests
+//! One statement for many requests, committed on its own, holds its
+//! product rows' locks for that statement only: a transaction of a
+//! statement per step held them across five round trips, and apply waited
+//! for them (and they for apply). A product's versions are issued in the order its requests
 //! joined the batch; version and key commit together, so a retry finds
 //! either nothing or the event to send again.
 

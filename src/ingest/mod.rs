@@ -2,8 +2,10 @@
 //! an event on `product.events`, published with a confirm. The ingest API
 //! (`http::ingest`) answers each change once the broker has confirmed it,
 //! its version issued in a batch with the other requests waiting
-//! (`admission`); the built-in generator issues its versions in batches
-//! with the same statement ([`issue_many`]) and pipelines its confirms.
+//! (`admission`, which also looks up and stores idempotency keys); the
+//! built-in generator issues its versions in batches ([`issue_many`], the
+//! same rule: a product's rows locked in id order, versions above both the
+//! issued and the applied ones) and pipelines its confirms.
 
 mod admission;
 mod batches;
