@@ -178,7 +178,7 @@ pub enum IngestError {
 /// not more: each batch is a commit and locks its products' rows, so more
 /// batches at once make them smaller and let them wait on each other's
 /// rows (measured in `make bench` scenario 12: keyed requests/s at 1, 2, 4
-/// and 8 at once were 1,517, 1,432–1,478, 937–1,220 and 951).
+/// and 8 at once were 1,517, 1,432–1,592, 937–1,220 and 951).
 const ADMISSIONS_AT_ONCE: usize = 2;
 
 /// Submits changes: each request's first step is admitted in a batch with
