@@ -242,6 +242,7 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
     crate::trace::show_id(&span);
     let events: Vec<Event> = valid.iter().map(|(_, e)| e.clone()).collect();
     let trace = crate::trace::traceparent(&span);
+    let epoch = ctx.pulse.epoch();
     let applied = apply_with_retry(ctx, &events, trace.as_deref()).instrument(span).await;
     let Some(outcomes) = applied else {
         // Still failing: hand the valid events back to the broker, which
@@ -265,7 +266,7 @@ async fn process(ctx: &Ctx, channel: &Channel, publisher: &Channel, batch: Vec<D
     ctx.outbox.notify_one();
 
     if outcomes.iter().any(|o| matches!(o, Outcome::Applied)) {
-        ctx.pulse.committed();
+        ctx.pulse.committed(epoch);
     }
     let mut unknown = Vec::new();
     for ((delivery, event), outcome) in valid.into_iter().zip(outcomes) {

@@ -1,7 +1,7 @@
 //! Whether the update stream still reaches this instance: the one signal
 //! a live connection to a cut-off node gives.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Whether the update stream still reaches this instance. Apply marks each
@@ -14,18 +14,30 @@ use std::time::{Duration, Instant};
 /// reader then moves to another node. A relay that cannot publish stalls
 /// the stream too; the reader's move then costs one reconnection and
 /// resumes at its offset, losing nothing.
+///
+/// A mark names the epoch (messages read so far) taken before its batch
+/// was written: the reader may read a batch's message before its writer
+/// marks it (a stream delivery can overtake the relay's confirm), and a
+/// mark for a message already read is no stall.
 pub struct StreamPulse {
     origin: Instant,
-    /// Milliseconds after `origin` (plus one) of the oldest batch committed
-    /// since the reader last read a message; 0 when there is none.
-    awaited: AtomicU64,
+    state: Mutex<Pulse>,
+}
+
+#[derive(Default)]
+struct Pulse {
+    /// Messages the reader has read.
+    read: u64,
+    /// Milliseconds after `origin` (plus one) of the oldest mark since the
+    /// reader last read a message; 0 when there is none.
+    awaited: u64,
 }
 
 impl Default for StreamPulse {
     fn default() -> Self {
         Self {
             origin: Instant::now(),
-            awaited: Default::default(),
+            state: Default::default(),
         }
     }
 }
@@ -35,30 +47,42 @@ impl StreamPulse {
         self.origin.elapsed().as_millis() as u64 + 1
     }
 
-    /// A batch's updates are in the outbox, or a message is on the stream:
-    /// the reader should see it.
-    pub fn committed(&self) {
-        let _ = self
-            .awaited
-            .compare_exchange(0, self.now(), Ordering::Relaxed, Ordering::Relaxed);
+    fn state(&self) -> std::sync::MutexGuard<'_, Pulse> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Taken before a batch is written, for its mark.
+    pub fn epoch(&self) -> u64 {
+        self.state().read
+    }
+
+    /// A batch written after `epoch` has its updates in the outbox, or its
+    /// message is on the stream: the reader should see it, unless it has
+    /// read a message since.
+    pub fn committed(&self, epoch: u64) {
+        let now = self.now();
+        let mut s = self.state();
+        if s.read == epoch && s.awaited == 0 {
+            s.awaited = now;
+        }
     }
 
     /// The reader read a message: the stream flows.
     pub fn received(&self) {
-        self.awaited.store(0, Ordering::Relaxed);
+        let mut s = self.state();
+        s.read += 1;
+        s.awaited = 0;
     }
 
     /// True when a batch committed longer than `within` ago was followed by
     /// no message; the wait starts over, so a stalled relay costs one move
     /// per `within`, not one per check.
     pub fn stalled(&self, within: Duration) -> bool {
-        let since = self.awaited.load(Ordering::Relaxed);
         let now = self.now();
-        let late = since != 0 && now.saturating_sub(since) > within.as_millis() as u64;
+        let mut s = self.state();
+        let late = s.awaited != 0 && now.saturating_sub(s.awaited) > within.as_millis() as u64;
         if late {
-            let _ = self
-                .awaited
-                .compare_exchange(since, now, Ordering::Relaxed, Ordering::Relaxed);
+            s.awaited = now;
         }
         late
     }
@@ -77,9 +101,9 @@ mod tests {
         let (wait, past) = (Duration::from_millis(200), Duration::from_millis(300));
         let pulse = StreamPulse::default();
         assert!(!pulse.stalled(Duration::ZERO), "nothing committed, nothing awaited");
-        pulse.committed();
+        pulse.committed(pulse.epoch());
         std::thread::sleep(past);
-        pulse.committed(); // the oldest commit counts
+        pulse.committed(pulse.epoch()); // the oldest commit counts
         assert!(!pulse.stalled(Duration::from_secs(60)));
         assert!(pulse.stalled(wait));
         assert!(!pulse.stalled(wait), "the wait started over");
@@ -88,5 +112,20 @@ mod tests {
         pulse.received();
         std::thread::sleep(past);
         assert!(!pulse.stalled(wait), "a message came after the commit");
+    }
+
+    #[test]
+    fn a_mark_for_a_batch_whose_message_was_already_read_is_no_stall() {
+        let pulse = StreamPulse::default();
+        let epoch = pulse.epoch();
+        // The batch's message is read before its writer marks it.
+        pulse.received();
+        pulse.committed(epoch);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!pulse.stalled(Duration::from_millis(10)), "nothing awaited");
+        // A batch begun after that read, and not read: awaited.
+        pulse.committed(pulse.epoch());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(pulse.stalled(Duration::from_millis(10)));
     }
 }

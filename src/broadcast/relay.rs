@@ -139,6 +139,7 @@ async fn drain(relay: &Relay, channel: &Channel, delay: &mut Duration) -> Result
 async fn publish_pending(relay: &Relay, channel: &Channel) -> Result<usize, RelayError> {
     let mut pooled = relay.db.get().await.map_err(StoreError::from)?;
     let conn: &mut AsyncPgConnection = &mut pooled;
+    let epoch = relay.pulse.epoch();
     let (sent, updates) = conn
         .transaction(async |conn| {
             // Another instance's relay is publishing: it keeps the order.
@@ -199,7 +200,7 @@ async fn publish_pending(relay: &Relay, channel: &Channel) -> Result<usize, Rela
         .await?;
     relay.metrics.updates_broadcast.inc_by(updates);
     if sent > 0 {
-        relay.pulse.committed();
+        relay.pulse.committed(epoch);
     }
     Ok(sent)
 }

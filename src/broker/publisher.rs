@@ -57,8 +57,7 @@ pub enum PublishError {
     Timeout(Duration),
 }
 
-/// What the broker's confirm says about one publish; the one reading of
-/// `lapin::Confirmation` the generator, the outbox relay and the benchmark share.
+/// What the broker's confirm says about one publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Confirmed {
     /// Routed and accepted.
@@ -70,6 +69,11 @@ pub enum Confirmed {
 }
 
 impl Confirmed {
+    /// lapin's own reading, which pairs a return with whichever ack comes
+    /// next: right for the count of a batch whose confirms are all awaited
+    /// before the next is sent ([`publish_all`]: the batch's returns all
+    /// land on the batch's acks), wrong for one message among many in
+    /// flight ([`super::confirms`] tells those apart).
     pub fn of(confirmation: &lapin::Confirmation) -> Self {
         match confirmation {
             lapin::Confirmation::Ack(None) => Confirmed::Ack,

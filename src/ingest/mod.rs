@@ -24,8 +24,9 @@ use lapin::types::FieldTable;
 use serde::Serialize;
 use tracing::Instrument;
 
+use crate::broker::confirms::ConfirmChannel;
 use crate::broker::link::Link;
-use crate::broker::publisher::{Confirmed, Outgoing, confirm_channel, publish_one};
+use crate::broker::publisher::{Confirmed, Outgoing};
 use crate::domain::{Change, Event, MAX_VERSION, ProductId, now_us};
 use crate::metrics::Metrics;
 use crate::store::idempotency::{self, IssuedEvent};
@@ -184,13 +185,13 @@ const ADMISSIONS_AT_ONCE: usize = 2;
 /// Submits changes: each request's first step is admitted in a batch with
 /// the others waiting ([`admission`]), and its event published on one
 /// confirm channel per instance shared by every request (lapin publishes on
-/// it concurrently, each with its own confirm).
+/// it concurrently; [`ConfirmChannel`] tells each its own confirm).
 pub struct Ingest {
     db: Db,
     link: Arc<Link>,
     exchange: String,
     confirm_timeout: Duration,
-    channel: tokio::sync::Mutex<Option<lapin::Channel>>,
+    channel: tokio::sync::Mutex<Option<ConfirmChannel>>,
     admission: Batches<Ask, Result<Admitted, StoreError>>,
     metrics: Arc<Metrics>,
     /// When expired keys were last purged (seconds since the epoch).
@@ -290,14 +291,15 @@ impl Ingest {
         let out = message(&self.exchange, &event, &issued.message_id, trace.as_deref())
             .map_err(|e| IngestError::Broker(e.to_string()))?;
         let channel = self.channel().await?;
-        let confirm = publish_one(&channel, &out)
+        let confirm = channel
+            .publish(&out)
             .await
             .map_err(|e| IngestError::Broker(e.to_string()))?;
-        let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
+        let confirmed = tokio::time::timeout(self.confirm_timeout, confirm)
             .await
             .map_err(|_| IngestError::Broker(format!("no confirm within {:?}", self.confirm_timeout)))?
-            .map_err(|e| IngestError::Broker(e.to_string()))?;
-        match Confirmed::of(&confirmation) {
+            .map_err(IngestError::Broker)?;
+        match confirmed {
             Confirmed::Ack => Ok(accepted(id, change, issued)),
             Confirmed::Returned => Err(IngestError::Broker("unroutable: no queue is bound for it".into())),
             Confirmed::Nacked => Err(IngestError::Broker("refused by the broker".into())),
@@ -305,15 +307,15 @@ impl Ingest {
     }
 
     /// The shared confirm channel, opened again when it has closed.
-    async fn channel(&self) -> Result<lapin::Channel, IngestError> {
+    async fn channel(&self) -> Result<ConfirmChannel, IngestError> {
         let mut current = self.channel.lock().await;
         if let Some(c) = current.as_ref()
-            && c.status().connected()
+            && c.connected()
         {
             return Ok(c.clone());
         }
         let conn = self.link.get().await.map_err(|e| IngestError::Broker(e.to_string()))?;
-        let channel = confirm_channel(&conn)
+        let channel = ConfirmChannel::open(&conn)
             .await
             .map_err(|e| IngestError::Broker(e.to_string()))?;
         *current = Some(channel.clone());

@@ -225,6 +225,76 @@ async fn a_retry_after_a_failed_publish_sends_the_version_already_issued_and_app
     app.stop().await;
 }
 
+/// With prices unroutable and stock routed, many changes of both in flight
+/// at once on the instance's one confirm channel: no price change is
+/// accepted (none reached a queue), and every accepted stock change is
+/// applied. The broker's returns name no delivery tag, so a return read
+/// beside another message's ack must not be taken for that message's.
+#[actix_rt::test]
+async fn with_one_kind_unroutable_no_change_is_accepted_that_reached_no_queue() {
+    let app = spawn_app().await;
+    // The instance's broker link is opened (and the topology declared) by
+    // its first change, before prices are unbound.
+    let (status, first, _) = app.ingest("stock", 1, json!({ "stock": 1 }), None).await;
+    assert_eq!(status, 202, "{first}");
+    app.route_prices(false).await;
+    let shared = &app;
+    let mut answers = Vec::new();
+    for round in 0..4_i64 {
+        let asks = (1..=50_i64).flat_map(|id| {
+            [
+                ("price", id, json!({ "price_cents": 5000 + id })),
+                ("stock", id, json!({ "stock": 500 + round * 100 + id })),
+            ]
+        });
+        answers.extend(
+            futures_util::future::join_all(asks.map(|(kind, id, body)| async move {
+                let status = shared.ingest(kind, id, body.clone(), None).await.0;
+                (kind, id, body, status)
+            }))
+            .await,
+        );
+    }
+    let accepted_prices: Vec<i64> = answers
+        .iter()
+        .filter(|(kind, _, _, status)| *kind == "price" && *status == 202)
+        .map(|(_, id, _, _)| *id)
+        .collect();
+    let refused_stock = answers
+        .iter()
+        .filter(|(kind, _, _, status)| *kind == "stock" && *status != 202)
+        .count();
+    println!(
+        "price changes accepted: {} of 200, stock changes refused: {refused_stock} of 200",
+        accepted_prices.len()
+    );
+    assert!(
+        accepted_prices.is_empty(),
+        "price changes accepted although no queue took them: products {accepted_prices:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|(kind, _, _, status)| *kind == "stock" || *status == 503)
+    );
+    // A stock change refused may still have reached its queue (its fate
+    // unknown, it is refused rather than lost); one accepted is applied.
+    for id in 1..=50_i64 {
+        let last_accepted = answers
+            .iter()
+            .filter(|(kind, i, _, status)| *kind == "stock" && *i == id && *status == 202)
+            .map(|(_, _, body, _)| body["stock"].clone())
+            .next_back();
+        if let Some(stock) = last_accepted {
+            eventually(T, "the last accepted stock change applied or overtaken", || async {
+                (app.product(id).await["stock"].as_i64() >= stock.as_i64()).then_some(())
+            })
+            .await;
+        }
+    }
+    app.stop().await;
+}
+
 #[actix_rt::test]
 async fn concurrent_changes_get_unique_versions_in_batches_and_each_its_own_answer() {
     let app = spawn_app().await;

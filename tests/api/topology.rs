@@ -267,3 +267,48 @@ async fn a_queue_created_with_other_members_keeps_them_and_the_service_starts() 
     }
     app.stop().await;
 }
+
+/// Routable and unroutable messages in flight together on one channel:
+/// every unroutable one is reported returned, never acked (lapin alone
+/// pairs a return with whichever ack it reads next, and reported some
+/// unroutable messages acked in every run of this test: 2 to 32 of 1,334).
+#[actix_rt::test]
+async fn among_many_in_flight_every_unroutable_message_is_reported_returned() {
+    use product_gateway::broker::confirms::ConfirmChannel;
+    use product_gateway::broker::publisher::{Confirmed, Outgoing};
+
+    let app = testkit::spawn_app().await;
+    app.generator(false, None).await;
+    app.route_prices(false).await;
+    let conn = lapin::Connection::connect(&app.iso.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = ConfirmChannel::open(&conn).await.unwrap();
+    let exchange = app.state.settings.rabbit.topology.events_exchange.clone();
+    let mut pending = Vec::new();
+    for i in 0..4000_u32 {
+        let kind = if i % 3 == 0 { "price" } else { "stock" };
+        // Unknown products: the consumer dead-letters them, nothing applies.
+        let key = format!("product.{kind}.{}", 900_000 + i % 50);
+        let m = Outgoing::json(&exchange, key, b"{}".to_vec(), format!("{kind}-{i}"), None);
+        pending.push((kind, channel.publish(&m).await.unwrap()));
+    }
+    let (mut lost, mut routed_returned, mut unroutable) = (0, 0, 0);
+    for (kind, confirm) in pending {
+        match (kind, confirm.await.unwrap()) {
+            ("price", Confirmed::Ack) => lost += 1,
+            ("price", _) => unroutable += 1,
+            (_, Confirmed::Returned) => routed_returned += 1,
+            (_, Confirmed::Ack) => {}
+            (_, other) => panic!("a routed message {other:?}"),
+        }
+    }
+    println!(
+        "{unroutable} unroutable reported returned, {lost} reported acked; \
+         {routed_returned} routed ones reported returned (sent again by their publisher)"
+    );
+    assert_eq!(lost, 0, "unroutable messages reported acked");
+    assert_eq!(unroutable, 1334);
+    let _ = conn.close(200, "done".into()).await;
+    app.stop().await;
+}

@@ -27,8 +27,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::broker::confirms::{ConfirmChannel, ConfirmResult, PendingConfirm};
 use crate::broker::link::Connector;
-use crate::broker::publisher::{Confirmed, confirm_channel, publish_one};
+use crate::broker::publisher::Confirmed;
 use crate::domain::{Event, ProductId};
 use crate::ingest;
 use crate::metrics::Metrics;
@@ -238,7 +239,7 @@ async fn publish_loop(
         let Some(conn) = connector.connect_retry("generator", &shutdown).await else {
             break;
         };
-        let channel = match confirm_channel(&conn).await {
+        let channel = match ConfirmChannel::open(&conn).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "generator channel failed");
@@ -266,7 +267,7 @@ async fn publish_loop(
                     }
                 }
             }
-            if !channel.status().connected() {
+            if !channel.connected() {
                 // Unconfirmed events come back through `in_flight` as errors.
                 drain(&mut in_flight, &mut retry, &mut refused, &metrics, backoff).await;
                 continue 'connection;
@@ -359,35 +360,31 @@ async fn make_fresh(db: &Db, ids: &mut Ids, n: usize, retry: &mut VecDeque<Outgo
     }
 }
 
-type ConfirmOutcome = Result<lapin::Confirmation, String>;
-
 const CONFIRM_TIMED_OUT: &str = "confirm timed out";
 
-async fn publish(channel: &lapin::Channel, exchange: &str, p: &Outgoing) -> lapin::Result<lapin::PublisherConfirm> {
+async fn publish(channel: &ConfirmChannel, exchange: &str, p: &Outgoing) -> lapin::Result<PendingConfirm> {
     // Never expected; an error is a failed publish, never an empty body.
     let out = ingest::message(exchange, &p.event, &p.message_id, p.trace.as_deref())
         .map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
-    publish_one(channel, &out).await
+    channel.publish(&out).await
 }
 
-async fn wait_confirm(p: Outgoing, confirm: lapin::PublisherConfirm, timeout: Duration) -> (Outgoing, ConfirmOutcome) {
-    let outcome = match tokio::time::timeout(timeout, confirm).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(CONFIRM_TIMED_OUT.to_owned()),
-    };
+async fn wait_confirm(p: Outgoing, confirm: PendingConfirm, timeout: Duration) -> (Outgoing, ConfirmResult) {
+    let outcome = tokio::time::timeout(timeout, confirm)
+        .await
+        .unwrap_or_else(|_| Err(CONFIRM_TIMED_OUT.to_owned()));
     (p, outcome)
 }
 
 fn settle(
     mut p: Outgoing,
-    outcome: ConfirmOutcome,
+    outcome: ConfirmResult,
     retry: &mut VecDeque<Outgoing>,
     refused: &mut usize,
     metrics: &Metrics,
     backoff: Backoff,
 ) {
-    let reason = match outcome.as_ref().map(Confirmed::of) {
+    let reason = match outcome {
         Ok(Confirmed::Ack) => {
             if p.attempts > 0 {
                 *refused = refused.saturating_sub(1);
@@ -434,7 +431,7 @@ async fn drain<F>(
     metrics: &Metrics,
     backoff: Backoff,
 ) where
-    F: std::future::Future<Output = (Outgoing, ConfirmOutcome)>,
+    F: std::future::Future<Output = (Outgoing, ConfirmResult)>,
 {
     while let Some((p, outcome)) = in_flight.next().await {
         settle(p, outcome, retry, refused, metrics, backoff);
