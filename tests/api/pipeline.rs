@@ -480,6 +480,29 @@ async fn event_bindings(app: &TestApp) -> Vec<(String, String)> {
     out
 }
 
+/// When the events stop, the stream reader stays where it is: the last
+/// batch's message may be read before its writer marks it, and that mark
+/// is no stall (it used to move a healthy reader, and reconnect, 5 s into
+/// every quiet spell).
+#[actix_rt::test]
+async fn a_pipeline_gone_quiet_keeps_its_stream_reader() {
+    let app = spawn_app().await;
+    app.generator(true, Some(50)).await;
+    eventually(Duration::from_secs(30), "events flowing", || async {
+        (app.metric("gateway_events_applied_total", "").await >= 20.0).then_some(())
+    })
+    .await;
+    let (status, _) = app.generator(false, None).await;
+    assert_eq!(status, 200);
+    // Past the reader's 5 s wait for a marked batch.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let moves = app.metric("gateway_stream_moves_total", "").await;
+    let reconnects = app.metric("gateway_broker_reconnects_total", "").await;
+    println!("after 7 s quiet: {moves} stream moves, {reconnects} broker reconnects");
+    assert_eq!((moves, reconnects), (0.0, 0.0), "stream moves, reconnects");
+    app.stop().await;
+}
+
 #[actix_rt::test]
 async fn unroutable_events_are_retried_with_backoff_and_all_apply_once_routing_returns() {
     let app = spawn_app().await;
