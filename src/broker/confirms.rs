@@ -12,10 +12,11 @@
 //! confirmed has been seen confirmed: a return lapin gave to an earlier ack
 //! has then been read. An ack that came with another message's return is
 //! not trusted at all (its own return may still be on its way): it is
-//! reported returned, and its publisher sends it again, which is harmless
-//! (same message id and version). Every message needs a message id.
+//! reported returned, so the generator sends it again (same message id and
+//! version: a copy apply drops) and an ingest request is refused. Every
+//! message needs a message id.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -60,11 +61,13 @@ impl ConfirmChannel {
             .unwrap_or_default();
         // Taken before the publish: a message lapin registers before another's
         // ack is then already counted when that ack is read.
-        let seq = lock(&self.ledger).take();
+        let seq = lock(&self.ledger).take(&id);
         let confirm = match publish_one(&self.channel, m).await {
             Ok(c) => c,
             Err(e) => {
-                lock(&self.ledger).close(seq);
+                let mut l = lock(&self.ledger);
+                l.close(seq);
+                l.judged(&id);
                 return Err(e);
             }
         };
@@ -101,7 +104,7 @@ async fn settle(ledger: Arc<Mutex<Ledger>>, seq: u64, id: String, confirm: Publi
     let barrier = {
         let mut l = lock(&ledger);
         if let Some(other) = returned.as_ref().filter(|r| **r != id) {
-            l.returned.insert(other.clone());
+            l.returned(other);
         }
         l.close(seq);
         matches!(outcome, Ok(Confirmation::Ack(None)))
@@ -112,7 +115,7 @@ async fn settle(ledger: Arc<Mutex<Ledger>>, seq: u64, id: String, confirm: Publi
         // The sender is only dropped with the ledger, which this task holds.
         let _ = wait.await;
     }
-    let returned_earlier = lock(&ledger).returned.remove(&id);
+    let returned_earlier = lock(&ledger).judged(&id);
     let confirmation = outcome.map_err(|e| e.to_string())?;
     Ok(judge(&confirmation, returned_earlier))
 }
@@ -134,24 +137,58 @@ fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
     ledger.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The messages of one channel still unconfirmed, the returns read for a
-/// message other than the one they came with, and the acks waiting for
-/// every earlier message to be confirmed.
+/// The messages of one channel still unconfirmed, those not yet told
+/// their fate (by id, with whether a return read elsewhere named them), and
+/// the acks waiting for every earlier message to be confirmed.
 #[derive(Default)]
 struct Ledger {
     next: u64,
     open: BTreeSet<u64>,
-    returned: HashSet<String>,
+    unjudged: HashMap<String, Unjudged>,
     /// Keyed by the last message taken when the ack was read.
     barriers: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
 }
 
+/// Messages of one id not yet told their fate: a retry may publish an id
+/// again while the first is in flight (both go the same way).
+#[derive(Default)]
+struct Unjudged {
+    count: u32,
+    returned: bool,
+}
+
 impl Ledger {
-    fn take(&mut self) -> u64 {
+    fn take(&mut self, id: &str) -> u64 {
         let seq = self.next;
         self.next += 1;
         self.open.insert(seq);
+        self.unjudged.entry(id.to_owned()).or_default().count += 1;
         seq
+    }
+
+    /// A return read with another message's ack names `id`. Ids already
+    /// told their fate are not kept: whatever the return, it came too late
+    /// to change an answer already given (only an ack that came with
+    /// another's return is answered before all returns are read, and it
+    /// was answered "returned").
+    fn returned(&mut self, id: &str) {
+        if let Some(u) = self.unjudged.get_mut(id) {
+            u.returned = true;
+        }
+    }
+
+    /// Whether a return read elsewhere named `id`; forgets it once the last
+    /// message of that id is told.
+    fn judged(&mut self, id: &str) -> bool {
+        let Some(u) = self.unjudged.get_mut(id) else {
+            return false;
+        };
+        let returned = u.returned;
+        u.count -= 1;
+        if u.count == 0 {
+            self.unjudged.remove(id);
+        }
+        returned
     }
 
     /// The lowest message still unconfirmed (or the next to be taken).
@@ -188,16 +225,29 @@ mod tests {
     #[test]
     fn an_ack_waits_for_every_message_taken_before_it_and_no_later_one() {
         let mut l = Ledger::default();
-        let (a, b) = (l.take(), l.take());
+        let (a, b) = (l.take("a"), l.take("b"));
         // b's ack read while a is unconfirmed: b waits for a.
         l.close(b);
         let mut wait = l.barrier().expect("a still open");
-        let c = l.take();
+        let c = l.take("c");
         assert!(wait.try_recv().is_err(), "a unconfirmed");
         l.close(a);
         assert!(wait.try_recv().is_ok(), "released by a, not held by c, taken after");
         l.close(c);
         assert!(l.barrier().is_none(), "nothing open");
         assert!(l.barriers.is_empty());
+    }
+
+    #[test]
+    fn a_return_read_elsewhere_is_kept_only_for_a_message_not_yet_told() {
+        let mut l = Ledger::default();
+        l.take("a");
+        l.take("a");
+        l.returned("a");
+        l.returned("gone");
+        assert!(l.judged("a"));
+        assert!(l.judged("a"), "both copies of a went the same way");
+        assert!(!l.judged("gone"));
+        assert!(l.unjudged.is_empty(), "nothing kept once told");
     }
 }

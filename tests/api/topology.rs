@@ -305,7 +305,7 @@ async fn among_many_in_flight_every_unroutable_message_is_reported_returned() {
     }
     println!(
         "{unroutable} unroutable reported returned, {lost} reported acked; \
-         {routed_returned} routed ones reported returned (sent again by their publisher)"
+         {routed_returned} routed ones reported returned (an ack beside another message's return: fate unknown)"
     );
     assert_eq!(lost, 0, "unroutable messages reported acked");
     assert_eq!(unroutable, 1334);
