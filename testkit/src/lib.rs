@@ -450,10 +450,37 @@ impl TestApp {
             .await
     }
 
+    /// Waits until every stage that connects on its own at start has its
+    /// broker connection: each connection declares the topology, so a
+    /// binding removed before a stage connected would come back.
+    pub async fn stages_connected(&self) {
+        const STAGES: [&str; 5] = ["apply-price", "apply-stock", "outbox-relay", "stream", "generator"];
+        let path = format!("/api/vhosts/{}/connections", self.iso.vhost);
+        eventually(
+            Duration::from_secs(30),
+            "every stage connected to the broker",
+            || async {
+                let (status, body) = rabbit_api_call(awc::http::Method::GET, &path, None).await;
+                let conns: Vec<serde_json::Value> = serde_json::from_str(&body).ok()?;
+                let names: Vec<&str> = conns
+                    .iter()
+                    .filter_map(|c| c["client_properties"]["connection_name"].as_str())
+                    .collect();
+                let all = STAGES
+                    .iter()
+                    .all(|stage| names.iter().any(|n| n.ends_with(&format!("/{stage}"))));
+                (status == 200 && all).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Binds the price queue to the events exchange, or unbinds it: a
     /// price event is then unroutable, and the broker returns it instead of
-    /// confirming it.
+    /// confirming it. Waits first for every stage to have declared the
+    /// topology.
     pub async fn route_prices(&self, routed: bool) {
+        self.stages_connected().await;
         let t = &self.state.settings.rabbit.topology;
         let conn = lapin::Connection::connect(&self.iso.amqp_url(), Default::default())
             .await

@@ -24,6 +24,17 @@ async fn drain_generator(app: &TestApp) -> (i64, f64) {
     .await
 }
 
+/// Starts the generator at `rate` events/s and waits until `applied`
+/// events are applied.
+async fn generator_applying(app: &TestApp, rate: u32, applied: f64) {
+    let (status, _) = app.generator(true, Some(rate)).await;
+    assert_eq!(status, 200);
+    eventually(Duration::from_secs(30), "events flowing", || async {
+        (app.metric("gateway_events_applied_total", "").await >= applied).then_some(())
+    })
+    .await;
+}
+
 async fn sql_i64(app: &TestApp, sql: &str) -> i64 {
     #[derive(diesel::QueryableByName)]
     struct V {
@@ -487,11 +498,7 @@ async fn event_bindings(app: &TestApp) -> Vec<(String, String)> {
 #[actix_rt::test]
 async fn a_pipeline_gone_quiet_keeps_its_stream_reader() {
     let app = spawn_app().await;
-    app.generator(true, Some(50)).await;
-    eventually(Duration::from_secs(30), "events flowing", || async {
-        (app.metric("gateway_events_applied_total", "").await >= 20.0).then_some(())
-    })
-    .await;
+    generator_applying(&app, 50, 20.0).await;
     let (status, _) = app.generator(false, None).await;
     assert_eq!(status, 200);
     // Past the reader's 5 s wait for a marked batch.
@@ -506,11 +513,8 @@ async fn a_pipeline_gone_quiet_keeps_its_stream_reader() {
 #[actix_rt::test]
 async fn unroutable_events_are_retried_with_backoff_and_all_apply_once_routing_returns() {
     let app = spawn_app().await;
-    app.generator(true, Some(50)).await;
-    eventually(Duration::from_secs(30), "events flowing", || async {
-        (app.metric("gateway_events_applied_total", "").await >= 10.0).then_some(())
-    })
-    .await;
+    generator_applying(&app, 50, 10.0).await;
+    app.stages_connected().await;
     // Nothing routes any more: every publish comes back as unroutable.
     let bindings = event_bindings(&app).await;
     assert_eq!(bindings.len(), 2, "{bindings:?}");
