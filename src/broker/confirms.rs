@@ -50,33 +50,52 @@ impl ConfirmChannel {
     }
 
     /// Publishes `m` (mandatory); the returned future resolves to what the
-    /// broker said of it. The confirm is read by a task of its own, so a
-    /// caller that stops waiting never leaves a return unread.
+    /// broker said of it. The publish and its confirm run in a task of
+    /// their own: a caller that gives up midway (a client gone, a time-out)
+    /// neither leaves a message counted as unconfirmed for ever, which every
+    /// later ack would wait for, nor a return unread.
     pub async fn publish(&self, m: &Outgoing) -> lapin::Result<PendingConfirm> {
-        let id = m
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        // Taken before the publish: a message lapin registers before another's
-        // ack is then already counted when that ack is read.
-        let seq = lock(&self.ledger).take(&id);
-        let confirm = match publish_one(&self.channel, m).await {
-            Ok(c) => c,
-            Err(e) => {
-                let mut l = lock(&self.ledger);
-                l.close(seq);
-                l.judged(&id);
-                return Err(e);
+        let (sent_tx, sent) = oneshot::channel();
+        let (channel, ledger, m) = (self.channel.clone(), self.ledger.clone(), m.clone());
+        let task = tokio::spawn(async move {
+            let id = message_id(&m.properties);
+            // Taken before the publish: a message lapin registers before
+            // another's ack is then already counted when that ack is read.
+            let seq = lock(&ledger).take(&id);
+            match publish_one(&channel, &m).await {
+                Ok(confirm) => {
+                    let _ = sent_tx.send(Ok(()));
+                    settle(ledger, seq, id, confirm).await
+                }
+                Err(e) => {
+                    let mut l = lock(&ledger);
+                    l.close(seq);
+                    l.judged(&id);
+                    let answer = Err(e.to_string());
+                    let _ = sent_tx.send(Err(e));
+                    answer
+                }
             }
-        };
-        let ledger = self.ledger.clone();
-        Ok(PendingConfirm(tokio::spawn(settle(ledger, seq, id, confirm))))
+        });
+        match sent.await {
+            Ok(Ok(())) => Ok(PendingConfirm(task)),
+            Ok(Err(e)) => Err(e),
+            // Only when the runtime is shutting down.
+            Err(_) => Err(lapin::Error::from(std::io::Error::other("publisher task stopped"))),
+        }
     }
 }
 
-/// The broker's answer for one published message.
+fn message_id(properties: &lapin::BasicProperties) -> String {
+    properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
+/// The broker's answer for one published message; dropping it leaves the
+/// task to read the confirm.
 pub struct PendingConfirm(tokio::task::JoinHandle<ConfirmResult>);
 
 impl Future for PendingConfirm {
@@ -92,13 +111,7 @@ impl Future for PendingConfirm {
 async fn settle(ledger: Arc<Mutex<Ledger>>, seq: u64, id: String, confirm: PublisherConfirm) -> ConfirmResult {
     let outcome = confirm.await;
     let returned = match &outcome {
-        Ok(Confirmation::Ack(Some(m)) | Confirmation::Nack(Some(m))) => Some(
-            m.properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default(),
-        ),
+        Ok(Confirmation::Ack(Some(m)) | Confirmation::Nack(Some(m))) => Some(message_id(&m.properties)),
         _ => None,
     };
     let barrier = {

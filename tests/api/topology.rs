@@ -312,3 +312,38 @@ async fn among_many_in_flight_every_unroutable_message_is_reported_returned() {
     let _ = conn.close(200, "done".into()).await;
     app.stop().await;
 }
+
+/// A caller that gives up while its message is being published (a client
+/// gone, a time-out) leaves nothing behind that later confirms wait for.
+#[actix_rt::test]
+async fn a_publish_abandoned_midway_holds_up_no_later_confirm() {
+    use futures_util::FutureExt;
+    use product_gateway::broker::confirms::ConfirmChannel;
+    use product_gateway::broker::publisher::{Confirmed, Outgoing};
+
+    let app = testkit::spawn_app().await;
+    app.generator(false, None).await;
+    let conn = lapin::Connection::connect(&app.iso.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = ConfirmChannel::open(&conn).await.unwrap();
+    let exchange = app.state.settings.rabbit.topology.events_exchange.clone();
+    let message = |i: u32| {
+        let key = format!("product.stock.{}", 900_000 + i);
+        Outgoing::json(&exchange, key, b"{}".to_vec(), format!("abandoned-{i}"), None)
+    };
+    // Polled once, then dropped.
+    let abandoned = (0..50)
+        .filter(|i| channel.publish(&message(*i)).now_or_never().is_none())
+        .count();
+    let confirm = channel.publish(&message(50)).await.unwrap();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), confirm).await;
+    println!("{abandoned} of 50 publishes given up by their caller midway; the next: {answer:?}");
+    assert!(
+        abandoned > 0,
+        "no publish was abandoned midway: the test proves nothing"
+    );
+    assert_eq!(answer.ok(), Some(Ok(Confirmed::Ack)), "the next publish's confirm");
+    let _ = conn.close(200, "done".into()).await;
+    app.stop().await;
+}
