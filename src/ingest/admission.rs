@@ -15,6 +15,7 @@ use diesel_async::RunQueryDsl;
 
 use crate::domain::{Kind, MAX_VERSION, ProductId};
 use crate::store::idempotency::IssuedEvent;
+use crate::store::prepared::prepared;
 use crate::store::{Db, StoreError};
 
 /// Requests admitted in one statement, at most.
@@ -51,7 +52,8 @@ pub(crate) enum Admitted {
 /// The batch, one statement: `ask` holds the requests in order (`ord`);
 /// `first`, each key's first ask (a key twice in one batch: the second
 /// finds the first's request in progress, as it would a moment later);
-/// `held`, what those keys hold already; `fresh`, the asks to issue a
+/// `held`, what those keys hold already (an index probe per key,
+/// whatever the cached plan: `ingest_keys_held`); `fresh`, the asks to issue a
 /// version for, counted per product and kind in `counts`; `issued` takes
 /// the versions (rows locked in id order, as apply locks them, so batches
 /// and apply wait for each other instead of deadlocking; a product the
@@ -75,7 +77,7 @@ WITH ask AS (
 ), first AS (
     SELECT DISTINCT ON (key) key, ord FROM ask WHERE key IS NOT NULL ORDER BY key, ord
 ), held AS (
-    SELECT k.key, k.request, k.version, k.message_id FROM ingest_keys k JOIN first USING (key)
+    SELECT * FROM ingest_keys_held(ARRAY(SELECT key FROM first))
 ), fresh AS (
     SELECT a.* FROM ask a
     WHERE a.key IS NULL OR (a.ord IN (SELECT ord FROM first) AND a.key NOT IN (SELECT key FROM held))
@@ -186,10 +188,10 @@ async fn admit_all(db: &Db, asks: &[Ask]) -> Result<Vec<Admitted>, StoreError> {
     // A message id for every ask: only the fresh ones' are used.
     let message_ids: Vec<String> = asks.iter().map(|_| uuid::Uuid::new_v4().to_string()).collect();
     let mut conn = db.get().await?;
-    // Planned for each batch, not prepared: a plan kept from when the keys'
-    // table was small scans it whole once it is large (a generic plan
-    // cannot see how few keys a batch asks for).
-    let rows: Vec<Outcome> = diesel::sql_query(ADMIT)
+    // Prepared: planning this statement cost as much as running it. The
+    // keys are looked up through `ingest_keys_held`, whose index probe no
+    // plan cached while the table was small can turn into a scan.
+    let rows: Vec<Outcome> = prepared(ADMIT)
         .bind::<Array<BigInt>, _>(ids)
         .bind::<Array<Text>, _>(kinds)
         .bind::<Array<Nullable<Text>>, _>(keys)

@@ -1,0 +1,1 @@
+DROP FUNCTION ingest_keys_held(TEXT[]);
