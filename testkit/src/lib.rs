@@ -529,6 +529,28 @@ impl TestApp {
         p
     }
 
+    /// Runs a statement in the instance's database.
+    pub async fn sql(&self, sql: &str) {
+        let mut conn = self.state.db.get().await.expect("a database connection");
+        diesel_async::RunQueryDsl::execute(diesel::sql_query(sql), &mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// One number from the instance's database: `sql` selects it as `v`.
+    pub async fn sql_i64(&self, sql: &str) -> i64 {
+        #[derive(diesel::QueryableByName)]
+        struct V {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            v: i64,
+        }
+        let mut conn = self.state.db.get().await.expect("a database connection");
+        let v: V = diesel_async::RunQueryDsl::get_result(diesel::sql_query(sql), &mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        v.v
+    }
+
     pub async fn dead_letters(&self) -> Vec<serde_json::Value> {
         let (status, body) = self
             .admin(awc::http::Method::GET, "/admin/dead-letters?limit=1000", None)

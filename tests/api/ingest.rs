@@ -397,41 +397,22 @@ async fn two_instances_issue_one_products_versions_without_a_collision() {
     a.stop().await;
 }
 
-/// One number from the instance's database.
-async fn sql_i64(app: &testkit::TestApp, sql: &str) -> i64 {
-    #[derive(diesel::QueryableByName)]
-    struct V {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        v: i64,
-    }
-    let mut conn = app.state.db.get().await.unwrap();
-    let v: V = diesel_async::RunQueryDsl::get_result(diesel::sql_query(sql), &mut conn)
-        .await
-        .unwrap();
-    v.v
-}
-
-async fn sql_exec(app: &testkit::TestApp, sql: &str) {
-    let mut conn = app.state.db.get().await.unwrap();
-    diesel_async::RunQueryDsl::execute(diesel::sql_query(sql), &mut conn)
-        .await
-        .unwrap();
-}
-
 /// Admission is a prepared statement: PostgreSQL may cache its plan while
 /// the keys' table is nearly empty (a scan is then the cheapest way to
 /// read it) and keep it while the table grows far faster than its
 /// statistics. The keys must still be found through their index, never by
 /// reading the whole table for each batch.
 #[actix_rt::test]
-async fn keys_are_found_by_index_however_the_table_grew_since_the_plan_was_cached() {
-    let app = spawn_app().await;
-    // Enough keyed requests, one at a time, for every pooled connection to
-    // settle on a cached plan for the table as it is now: nearly empty, and
-    // analyzed so (as autovacuum does early in a table's life).
+async fn admission_is_prepared_and_finds_keys_by_index_however_the_table_grew() {
+    // One pooled connection: the statements it prepared are the ones this
+    // test's queries see.
+    let app = spawn_app_with(|s| s.database.pool_size = 1).await;
+    // Enough keyed requests, one at a time, for the connection to settle on
+    // a cached plan for the table as it is now: nearly empty, and analyzed
+    // so (as autovacuum does early in a table's life).
     for i in 0..120 {
         if i == 20 {
-            sql_exec(&app, "ANALYZE ingest_keys").await;
+            app.sql("ANALYZE ingest_keys").await;
         }
         let key = format!("small-{i}");
         let (status, answer, _) = app
@@ -440,15 +421,14 @@ async fn keys_are_found_by_index_however_the_table_grew_since_the_plan_was_cache
         assert_eq!(status, 202, "{answer}");
     }
     // Then a day's keys, with no statistics refreshed since.
-    sql_exec(
-        &app,
+    app.sql(
         "INSERT INTO ingest_keys (key, request, version, message_id) \
          SELECT 'earlier-' || g, 'price:1:100', 1, 'm-' || g FROM generate_series(1, 200000) g",
     )
     .await;
     const SCANS: &str = "SELECT seq_scan AS v FROM pg_stat_user_tables WHERE relname = 'ingest_keys'";
     const PROBES: &str = "SELECT idx_scan AS v FROM pg_stat_user_tables WHERE relname = 'ingest_keys'";
-    let (scans, probes) = (sql_i64(&app, SCANS).await, sql_i64(&app, PROBES).await);
+    let (scans, probes) = (app.sql_i64(SCANS).await, app.sql_i64(PROBES).await);
     for i in 0..40 {
         let key = format!("large-{i}");
         let (status, answer, _) = app.ingest("stock", 1 + i % 7, json!({ "stock": i }), Some(&key)).await;
@@ -457,10 +437,23 @@ async fn keys_are_found_by_index_however_the_table_grew_since_the_plan_was_cache
     // Every request probed the index at least once (its key's insert);
     // once the statistics show those probes, they show any scan too.
     eventually(T, "the keys' probes counted", || async {
-        (sql_i64(&app, PROBES).await >= probes + 40).then_some(())
+        (app.sql_i64(PROBES).await >= probes + 40).then_some(())
     })
     .await;
-    let scanned = sql_i64(&app, SCANS).await - scans;
+    let scanned = app.sql_i64(SCANS).await - scans;
     assert_eq!(scanned, 0, "40 keyed requests scanned the 200,000 keys {scanned} times");
+    // And every batch ran the one statement the connection prepared.
+    const ADMISSION: &str = "FROM pg_prepared_statements WHERE statement LIKE 'WITH ask AS%'";
+    let prepared = app.sql_i64(&format!("SELECT COUNT(*)::int8 AS v {ADMISSION}")).await;
+    let runs = app
+        .sql_i64(&format!(
+            "SELECT COALESCE(SUM(generic_plans + custom_plans), 0)::int8 AS v {ADMISSION}"
+        ))
+        .await;
+    assert_eq!(
+        (prepared, runs),
+        (1, 160),
+        "admission prepared once, run for each of 160 requests"
+    );
     app.stop().await;
 }

@@ -35,31 +35,14 @@ async fn generator_applying(app: &TestApp, rate: u32, applied: f64) {
     .await;
 }
 
-async fn sql_i64(app: &TestApp, sql: &str) -> i64 {
-    #[derive(diesel::QueryableByName)]
-    struct V {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        v: i64,
-    }
-    let mut conn = app.state.db.get().await.unwrap();
-    let v: V = diesel_async::RunQueryDsl::get_result(diesel::sql_query(sql), &mut conn)
-        .await
-        .unwrap();
-    v.v
-}
-
 async fn issued_versions(app: &TestApp) -> i64 {
-    sql_i64(
-        app,
-        "SELECT COALESCE(SUM(price_issued + stock_issued), 0)::int8 AS v FROM products",
-    )
-    .await
+    app.sql_i64("SELECT COALESCE(SUM(price_issued + stock_issued), 0)::int8 AS v FROM products")
+        .await
 }
 
 /// Products whose applied version lags the last issued one.
 async fn pending_versions(app: &TestApp) -> i64 {
-    sql_i64(
-        app,
+    app.sql_i64(
         "SELECT COUNT(*)::int8 AS v FROM products WHERE price_version <> price_issued OR stock_version <> stock_issued",
     )
     .await
@@ -78,11 +61,9 @@ async fn generated_events_are_confirmed_and_applied() {
     assert!(issued >= 50);
     assert_eq!(confirmed as i64, issued);
     assert!(app.dead_letters().await.is_empty());
-    let changed = sql_i64(
-        &app,
-        "SELECT COUNT(*)::int8 AS v FROM products WHERE price_version > 0 OR stock_version > 0",
-    )
-    .await;
+    let changed = app
+        .sql_i64("SELECT COUNT(*)::int8 AS v FROM products WHERE price_version > 0 OR stock_version > 0")
+        .await;
     assert!(changed > 10, "many products changed: {changed}");
     app.stop().await;
 }
@@ -117,12 +98,12 @@ async fn apply_and_outbox_statements_are_prepared_once_and_cached_plans_stay_lin
         let app = &app;
         async move {
             let sql = format!("FROM pg_prepared_statements WHERE statement LIKE '{prefix}%'");
-            let count = sql_i64(app, &format!("SELECT COUNT(*)::int8 AS v {sql}")).await;
-            let runs = sql_i64(
-                app,
-                &format!("SELECT COALESCE(SUM(generic_plans + custom_plans), 0)::int8 AS v {sql}"),
-            )
-            .await;
+            let count = app.sql_i64(&format!("SELECT COUNT(*)::int8 AS v {sql}")).await;
+            let runs = app
+                .sql_i64(&format!(
+                    "SELECT COALESCE(SUM(generic_plans + custom_plans), 0)::int8 AS v {sql}"
+                ))
+                .await;
             (count, runs)
         }
     };
@@ -740,11 +721,9 @@ async fn the_generator_keeps_its_rate_over_sparse_ids_and_touches_only_existing_
     let secs = started.elapsed().as_secs_f64();
     let events = published().await - before;
     let issued = issued_versions(&app).await;
-    let per_product = sql_i64(
-        &app,
-        "SELECT COUNT(*)::int8 AS v FROM products WHERE price_issued + stock_issued > 0",
-    )
-    .await;
+    let per_product = app
+        .sql_i64("SELECT COUNT(*)::int8 AS v FROM products WHERE price_issued + stock_issued > 0")
+        .await;
     println!(
         "{events} events in {secs:.1} s at 200/s over ids 3, 20, 45; {issued} versions issued, {per_product} products touched"
     );
