@@ -190,7 +190,7 @@ async fn admit_all(db: &Db, asks: &[Ask]) -> Result<Vec<Admitted>, StoreError> {
     let mut conn = db.get().await?;
     // Prepared: planning this statement cost as much as running it. The
     // keys are looked up through `ingest_keys_held`, whose index probe no
-    // plan cached while the table was small can turn into a scan.
+    // plan made from a small table's statistics can turn into a scan.
     let rows: Vec<Outcome> = prepared(ADMIT)
         .bind::<Array<BigInt>, _>(ids)
         .bind::<Array<Text>, _>(kinds)
