@@ -43,6 +43,10 @@ const MISSED: u64 = 10_000;
 /// The scenarios stop at this age of the run, leaving time to clean up.
 const BUDGET: Duration = Duration::from_secs(30 * 60);
 const WEB_STOMP: &str = "127.0.0.1:15674";
+/// The bench's log filter when `RUST_LOG` is unset: warnings only (at
+/// `info` the service writes an access line for every request and every
+/// connection).
+const BENCH_LOGS: &str = "warn,lapin=error";
 /// Longest the whole run waits, before its measurements, for programs that
 /// are not part of the bench (a compiler, a test run) to go quiet.
 const QUIET_BUDGET: Duration = Duration::from_secs(90);
@@ -94,7 +98,7 @@ fn child(r: Result<()>) -> i32 {
 
 fn run_all() -> i32 {
     // Logs as the service's, and its trace exporter, off until scenario 13.
-    if let Err(e) = scenarios::tracing::init("warn,lapin=error") {
+    if let Err(e) = scenarios::tracing::init(BENCH_LOGS) {
         eprintln!("bench: FAILED: logs and traces: {e:#}");
         return 1;
     }
@@ -594,8 +598,11 @@ fn render(ctx: &Ctx, info: &RunInfo, total: Duration) -> String {
         "- **Service settings**: `config/default.toml` as committed, except the generator (off: the bench \
          publishes) and the per-address caps `hub.max_connections_per_ip`, `max_snapshots_per_ip` and \
          `max_catch_ups_per_ip` (raised to the instance's own limits: every bench client comes from \
-         127.0.0.1; scenario 9 keeps the shipped snapshot and catch-up caps); {} products",
-        thousands(ctx.products as f64)
+         127.0.0.1; scenario 9 keeps the shipped snapshot and catch-up caps); {} products; logs `{}` \
+         (the service's own default is `{}`, under which every connection also keeps its log span)",
+        thousands(ctx.products as f64),
+        std::env::var("RUST_LOG").unwrap_or_else(|_| BENCH_LOGS.to_owned()),
+        product_gateway::telemetry::DEFAULT_LOGS,
     );
     let _ = writeln!(md, "\n{}", ctx.report.table());
     if !ctx.report.notes.is_empty() {
