@@ -44,8 +44,7 @@ const MISSED: u64 = 10_000;
 const BUDGET: Duration = Duration::from_secs(30 * 60);
 const WEB_STOMP: &str = "127.0.0.1:15674";
 /// The bench's log filter when `RUST_LOG` is unset: warnings only (at
-/// `info` the service writes an access line for every request and every
-/// connection).
+/// `info` the service writes an access line for every request).
 const BENCH_LOGS: &str = "warn,lapin=error";
 /// Longest the whole run waits, before its measurements, for programs that
 /// are not part of the bench (a compiler, a test run) to go quiet.
