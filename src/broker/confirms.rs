@@ -53,10 +53,11 @@ impl ConfirmChannel {
     /// broker said of it. The publish and its confirm run in a task of
     /// their own: a caller that gives up midway (a client gone, a time-out)
     /// neither leaves a message counted as unconfirmed for ever, which every
-    /// later ack would wait for, nor a return unread.
-    pub async fn publish(&self, m: &Outgoing) -> lapin::Result<PendingConfirm> {
+    /// later ack would wait for, nor a return unread. That task owns the
+    /// message, so it is taken by value.
+    pub async fn publish(&self, m: Outgoing) -> lapin::Result<PendingConfirm> {
         let (sent_tx, sent) = oneshot::channel();
-        let (channel, ledger, m) = (self.channel.clone(), self.ledger.clone(), m.clone());
+        let (channel, ledger) = (self.channel.clone(), self.ledger.clone());
         let task = tokio::spawn(async move {
             let id = message_id(&m.properties);
             // Taken before the publish: a message lapin registers before

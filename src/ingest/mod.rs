@@ -292,7 +292,7 @@ impl Ingest {
             .map_err(|e| IngestError::Broker(e.to_string()))?;
         let channel = self.channel().await?;
         let confirm = channel
-            .publish(&out)
+            .publish(out)
             .await
             .map_err(|e| IngestError::Broker(e.to_string()))?;
         let confirmed = tokio::time::timeout(self.confirm_timeout, confirm)

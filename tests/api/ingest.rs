@@ -144,17 +144,11 @@ async fn bad_ingest_calls_get_4xx_json_and_publish_nothing() {
     }
     // A product whose prices have used every version refuses a price,
     // with a conflict, and still takes a stock change.
-    let mut conn = app.state.db.get().await.unwrap();
-    diesel_async::RunQueryDsl::execute(
-        diesel::sql_query(format!(
-            "UPDATE products SET price_issued = {} WHERE id = 2",
-            product_gateway::domain::MAX_VERSION
-        )),
-        &mut conn,
-    )
-    .await
-    .unwrap();
-    drop(conn);
+    app.sql(&format!(
+        "UPDATE products SET price_issued = {} WHERE id = 2",
+        product_gateway::domain::MAX_VERSION
+    ))
+    .await;
     let (status, answer, _) = app
         .ingest("price", 2, json!({ "price_cents": 100 }), Some("bound-1"))
         .await;
@@ -397,11 +391,12 @@ async fn two_instances_issue_one_products_versions_without_a_collision() {
     a.stop().await;
 }
 
-/// Admission is a prepared statement: PostgreSQL may cache its plan while
-/// the keys' table is nearly empty (a scan is then the cheapest way to
-/// read it) and keep it while the table grows far faster than its
-/// statistics. The keys must still be found through their index, never by
-/// reading the whole table for each batch.
+/// A plan made from statistics taken while the keys' table was nearly
+/// empty (a scan is then the cheapest way to read it) reads it whole once
+/// it has grown, and the table grows far faster than its statistics;
+/// admission, a prepared statement, also keeps its plan. The keys must
+/// still be found through their index, never by reading the whole table
+/// for each batch.
 #[actix_rt::test]
 async fn admission_is_prepared_and_finds_keys_by_index_however_the_table_grew() {
     // One pooled connection: the statements it prepared are the ones this

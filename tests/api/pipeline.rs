@@ -308,13 +308,8 @@ async fn replayed_dead_letter_that_is_now_valid_is_applied() {
     assert_eq!(letters[0]["reason"], "unknown_product");
     assert_eq!(letters[0]["routing_key"], "product.price.77");
     // The product now exists, so the event can apply.
-    let mut conn = app.state.db.get().await.unwrap();
-    diesel_async::RunQueryDsl::execute(
-        diesel::sql_query("INSERT INTO products (id, name, price_cents, stock) VALUES (77, 'Late Lamp', 100, 1)"),
-        &mut conn,
-    )
-    .await
-    .unwrap();
+    app.sql("INSERT INTO products (id, name, price_cents, stock) VALUES (77, 'Late Lamp', 100, 1)")
+        .await;
     let (status, report) = app.admin(Method::POST, "/admin/dead-letters/replay", None).await;
     assert_eq!((status, report["replayed"].as_u64()), (200, Some(1)), "{report}");
     eventually(Duration::from_secs(20), "replayed event applied", || async {
@@ -421,14 +416,8 @@ async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
 async fn version_issuing_refuses_a_product_at_the_version_bound_instead_of_overflowing() {
     let app = spawn_app().await;
     // A row written before versions were bounded.
-    let mut conn = app.state.db.get().await.unwrap();
-    diesel_async::RunQueryDsl::execute(
-        diesel::sql_query("UPDATE products SET price_version = 9223372036854775807 WHERE id = 7"),
-        &mut conn,
-    )
-    .await
-    .unwrap();
-    drop(conn);
+    app.sql("UPDATE products SET price_version = 9223372036854775807 WHERE id = 7")
+        .await;
     let id = product_gateway::domain::ProductId::new(7).unwrap();
     let pid = |n| product_gateway::domain::ProductId::new(n).unwrap();
     let mut conn = app.state.db.get().await.unwrap();
@@ -704,14 +693,7 @@ async fn queue_depth(vhost: &str, queue: &str) -> (u64, u64) {
 async fn the_generator_keeps_its_rate_over_sparse_ids_and_touches_only_existing_products() {
     let app = spawn_app().await;
     // Three products left of fifty: ids with wide gaps.
-    let mut conn = app.state.db.get().await.unwrap();
-    diesel_async::RunQueryDsl::execute(
-        diesel::sql_query("DELETE FROM products WHERE id NOT IN (3, 20, 45)"),
-        &mut conn,
-    )
-    .await
-    .unwrap();
-    drop(conn);
+    app.sql("DELETE FROM products WHERE id NOT IN (3, 20, 45)").await;
     let published = || app.metric("gateway_events_published", "");
     let before = published().await;
     let started = std::time::Instant::now();

@@ -178,17 +178,11 @@ async fn a_snapshot_holds_its_turn_until_its_last_part_is_taken() {
     settings.hub.snapshot_wait = Duration::from_millis(300);
     let app = spawn_with(iso.clone(), settings).await;
     // 100,000 products, some 15 MB of snapshot: more than the sockets buffer.
-    let mut conn = app.state.db.get().await.unwrap();
-    diesel_async::RunQueryDsl::execute(
-        diesel::sql_query(
-            "INSERT INTO products (id, name, price_cents, stock) \
+    app.sql(
+        "INSERT INTO products (id, name, price_cents, stock) \
              SELECT g, 'product ' || g, 100, 1 FROM generate_series(51, 100000) AS g",
-        ),
-        &mut conn,
     )
-    .await
-    .unwrap();
-    drop(conn);
+    .await;
     // A client that asks for everything and reads nothing.
     let port = app.port;
     let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();

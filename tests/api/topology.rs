@@ -291,7 +291,7 @@ async fn among_many_in_flight_every_unroutable_message_is_reported_returned() {
         // Unknown products: the consumer dead-letters them, nothing applies.
         let key = format!("product.{kind}.{}", 900_000 + i % 50);
         let m = Outgoing::json(&exchange, key, b"{}".to_vec(), format!("{kind}-{i}"), None);
-        pending.push((kind, channel.publish(&m).await.unwrap()));
+        pending.push((kind, channel.publish(m).await.unwrap()));
     }
     let (mut lost, mut routed_returned, mut unroutable) = (0, 0, 0);
     for (kind, confirm) in pending {
@@ -334,9 +334,9 @@ async fn a_publish_abandoned_midway_holds_up_no_later_confirm() {
     };
     // Polled once, then dropped.
     let abandoned = (0..50)
-        .filter(|i| channel.publish(&message(*i)).now_or_never().is_none())
+        .filter(|i| channel.publish(message(*i)).now_or_never().is_none())
         .count();
-    let confirm = channel.publish(&message(50)).await.unwrap();
+    let confirm = channel.publish(message(50)).await.unwrap();
     let answer = tokio::time::timeout(std::time::Duration::from_secs(10), confirm).await;
     println!("{abandoned} of 50 publishes given up by their caller midway; the next: {answer:?}");
     assert!(

@@ -366,7 +366,7 @@ async fn publish(channel: &ConfirmChannel, exchange: &str, p: &Outgoing) -> lapi
     // Never expected; an error is a failed publish, never an empty body.
     let out = ingest::message(exchange, &p.event, &p.message_id, p.trace.as_deref())
         .map_err(|e| lapin::Error::from(std::io::Error::other(e)))?;
-    channel.publish(&out).await
+    channel.publish(out).await
 }
 
 async fn wait_confirm(p: Outgoing, confirm: PendingConfirm, timeout: Duration) -> (Outgoing, ConfirmResult) {
