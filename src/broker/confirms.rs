@@ -55,35 +55,51 @@ impl ConfirmChannel {
     /// neither leaves a message counted as unconfirmed for ever, which every
     /// later ack would wait for, nor a return unread. That task owns the
     /// message, so it is taken by value.
-    pub async fn publish(&self, m: Outgoing) -> lapin::Result<PendingConfirm> {
-        let (sent_tx, sent) = oneshot::channel();
+    ///
+    /// The message is on the channel, behind every message published
+    /// before it, when this returns: its frames are queued here, not in the
+    /// task ([`start`]), so a caller publishing many in a row neither waits
+    /// for each to be written to the socket nor sees them reordered.
+    pub fn publish(&self, m: Outgoing) -> lapin::Result<PendingConfirm> {
+        if !self.connected() {
+            return Err(lapin::Error::from(std::io::Error::other("the channel is closed")));
+        }
         let (channel, ledger) = (self.channel.clone(), self.ledger.clone());
-        let task = tokio::spawn(async move {
+        Ok(PendingConfirm(start(async move {
             let id = message_id(&m.properties);
             // Taken before the publish: a message lapin registers before
             // another's ack is then already counted when that ack is read.
             let seq = lock(&ledger).take(&id);
             match publish_one(&channel, &m).await {
-                Ok(confirm) => {
-                    let _ = sent_tx.send(Ok(()));
-                    settle(ledger, seq, id, confirm).await
-                }
+                Ok(confirm) => settle(ledger, seq, id, confirm).await,
                 Err(e) => {
                     let mut l = lock(&ledger);
                     l.close(seq);
                     l.judged(&id);
-                    let answer = Err(e.to_string());
-                    let _ = sent_tx.send(Err(e));
-                    answer
+                    Err(e.to_string())
                 }
             }
-        });
-        match sent.await {
-            Ok(Ok(())) => Ok(PendingConfirm(task)),
-            Ok(Err(e)) => Err(e),
-            // Only when the runtime is shutting down.
-            Err(_) => Err(lapin::Error::from(std::io::Error::other("publisher task stopped"))),
-        }
+        })))
+    }
+}
+
+/// Runs `task` in a task of its own after polling it once here, so that
+/// what it does before its first wait happens now, in the order of the
+/// calls: for a publish, taking its place in the ledger and queueing its
+/// frames on the channel (lapin does both synchronously, then waits for its
+/// I/O thread to write them). Waiting for that write here would cost every
+/// publish a round trip to that thread before the next could be queued.
+fn start<F>(task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let mut task = Box::pin(task);
+    // A waker that does nothing: the task, once spawned, polls again with
+    // its own, and whatever fired meanwhile is seen then.
+    match task.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop())) {
+        Poll::Ready(out) => tokio::spawn(std::future::ready(out)),
+        Poll::Pending => tokio::spawn(task),
     }
 }
 

@@ -291,10 +291,7 @@ impl Ingest {
         let out = message(&self.exchange, &event, &issued.message_id, trace.as_deref())
             .map_err(|e| IngestError::Broker(e.to_string()))?;
         let channel = self.channel().await?;
-        let confirm = channel
-            .publish(out)
-            .await
-            .map_err(|e| IngestError::Broker(e.to_string()))?;
+        let confirm = channel.publish(out).map_err(|e| IngestError::Broker(e.to_string()))?;
         let confirmed = tokio::time::timeout(self.confirm_timeout, confirm)
             .await
             .map_err(|_| IngestError::Broker(format!("no confirm within {:?}", self.confirm_timeout)))?
