@@ -412,6 +412,59 @@ async fn events_wait_in_the_queue_while_postgres_is_unreachable() {
     app.stop().await;
 }
 
+/// The messages of the log events at warn and info level, from every
+/// thread of this test process.
+fn captured_logs() -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+    type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+    struct Capture(Lines);
+    impl<S: tracing::Subscriber> Layer<S> for Capture {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            if *event.metadata().level() <= tracing::Level::INFO {
+                let mut m = Message(String::new());
+                event.record(&mut m);
+                self.0.lock().unwrap().push(m.0);
+            }
+        }
+    }
+    let lines = Lines::default();
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture(lines.clone())))
+        .expect("no other subscriber in this test process");
+    lines
+}
+
+/// While PostgreSQL is unreachable the generator issues no versions and
+/// pauses: it says so once, not at every tick, and once when it resumes.
+#[actix_rt::test]
+async fn the_generator_says_once_that_it_paused_for_the_database_and_once_that_it_resumed() {
+    let logs = captured_logs();
+    let (app, proxy) = testkit::spawn_behind_database_proxy().await;
+    generator_applying(&app, 200, 20.0).await;
+    proxy.cut();
+    // Ticks every 10 ms, each failing within the pool's 500 ms wait, until
+    // the lost lock session stops generation here.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let applied = app.metric("gateway_events_applied_total", "").await;
+    proxy.restore();
+    eventually(Duration::from_secs(30), "events applied again", || async {
+        (app.metric("gateway_events_applied_total", "").await >= applied + 20.0).then_some(())
+    })
+    .await;
+    let count = |text: &str| logs.lock().unwrap().iter().filter(|l| l.starts_with(text)).count();
+    assert_eq!(count("generator paused: database unavailable"), 1);
+    assert_eq!(count("generator resumed"), 1);
+    drain_generator(&app).await;
+    app.stop().await;
+}
+
 #[actix_rt::test]
 async fn version_issuing_refuses_a_product_at_the_version_bound_instead_of_overflowing() {
     let app = spawn_app().await;
@@ -744,6 +797,59 @@ async fn the_generator_reports_the_rate_it_holds_and_shows_when_it_falls_short()
     app.route_prices(true).await;
     drain_generator(&app).await;
     app.stop().await;
+}
+
+/// A generator stopping while the versions of its next events are being
+/// issued publishes those events before it stops: dropped, they would be
+/// versions issued and never sent, a gap no retry fills.
+#[actix_rt::test]
+async fn a_generator_stopped_while_issuing_versions_publishes_them_before_it_stops() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+    let mut app = spawn_app().await;
+    // Every product row locked: the generator's first batch waits for them.
+    let mut lock = AsyncPgConnection::establish(&app.iso.database_url).await.unwrap();
+    lock.batch_execute("BEGIN; SELECT id FROM products FOR UPDATE")
+        .await
+        .unwrap();
+    app.generator(true, Some(200)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the first batch waits for the locked rows",
+        || async {
+            let waiting = app
+                .sql_i64(
+                    "SELECT COUNT(*)::int8 AS v FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .await;
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    // Stopped while it waits; the rows are released a moment later.
+    app.token.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), &mut app.handle)
+        .await
+        .expect("stopped within 20 s")
+        .expect("the service task")
+        .expect("a clean stop");
+    let count = |column: &str| format!("SELECT COUNT(*)::int8 AS v FROM products WHERE {column} > 0");
+    let issued = app.sql_i64(&count("price_issued")).await + app.sql_i64(&count("stock_issued")).await;
+    let applied = app.sql_i64(&count("price_version")).await + app.sql_i64(&count("stock_version")).await;
+    assert!(issued > 0, "the batch that waited was issued");
+    // Each product and kind got one version at most: every one issued is
+    // applied or waits in its queue for the next instance.
+    let topology = &app.state.settings.rabbit.topology;
+    let queued = eventually(Duration::from_secs(20), "the queues' counts settle", || async {
+        let price = queue_depth(&app.iso.vhost, &topology.price_queue).await;
+        let stock = queue_depth(&app.iso.vhost, &topology.stock_queue).await;
+        let queued = (price.0 + price.1 + stock.0 + stock.1) as i64;
+        (applied + queued == issued).then_some(queued)
+    })
+    .await;
+    println!("{issued} versions issued after the stop: {applied} applied, {queued} queued");
 }
 
 /// The latency points are counted once per update, so the difference of

@@ -35,7 +35,7 @@ use crate::domain::{Event, ProductId};
 use crate::ingest;
 use crate::metrics::Metrics;
 use crate::settings::{GeneratorSettings, Settings};
-use crate::store::Db;
+use crate::store::{Db, StoreError};
 use picks::{Ids, changes};
 use rate::{Held, Pace};
 
@@ -240,7 +240,8 @@ async fn publish_loop(
     // on publishing and reading confirms meanwhile (the statement waits for
     // rows apply holds; waited for in turn it held the loop up to 70% of
     // the time at 10,000 events/s).
-    let mut issuing: Option<BoxFuture<'static, Vec<Outgoing>>> = None;
+    let mut issuing: Option<BoxFuture<'static, Result<Vec<Outgoing>, StoreError>>> = None;
+    let mut outage = Outage::default();
     'connection: loop {
         let Some(conn) = connector.connect_retry("generator", &shutdown).await else {
             break;
@@ -280,6 +281,18 @@ async fn publish_loop(
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {
+                    // The versions being issued are published too: dropped,
+                    // they would be issued and never sent.
+                    if let Some(issued) = issuing.take()
+                        && let Ok(Ok(fresh)) = tokio::time::timeout(confirm_timeout, issued).await
+                    {
+                        for p in fresh {
+                            match publish(&channel, &exchange, &p) {
+                                Ok(confirm) => in_flight.push(wait_confirm(p, confirm, confirm_timeout)),
+                                Err(_) => retry.push_back(p),
+                            }
+                        }
+                    }
                     // Give what is in flight a chance to be confirmed.
                     let _ = tokio::time::timeout(confirm_timeout, drain(&mut in_flight, &mut retry, &mut refused, &metrics, backoff)).await;
                     if !retry.is_empty() {
@@ -301,10 +314,16 @@ async fn publish_loop(
                     }
                 }
                 _ = control.changed() => pace.reset(),
-                Some(fresh) = OptionFuture::from(issuing.as_mut()) => {
+                Some(made) = OptionFuture::from(issuing.as_mut()) => {
                     issuing = None;
-                    for p in fresh {
-                        schedule(&mut retry, p);
+                    match made {
+                        Ok(fresh) => {
+                            outage.ended();
+                            for p in fresh {
+                                schedule(&mut retry, p);
+                            }
+                        }
+                        Err(e) => outage.failed(&e),
                     }
                 }
                 _ = tick.tick() => {
@@ -331,9 +350,8 @@ async fn publish_loop(
 /// Makes fresh events of `picks` (one or two, its price, its stock or
 /// both, for each of distinct random products), their versions issued
 /// together in one statement, so the rate the generator holds is the
-/// broker's, not one database round trip per event. Makes none while the
-/// database is unavailable.
-async fn make_fresh(db: Db, picks: Vec<(ProductId, bool, bool)>) -> Vec<Outgoing> {
+/// broker's, not one database round trip per event.
+async fn make_fresh(db: Db, picks: Vec<(ProductId, bool, bool)>) -> Result<Vec<Outgoing>, StoreError> {
     // One span per batch, not per event: the batch's events share its trace.
     let span = tracing::info_span!("generate", events = picks.len(), trace_id = tracing::field::Empty);
     crate::trace::show_id(&span);
@@ -346,13 +364,7 @@ async fn make_fresh(db: Db, picks: Vec<(ProductId, bool, bool)>) -> Vec<Outgoing
         let mut conn = db.get().await?;
         ingest::issue_many(&mut conn, &counts).await
     };
-    let issued = match issued.instrument(span).await {
-        Ok(issued) => issued,
-        Err(e) => {
-            tracing::warn!(error = %e, "generator paused: database unavailable");
-            return Vec::new();
-        }
-    };
+    let issued = issued.instrument(span).await?;
     let wanted: std::collections::HashMap<i64, (bool, bool)> = picks
         .iter()
         .map(|(id, price, stock)| (id.get(), (*price, *stock)))
@@ -375,7 +387,30 @@ async fn make_fresh(db: Db, picks: Vec<(ProductId, bool, bool)>) -> Vec<Outgoing
                 }),
         );
     }
-    fresh
+    Ok(fresh)
+}
+
+/// While the database is unavailable no versions are issued, so the
+/// generator pauses: said once when it starts and once when it ends, not
+/// at every tick in between.
+#[derive(Default)]
+struct Outage {
+    since: Option<Instant>,
+}
+
+impl Outage {
+    fn failed(&mut self, e: &StoreError) {
+        if self.since.is_none() {
+            self.since = Some(Instant::now());
+            tracing::warn!(error = %e, "generator paused: database unavailable");
+        }
+    }
+
+    fn ended(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(paused = ?since.elapsed(), "generator resumed: database available again");
+        }
+    }
 }
 
 const CONFIRM_TIMED_OUT: &str = "confirm timed out";
