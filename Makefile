@@ -105,7 +105,7 @@ cluster-chaos: services ## five-minute fault run on the cluster; prints lost = 0
 	scripts/cluster.sh down; \
 	exit $$rc
 
-deny: ## licences, bans and sources of every dependency (cargo-deny, installed when missing); each vendored crate is the published one plus its diff
+deny: ## licences, bans and sources of every dependency (cargo-deny, installed when missing); the vendored crate is the published one plus its diff
 	@command -v cargo-deny >/dev/null 2>&1 || $(CARGO) install cargo-deny --locked
 	$(CARGO) deny check licenses bans sources
 	scripts/vendor-check.sh

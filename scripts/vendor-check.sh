@@ -41,4 +41,3 @@ TOML
 }
 
 check actix-http 3.19.0 vendor/actix-http-idle-buffers.diff
-check actix-ws 0.4.0 vendor/actix-ws-futures-channel.diff
